@@ -1,0 +1,202 @@
+"""Tokenized data, made once and cached under a content hash.
+
+The key covers everything the tokens depend on: the data's bytes, the tokenizer (its vocabulary,
+merges and special tokens), the chat template text, the render options, the input format and
+``TRANSFORM_VERSION`` (bumped whenever rendering changes). An unchanged second run loads the arrays and
+tokenizes nothing; change any of those and it tokenizes again. Never keyed by a name that could later
+mean something else.
+
+Rendering (Python and Jinja, the slow part) runs in a process pool; tokenization runs in one batch call
+per chunk, which the Rust tokenizer spreads over the cores. Our own code, small, on numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posttrain.data.chat import ChatRenderer, Rendered, RenderOptions, RenderStats
+from posttrain.data.formats import ReadReport, read_records
+from posttrain.models import zoo
+
+TRANSFORM_VERSION = 1
+CHUNK = 1024
+
+
+@dataclass
+class TokenizedData:
+    """Examples as flat arrays: example ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    stats: RenderStats
+    from_cache: bool = False
+    key: str = ""
+    read: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return {"input_ids": self.input_ids[a:b], "labels": self.labels[a:b]}
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_examples(cls, examples: list[dict], stats: RenderStats) -> TokenizedData:
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = lambda key: np.fromiter((t for ex in examples for t in ex[key]), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
+        return cls(flat("input_ids"), flat("labels"), offsets, stats)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        np.save(path / "input_ids.npy", self.input_ids)
+        np.save(path / "labels.npy", self.labels)
+        np.save(path / "offsets.npy", self.offsets)
+        (path / "stats.json").write_text(json.dumps({"render": self.stats.to_dict(), "read": self.read}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> TokenizedData:
+        meta = json.loads((path / "stats.json").read_text())
+        return cls(
+            np.load(path / "input_ids.npy"),
+            np.load(path / "labels.npy"),
+            np.load(path / "offsets.npy"),
+            RenderStats.from_dict(meta["render"]),
+            from_cache=True,
+            key=path.name,
+            read=meta.get("read", {}),
+        )
+
+
+def hash_source(source: str | Path) -> str:
+    """Content hash of a file, of every file under a directory, or of a hub dataset's fingerprint."""
+    h = hashlib.sha256()
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        import datasets
+
+        ds = datasets.load_dataset(str(source))
+        h.update(json.dumps({k: v._fingerprint for k, v in ds.items()} if isinstance(ds, dict) else ds._fingerprint).encode())
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def hash_tokenizer(tokenizer: Any) -> str:
+    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer.get_vocab())
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((backend + special + type(tokenizer).__name__).encode()).hexdigest()
+
+
+def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, format: str | None, on_error: str) -> str:
+    parts = {
+        "data": hash_source(source),
+        "tokenizer": hash_tokenizer(tokenizer),
+        "template": hashlib.sha256(renderer.template.encode()).hexdigest(),
+        "options": [renderer.options.train_on, renderer.options.max_length, renderer.options.overlong],
+        "format": format,
+        "on_error": on_error,
+        "version": TRANSFORM_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# Worker state for the rendering pool (set once per process by the initializer).
+_worker_renderer: ChatRenderer | None = None
+
+
+def _init_worker(tokenizer: Any, options: RenderOptions) -> None:
+    global _worker_renderer
+    _worker_renderer = ChatRenderer(tokenizer, options)
+
+
+def _render_chunk(records: list[dict]) -> list[Rendered]:
+    assert _worker_renderer is not None
+    return [_worker_renderer.to_text(r) for r in records]
+
+
+def tokenize_records(
+    records: list[dict],
+    renderer: ChatRenderer,
+    *,
+    num_proc: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[dict], RenderStats]:
+    """Render (in a pool when worth it) and tokenize (batched); returns kept examples and the stats."""
+    stats = RenderStats()
+    chunks = [records[k : k + CHUNK] for k in range(0, len(records), CHUNK)]
+    num_proc = num_proc if num_proc is not None else min(os.cpu_count() or 1, 8)
+    examples: list[dict] = []
+
+    def consume(rendered: list[Rendered], n: int) -> None:
+        examples.extend(ex for ex in renderer.tokenize(rendered, stats) if ex is not None)
+        if progress:
+            progress(n)
+
+    if num_proc > 1 and len(chunks) > 1:
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(renderer.tokenizer, renderer.options)) as pool:
+            for chunk, rendered in zip(chunks, pool.imap(_render_chunk, chunks)):
+                consume(rendered, len(chunk))
+    else:
+        for chunk in chunks:
+            consume([renderer.to_text(r) for r in chunk], len(chunk))
+    return examples, stats
+
+
+def prepare(
+    source: str | Path,
+    tokenizer: Any,
+    options: RenderOptions | None = None,
+    *,
+    format: str | None = None,
+    on_error: str = "stop",
+    cache: str | Path | None = None,
+    num_proc: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TokenizedData:
+    """Read, validate, render and tokenize ``source`` for training, through the content-hashed cache.
+
+    Only conversation and prompt/completion data trains this way; ``cache=False``-like behaviour comes from
+    passing a fresh directory. ``progress(done, total)`` is called as chunks finish.
+    """
+    renderer = ChatRenderer(tokenizer, options)
+    root = Path(cache) if cache is not None else zoo.cache_dir() / "tokenized"
+    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error)
+    path = root / key
+    if (path / "stats.json").exists():
+        return TokenizedData.load(path)
+    report = ReadReport(str(source))
+    records = read_records(source, format=format, on_error=on_error, report=report)
+    examples, stats = tokenize_records(records, renderer, num_proc=num_proc, progress=(lambda n, _t=len(records): progress(n, _t)) if progress else None)
+    data = TokenizedData.from_examples(examples, stats)
+    data.key = key
+    data.read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    data.save(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # written meanwhile by another process with the same key: same content
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data

@@ -1,0 +1,317 @@
+"""The one place where records become ``(input_ids, labels)``.
+
+Masks come from the chat template itself. With ``{% generation %}`` tags the template marks the
+assistant's text; without them (most published templates) we render growing prefixes of the
+conversation and diff them: for assistant turn *i*, the trained text is what rendering
+``messages[:i+1]`` adds to rendering ``messages[:i]`` with the generation prompt. That is the
+assistant's content and the end-of-turn token(s) the template writes after it, and excludes the
+assistant header, which the generation prompt already holds. Whitespace a template writes after an
+end-of-turn special token (ChatML's ``"\\n"`` after ``<|im_end|>``) is not trained: at inference the
+model stops at the special token.
+
+This only works when the template is *prefix-stable*: rendering a shorter conversation gives a prefix of
+the longer one. Templates that rewrite earlier turns (moving the system prompt to the last user turn,
+dropping earlier reasoning) are not; we check, and raise :class:`TemplateError` naming the turn.
+
+Labels are aligned with ``input_ids`` (the token itself where trained, -100 where not); the shift
+happens in the loss. Rendering is our own code (it is the product's core); the template engine and the
+tokenizers are transformers'.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from posttrain.records import Record, kind_of
+
+IGNORE = -100
+TrainOn = Literal["all_assistant", "last_assistant", "all"]
+Overlong = Literal["truncate", "drop"]
+NAMED_TEMPLATES = ("chatml", "alpaca")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class TemplateError(ValueError):
+    """The chat template cannot give a trustworthy mask for a conversation."""
+
+
+def load_template(template: str | None, tokenizer: Any) -> str:
+    """The template text: the tokenizer's own (None), a built-in name, or a path to a .jinja file."""
+    if template is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # several named templates; "default" is what apply_chat_template uses
+            own = own.get("default")
+        if not own:
+            raise TemplateError(
+                f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat template; "
+                f"choose one with --template ({', '.join(NAMED_TEMPLATES)}, or a path to a .jinja file)"
+            )
+        return own
+    if template in NAMED_TEMPLATES:
+        return resources.files("posttrain.data.templates").joinpath(f"{template}.jinja").read_text(encoding="utf-8")
+    path = Path(template)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise TemplateError(f"unknown template {template!r}: use one of {', '.join(NAMED_TEMPLATES)} or a path to a .jinja file")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What to train and how long examples may be.
+
+    ``train_on``: ``all_assistant`` (every assistant turn, the default), ``last_assistant`` (only the final
+    assistant message) or ``all`` (every token). ``overlong``: examples longer than ``max_length`` tokens
+    are cut to length (``truncate``; dropped if nothing trained is left) or dropped (``drop``).
+    """
+
+    train_on: TrainOn = "all_assistant"
+    max_length: int | None = None
+    overlong: Overlong = "truncate"
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_on not in ("all_assistant", "last_assistant", "all"):
+            raise ValueError(f"train_on must be all_assistant, last_assistant or all, not {self.train_on!r}")
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong must be truncate or drop, not {self.overlong!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, not {self.max_length}")
+
+
+@dataclass
+class RenderStats:
+    """Counts for the user: nothing is dropped or cut without showing up here."""
+
+    examples: int = 0
+    kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_nothing_trained: int = 0
+    turn_end_tokens: Counter = field(default_factory=Counter)
+
+    def merge(self, other: RenderStats) -> None:
+        for name in ("examples", "kept", "tokens", "trained_tokens", "truncated", "dropped_overlong", "dropped_nothing_trained"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.turn_end_tokens.update(other.turn_end_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "kept": self.kept,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "truncated": self.truncated,
+            "dropped_overlong": self.dropped_overlong,
+            "dropped_nothing_trained": self.dropped_nothing_trained,
+            "turn_end_tokens": dict(self.turn_end_tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RenderStats:
+        d = dict(d)
+        d["turn_end_tokens"] = Counter(d.get("turn_end_tokens", {}))
+        return cls(**d)
+
+
+@dataclass
+class Rendered:
+    """A record as text with the character spans to train (before tokenization)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    add_special_tokens: bool = False  # True for plain text (no template): the tokenizer adds BOS itself
+    append_eos: bool = False
+
+
+class ChatRenderer:
+    """Turns canonical records into token ids and labels with a tokenizer and its chat template."""
+
+    def __init__(self, tokenizer: Any, options: RenderOptions | None = None):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        self.tokenizer = tokenizer
+        self.options = options or RenderOptions()
+        self.template = load_template(self.options.template, tokenizer)
+        self.has_generation_tags = bool(_GENERATION_TAG.search(self.template))
+        self._render_jinja = render_jinja_template
+        self._template_vars = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self.special_tokens = sorted(
+            {t for t in tokenizer.all_special_tokens} | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+            key=len,
+            reverse=True,
+        )
+
+    # -- text level -----------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict], tools: list | None = None, *, add_generation_prompt: bool = False) -> str:
+        texts, _ = self._render_jinja(
+            conversations=[messages],
+            tools=tools,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            **self._template_vars,
+        )
+        return texts[0]
+
+    def to_text(self, record: Record) -> Rendered:
+        """A canonical record as text plus the character spans to train."""
+        kind = kind_of(record)
+        if kind == "conversation":
+            return self._conversation(record["messages"], record.get("tools"), 0)
+        if kind == "prompt_completion":
+            return self._pair(record["prompt"], record["completion"], record.get("tools"))
+        if kind == "preference":
+            raise ValueError("a preference record renders as two examples: use render_preference")
+        raise ValueError("an IFEval prompt has no response to train on; render it with render_prompt")
+
+    def _pair(self, prompt: str | list, completion: str | list, tools: list | None) -> Rendered:
+        if isinstance(prompt, str):
+            text = prompt + completion
+            spans = [(0, len(text))] if self.options.train_on == "all" else [(len(prompt), len(text))]
+            return Rendered(text, spans, add_special_tokens=True, append_eos=True)
+        return self._conversation(prompt + completion, tools, len(prompt))
+
+    def _conversation(self, messages: list[dict], tools: list | None, trainable_from: int) -> Rendered:
+        full = self.render_chat(messages, tools)
+        if self.options.train_on == "all":
+            return Rendered(full, [(0, len(full))])
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= trainable_from]
+        if self.options.train_on == "last_assistant":
+            turns = turns[-1:]
+        spans = self._tagged_spans(messages, tools, full, turns) if self.has_generation_tags else None
+        if spans is None:
+            spans = [self._turn_span(messages, tools, full, i) for i in turns]
+        for i, (start, end) in zip(turns, spans):
+            content = (messages[i].get("content") or "").strip()
+            if content and content not in full[start:end]:
+                raise TemplateError(
+                    f"turn {i} (assistant): its content is not inside the text the template gives that turn; "
+                    "the template rewrites assistant messages, so a mask cannot be trusted"
+                )
+        return Rendered(full, spans)
+
+    def _turn_span(self, messages: list[dict], tools: list | None, full: str, i: int) -> tuple[int, int]:
+        head = self.render_chat(messages[:i], tools, add_generation_prompt=True)
+        upto = self.render_chat(messages[: i + 1], tools)
+        for name, prefix in (("the conversation before it, with the generation prompt", head), ("the conversation up to it", upto)):
+            if not full.startswith(prefix):
+                at = next((k for k, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
+                raise TemplateError(
+                    f"the chat template is not prefix-stable at turn {i} (assistant): rendering {name} "
+                    f"is not a prefix of the whole conversation (they differ at character {at}: "
+                    f"{prefix[at:at + 30]!r} vs {full[at:at + 30]!r}). Masks cannot be computed from this template; "
+                    "use one that renders earlier turns the same whatever follows, or add {% generation %} tags"
+                )
+        if not upto.startswith(head):
+            raise TemplateError(f"turn {i} (assistant): the generation prompt is not how the template starts an assistant turn")
+        return len(head), self._trim_after_end_token(upto, len(head), len(upto))
+
+    def _tagged_spans(self, messages: list[dict], tools: list | None, full: str, turns: list[int]) -> list[tuple[int, int]] | None:
+        _, indices = self._render_jinja(
+            conversations=[messages], tools=tools, chat_template=self.template, return_assistant_tokens_mask=True, **self._template_vars
+        )
+        tagged = indices[0]
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(tagged) != len(assistants):
+            return None  # tags do not line up one per assistant message: fall back to prefix diffs
+        by_turn = dict(zip(assistants, tagged))
+        return [self._extend_to_end_token(full, *by_turn[i]) for i in turns]
+
+    def _extend_to_end_token(self, text: str, start: int, end: int) -> tuple[int, int]:
+        # Templates often close {% generation %} before the end-of-turn token; the model must learn to stop.
+        if not any(text[start:end].endswith(t) for t in self.special_tokens):
+            for token in self.special_tokens:
+                if text.startswith(token, end):
+                    return start, end + len(token)
+        return start, end
+
+    def _trim_after_end_token(self, text: str, start: int, end: int) -> int:
+        stripped = text[start:end].rstrip()
+        if len(stripped) < end - start and any(stripped.endswith(t) for t in self.special_tokens):
+            return start + len(stripped)
+        return end
+
+    def render_prompt(self, record: Record | list[dict] | str, tools: list | None = None) -> str:
+        """Text to generate from: the prompt with the template's generation prompt."""
+        if isinstance(record, str):
+            return self.render_chat([{"role": "user", "content": record}], tools, add_generation_prompt=True)
+        if isinstance(record, list):
+            return self.render_chat(record, tools, add_generation_prompt=True)
+        prompt = record["prompt"]
+        if kind_of(record) in ("prompt_completion", "preference") and isinstance(prompt, str):
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.render_chat(messages, record.get("tools"), add_generation_prompt=True)
+
+    # -- token level ----------------------------------------------------------------------------
+
+    def tokenize(self, rendered: list[Rendered], stats: RenderStats | None = None) -> list[dict[str, list[int]] | None]:
+        """Tokenize in one batch and turn spans into labels; None for dropped examples (counted in stats)."""
+        stats = stats if stats is not None else RenderStats()
+        out: list[dict[str, list[int]] | None] = [None] * len(rendered)
+        for special in (False, True):
+            idx = [k for k, r in enumerate(rendered) if r.add_special_tokens == special]
+            if not idx:
+                continue
+            enc = self.tokenizer(
+                [rendered[k].text for k in idx], add_special_tokens=special, return_offsets_mapping=True, return_attention_mask=False
+            )
+            for k, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
+                out[k] = self._labels(rendered[k], ids, offsets, stats)
+        return out
+
+    def _labels(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]], stats: RenderStats) -> dict[str, list[int]] | None:
+        stats.examples += 1
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        trained = np.zeros(len(ids_arr), dtype=bool)
+        for start, end in r.spans:
+            # A token is trained if it overlaps the span; special tokens added by the tokenizer have (0, 0).
+            inside = (offs[:, 1] > start) & (offs[:, 0] < end) & (offs[:, 1] > offs[:, 0])
+            trained |= inside
+            last = np.flatnonzero(inside)
+            if len(last):
+                stats.turn_end_tokens[self.tokenizer.convert_ids_to_tokens(int(ids_arr[last[-1]]))] += 1
+        if r.append_eos and self.tokenizer.eos_token_id is not None and (not len(ids_arr) or ids_arr[-1] != self.tokenizer.eos_token_id):
+            ids_arr = np.append(ids_arr, self.tokenizer.eos_token_id)
+            trained = np.append(trained, True)
+            stats.turn_end_tokens[self.tokenizer.eos_token] += 1
+        limit = self.options.max_length
+        if limit is not None and len(ids_arr) > limit:
+            if self.options.overlong == "drop":
+                stats.dropped_overlong += 1
+                return None
+            ids_arr, trained = ids_arr[:limit], trained[:limit]
+            stats.truncated += 1
+        if not trained.any():
+            stats.dropped_nothing_trained += 1
+            return None
+        labels = np.where(trained, ids_arr, IGNORE)
+        stats.kept += 1
+        stats.tokens += len(ids_arr)
+        stats.trained_tokens += int(trained.sum())
+        return {"input_ids": ids_arr.tolist(), "labels": labels.tolist()}
+
+    def render(self, record: Record, stats: RenderStats | None = None) -> dict[str, list[int]] | None:
+        """One canonical record -> ``{"input_ids", "labels"}``, or None if dropped (counted in stats)."""
+        return self.tokenize([self.to_text(record)], stats)[0]
+
+    def render_many(self, records: list[Record], stats: RenderStats | None = None) -> list[dict[str, list[int]] | None]:
+        return self.tokenize([self.to_text(r) for r in records], stats)
+
+    def render_preference(self, record: Record, stats: RenderStats | None = None) -> tuple[dict | None, dict | None]:
+        """A preference record -> (chosen example, rejected example), each with only its response trained."""
+        tools = record.get("tools")
+        chosen = self._pair(record["prompt"], record["chosen"], tools)
+        rejected = self._pair(record["prompt"], record["rejected"], tools)
+        a, b = self.tokenize([chosen, rejected], stats)
+        return a, b
