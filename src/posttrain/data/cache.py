@@ -195,6 +195,8 @@ def prepare(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     data.save(tmp)
+    if path.exists():  # an entry without stats.json is incomplete (entries are renamed into place whole)
+        shutil.rmtree(path, ignore_errors=True)
     try:
         tmp.rename(path)
     except OSError:  # written meanwhile by another process with the same key: same content
