@@ -12,6 +12,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -67,7 +68,7 @@ OverlongOpt = Annotated[Overlong, typer.Option("--overlong", help="truncate: cut
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -87,15 +88,21 @@ def _rejects_path(file: str, rejects: Path | None) -> Path:
     return rejects or Path(Path(file).name + ".rejects.jsonl")
 
 
+def _report_rejects(report, rejects: Path | None) -> None:
+    from posttrain.data.formats import write_rejects
+
+    if report.rejected:
+        path = _rejects_path(report.source, rejects)
+        write_rejects(path, report)
+        err.print(f"[yellow]skipped {len(report.rejected)} bad record(s) of {report.read}[/]; they and their reasons are in {escape(str(path))}")
+
+
 def _read(file: str, format: Format | None, on_error: OnError, rejects: Path | None, split: str | None):
-    from posttrain.data.formats import ReadReport, read_records, write_rejects
+    from posttrain.data.formats import ReadReport, read_records
 
     report = ReadReport(file)
     records = read_records(file, format=format.value if format else None, on_error=on_error.value, split=split, report=report)
-    if report.rejected:
-        path = _rejects_path(file, rejects)
-        write_rejects(path, report)
-        err.print(f"[yellow]skipped {len(report.rejected)} bad record(s) of {report.read}[/]; they and their reasons are in {path}")
+    _report_rejects(report, rejects)
     return records, report
 
 
@@ -104,7 +111,7 @@ def validate(file: FileArg, format: FormatOpt = None, on_error: OnErrorOpt = OnE
     """Check every record of FILE and report each problem with its line, field, what was expected and what was found."""
     with user_errors():
         records, report = _read(file, format, on_error, rejects, split)
-    out.print(f"{file}: {report.read} records read, format [bold]{report.format}[/], {report.kept} valid, {len(report.rejected)} rejected")
+    out.print(f"{escape(file)}: {report.read} records read, format [bold]{report.format}[/], {report.kept} valid, {len(report.rejected)} rejected")
 
 
 @data_app.command()
@@ -125,7 +132,7 @@ def convert(
         records, report = _read(file, format, on_error, rejects, split)
         converted = [to_format(r, to.value) for r in records]
         n = write_jsonl(output, converted)
-    out.print(f"wrote {n} {to.value} records to {output} (read {report.read} {report.format} records, rejected {len(report.rejected)})")
+    out.print(f"wrote {n} {to.value} records to {escape(str(output))} (read {report.read} {report.format} records, rejected {len(report.rejected)})")
 
 
 def _progress() -> Progress:
@@ -135,12 +142,12 @@ def _progress() -> Progress:
 def _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir):
     from posttrain.data.cache import prepare
     from posttrain.data.chat import RenderOptions
+    from posttrain.data.formats import ReadReport
     from posttrain.models.load import load_tokenizer
 
     options = RenderOptions(train_on=train_on.value, max_length=max_length, overlong=overlong.value, template=template)
     tokenizer = load_tokenizer(model)
-    if on_error == OnError.skip:  # read once here so rejects are written and reported
-        _read(file, format, on_error, rejects, split)
+    report = ReadReport(file)
     with _progress() as bar:
         task = bar.add_task("tokenizing", total=None)
         data = prepare(
@@ -149,10 +156,16 @@ def _prepare(file, model, template, train_on, max_length, overlong, format, on_e
             options,
             format=format.value if format else None,
             on_error=on_error.value,
+            split=split,
             cache=cache_dir,
             num_proc=num_proc,
             progress=lambda done, total: bar.update(task, advance=done, total=total),
+            report=report,
         )
+    if data.from_cache and data.read.get("rejected"):
+        _read(file, format, on_error, rejects, split)  # cached tokens, but the rejects file is still wanted
+    else:
+        _report_rejects(report, rejects)
     return tokenizer, options, data
 
 
@@ -169,7 +182,7 @@ def _stats_table(data, title: str) -> Table:
     table.add_row("over --max-length: dropped", str(s.dropped_overlong))
     table.add_row("dropped, nothing left to train", str(s.dropped_nothing_trained))
     ends = ", ".join(f"{tok!r} ×{n}" for tok, n in s.turn_end_tokens.most_common(4))
-    table.add_row("trained turns end with", ends or "-")
+    table.add_row("trained turns end with", escape(ends) or "-")
     table.add_row("cache", ("reused " if data.from_cache else "written ") + data.key)
     return table
 
@@ -216,7 +229,7 @@ def inspect(
         out.rule(f"example {i}: {len(ex['input_ids'])} tokens, {(ex['labels'] != -100).sum()} trained")
         out.print(highlight(tokenizer, ex["input_ids"], ex["labels"]))
     out.print(Text.assemble(("trained", "black on green"), " = in the loss;  ", ("dim", "dim"), " = context only"))
-    out.print(_stats_table(data, f"{file} with {model} ({options.train_on})"))
+    out.print(_stats_table(data, f"{escape(file)} with {escape(model)} ({options.train_on})"))
 
 
 @data_app.command()
@@ -243,7 +256,59 @@ def render(
         for i in range(len(data)):
             ex = data[i]
             f.write(json.dumps({"input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist()}) + "\n")
-    err.print(_stats_table(data, f"{file} → {output}"))
+    err.print(_stats_table(data, f"{escape(file)} → {escape(str(output))}"))
+
+
+@app.command()
+def sft(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model, data, adapter, train; see examples/).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.lr=1e-4 (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory [default: runs/sft].")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (and always at the end).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")] = False,
+) -> None:
+    """Supervised fine-tuning: full, LoRA or DoRA, with exact resume. Also runs under torchrun for DDP."""
+    from posttrain.config import ConfigError, load_config
+    from posttrain.train.loop import TrainingError
+    from posttrain.train.sft import train
+
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    if save_every is not None:
+        overrides.append(f"train.save_every={save_every}")
+    if resume:
+        overrides.append("resume=true")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+    with user_errors():
+        try:
+            result = train(cfg)
+        except TrainingError as e:
+            fail(str(e))
+    if result.losses:
+        out.print(f"trained {len(result.losses)} steps (loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
+    else:
+        out.print(f"nothing to train: the run in {result.run_dir} had already finished ({result.steps} steps)")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holding final/ and config.yaml).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the model directory.")],
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge a LoRA/DoRA adapter into the base weights (a plain transformers model).")] = True,
+) -> None:
+    """Write a run's model as a Hugging Face directory; with --merge, adapters are folded into the base model."""
+    from posttrain.train.sft import export as export_run
+
+    with user_errors():
+        path = export_run(run_dir, output, merge=merge)
+    out.print(f"wrote {escape(str(path))}")
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ def hash_tokenizer(tokenizer: Any) -> str:
     return hashlib.sha256((backend + special + type(tokenizer).__name__).encode()).hexdigest()
 
 
-def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, format: str | None, on_error: str) -> str:
+def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, format: str | None, on_error: str, split: str | None = None) -> str:
     parts = {
         "data": hash_source(source),
         "tokenizer": hash_tokenizer(tokenizer),
@@ -116,6 +116,7 @@ def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, for
         "options": [renderer.options.train_on, renderer.options.max_length, renderer.options.overlong],
         "format": format,
         "on_error": on_error,
+        "split": split,
         "version": TRANSFORM_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -171,23 +172,26 @@ def prepare(
     *,
     format: str | None = None,
     on_error: str = "stop",
+    split: str | None = None,
     cache: str | Path | None = None,
     num_proc: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    report: ReadReport | None = None,
 ) -> TokenizedData:
     """Read, validate, render and tokenize ``source`` for training, through the content-hashed cache.
 
-    Only conversation and prompt/completion data trains this way; ``cache=False``-like behaviour comes from
-    passing a fresh directory. ``progress(done, total)`` is called as chunks finish.
+    Only conversation and prompt/completion data trains this way. ``progress(done, total)`` is called as
+    chunks finish. ``report``, when given, is filled with what reading found (rejected records included)
+    whenever the source is read, that is, unless the result comes from the cache.
     """
     renderer = ChatRenderer(tokenizer, options)
     root = Path(cache) if cache is not None else zoo.cache_dir() / "tokenized"
-    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error)
+    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split)
     path = root / key
     if (path / "stats.json").exists():
         return TokenizedData.load(path)
-    report = ReadReport(str(source))
-    records = read_records(source, format=format, on_error=on_error, report=report)
+    report = report if report is not None else ReadReport(str(source))
+    records = read_records(source, format=format, on_error=on_error, split=split, report=report)
     examples, stats = tokenize_records(records, renderer, num_proc=num_proc, progress=(lambda n, _t=len(records): progress(n, _t)) if progress else None)
     data = TokenizedData.from_examples(examples, stats)
     data.key = key

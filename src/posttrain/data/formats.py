@@ -78,14 +78,14 @@ class _Checker:
             return None
         return record[key]
 
-    def text(self, value: Any, path: str, *, allow_empty: bool = True) -> str | None:
+    def text(self, value: Any, path: str, *, allow_empty: bool = True, what: str = "non-empty text") -> str | None:
         if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
             value = "".join(p["text"] for p in value)  # OpenAI's list-of-text-parts content
         if not isinstance(value, str):
             self.add(path, "a string", describe(value))
             return None
         if not allow_empty and not value.strip():
-            self.add(path, "non-empty text", describe(value))
+            self.add(path, what, describe(value))
             return None
         return value
 
@@ -163,7 +163,7 @@ def check_messages(
             if "content" not in msg:
                 c.require(msg, "content", p + ".")
                 continue
-            m["content"] = c.text(msg["content"], f"{p}.content", allow_empty=role != "assistant")
+            m["content"] = c.text(msg["content"], f"{p}.content", allow_empty=role != "assistant", what="non-empty assistant content (or tool_calls)")
         for key in ("name", "tool_call_id"):
             if isinstance(msg.get(key), str):
                 m[key] = msg[key]
@@ -191,7 +191,7 @@ def _check_order(c: _Checker, messages: list[dict], path: str, *, after: str | N
     for i, m in enumerate(messages):
         role = m["role"]
         if role not in _NEXT[prev]:
-            where = "at the start" if prev is None else f"after a {prev} turn"
+            where = "at the start" if prev is None else f"after {'an' if prev == 'assistant' else 'a'} {prev} turn"
             c.add(f"{path}[{i}].role", f"{' or '.join(sorted(_NEXT[prev]))} {where} (roles out of order)", describe(role))
             return
         if role == "tool" and prev == "assistant" and "tool_calls" not in messages[i - 1]:
@@ -245,9 +245,11 @@ def from_sharegpt(record: dict, location: Location) -> Record:
         c.add("conversations", "a non-empty list of turns", describe(turns))
         c.done()
     messages: list[dict] = []
+    origin: list[str] = []  # the ShareGPT field each message came from, for error messages
     system = record.get("system")
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
+        origin.append("system")
     for i, turn in enumerate(turns):
         p = f"conversations[{i}]"
         if not isinstance(turn, dict):
@@ -259,36 +261,42 @@ def from_sharegpt(record: dict, location: Location) -> Record:
         if who not in SHAREGPT_ROLES:
             c.add(f"{p}.from", f"one of {', '.join(SHAREGPT_ROLES)}", describe(who))
             continue
-        role = SHAREGPT_ROLES[who]
         if who == "function_call":
-            messages.append({"role": "assistant", "content": "", "tool_calls": [_parse_call(c, value, f"{p}.value")]})
+            calls = _parse_calls(c, value, f"{p}.value")
+            if messages and messages[-1]["role"] == "assistant":
+                # A call after a gpt turn (or another call) belongs to that same assistant message.
+                messages[-1].setdefault("tool_calls", []).extend(calls)
+                continue
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
         else:
-            messages.append({"role": role, "content": value})
+            messages.append({"role": SHAREGPT_ROLES[who], "content": value})
+        origin.append(p)
     c.done()
     checked = check_messages(c, messages, "conversations", first_index=0)
     tools = _tools(c, record)
     if c.problems:  # re-point message paths at the ShareGPT fields the user wrote
-        c.problems = [_sharegpt_path(p, bool(isinstance(system, str) and system.strip())) for p in c.problems]
+        c.problems = [_sharegpt_path(p, origin) for p in c.problems]
     c.done()
     return _conversation(checked, tools)
 
 
-def _parse_call(c: _Checker, value: Any, path: str) -> Any:
+def _parse_calls(c: _Checker, value: Any, path: str) -> list:
+    """A function_call turn's value: one call or a list of calls (LLaMA-Factory's parallel calls), as JSON."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            c.add(path, "a JSON tool call {\"name\": ..., \"arguments\": ...}", describe(value))
-            return {}
-    return value
+            c.add(path, 'a JSON tool call {"name": ..., "arguments": ...} (or a list of them)', describe(value))
+            return []
+    return value if isinstance(value, list) else [value]
 
 
-def _sharegpt_path(p: Problem, has_system: bool) -> Problem:
+def _sharegpt_path(p: Problem, origin: list[str]) -> Problem:
     f = p.field or ""
     if f.startswith("conversations["):
         idx = int(f[len("conversations[") : f.index("]")])
         rest = f[f.index("]") + 1 :].replace(".role", ".from").replace(".content", ".value")
-        f = "system" if has_system and idx == 0 else f"conversations[{idx - has_system}]{rest}"
+        f = origin[idx] + ("" if origin[idx] == "system" else rest) if idx < len(origin) else f
     return Problem(p.location, f, p.expected.replace("assistant turn", "gpt turn"), p.found)
 
 
@@ -333,9 +341,9 @@ def from_prompt_completion(record: dict, location: Location) -> Record:
     completion = _text_or_messages(c, completion, key, completion=True, after=after)
     if isinstance(prompt, str) and isinstance(completion, list):
         c.add(key, "text, as the prompt is text", describe(record[key]))
+    tools = _tools(c, record)
     c.done()
     out: Record = {"prompt": prompt, "completion": completion}
-    tools = _tools(c, record)
     if tools:
         out["tools"] = tools
     return out
@@ -378,12 +386,12 @@ def from_preference(record: dict, location: Location) -> Record:
         if isinstance(prompt, list) and isinstance(value, str):
             value = [{"role": "assistant", "content": value}]
         sides[side] = _text_or_messages(c, value, names[side], completion=True, after=after)
+    tools = _tools(c, record)
     c.done()
     if sides["chosen"] == sides["rejected"]:
         c.add(names["chosen"], f"a response different from '{names['rejected']}'", "identical chosen and rejected responses")
         c.done()
     out: Record = {"prompt": prompt, "chosen": sides["chosen"], "rejected": sides["rejected"]}
-    tools = _tools(c, record)
     if tools:
         out["tools"] = tools
     return out
@@ -562,8 +570,11 @@ def to_format(record: Record, target: str) -> dict:
     if target == "messages":
         return record
     if target == "prompt_completion":
-        last = max(i for i, m in enumerate(messages) if m["role"] == "user" or m["role"] == "tool")
-        out = {"prompt": messages[: last + 1], "completion": messages[last + 1 :]}
+        final = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if final != len(messages) - 1:
+            raise ConvertError(f"the conversation ends with a {messages[-1]['role']} turn after its last assistant turn; prompt/completion would lose it")
+        cut = max(i for i, m in enumerate(messages[:final]) if m["role"] in ("user", "tool"))
+        out = {"prompt": messages[: cut + 1], "completion": messages[cut + 1 :]}
         if record.get("tools"):
             out["tools"] = record["tools"]
         return out
@@ -572,8 +583,10 @@ def to_format(record: Record, target: str) -> dict:
         turns = []
         for m in messages:
             if m.get("tool_calls"):
-                for call in m["tool_calls"]:
-                    turns.append({"from": "function_call", "value": json.dumps(call["function"], ensure_ascii=False)})
+                if m["content"]:
+                    turns.append({"from": "gpt", "value": m["content"]})
+                calls = [call["function"] for call in m["tool_calls"]]
+                turns.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
             else:
                 turns.append({"from": inverse[m["role"]], "value": m["content"]})
         out = {"conversations": turns}

@@ -21,6 +21,10 @@ from typing import Any
 from posttrain.records import Location
 
 
+# Keys whose list-of-objects value is part of a record, so an object holding one is a record, not a wrapper.
+RECORD_LIST_KEYS = frozenset({"messages", "conversations", "chosen", "rejected", "prompt", "completion", "preferred_output", "non_preferred_output", "tools", "kwargs"})
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with one input record, worded for the person who has to fix the file."""
@@ -133,7 +137,7 @@ def read_json(path: Path) -> Iterator[RawItem]:
             yield RawItem(location, problem=Problem(location, None, "valid JSON", f"invalid JSON ({err.msg} at column {err.colno})"))
             return
         lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        if len(lists) != 1:
+        if len(lists) != 1 or lists[0] in RECORD_LIST_KEYS:  # one record, not a wrapper around records
             yield RawItem(Location(source, line=text.count("\n", 0, pos) + 1), value=obj)
             return
         # Continue at the wrapped array's "[" so records keep their line numbers.
