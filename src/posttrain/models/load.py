@@ -1,7 +1,8 @@
 """Resolving a model name to files, and loading tokenizers.
 
-A name is a zoo model (``tiny-llama``), a local directory, or a hub id; the first two never touch the
-network. Loading goes through transformers' Auto classes.
+A name is a zoo model (``tiny-llama``), a fetched model (``smollm2-135m-instruct``, after
+``posttrain models fetch``), a local directory, or a hub id; all but the last never touch the network.
+Loading goes through transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -9,13 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from posttrain.models import zoo
+from posttrain.models import fetch, zoo
 
 
 def resolve(name: str) -> str:
-    """A path or hub id that transformers can load, building zoo models on first use."""
+    """A path or hub id that transformers can load, building zoo models on first use.
+
+    A fetchable name that has not been fetched raises FileNotFoundError saying which command fetches it.
+    """
     if name in zoo.TINY:
         return str(zoo.zoo_path(name))
+    if name in fetch.FETCHABLE:
+        # Never download implicitly: a fetch is ~100 MB and minutes of work, so it is an explicit step.
+        if not fetch.is_fetched(name):
+            raise FileNotFoundError(
+                f"model {name!r} has not been fetched yet (looked in {fetch.fetched_path(name)}); "
+                f"run `posttrain models fetch {name}` once to download and convert it"
+            )
+        return str(fetch.fetched_path(name))
     return name
 
 
@@ -28,3 +40,21 @@ def load_tokenizer(name: str) -> Any:
     except OSError as err:
         where = "directory" if Path(path).exists() else "model (a local directory, a zoo name such as tiny-llama, or a hub id)"
         raise FileNotFoundError(f"cannot load a tokenizer from {name!r}: not a usable {where} ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+
+
+def load_model(cfg: Any, device: Any) -> Any:
+    """A causal LM from a ``ModelConfig``: weights in ``cfg.dtype``, attention as configured, on ``device``.
+
+    ``use_cache`` is turned off in the config: training never uses it, and with it on transformers
+    ignores packed sequences' boundaries.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(cfg.name)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model.to(device)

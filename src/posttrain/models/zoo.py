@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -98,6 +98,9 @@ def _tiny_config(arch: str, vocab_size: int, eos_id: int) -> Any:
         pad_token_id=eos_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        # Wider than the usual 0.02: with so narrow a model, 0.02 embeddings cap the logits near uniform,
+        # and an adapter (which cannot touch the tied embeddings or the norms) could never learn anything.
+        initializer_range=0.2,
     )
     if arch == "llama":
         return LlamaConfig(**common)

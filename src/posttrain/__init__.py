@@ -1,0 +1,1 @@
+"""posttrain: instruction tuning end to end."""

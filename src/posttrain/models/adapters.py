@@ -1,0 +1,54 @@
+"""Adapters: full fine-tuning, or LoRA / DoRA through peft; saving and merging.
+
+peft does the adapter work (``LoraConfig``, ``get_peft_model``, ``merge_and_unload``); this module only
+maps our config onto it and keeps the run directory's ``final/`` loadable by plain transformers or peft.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import AdapterConfig, ModelConfig
+
+
+def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module:
+    """``model`` itself for full fine-tuning; a peft model with only the adapter trainable otherwise."""
+    if cfg.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.kind == "dora",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    """``final/``: a model directory (full) or an adapter directory (LoRA/DoRA), with the tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out: Path) -> Path:
+    """Base model + adapter merged into one plain transformers model directory (fp32 unless configured)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from posttrain.models.load import load_model
+
+    base = load_model(model_cfg, torch.device("cpu"))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,303 @@
+"""Shared plumbing for the training loops: functions the loops call, never a base class they inherit.
+
+Seeds and RNG state, processes (torchrun / accelerate launch set the environment; we only read it),
+optimizer and schedule, atomic checkpoints with everything needed for an exact resume, metrics
+(JSONL, TensorBoard when installed, a loss-curve PNG) and NEFTune. Our own code: each piece is short,
+and exact resume depends on owning all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, no data for a step); the message says what to do."""
+
+
+# -- seeds and processes ------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the processes of a run (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment; start the process group (gloo on CPU, nccl on CUDA) when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def all_reduce_sum(value: float | int, d: Dist) -> float:
+    if d.world == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast for matmuls on CPU and CUDA; a no-op context when off."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norms (tensors of one dimension)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (all of them in full fine-tuning, the adapter otherwise), detached copies."""
+    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically: into a hidden temporary directory, then one rename.
+
+    A directory named ``step-N`` is therefore always whole; a run killed mid-write leaves only a
+    ``.tmp-step-N`` that :func:`latest_checkpoint` never looks at (and the next save removes).
+    """
+    from safetensors.torch import save_file
+
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step-{step}"
+    tmp.mkdir()
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    final = root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    steps = sorted(checkpoint_steps(run_dir))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / "state.json").exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = checkpoint_steps(run_dir)
+    return run_dir / CHECKPOINT_DIR / f"step-{steps[-1]}" if steps else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and RNG from ``path``; returns the saved loop state."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise TrainingError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}); was the config changed?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """One JSON line per optimizer step in ``metrics.jsonl`` (and TensorBoard when it is installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Lines written after the checkpoint we resume from belong to a timeline that never happened.
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_losses(run_dir: Path, title: str) -> Path | None:
+    """``loss.png``: training loss per step, and eval loss where it was measured."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ax.plot(*zip(*train), label="train loss", lw=1.5)
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over trained tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# -- NEFTune ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def neftune(model: torch.nn.Module, alpha: float | None) -> Iterator[None]:
+    """NEFTune (Jain et al., 2023): in training, add Uniform(-1, 1)·α/√(L·d) noise to the input embeddings.
+
+    L is the row's length and d the embedding width, as in the paper; with packing, L is the packed
+    row's length (the paper's sequences were unpacked). Off in eval mode and outside the context.
+    """
+    if not alpha:
+        yield
+        return
+    embed = model.get_input_embeddings()
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    handle = embed.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,272 @@
+"""Supervised fine-tuning, one loop read top to bottom: batch → forward → loss → backward → step → log.
+
+The step's loss is the sum of token losses over *all* micro-batches (and processes) of the step,
+divided by the step's total number of trained tokens — so gradient accumulation, micro-batch size and
+process count change nothing but float rounding. Data order is a pure function of (seed, epoch), and a
+checkpoint holds the step, weights, optimizer, schedule and RNG, so a resumed run repeats the
+uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import SFTConfig, dump_config
+from posttrain.data.cache import TokenizedData, prepare
+from posttrain.data.chat import RenderOptions
+from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
+from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.train import loop
+from posttrain.train.losses import token_nll_sum
+
+
+class NLLSum(torch.nn.Module):
+    """The forward pass the loop differentiates: summed NLL of a batch's trained tokens.
+
+    A module of its own so that DistributedDataParallel wraps the whole computation (its gradient hooks
+    see every parameter used), and so logits are made only where a token is trained.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, target_ids) -> torch.Tensor:
+        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
+        return token_nll_sum(hidden, target_ids, self.model.get_output_embeddings())
+
+
+@dataclass
+class Plan:
+    """How the examples become steps: rows (lists of example indices), rows per step, steps."""
+
+    rows: list[list[int]]
+    rows_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def step_rows(self, step: int, seed: int) -> list[list[int]]:
+        """The rows of optimizer step ``step`` (0-based): epoch-wise shuffles of ``rows``, fixed by ``seed``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        picked = order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
+        return [self.rows[i] for i in picked]
+
+
+def make_rows(data: TokenizedData, indices: list[int], packing: bool, max_tokens: int) -> list[list[int]]:
+    if not packing:
+        return [[i] for i in indices]
+    lengths = data.lengths()
+    bins = best_fit_decreasing([int(lengths[i]) for i in indices], max_tokens)
+    return [[indices[k] for k in b] for b in bins]
+
+
+def collate(data: TokenizedData, rows: list[list[int]], packing: bool, pad_id: int) -> Batch:
+    """Rows of example indices -> one batch (packed rows, or one padded example per row)."""
+    if packing:
+        needed = sorted({i for row in rows for i in row})
+        local = {i: k for k, i in enumerate(needed)}
+        return collate_packed([data[i] for i in needed], [[local[i] for i in row] for row in rows], pad_id, indices=needed)
+    from posttrain.data.packing import collate_padded
+
+    flat = [row[0] for row in rows]
+    return collate_padded([data[i] for i in flat], pad_id, indices=flat)
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = int(round(n * fraction))
+    return sorted(order[k:]), sorted(order[:k])
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    losses: list[float]
+
+
+def train(config: SFTConfig) -> RunResult:
+    """Run SFT as configured; returns where the run is and the per-step losses of this invocation."""
+    cfg = config
+    d = loop.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.output_dir)
+    loop.seed_everything(cfg.train.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name)
+    options = RenderOptions(train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
+    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, num_proc=None if d.world == 1 else 1)
+    if d.main:  # one process tokenizes and fills the cache; the others read it
+        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    loop.barrier(d)
+    if not d.main:
+        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    if cfg.data.eval_path:
+        train_idx, eval_data = list(range(len(data))), prepare(cfg.data.eval_path, tokenizer, options, **prep)
+        eval_idx = list(range(len(eval_data)))
+    else:
+        train_idx, eval_idx = split_eval(len(data), cfg.data.eval_fraction, cfg.train.seed)
+        eval_data = data
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = make_rows(data, train_idx, cfg.data.packing, cfg.data.max_length)
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world
+    if len(rows) < rows_per_step:
+        raise loop.TrainingError(
+            f"the data gives {len(rows)} {'packed rows' if cfg.data.packing else 'examples'} but one step needs {rows_per_step} "
+            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × {d.world} processes); lower them or add data"
+        )
+    steps_per_epoch = len(rows) // rows_per_step
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    plan = Plan(rows, rows_per_step, steps_per_epoch, total)
+    eval_rows = make_rows(eval_data, eval_idx, cfg.data.packing, cfg.data.max_length) if eval_idx else []
+
+    # -- model, optimizer, schedule -------------------------------------------------------------
+    model = load_model(cfg.model, d.device)
+    model = apply_adapter(model, cfg.adapter)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter.kind != "full":
+            model.enable_input_require_grads()
+    step_module: torch.nn.Module = NLLSum(model)
+    if d.world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total))
+
+    start = 0
+    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume is True and checkpoint is None:
+        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    if checkpoint is not None:
+        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+
+    # -- the loop -------------------------------------------------------------------------------
+    losses: list[float] = []
+    progress = _progress(d.main, total, start, checkpoint)
+    model.train()
+    with loop.neftune(model, cfg.train.neftune_alpha), progress:
+        task = progress.add_task("sft", total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            step_rows = plan.step_rows(step, cfg.train.seed)
+            mine = step_rows[d.rank * len(step_rows) // d.world : (d.rank + 1) * len(step_rows) // d.world]
+            micro = [collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id) for k in range(0, len(mine), cfg.train.micro_batch_size)]
+            step_tokens = loop.all_reduce_sum(sum(b.trained_tokens for b in micro), d)
+            loss_sum = 0.0
+            for k, batch in enumerate(micro):
+                batch = batch.to(d.device)
+                sync = k == len(micro) - 1 or d.world == 1
+                with (step_module.no_sync() if not sync else nullcontext()), loop.autocast(d.device, cfg.train.bf16):
+                    nll = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                    # DDP averages gradients over processes; × world makes it a sum over the whole step.
+                    (nll * (d.world / step_tokens)).backward()
+                loss_sum += nll.item()
+            loss = loop.all_reduce_sum(loss_sum, d) / step_tokens
+            if not math.isfinite(loss):
+                last = loop.latest_checkpoint(run_dir)
+                raise loop.TrainingError(
+                    f"loss became {loss} at step {step + 1}; stopping. "
+                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+                    + "Lower train.lr, check the data, or turn off bf16."
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            seconds = time.perf_counter() - t0
+            real = loop.all_reduce_sum(sum(b.real_tokens for b in micro), d)
+            record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if cfg.train.eval_every and eval_rows and (done % cfg.train.eval_every == 0 or done == total):
+                record["eval_loss"] = evaluate(step_module, eval_data, eval_rows, cfg, d, pad_id)
+            losses.append(loss)
+            if done % cfg.train.log_every == 0 or done == total or "eval_loss" in record:
+                metrics.log(record)
+            progress.update(task, completed=done, loss=loss, lr=lr, tps=record["tokens_per_s"])
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
+                if d.main:
+                    loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // plan.steps_per_epoch, "total_steps": total}, cfg.train.keep_last)
+                loop.barrier(d)
+    metrics.close()
+    final = run_dir / "final"
+    if d.main:
+        save_final(model, tokenizer, final)
+        loop.plot_losses(run_dir, f"SFT of {cfg.model.name}")
+        (run_dir / "data_stats.json").write_text(json.dumps({"render": data.stats.to_dict(), "read": data.read, "rows": len(rows), "steps_per_epoch": steps_per_epoch}, indent=1))
+    loop.barrier(d)
+    return RunResult(run_dir, final, total, losses)
+
+
+def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[int]], cfg: SFTConfig, d: loop.Dist, pad_id: int) -> float:
+    """Mean NLL per trained token on the held-out rows (each process takes a share)."""
+    step_module.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        mine = rows[d.rank :: d.world]
+        for k in range(0, len(mine), cfg.train.micro_batch_size):
+            batch = collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id).to(d.device)
+            with loop.autocast(d.device, cfg.train.bf16):
+                total += float(step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))
+            count += batch.trained_tokens
+    step_module.train()
+    return loop.all_reduce_sum(total, d) / max(loop.all_reduce_sum(count, d), 1)
+
+
+def _progress(enabled: bool, total: int, start: int, checkpoint: Path | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if checkpoint is not None and enabled:
+        console.print(f"resuming from {checkpoint} (step {start} of {total})")
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def export(run_dir: str | Path, output: str | Path, *, merge: bool = True) -> Path:
+    """Write ``output``: a Hugging Face model directory (the adapter merged into the base when ``merge``)."""
+    from posttrain.config import load_config
+    from posttrain.models.adapters import merge_adapter
+
+    run_dir, output = Path(run_dir), Path(output)
+    final = run_dir / "final"
+    if not final.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no final/ directory (has the run finished?)")
+    cfg = load_config(run_dir / "config.yaml")
+    if output.exists():
+        shutil.rmtree(output)
+    if cfg.adapter.kind == "full" or not merge:
+        shutil.copytree(final, output)
+    else:
+        merge_adapter(cfg.model, final, output)
+    return output

@@ -1,0 +1,159 @@
+"""SFT end to end on tiny models: loss falls, the right parameters move, the run directory is as documented."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.config import ConfigError, load_config
+from posttrain.models.adapters import apply_adapter
+from posttrain.models.load import load_model
+from posttrain.train import sft
+
+COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "coal": "black", "blood": "red", "sea": "blue", "leaf": "green"}
+
+
+def learnable(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """Questions with fixed answers: a tiny model can learn them in a few steps. Lengths vary."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            obj = rng.choice(list(COLORS))
+            filler = " ".join(rng.choices(["please", "tell", "me", "now", "quickly"], k=rng.randint(0, 8)))
+            messages = [{"role": "user", "content": f"{filler} What color is the {obj}?".strip()}, {"role": "assistant", "content": f"The {obj} is {COLORS[obj]}."}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def config(tmp_path: Path, **sections) -> dict:
+    base = {
+        "model": {"name": "tiny-llama"},
+        "data": {"path": str(learnable(tmp_path / "learn.jsonl")), "max_length": 128},
+        "train": {"lr": 1e-2, "max_steps": 20, "micro_batch_size": 2, "warmup_steps": 2, "seed": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return base
+
+
+def initial_params(cfg) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.train.seed)  # peft initialises adapters from the torch RNG, as train() does after seeding
+    model = apply_adapter(load_model(cfg.model, torch.device("cpu")), cfg.adapter)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "dora"])
+def test_sft_trains_and_moves_exactly_the_trainable_parameters(tmp_path, kind):
+    lr = 1e-2 if kind == "full" else 2e-2
+    cfg = load_config(config(tmp_path, adapter={"kind": kind, "r": 8}, train={"lr": lr}))
+    before, trainable = initial_params(cfg)
+    result = sft.train(cfg)
+
+    losses = result.losses
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, f"loss did not fall: {losses}"
+
+    after = load_file(result.run_dir / "checkpoints" / "step-20" / "trainable.safetensors")
+    assert set(after) == trainable
+    unchanged = [n for n in trainable if torch.equal(after[n], before[n])]
+    assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
+    if kind != "full":
+        # Frozen weights: reload the run's final adapter onto the base and compare the base weights.
+        from peft import PeftModel
+
+        base = load_model(cfg.model, torch.device("cpu"))
+        reloaded = PeftModel.from_pretrained(base, str(result.final_dir))
+        frozen = {n: p for n, p in reloaded.named_parameters() if "lora_" not in n}
+        assert frozen and all(torch.equal(p, before[n]) for n, p in frozen.items() if n in before)
+        assert len(trainable) < len(before)
+    else:
+        assert trainable == set(before)
+
+
+def test_run_directory_holds_exactly_the_documented_files(tmp_path):
+    cfg = load_config(config(tmp_path, train={"save_every": 5, "keep_last": 2, "max_steps": 12}))
+    run = sft.train(cfg).run_dir
+    files = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    checkpoint = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+    expected = {"config.yaml", "metrics.jsonl", "loss.png", "data_stats.json"}
+    expected |= {f"checkpoints/step-{s}/{f}" for s in (10, 12) for f in checkpoint}  # keep_last=2 removed step-5
+    expected |= {f"final/{f}" for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")}
+    files -= {f for f in files if f.startswith("tensorboard/")}  # only when tensorboard is installed
+    assert files == expected
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert load_config(run / "config.yaml") == cfg  # the resolved config round-trips
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """4 micro-batches of 2 rows == 1 batch of 8 rows, on examples of different lengths (not packed)."""
+    updates = []
+    for micro, accum in ((8, 1), (2, 4)):
+        cfg = load_config(
+            config(
+                tmp_path,
+                data={"packing": False},
+                train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 1, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
+                output_dir=str(tmp_path / f"run-{micro}x{accum}"),
+            )
+        )
+        result = sft.train(cfg)
+        updates.append((result.losses[0], load_file(result.run_dir / "checkpoints" / "step-1" / "trainable.safetensors")))
+    (loss_a, a), (loss_b, b) = updates
+    # Adam's first step is lr·g/(|g|+ε): near-zero gradients turn summation-order rounding into update
+    # differences proportional to lr, hence the small lr that keeps this bound meaningful in fp32.
+    assert abs(loss_a - loss_b) <= 1e-6
+    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+
+
+def test_micro_batch_size_changes_nothing_with_packing(tmp_path):
+    losses = []
+    for micro, accum in ((4, 1), (1, 4)):
+        cfg = load_config(config(tmp_path, train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3}, output_dir=str(tmp_path / f"p{micro}")))
+        losses.append(sft.train(cfg).losses)
+    assert max(abs(x - y) for x, y in zip(*losses)) <= 1e-5
+
+
+def test_bad_config_lists_every_problem_before_loading_a_model(tmp_path):
+    bad = {
+        "model": {"name": str(tmp_path / "no-such-model")},
+        "data": {"path": str(tmp_path / "missing.jsonl"), "colour": "red"},
+        "train": {"lr": 0, "micro_batch_size": "eight"},
+        "typo_section": {},
+    }
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    text = str(err.value)
+    assert "6 problems" in text
+    for needle in ("data.colour: unknown key", "typo_section: unknown key", "train.lr: Input should be greater than 0", "train.micro_batch_size", "data.path: no such file", "model.name: no such model directory"):
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+
+
+def test_cli_reports_config_problems_and_overrides(tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    cfg_file = tmp_path / "c.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(config(tmp_path)))
+    result = CliRunner().invoke(app, ["sft", "--config", str(cfg_file), "--set", "train.lr=-1", "--set", "adapter.kind=qlora"])
+    assert result.exit_code == 1
+    assert "train.lr" in result.output and "adapter.kind" in result.output and "2 problems" in result.output
+    result = CliRunner().invoke(app, ["sft", "--config", str(cfg_file), "--max-steps", "3", "--output-dir", str(tmp_path / "cli-run")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "cli-run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_neftune_and_bf16_run(tmp_path):
+    cfg = load_config(config(tmp_path, train={"neftune_alpha": 5, "bf16": True, "max_steps": 4}))
+    losses = sft.train(cfg).losses
+    assert len(losses) == 4 and all(l == l and l < 20 for l in losses)  # noqa: E741 - finite, sane
