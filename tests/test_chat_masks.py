@@ -118,6 +118,8 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted():
     stats = RenderStats()
     cut = ChatRenderer(tok, RenderOptions(max_length=n - 5)).render(CONVERSATION, stats)
     assert cut["input_ids"] == full["input_ids"][: n - 5] and stats.truncated == 1 and stats.kept == 1
+    # The cut turn no longer ends with <|im_end|>, and the statistics say so.
+    assert stats.turn_end_tokens["<|im_end|>"] == 3 and sum(stats.turn_end_tokens.values()) == 4
     stats = RenderStats()
     assert ChatRenderer(tok, RenderOptions(max_length=n - 5, overlong="drop")).render(CONVERSATION, stats) is None
     assert stats.dropped_overlong == 1 and stats.kept == 0

@@ -3,43 +3,26 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from sft_fixtures import sft_config, write_color_data
 
 from posttrain.config import ConfigError, load_config
 from posttrain.models.adapters import apply_adapter
 from posttrain.models.load import load_model
 from posttrain.train import sft
 
-COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "coal": "black", "blood": "red", "sea": "blue", "leaf": "green"}
-
-
-def learnable(path: Path, n: int = 64, seed: int = 0) -> Path:
-    """Questions with fixed answers: a tiny model can learn them in a few steps. Lengths vary."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            obj = rng.choice(list(COLORS))
-            filler = " ".join(rng.choices(["please", "tell", "me", "now", "quickly"], k=rng.randint(0, 8)))
-            messages = [{"role": "user", "content": f"{filler} What color is the {obj}?".strip()}, {"role": "assistant", "content": f"The {obj} is {COLORS[obj]}."}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 def config(tmp_path: Path, **sections) -> dict:
-    base = {
-        "model": {"name": "tiny-llama"},
-        "data": {"path": str(learnable(tmp_path / "learn.jsonl")), "max_length": 128},
-        "train": {"lr": 1e-2, "max_steps": 20, "micro_batch_size": 2, "warmup_steps": 2, "seed": 0},
-        "output_dir": str(tmp_path / "run"),
-    }
+    """Full fine-tuning of tiny-llama on learnable color questions, packed, 20 steps; ``sections`` override."""
+    data = write_color_data(tmp_path / "learn.jsonl")
+    output_dir = sections.pop("output_dir", tmp_path / "run")
+    defaults = {"data": {"packing": True}, "train": {"lr": 1e-2, "max_steps": 20, "grad_accum": 1}}
     for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return base
+        defaults[key] = {**defaults.get(key, {}), **value} if isinstance(value, dict) else value
+    return sft_config(data, Path(output_dir), **defaults)
 
 
 def initial_params(cfg) -> dict[str, torch.Tensor]:
@@ -80,7 +63,7 @@ def test_run_directory_holds_exactly_the_documented_files(tmp_path):
     cfg = load_config(config(tmp_path, train={"save_every": 5, "keep_last": 2, "max_steps": 12}))
     run = sft.train(cfg).run_dir
     files = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
-    checkpoint = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+    checkpoint = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json"}
     expected = {"config.yaml", "metrics.jsonl", "loss.png", "data_stats.json"}
     expected |= {f"checkpoints/step-{s}/{f}" for s in (10, 12) for f in checkpoint}  # keep_last=2 removed step-5
     expected |= {f"final/{f}" for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")}
@@ -93,24 +76,36 @@ def test_run_directory_holds_exactly_the_documented_files(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    """4 micro-batches of 2 rows == 1 batch of 8 rows, on examples of different lengths (not packed)."""
-    updates = []
+    """4 micro-batches of 2 examples == 1 batch of 8, on examples of different lengths (padded, not packed)."""
+    runs = []
     for micro, accum in ((8, 1), (2, 4)):
         cfg = load_config(
             config(
                 tmp_path,
                 data={"packing": False},
-                train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 1, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
+                train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 1, "lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": None},
                 output_dir=str(tmp_path / f"run-{micro}x{accum}"),
             )
         )
         result = sft.train(cfg)
-        updates.append((result.losses[0], load_file(result.run_dir / "checkpoints" / "step-1" / "trainable.safetensors")))
-    (loss_a, a), (loss_b, b) = updates
-    # Adam's first step is lr·g/(|g|+ε): near-zero gradients turn summation-order rounding into update
-    # differences proportional to lr, hence the small lr that keeps this bound meaningful in fp32.
+        step = result.run_dir / "checkpoints" / "step-1"
+        # After one AdamW step, exp_avg = (1 - beta1) * gradient: the step's exact gradient. The optimizer
+        # holds the parameters in model order, matrices first, then the vectors (no weight decay).
+        before, _ = initial_params(cfg)
+        names = [n for n, p in before.items() if p.ndim >= 2] + [n for n, p in before.items() if p.ndim < 2]
+        state = torch.load(step / "optimizer.pt", weights_only=False)["state"]
+        grads = {names[i]: s["exp_avg"] / (1 - cfg.train.betas[0]) for i, s in state.items()}
+        runs.append((result.losses[0], grads, load_file(step / "trainable.safetensors")))
+    (loss_a, grads_a, a), (loss_b, grads_b, b) = runs
     assert abs(loss_a - loss_b) <= 1e-6
-    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+    assert set(grads_a) == set(a)
+    assert max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a) <= 1e-6
+    assert max(g.abs().max().item() for g in grads_a.values()) > 1e-3, "gradients must be large enough for the bound to mean something"
+    # Parameter updates agree to 1e-6 wherever the gradient is above fp32 rounding noise. (Adam's first
+    # step is lr·g/(|g|+eps): for |g| near 1e-8, summation-order rounding flips it anywhere in ±lr.)
+    for name in a:
+        diff = (a[name] - b[name]).abs()[grads_a[name].abs() > 1e-5]
+        assert diff.numel() > 0 and diff.max().item() <= 1e-6, name
 
 
 def test_micro_batch_size_changes_nothing_with_packing(tmp_path):
@@ -157,3 +152,17 @@ def test_neftune_and_bf16_run(tmp_path):
     cfg = load_config(config(tmp_path, train={"neftune_alpha": 5, "bf16": True, "max_steps": 4}))
     losses = sft.train(cfg).losses
     assert len(losses) == 4 and all(l == l and l < 20 for l in losses)  # noqa: E741 - finite, sane
+
+
+def test_example_configs(tmp_path, monkeypatch):
+    """examples/: the tiny CPU config trains as shipped; the GPU config is a valid SFTConfig."""
+    import yaml
+
+    from posttrain.config import SFTConfig
+
+    root = Path(__file__).parents[1]
+    SFTConfig.model_validate(yaml.safe_load((root / "examples" / "sft_qwen2.5_0.5b_lora.yaml").read_text()))
+    monkeypatch.chdir(root)  # the example's data path is relative to the repository
+    cfg = load_config(root / "examples" / "sft_tiny.yaml", [f"output_dir={tmp_path / 'tiny'}"])
+    result = sft.train(cfg)
+    assert result.losses[-1] < result.losses[0] and (result.final_dir / "model.safetensors").exists()

@@ -29,7 +29,7 @@ from posttrain.data.chat import ChatRenderer, Rendered, RenderOptions, RenderSta
 from posttrain.data.formats import ReadReport, read_records
 from posttrain.models import zoo
 
-TRANSFORM_VERSION = 1
+TRANSFORM_VERSION = 2
 CHUNK = 1024
 
 

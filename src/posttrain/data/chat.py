@@ -276,15 +276,10 @@ class ChatRenderer:
         trained = np.zeros(len(ids_arr), dtype=bool)
         for start, end in r.spans:
             # A token is trained if it overlaps the span; special tokens added by the tokenizer have (0, 0).
-            inside = (offs[:, 1] > start) & (offs[:, 0] < end) & (offs[:, 1] > offs[:, 0])
-            trained |= inside
-            last = np.flatnonzero(inside)
-            if len(last):
-                stats.turn_end_tokens[self.tokenizer.convert_ids_to_tokens(int(ids_arr[last[-1]]))] += 1
+            trained |= (offs[:, 1] > start) & (offs[:, 0] < end) & (offs[:, 1] > offs[:, 0])
         if r.append_eos and self.tokenizer.eos_token_id is not None and (not len(ids_arr) or ids_arr[-1] != self.tokenizer.eos_token_id):
             ids_arr = np.append(ids_arr, self.tokenizer.eos_token_id)
             trained = np.append(trained, True)
-            stats.turn_end_tokens[self.tokenizer.eos_token] += 1
         limit = self.options.max_length
         if limit is not None and len(ids_arr) > limit:
             if self.options.overlong == "drop":
@@ -296,6 +291,9 @@ class ChatRenderer:
             stats.dropped_nothing_trained += 1
             return None
         labels = np.where(trained, ids_arr, IGNORE)
+        # The last token of each trained run, after any truncation: what the model learns to end turns with.
+        run_ends = np.flatnonzero(trained & ~np.append(trained[1:], False))
+        stats.turn_end_tokens.update(self.tokenizer.convert_ids_to_tokens(ids_arr[run_ends].tolist()))
         stats.kept += 1
         stats.tokens += len(ids_arr)
         stats.trained_tokens += int(trained.sum())

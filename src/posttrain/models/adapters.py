@@ -36,6 +36,8 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
 def save_final(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
     """``final/``: a model directory (full) or an adapter directory (LoRA/DoRA), with the tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    config.use_cache = True  # off while training (packing needs it off); generation wants it on
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -142,32 +142,39 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
+    d: Dist = Dist(),
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: into a hidden temporary directory, then one rename.
 
-    A directory named ``step-N`` is therefore always whole; a run killed mid-write leaves only a
-    ``.tmp-step-N`` that :func:`latest_checkpoint` never looks at (and the next save removes).
+    Every process calls this: each writes its own RNG state (``rng-<rank>.pt``; ranks draw different
+    noise, e.g. NEFTune's), and the main process writes the rest. A directory named ``step-N`` is
+    therefore always whole; a run killed mid-write leaves only a ``.tmp-step-N`` that
+    :func:`latest_checkpoint` never looks at (and the next save removes).
     """
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step}"
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    if d.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier(d)
+    torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
+    barrier(d)
     final = root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    steps = sorted(checkpoint_steps(run_dir))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    if d.main:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world": d.world}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_steps(run_dir)[:-keep_last]:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    barrier(d)
     return final
 
 
@@ -183,8 +190,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINT_DIR / f"step-{steps[-1]}" if steps else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, schedule and RNG from ``path``; returns the saved loop state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist = Dist()) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and this process's RNG from ``path``; returns the saved loop state.
+
+    A run resumed with more processes than it was saved with gives the new ranks rank 0's RNG state.
+    """
     from safetensors.torch import load_file
 
     weights = load_file(path / "trainable.safetensors")
@@ -198,7 +208,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    own = path / f"rng-{d.rank}.pt"
+    set_rng_state(torch.load(own if own.exists() else path / "rng-0.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
 
 
@@ -216,7 +227,7 @@ class Metrics:
             return
         if resume_step is not None and self.path.exists():
             # Lines written after the checkpoint we resume from belong to a timeline that never happened.
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in _parse_lines(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -242,9 +253,20 @@ class Metrics:
             self.tb.close()
 
 
+def _parse_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``; a line cut short (a crash mid-write, a full disk) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return _parse_lines(path) if path.exists() else []
 
 
 def plot_losses(run_dir: Path, title: str) -> Path | None:

@@ -154,7 +154,7 @@ def train(config: SFTConfig) -> RunResult:
     if cfg.resume is True and checkpoint is None:
         raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
     if checkpoint is not None:
-        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -183,13 +183,12 @@ def train(config: SFTConfig) -> RunResult:
                 loss_sum += nll.item()
             loss = loop.all_reduce_sum(loss_sum, d) / step_tokens
             if not math.isfinite(loss):
-                last = loop.latest_checkpoint(run_dir)
-                raise loop.TrainingError(
-                    f"loss became {loss} at step {step + 1}; stopping. "
-                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-                    + "Lower train.lr, check the data, or turn off bf16."
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
+                raise loop.TrainingError(_stop_message(f"loss became {loss}", step, run_dir))
+            # The norm is computed even without clipping: a finite loss can still give non-finite
+            # gradients, and stepping on them would write NaN weights into the next checkpoint.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm):
+                raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -197,19 +196,18 @@ def train(config: SFTConfig) -> RunResult:
             done = step + 1
             seconds = time.perf_counter() - t0
             real = loop.all_reduce_sum(sum(b.real_tokens for b in micro), d)
-            record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds, "grad_norm": grad_norm}
             if cfg.train.eval_every and eval_rows and (done % cfg.train.eval_every == 0 or done == total):
                 record["eval_loss"] = evaluate(step_module, eval_data, eval_rows, cfg, d, pad_id)
             losses.append(loss)
             if done % cfg.train.log_every == 0 or done == total or "eval_loss" in record:
                 metrics.log(record)
             progress.update(task, completed=done, loss=loss, lr=lr, tps=record["tokens_per_s"])
+            if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+                # No live bar in logs and pipes: a plain line every 5% instead.
+                progress.console.print(f"step {done}/{total}  loss {loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s", highlight=False)
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-                if d.main:
-                    loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // plan.steps_per_epoch, "total_steps": total}, cfg.train.keep_last)
-                loop.barrier(d)
+                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // plan.steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d)
     metrics.close()
     final = run_dir / "final"
     if d.main:
@@ -218,6 +216,15 @@ def train(config: SFTConfig) -> RunResult:
         (run_dir / "data_stats.json").write_text(json.dumps({"render": data.stats.to_dict(), "read": data.read, "rows": len(rows), "steps_per_epoch": steps_per_epoch}, indent=1))
     loop.barrier(d)
     return RunResult(run_dir, final, total, losses)
+
+
+def _stop_message(what: str, step: int, run_dir: Path) -> str:
+    last = loop.latest_checkpoint(run_dir)
+    return (
+        f"{what} at step {step + 1}; stopping before the optimizer step. "
+        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+        + "Lower train.lr, keep train.max_grad_norm on, check the data, or turn off bf16."
+    )
 
 
 def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[int]], cfg: SFTConfig, d: loop.Dist, pad_id: int) -> float:

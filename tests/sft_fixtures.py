@@ -1,0 +1,132 @@
+"""Small learnable chat data and configs for the SFT tests (resume, DDP, export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "orange": "orange",
+    "plum": "purple",
+    "lemon": "yellow",
+    "cherry": "red",
+    "ocean": "blue",
+    "leaf": "green",
+}
+
+# Held-out prompts for generation checks (objects the data trains on).
+PROMPTS = ["What color is the apple?", "What color is the sky?", "What color is the coal?"]
+
+
+def write_color_data(path: Path, n: int = 64, seed: int = 0, max_reps: int = 3) -> Path:
+    """``n`` chat records "What color is the {obj}?" -> "The {obj} is {color}.", objects drawn with ``seed``.
+
+    Each record repeats the question and the answer 1..``max_reps`` times, so examples differ in length
+    (padded micro-batches then contain real padding, and packing has something to pack).
+    """
+    rng = random.Random(seed)
+    objects = sorted(COLORS)
+    with path.open("w") as f:
+        for _ in range(n):
+            obj = rng.choice(objects)
+            reps = rng.randint(1, max_reps)
+            user = " ".join([f"What color is the {obj}?"] * reps)
+            answer = " ".join([f"The {obj} is {COLORS[obj]}."] * reps)
+            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def sft_config(data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config dict for tiny-llama on ``data_path``; ``sections`` update model/data/adapter/train (shallow per section)."""
+    cfg: dict[str, Any] = {
+        "model": {"name": "tiny-llama"},
+        "data": {"path": str(data_path), "max_length": 128, "packing": False},
+        "adapter": {"kind": "full"},
+        "train": {
+            "lr": 3e-3,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "warmup_steps": 2,
+            "schedule": "cosine",
+            "seed": 0,
+            "device": "cpu",
+            "log_every": 1,
+        },
+        "output_dir": str(output_dir),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_yaml(cfg: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return rows
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ (so POSTTRAIN_CACHE is shared with the test session) plus ``extra``; src importable."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "posttrain.cli", *args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run in-process training on ``n`` threads (as the subprocesses do with OMP_NUM_THREADS=1), then restore.
+
+    Same thread count, same float reduction order; and on a small shared machine one thread per process
+    is much faster than oversubscribed cores.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
