@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Read, check, convert and tokenize instruction data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -277,6 +279,52 @@ def models_fetch(
     out.print(str(path), highlight=False, soft_wrap=True)
     if cache_dir is not None:
         err.print(f"outside the default cache, so use the path above as the model, or set POSTTRAIN_CACHE={cache_dir} to use the name {name!r}", highlight=False, soft_wrap=True)
+
+
+@eval_app.command("ifeval")
+def eval_ifeval(
+    responses: Annotated[Optional[Path], typer.Option("--responses", "-r", help="Score this file of {\"prompt\", \"response\"} lines (IFEval's format).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Generate responses with this model (greedy, its chat template), then score.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="IFEval's prompts (input_data.jsonl) \\[default: $POSTTRAIN_IFEVAL_DATA, or ifeval_input_data.jsonl beside --responses].")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", min=1)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per response (lm-eval uses 1280).", min=1)] = 1280,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.", min=1)] = 32,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for generation.")] = True,
+    per_item: Annotated[Optional[Path], typer.Option("--per-item", help="Write one JSON line per prompt: prompt, instruction_id_list, strict, loose (+ reasons, response).")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Bar chart of accuracy per instruction type.")] = Path("ifeval.png"),
+) -> None:
+    """IFEval: the four accuracies (prompt/instruction × strict/loose), a table per instruction type, a bar chart."""
+    from posttrain.eval import ifeval
+
+    if (responses is None) == (model is None):
+        fail("give exactly one of --responses FILE (score existing responses) or --model M (generate, then score)")
+    with user_errors():
+        if responses is not None:
+            result = ifeval.score_file(responses, data, limit)
+            title = responses.name
+        else:
+            records = ifeval.read_prompt_records(ifeval.find_data(data))[:limit]
+            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16)
+            result = ifeval.score(records, texts)
+            title = model
+        if result.note:
+            err.print(f"[yellow]note:[/] {escape(result.note)}")
+        s = result.summary
+        types = Table(title=f"IFEval per instruction type ({s.num_prompts} prompts, {s.num_instructions} instructions)")
+        for column in ("instruction type", "n", "strict %", "loose %"):
+            types.add_column(column, justify="left" if column == "instruction type" else "right")
+        for name, t in sorted(result.summary.per_type.items()):
+            types.add_row(escape(name), str(t.count), f"{100 * t.strict:.1f}", f"{100 * t.loose:.1f}")
+        out.print(types)
+        headline = Table(title=f"IFEval: {escape(title)}")
+        for column in ("prompt strict", "inst strict", "prompt loose", "inst loose"):
+            headline.add_column(column, justify="right")
+        headline.add_row(*(f"{100 * x:.2f}" for x in (s.prompt_strict, s.inst_strict, s.prompt_loose, s.inst_loose)))
+        out.print(headline)
+        if per_item is not None:
+            ifeval.write_per_item(per_item, result)
+            err.print(f"per-prompt verdicts: {escape(str(per_item))}")
+        err.print(f"chart: {escape(str(ifeval.plot(result, plot, f'IFEval: {title}')))}")
 
 
 @app.command()
