@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.eval.lm_eval import offline_nltk_data
 from posttrain.verify import aggregate, all_ids, read_prompt_records, read_responses, score_response, score_responses, text
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -32,31 +33,17 @@ pytestmark = pytest.mark.skipif(not (INPUTS.exists() and GPT4.exists()), reason=
 PAPER_GPT4 = (76.89, 83.57, 79.30, 85.37)  # prompt strict, inst strict, prompt loose, inst loose
 
 
-def _write_punkt_tab(root: Path) -> Path:
-    """NLTK's punkt_tab layout (four files of the English model), from the parameters we use."""
-    params = text.punkt_parameters()
-    directory = root / "tokenizers" / "punkt_tab" / "english"
-    directory.mkdir(parents=True)
-    (directory / "collocations.tab").write_text("\n".join("\t".join(pair) for pair in sorted(params.collocations)), encoding="utf-8")
-    (directory / "sent_starters.txt").write_text("\n".join(sorted(params.sent_starters)), encoding="utf-8")
-    (directory / "abbrev_types.txt").write_text("\n".join(sorted(params.abbrev_types)), encoding="utf-8")
-    ortho = "\n".join(f"{word}\t{flags}" for word, flags in sorted(params.ortho_context.items()))
-    (directory / "ortho_context.tab").write_text(ortho, encoding="utf-8")
-    return directory
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """lm-eval's IFEval ``utils`` module, loaded offline against our Punkt data, langdetect seeded."""
     root = tmp_path_factory.mktemp("nltk_data")
-    model_dir = _write_punkt_tab(root)
     previous_env = os.environ.get("NLTK_DATA")
-    os.environ["NLTK_DATA"] = str(root)  # read when nltk is first imported
+    offline_nltk_data(root)  # sets NLTK_DATA and nltk.data.path
+    model_dir = root / "tokenizers" / "punkt_tab" / "english"
     import langdetect
     import nltk.data
     from nltk.tokenize.punkt import load_punkt_params
 
-    nltk.data.path.insert(0, str(root))  # for when nltk was imported before NLTK_DATA was set
     # The files NLTK will read hold exactly the model we tokenize with.
     loaded, ours = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/")), text.punkt_parameters()
     assert Path(nltk.data.find("tokenizers/punkt_tab/english/").path) == model_dir

@@ -327,6 +327,39 @@ def eval_ifeval(
         err.print(f"chart: {escape(str(ifeval.plot(result, plot, f'IFEval: {title}')))}")
 
 
+@eval_app.command("lm-eval")
+def eval_lm_eval(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model directory, zoo or fetched name, hub id, or a run directory / adapter directory (merged in memory).")],
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated lm-eval task names.")],
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="A folder of task YAMLs (e.g. tasks reading local data files).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Examples per task.", min=1)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template", help="Apply the model's chat template to prompts.")] = True,
+    max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks", help="Generation budget for generative tasks.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write lm-eval's results as JSON.")] = None,
+) -> None:
+    """Run lm-evaluation-harness tasks on a posttrain model (needs the lm-eval extra); works offline with local task data."""
+    from posttrain.eval.lm_eval import run_tasks
+
+    with user_errors():
+        try:
+            results = run_tasks(model, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path, limit=limit, batch_size=batch_size, apply_chat_template=chat_template, max_gen_toks=max_gen_toks)
+        except ImportError as e:
+            fail(str(e))
+    table = Table(title=f"lm-eval: {escape(model)}")
+    for column in ("task", "metric", "value"):
+        table.add_column(column)
+    for task, metrics in results["results"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, (int, float)) and not metric.startswith("alias"):
+                table.add_row(escape(task), escape(metric), f"{value:.4f}")
+    out.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"results": results["results"], "config": {"model": model, "tasks": tasks, "limit": limit}}, indent=1, default=str))
+        err.print(f"results: {escape(str(output))}")
+
+
 @app.command()
 def sft(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model, data, adapter, train; see examples/).")] = None,
