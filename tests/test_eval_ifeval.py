@@ -65,3 +65,16 @@ def test_a_partial_responses_file_is_scored_and_said_to_be_partial(tmp_path):
 def test_exactly_one_source_of_responses():
     result = CliRunner().invoke(app, ["eval", "ifeval"])
     assert result.exit_code == 1 and "exactly one of --responses" in result.output
+
+
+@needs_data
+def test_generate_then_score_with_a_model(tmp_path):
+    per_item = tmp_path / "items.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["eval", "ifeval", "--model", "tiny-llama", "--data", str(SHARED / "ifeval_input_data.jsonl"), "--limit", "4", "--max-new-tokens", "8", "--fp32", "--per-item", str(per_item), "--plot", str(tmp_path / "c.png")],
+    )
+    assert result.exit_code == 0, result.output
+    items = [json.loads(line) for line in per_item.read_text().splitlines()]
+    assert len(items) == 4 and all(isinstance(i["response"], str) for i in items)
+    assert headline(result.output)  # the four accuracies are printed

@@ -111,9 +111,9 @@ def generate_responses(records: list[PromptRecord], model: str, *, max_new_token
     """Greedy responses of ``model`` to each prompt, with its chat template (lm-eval's IFEval setting)."""
     from posttrain.generate.engine import Engine, SamplingParams
 
-    engine = Engine.from_name(model, bf16=bf16)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    outputs = engine.generate([r.prompt for r in records], params, batch_size=batch_size, progress=progress)
+    engine = Engine.from_name(model, batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, bf16=bf16)
+    outputs = engine.generate([r.prompt for r in records], params, progress=progress)
     return [completions[0].text for completions in outputs]
 
 
