@@ -27,6 +27,18 @@ def family_tokenizer(family: str, template_file: str | None = None):
     return train_tokenizer(template, specials, bos_token=bos, eos_token=eos)
 
 
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {

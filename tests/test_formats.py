@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chat_fixtures import assistant, system, user
 from posttrain.data.formats import (
     ConvertError,
     DataError,
@@ -42,18 +43,6 @@ def read(tmp_path: Path, raw: list, name: str = "data.jsonl", **kwargs) -> tuple
     report = ReadReport(name)
     records = read_records(write_jsonl(tmp_path / name, raw), report=report, **kwargs)
     return records, report
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict:
-    return {"role": "system", "content": text}
 
 
 WEATHER_TOOL = {

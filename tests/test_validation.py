@@ -13,20 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from chat_fixtures import assistant, system, user
 from posttrain.cli import app
 from posttrain.data.formats import DataError, ReadReport, read_records, write_rejects
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict:
-    return {"role": "system", "content": text}
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -68,6 +68,8 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Tokenizer to use: 
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: the tokenizer's own [default], a built-in name (chatml, alpaca) or a .jinja file.")]
 TrainOnOpt = Annotated[TrainOn, typer.Option("--train-on", help="Which tokens are trained: every assistant turn, the last one only, or all tokens.")]
 MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", help="Longest example in tokens; longer ones are handled by --overlong.", min=2)]
+NumProcOpt = Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")]
 OverlongOpt = Annotated[Overlong, typer.Option("--overlong", help="truncate: cut to --max-length (dropped if nothing trained remains). drop: drop the example.")]
 
 
@@ -222,8 +224,8 @@ def inspect(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
-    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")] = None,
+    num_proc: NumProcOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Show FILE as the model will see it: rendered examples with the trained tokens highlighted, and statistics."""
     with user_errors():
@@ -249,8 +251,8 @@ def render(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
-    num_proc: Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")] = None,
+    num_proc: NumProcOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Tokenize FILE and write token ids with labels (the token where trained, -100 where not; unshifted)."""
     with user_errors():
