@@ -362,19 +362,18 @@ def eval_lm_eval(
         err.print(f"results: {escape(str(output))}")
 
 
-@app.command()
-def sft(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model, data, adapter, train; see examples/).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.lr=1e-4 (repeatable).")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory \\[default: runs/sft].")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train.")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (and always at the end).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")] = False,
-) -> None:
-    """Supervised fine-tuning: full, LoRA or DoRA, with exact resume. Also runs under torchrun for DDP."""
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model, data, adapter, train, ...; see examples/).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.lr=1e-4 (repeatable).")]
+OutputDirOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train.")]
+SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (and always at the end).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")]
+
+
+def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, train_fn, what: str):
+    """Shared by the training commands: flags become overrides, the config is validated, the loop runs."""
     from posttrain.config import ConfigError, load_config
     from posttrain.train.loop import TrainingError
-    from posttrain.train.sft import train
 
     overrides = list(set_ or [])
     if output_dir is not None:
@@ -386,18 +385,40 @@ def sft(
     if resume:
         overrides.append("resume=true")
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, cls=cls)
     except ConfigError as e:
         fail(str(e))
     with user_errors():
         try:
-            result = train(cfg)
+            result = train_fn(cfg)
         except TrainingError as e:
             fail(str(e))
     if result.losses:
-        out.print(f"trained {len(result.losses)} steps (loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
+        out.print(f"{what}: trained {len(result.losses)} steps (loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
     else:
-        out.print(f"nothing to train: the run in {result.run_dir} had already finished ({result.steps} steps)")
+        out.print(f"nothing to train: the run in {escape(str(result.run_dir))} had already finished ({result.steps} steps)")
+
+
+@app.command()
+def sft(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
+    """Supervised fine-tuning: full, LoRA or DoRA, with exact resume. Also runs under torchrun for DDP."""
+    from posttrain.config import SFTConfig
+    from posttrain.train.sft import train
+
+    _run_training(config, set_, output_dir, max_steps, save_every, resume, SFTConfig, train, "sft")
+
+
+@app.command()
+def dpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
+    """Preference optimisation on (prompt, chosen, rejected) data: dpo.loss_type sigmoid, hinge, ipo, robust, simpo or orpo.
+
+    The reference model's log-probs are computed once and cached (dpo.reference precompute), taken from
+    the LoRA model with its adapter disabled (adapter), or from a frozen copy (model).
+    """
+    from posttrain.config import DPOConfig
+    from posttrain.train.dpo import train
+
+    _run_training(config, set_, output_dir, max_steps, save_every, resume, DPOConfig, train, "dpo")
 
 
 @app.command()

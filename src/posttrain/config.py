@@ -86,10 +86,204 @@ class SFTConfig(Strict):
         return self
 
 
+class PreferenceDataConfig(DataConfig):
+    """Preference pairs: each side is rendered after the shared prompt; only the response is scored."""
+
+    format: Literal["preference"] | None = None
+    packing: bool = Field(False, description="Pairs are batched with padding (chosen and rejected in one forward pass).")
+
+
+class DPOSettings(Strict):
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
+    beta: float | None = Field(None, gt=0, description="Default 0.1 (2.5 for simpo, as in the SimPO paper).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust (cDPO): the assumed share of flipped labels.")
+    simpo_gamma: float = Field(1.375, ge=0)
+    orpo_lambda: float = Field(0.1, gt=0)
+    reference: Literal["precompute", "adapter", "model"] = Field(
+        "precompute",
+        description="precompute: the initial model's log-probs, once, cached by content hash. adapter: the LoRA/DoRA model with its adapter disabled. model: a frozen copy.",
+    )
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else (2.5 if self.loss_type == "simpo" else 0.1)
+
+
+class DPOConfig(Strict):
+    model: ModelConfig
+    data: PreferenceDataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig(lr=5e-7, micro_batch_size=4)
+    dpo: DPOSettings = DPOSettings()
+    output_dir: str = "runs/dpo"
+    resume: bool | Literal["auto"] = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOConfig:
+        problems = []
+        if self.dpo.loss_type == "robust" and self.dpo.label_smoothing == 0:
+            problems.append("dpo.loss_type robust needs dpo.label_smoothing > 0")
+        if self.dpo.reference == "adapter" and self.adapter.kind == "full":
+            problems.append("dpo.reference adapter needs adapter.kind lora or dora")
+        if self.train.eval_every and not (self.data.eval_path or self.data.eval_fraction > 0):
+            problems.append("train.eval_every needs data.eval_path or data.eval_fraction > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RewardConfig(Strict):
+    """`posttrain rm train`: the LM's decoder plus a scalar head, Bradley–Terry loss on preference pairs.
+
+    ``train.micro_batch_size`` and the step size count *pairs* (each pair is two sequences).
+    """
+
+    model: ModelConfig
+    data: PreferenceDataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig(lr=1e-5, micro_batch_size=4)
+    output_dir: str = "runs/rm"
+    resume: bool | Literal["auto"] = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardConfig:
+        problems = []
+        if self.data.packing:
+            problems.append("data.packing: a reward model scores each sequence at its last token, so pairs are padded, not packed (set it false)")
+        if self.train.neftune_alpha:
+            problems.append("train.neftune_alpha: NEFTune is for SFT; a reward model trains without it")
+        if self.train.eval_every and not (self.data.eval_path or self.data.eval_fraction > 0):
+            problems.append("train.eval_every needs data.eval_path or data.eval_fraction > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class PromptDataConfig(Strict):
+    """Prompts to sample from: any record with a prompt (prompt/completion, preference, IFEval); other fields are ignored."""
+
+    path: str = Field(description="Prompts: a file, a dataset directory or a hub id.")
+    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "preference", "ifeval"] | None = None
+    split: str | None = None
+    template: str | None = Field(None, description="Chat template: the tokenizer's own (default), chatml, alpaca, or a .jinja path.")
+    max_prompt_length: int = Field(512, ge=1, description="Prompts longer than this many tokens are dropped (and counted).")
+    on_error: Literal["stop", "skip"] = "stop"
+
+
+class PPOSettings(Strict):
+    prompts_per_step: int = Field(16, gt=0, description="Prompts sampled per PPO step.")
+    samples_per_prompt: int = Field(1, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    epochs: int = Field(4, gt=0, description="PPO epochs over each step's rollouts.")
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty to the reference policy.")
+    clip: float = Field(0.2, gt=0, description="Policy ratio clip ε.")
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (the value head shares the policy's trunk).")
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of a response cut off by max_new_tokens.")
+    generation_batch_size: int = Field(64, gt=0)
+
+
+class PPOConfig(Strict):
+    """`posttrain ppo`: RLHF as in InstructGPT. ``train.max_steps`` counts PPO steps (rollouts, then updates);
+    an optimizer step takes ``micro_batch_size × grad_accum`` sequences of the step's rollouts."""
+
+    model: ModelConfig
+    data: PromptDataConfig
+    reward: str = Field(description="An `rm` run directory (or its final/), or python:module:function taking (prompt, response) -> float.")
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig(lr=3e-6, micro_batch_size=8, schedule="linear", warmup_ratio=0.0)
+    ppo: PPOSettings = PPOSettings()
+    output_dir: str = "runs/ppo"
+    resume: bool | Literal["auto"] = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        problems = []
+        if self.reward.startswith("python:"):
+            if len(self.reward.split(":")) != 3 or not all(self.reward.split(":")[1:]):
+                problems.append(f"reward: expected python:module:function, found {self.reward!r}")
+        elif not Path(self.reward).exists():
+            problems.append(f"reward: no such rm run directory: {self.reward}")
+        rollouts = self.ppo.prompts_per_step * self.ppo.samples_per_prompt
+        batch = self.train.micro_batch_size * self.train.grad_accum
+        if rollouts % batch:
+            problems.append(
+                f"ppo.prompts_per_step × ppo.samples_per_prompt ({rollouts}) must be a multiple of train.micro_batch_size × train.grad_accum ({batch})"
+            )
+        if self.train.neftune_alpha:
+            problems.append("train.neftune_alpha: NEFTune is for SFT; PPO trains without it")
+        if self.train.eval_every:
+            problems.append("train.eval_every: PPO has no eval split; evaluate the final policy with posttrain eval")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class PromptDataConfig(Strict):
+    """Prompts to sample from (GRPO): IFEval's format for verifier rewards, else any format with prompts."""
+
+    path: str = Field(description="Prompts: a file, a dataset directory or a hub id.")
+    format: Literal["ifeval", "prompts", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] | None = Field(
+        None, description="None: detected. prompts: lines of {prompt: text or messages, ...}. Other formats give their prompt (their responses are unused)."
+    )
+    split: str | None = None
+    template: str | None = Field(None, description="Chat template: the tokenizer's own (default), chatml, alpaca, or a .jinja path.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Prompts longer than this many tokens are dropped (and counted).")
+    on_error: Literal["stop", "skip"] = "stop"
+
+
+class GRPOSettings(Strict):
+    group_size: int = Field(8, ge=2, description="G: samples per prompt; advantages are relative within each prompt's group.")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts per step (each sampled G times), over all processes.")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator) against the initial model; 0 keeps no reference at all.")
+    clip: float = Field(0.2, gt=0, lt=1, description="ε of the clipped probability ratio.")
+    updates_per_batch: int = Field(1, ge=1, description="μ: optimizer updates on each step's samples.")
+    reward: str = Field(
+        "verifiers:loose",
+        pattern=r"^(verifiers:(loose|strict)|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="verifiers:loose | verifiers:strict (share of the prompt's IFEval instructions followed), or package.module:function(prompt, completion, record) -> float.",
+    )
+    generation_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+
+
+class GRPOConfig(Strict):
+    model: ModelConfig
+    data: PromptDataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    grpo: GRPOSettings = GRPOSettings()
+    output_dir: str = "runs/grpo"
+    resume: bool | Literal["auto"] = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        problems = []
+        if self.grpo.reward.startswith("verifiers:") and self.data.format not in (None, "ifeval"):
+            problems.append(f"grpo.reward {self.grpo.reward} needs IFEval-format prompts (data.format ifeval), not {self.data.format}")
+        if self.train.grad_accum != 1:
+            problems.append("train.grad_accum: a GRPO step is all of its samples (prompts_per_step × group_size) in micro-batches of train.micro_batch_size; leave grad_accum at 1")
+        if self.train.eval_every:
+            problems.append("train.eval_every: GRPO has no held-out loss; evaluate the final model instead")
+        if self.train.neftune_alpha:
+            problems.append("train.neftune_alpha: NEFTune is for supervised fine-tuning, not GRPO")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.data.chat import ChatRenderer, Rendered, RenderOptions, RenderStats
+from posttrain.data.chat import IGNORE, ChatRenderer, Rendered, RenderOptions, RenderStats
 from posttrain.data.formats import ReadReport, read_records
 from posttrain.models import zoo
 
-TRANSFORM_VERSION = 2
+TRANSFORM_VERSION = 3
 CHUNK = 1024
 
 
@@ -131,9 +131,9 @@ def _init_worker(tokenizer: Any, options: RenderOptions) -> None:
     _worker_renderer = ChatRenderer(tokenizer, options)
 
 
-def _render_chunk(records: list[dict]) -> list[Rendered]:
+def _render_chunk(records: list[dict]) -> list[list[Rendered]]:
     assert _worker_renderer is not None
-    return [_worker_renderer.to_text(r) for r in records]
+    return [_worker_renderer.to_texts(r) for r in records]
 
 
 def tokenize_records(
@@ -143,14 +143,29 @@ def tokenize_records(
     num_proc: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], RenderStats]:
-    """Render (in a pool when worth it) and tokenize (batched); returns kept examples and the stats."""
+    """Render (in a pool when worth it) and tokenize (batched); returns kept examples and the stats.
+
+    A preference record gives two consecutive examples (chosen, rejected), kept or dropped together.
+    """
     stats = RenderStats()
     chunks = [records[k : k + CHUNK] for k in range(0, len(records), CHUNK)]
     num_proc = num_proc if num_proc is not None else min(os.cpu_count() or 1, 8)
     examples: list[dict] = []
 
-    def consume(rendered: list[Rendered], n: int) -> None:
-        examples.extend(ex for ex in renderer.tokenize(rendered, stats) if ex is not None)
+    def consume(groups: list[list[Rendered]], n: int) -> None:
+        flat = renderer.tokenize([r for group in groups for r in group], stats)
+        at = 0
+        for group in groups:
+            made = flat[at : at + len(group)]
+            at += len(group)
+            if all(ex is not None for ex in made):
+                examples.extend(made)
+            else:
+                kept = sum(ex is not None for ex in made)
+                stats.dropped_with_partner += kept
+                stats.kept -= kept
+                stats.tokens -= sum(len(ex["input_ids"]) for ex in made if ex is not None)
+                stats.trained_tokens -= sum(sum(label != IGNORE for label in ex["labels"]) for ex in made if ex is not None)
         if progress:
             progress(n)
 
@@ -161,7 +176,7 @@ def tokenize_records(
                 consume(rendered, len(chunk))
     else:
         for chunk in chunks:
-            consume([renderer.to_text(r) for r in chunk], len(chunk))
+            consume([renderer.to_texts(r) for r in chunk], len(chunk))
     return examples, stats
 
 

@@ -96,10 +96,11 @@ class RenderStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_nothing_trained: int = 0
+    dropped_with_partner: int = 0  # a pair's other half was dropped, so this one goes too
     turn_end_tokens: Counter = field(default_factory=Counter)
 
     def merge(self, other: RenderStats) -> None:
-        for name in ("examples", "kept", "tokens", "trained_tokens", "truncated", "dropped_overlong", "dropped_nothing_trained"):
+        for name in ("examples", "kept", "tokens", "trained_tokens", "truncated", "dropped_overlong", "dropped_nothing_trained", "dropped_with_partner"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.turn_end_tokens.update(other.turn_end_tokens)
 
@@ -112,6 +113,7 @@ class RenderStats:
             "truncated": self.truncated,
             "dropped_overlong": self.dropped_overlong,
             "dropped_nothing_trained": self.dropped_nothing_trained,
+            "dropped_with_partner": self.dropped_with_partner,
             "turn_end_tokens": dict(self.turn_end_tokens),
         }
 
@@ -306,10 +308,14 @@ class ChatRenderer:
     def render_many(self, records: list[Record], stats: RenderStats | None = None) -> list[dict[str, list[int]] | None]:
         return self.tokenize([self.to_text(r) for r in records], stats)
 
+    def to_texts(self, record: Record) -> list[Rendered]:
+        """Every example a record makes: one, or (chosen, rejected) for a preference record."""
+        if kind_of(record) == "preference":
+            tools = record.get("tools")
+            return [self._pair(record["prompt"], record["chosen"], tools), self._pair(record["prompt"], record["rejected"], tools)]
+        return [self.to_text(record)]
+
     def render_preference(self, record: Record, stats: RenderStats | None = None) -> tuple[dict | None, dict | None]:
         """A preference record -> (chosen example, rejected example), each with only its response trained."""
-        tools = record.get("tools")
-        chosen = self._pair(record["prompt"], record["chosen"], tools)
-        rejected = self._pair(record["prompt"], record["rejected"], tools)
-        a, b = self.tokenize([chosen, rejected], stats)
+        a, b = self.tokenize(self.to_texts(record), stats)
         return a, b

@@ -102,6 +102,34 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+# -- data order ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """How the data becomes steps: units (rows of examples, or pairs), units per step, steps."""
+
+    rows: list[list[int]]
+    rows_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def step_rows(self, step: int, seed: int) -> list[list[int]]:
+        """The rows of optimizer step ``step`` (0-based): epoch-wise shuffles of ``rows``, fixed by ``seed``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        picked = order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
+        return [self.rows[i] for i in picked]
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = int(round(n * fraction))
+    return sorted(order[k:]), sorted(order[:k])
+
+
 # -- optimizer and schedule ---------------------------------------------------------------------
 
 

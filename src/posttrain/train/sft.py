@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from contextlib import nullcontext
@@ -47,24 +46,6 @@ class NLLSum(torch.nn.Module):
         return token_nll_sum(hidden, target_ids, self.model.get_output_embeddings())
 
 
-@dataclass
-class Plan:
-    """How the examples become steps: rows (lists of example indices), rows per step, steps."""
-
-    rows: list[list[int]]
-    rows_per_step: int
-    steps_per_epoch: int
-    total_steps: int
-
-    def step_rows(self, step: int, seed: int) -> list[list[int]]:
-        """The rows of optimizer step ``step`` (0-based): epoch-wise shuffles of ``rows``, fixed by ``seed``."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        picked = order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
-        return [self.rows[i] for i in picked]
-
-
 def make_rows(data: TokenizedData, indices: list[int], packing: bool, max_tokens: int) -> list[list[int]]:
     if not packing:
         return [[i] for i in indices]
@@ -83,13 +64,6 @@ def collate(data: TokenizedData, rows: list[list[int]], packing: bool, pad_id: i
 
     flat = [row[0] for row in rows]
     return collate_padded([data[i] for i in flat], pad_id, indices=flat)
-
-
-def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    k = int(round(n * fraction))
-    return sorted(order[k:]), sorted(order[:k])
 
 
 @dataclass
@@ -120,7 +94,7 @@ def train(config: SFTConfig) -> RunResult:
         train_idx, eval_data = list(range(len(data))), prepare(cfg.data.eval_path, tokenizer, options, **prep)
         eval_idx = list(range(len(eval_data)))
     else:
-        train_idx, eval_idx = split_eval(len(data), cfg.data.eval_fraction, cfg.train.seed)
+        train_idx, eval_idx = loop.split_eval(len(data), cfg.data.eval_fraction, cfg.train.seed)
         eval_data = data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = make_rows(data, train_idx, cfg.data.packing, cfg.data.max_length)
@@ -132,7 +106,7 @@ def train(config: SFTConfig) -> RunResult:
         )
     steps_per_epoch = len(rows) // rows_per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    plan = Plan(rows, rows_per_step, steps_per_epoch, total)
+    plan = loop.Plan(rows, rows_per_step, steps_per_epoch, total)
     eval_rows = make_rows(eval_data, eval_idx, cfg.data.packing, cfg.data.max_length) if eval_idx else []
 
     # -- model, optimizer, schedule -------------------------------------------------------------

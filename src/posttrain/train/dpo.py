@@ -1,0 +1,311 @@
+"""Direct preference optimisation and its variants, one loop read top to bottom.
+
+Each step: pairs → chosen and rejected rows in ONE forward pass → summed (or per-token averaged)
+response log-probs → the variant's loss from :mod:`posttrain.train.losses` → backward → step → log.
+
+The reference model costs no memory while training: by default its log-probs are computed once
+before the first step, with the initial weights, and cached under a content hash of (tokenized
+pairs, model weights, precision); with LoRA/DoRA it can instead be the same model with the adapter
+disabled; a frozen copy is the last resort. Reference-free variants (SimPO, ORPO) never compute one.
+Plumbing (checkpoints, exact resume, metrics, DDP) is :mod:`posttrain.train.loop`'s, as for SFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.config import DPOConfig, dump_config
+from posttrain.data.cache import TokenizedData, prepare
+from posttrain.data.chat import RenderOptions
+from posttrain.data.packing import collate_padded
+from posttrain.models import zoo
+from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.train import loop
+from posttrain.train.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
+
+REFERENCE_VERSION = 1
+
+
+class SequenceLogps(torch.nn.Module):
+    """(summed log-prob, scored-token count) of each row's response; the module DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, target_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
+        return sequence_logps(hidden, target_ids, self.model.get_output_embeddings())
+
+
+def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int):
+    """Rows ``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1)."""
+    chosen = [data[2 * i] for i in pairs]
+    rejected = [data[2 * i + 1] for i in pairs]
+    return collate_padded(chosen + rejected, pad_id)
+
+
+def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch.Tensor, torch.Tensor] | None):
+    """The configured variant on one micro-batch: (per-pair loss, chosen rewards, rejected rewards)."""
+    kind = PreferenceLoss(cfg.dpo.loss_type)
+    beta = cfg.dpo.resolved_beta
+    avg_c, avg_r = pc / counts_c.clamp(min=1), pr / counts_r.clamp(min=1)
+    if kind in (PreferenceLoss.SIGMOID, PreferenceLoss.ROBUST):
+        return dpo_loss(pc, pr, ref[0], ref[1], beta=beta, label_smoothing=cfg.dpo.label_smoothing)
+    if kind is PreferenceLoss.HINGE:
+        return hinge_loss(pc, pr, ref[0], ref[1], beta=beta)
+    if kind is PreferenceLoss.IPO:
+        return ipo_loss(avg_c, avg_r, ref[0] / counts_c.clamp(min=1), ref[1] / counts_r.clamp(min=1), beta=beta)
+    if kind is PreferenceLoss.SIMPO:
+        return simpo_loss(avg_c, avg_r, beta=beta, gamma=cfg.dpo.simpo_gamma)
+    if kind is PreferenceLoss.ORPO:
+        return orpo_loss(avg_c, avg_r, -avg_c, lam=cfg.dpo.orpo_lambda)
+    raise ValueError(f"loss_type {kind.value} is not supported by posttrain dpo")
+
+
+def preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """How many pairs the policy prefers the right way; a tie (as at step 0, policy = reference) counts half."""
+    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).sum().item()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def reference_logps(
+    module: torch.nn.Module, data: TokenizedData, pad_id: int, cfg: DPOConfig, d: loop.Dist, cache_root: Path | None = None
+) -> tuple[np.ndarray, bool]:
+    """[pairs, 2] summed reference log-probs (chosen, rejected) of the initial model; (array, from_cache).
+
+    Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
+    and starting model reads them instead of running the reference forward passes again.
+    """
+    key = hashlib.sha256(json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, REFERENCE_VERSION]).encode()).hexdigest()[:24]
+    root = cache_root or zoo.cache_dir() / "reference"
+    path = root / key / "logps.npy"
+    # Rank 0 decides and everyone follows: a process must not skip the barrier below on its own.
+    if loop.all_reduce_sum(float(path.exists()) if d.main else 0.0, d) > 0:
+        return np.load(path), True
+    n = len(data) // 2
+    out = np.zeros((n, 2), dtype=np.float64)
+    if d.main:
+        with torch.no_grad():
+            for k in range(0, n, cfg.train.micro_batch_size):
+                pairs = list(range(k, min(n, k + cfg.train.micro_batch_size)))
+                batch = pair_batch(data, pairs, pad_id).to(d.device)
+                with loop.autocast(d.device, cfg.train.bf16):
+                    sums, _ = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                out[k : k + len(pairs), 0] = sums[: len(pairs)].double().cpu().numpy()
+                out[k : k + len(pairs), 1] = sums[len(pairs) :].double().cpu().numpy()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        np.save(tmp / "logps.npy", out)
+        try:
+            tmp.rename(path.parent)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    loop.barrier(d)
+    return np.load(path), False
+
+
+@dataclass
+class DPOResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    losses: list[float]
+    accuracies: list[float]
+    reference_from_cache: bool | None
+
+
+def train(config: DPOConfig) -> DPOResult:
+    cfg = config
+    d = loop.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.output_dir)
+    loop.seed_everything(cfg.train.seed)
+    kind = PreferenceLoss(cfg.dpo.loss_type)
+
+    # -- data: two examples per pair (chosen, rejected), each with only its response scored ----------
+    tokenizer = load_tokenizer(cfg.model.name)
+    options = RenderOptions(train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
+    prep = dict(format=cfg.data.format or "preference", on_error=cfg.data.on_error, split=cfg.data.split, num_proc=None if d.world == 1 else 1)
+    if d.main:
+        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    loop.barrier(d)
+    if not d.main:
+        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    n_pairs = len(data) // 2
+    if cfg.data.eval_path:
+        eval_data = prepare(cfg.data.eval_path, tokenizer, options, **prep)
+        train_pairs, eval_pairs = list(range(n_pairs)), list(range(len(eval_data) // 2))
+    else:
+        train_pairs, eval_pairs = loop.split_eval(n_pairs, cfg.data.eval_fraction, cfg.train.seed)
+        eval_data = data
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world
+    if len(train_pairs) < per_step:
+        raise loop.TrainingError(f"{len(train_pairs)} training pairs, but one step needs {per_step} (micro_batch_size × grad_accum × processes)")
+    steps_per_epoch = len(train_pairs) // per_step
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    plan = loop.Plan([[i] for i in train_pairs], per_step, steps_per_epoch, total)
+
+    # -- model, reference, optimizer ------------------------------------------------------------------
+    model = apply_adapter(load_model(cfg.model, d.device), cfg.adapter)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter.kind != "full":
+            model.enable_input_require_grads()
+    logps_module = SequenceLogps(model)
+    needs_reference = kind.needs_reference
+    ref_table = ref_eval_table = None
+    ref_model: torch.nn.Module | None = None
+    ref_cached = None
+    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume is True and checkpoint is None:
+        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    if needs_reference and cfg.dpo.reference == "precompute":
+        # Before any update (and before loading a checkpoint): the reference is the initial model.
+        model.eval()
+        ref_table, ref_cached = reference_logps(logps_module, data, pad_id, cfg, d)
+        if eval_pairs and eval_data is not data:
+            ref_eval_table, _ = reference_logps(logps_module, eval_data, pad_id, cfg, d)
+        else:
+            ref_eval_table = ref_table
+    elif needs_reference and cfg.dpo.reference == "model":
+        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False))
+    model.train()
+
+    step_module: torch.nn.Module = logps_module
+    if d.world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total))
+    start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"] if checkpoint is not None else 0
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+
+    def reference(pairs: list[int], batch, table) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not needs_reference:
+            return None
+        if table is not None:
+            rows = torch.as_tensor(table[pairs], dtype=torch.float32, device=d.device)
+            return rows[:, 0], rows[:, 1]
+        with torch.no_grad(), loop.autocast(d.device, cfg.train.bf16):
+            if ref_model is not None:
+                sums, _ = ref_model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+            else:
+                with model.disable_adapter():
+                    sums, _ = logps_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+        m = len(pairs)
+        return sums[:m].float(), sums[m:].float()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    losses: list[float] = []
+    accuracies: list[float] = []
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        step_pairs = [u[0] for u in plan.step_rows(step, cfg.train.seed)]
+        mine = step_pairs[d.rank * len(step_pairs) // d.world : (d.rank + 1) * len(step_pairs) // d.world]
+        sums = {k: 0.0 for k in ("loss", "acc", "rc", "rr", "logps_c", "logps_r")}
+        for k in range(0, len(mine), cfg.train.micro_batch_size):
+            pairs = mine[k : k + cfg.train.micro_batch_size]
+            m = len(pairs)
+            batch = pair_batch(data, pairs, pad_id).to(d.device)
+            ref = reference(pairs, batch, ref_table)
+            last = k + cfg.train.micro_batch_size >= len(mine)
+            with (step_module.no_sync() if d.world > 1 and not last else nullcontext()), loop.autocast(d.device, cfg.train.bf16):
+                logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m:], counts[:m], counts[m:], ref)
+                # The step's loss is the mean over all its pairs (× world: DDP averages over processes).
+                (per_pair.sum() * (d.world / len(step_pairs))).backward()
+            sums["loss"] += per_pair.sum().item()
+            sums["acc"] += preferred(chosen_r, rejected_r)
+            sums["rc"] += chosen_r.sum().item()
+            sums["rr"] += rejected_r.sum().item()
+            sums["logps_c"] += logps[:m].detach().sum().item()
+            sums["logps_r"] += logps[m:].detach().sum().item()
+        totals = {k: loop.all_reduce_sum(v, d) / len(step_pairs) for k, v in sums.items()}
+        if not math.isfinite(totals["loss"]):
+            raise loop.TrainingError(f"loss became {totals['loss']} at step {step + 1}; stopping. Lower train.lr or dpo.beta, or turn off bf16.")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            raise loop.TrainingError(f"the gradient norm became {grad_norm} at step {step + 1}; stopping before the optimizer step")
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": totals["loss"],
+            "lr": lr,
+            "accuracy": totals["acc"],
+            "rewards_chosen": totals["rc"],
+            "rewards_rejected": totals["rr"],
+            "margin": totals["rc"] - totals["rr"],
+            "logps_chosen": totals["logps_c"],
+            "logps_rejected": totals["logps_r"],
+            "grad_norm": grad_norm,
+            "pairs_per_s": len(step_pairs) / (time.perf_counter() - t0),
+        }
+        if cfg.train.eval_every and eval_pairs and (done % cfg.train.eval_every == 0 or done == total):
+            record.update(evaluate(step_module, eval_data, eval_pairs, cfg, d, pad_id, reference, ref_eval_table))
+        losses.append(record["loss"])
+        accuracies.append(record["accuracy"])
+        if done % cfg.train.log_every == 0 or done == total or "eval_accuracy" in record:
+            metrics.log(record)
+        if d.main and (done % max(1, total // 20) == 0 or done == total or step == start):
+            print(f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}", flush=True)
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
+            loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d)
+    metrics.close()
+    final = run_dir / "final"
+    if d.main:
+        save_final(model, tokenizer, final)
+        loop.plot_losses(run_dir, f"DPO ({kind.value}) of {cfg.model.name}")
+        (run_dir / "data_stats.json").write_text(json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs}, indent=1))
+    loop.barrier(d)
+    return DPOResult(run_dir, final, total, losses, accuracies, ref_cached)
+
+
+def evaluate(step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig, d: loop.Dist, pad_id: int, reference, table) -> dict[str, float]:
+    """Held-out preference loss and accuracy (each process takes a share)."""
+    step_module.eval()
+    loss = acc = 0.0
+    mine = pairs[d.rank :: d.world]
+    with torch.no_grad():
+        for k in range(0, len(mine), cfg.train.micro_batch_size):
+            chunk = mine[k : k + cfg.train.micro_batch_size]
+            m = len(chunk)
+            batch = pair_batch(data, chunk, pad_id).to(d.device)
+            ref = reference(chunk, batch, table)
+            with loop.autocast(d.device, cfg.train.bf16):
+                logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m:], counts[:m], counts[m:], ref)
+            loss += per_pair.sum().item()
+            acc += preferred(cr, rr)
+    step_module.train()
+    n = max(loop.all_reduce_sum(len(mine), d), 1)
+    return {"eval_loss": loop.all_reduce_sum(loss, d) / n, "eval_accuracy": loop.all_reduce_sum(acc, d) / n}

@@ -1,0 +1,133 @@
+"""DPO on tiny models: preferences are learned, the reference costs no second model, and is cached."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from sft_fixtures import COLORS, torch_threads
+
+from posttrain.config import load_config
+from posttrain.train import dpo, loop
+
+WRONG = {obj: sorted(set(COLORS.values()) - {color})[i % 3] for i, (obj, color) in enumerate(sorted(COLORS.items()))}
+
+
+def write_pairs(path: Path, n: int = 96, seed: int = 0) -> Path:
+    """'What color is the X?' → chosen 'The X is <right>.', rejected 'The X is <wrong>.' (learnable)."""
+    rng = random.Random(seed)
+    objects = sorted(COLORS)
+    with path.open("w") as f:
+        for _ in range(n):
+            obj = rng.choice(objects)
+            polite = rng.choice(["", "Please tell me: ", "Quick question. "])
+            record = {
+                "prompt": [{"role": "user", "content": f"{polite}What color is the {obj}?"}],
+                "chosen": [{"role": "assistant", "content": f"The {obj} is {COLORS[obj]}."}],
+                "rejected": [{"role": "assistant", "content": f"The {obj} is {WRONG[obj]}."}],
+            }
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def dpo_config(tmp_path: Path, **sections) -> dict:
+    cfg = {
+        "model": {"name": "tiny-llama"},
+        "data": {"path": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 128, "eval_fraction": 0.25},
+        "train": {"lr": 2e-3, "max_steps": 50, "micro_batch_size": 8, "warmup_steps": 2, "eval_every": 10, "seed": 0, "device": "cpu", "schedule": "constant"},
+        "dpo": {"beta": 0.1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def eval_accuracies(run: Path) -> list[float]:
+    return [r["eval_accuracy"] for r in loop.read_metrics(run) if "eval_accuracy" in r]
+
+
+def test_dpo_learns_held_out_preferences(tmp_path):
+    cfg = load_config(dpo_config(tmp_path, train={"eval_every": 5}), cls=dpo.DPOConfig)
+    with torch_threads(1):
+        result = dpo.train(cfg)
+    accs = eval_accuracies(result.run_dir)
+    # Step 1: policy = reference, so every margin is 0 up to float rounding (batch shapes differ between
+    # the precomputed reference and the step), and accuracy is a coin toss.
+    first = loop.read_metrics(result.run_dir)[0]
+    assert abs(first["margin"]) < 1e-4 and 0.25 <= first["accuracy"] <= 0.75, first
+    assert accs[-1] >= 0.9, accs
+    assert result.losses[-1] < result.losses[0] < 0.7  # starts at log 2 = 0.693
+    rows = loop.read_metrics(result.run_dir)
+    assert {"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "robust", "simpo", "orpo"])
+def test_every_variant_trains(tmp_path, loss_type):
+    extra = {"label_smoothing": 0.1} if loss_type == "robust" else {}
+    beta = {"simpo": 2.5, "ipo": 0.5}.get(loss_type, 0.1)
+    cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": loss_type, "beta": beta, **extra}, train={"max_steps": 25}), cls=dpo.DPOConfig)
+    with torch_threads(1):
+        result = dpo.train(cfg)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-5:]) < sum(result.losses[:5]), result.losses
+    assert eval_accuracies(result.run_dir)[-1] >= 0.75
+
+
+def test_reference_free_variants_compute_no_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr(dpo, "reference_logps", lambda *a, **k: pytest.fail("SimPO must not compute reference log-probs"))
+    cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": "simpo", "beta": 2.5}, train={"max_steps": 2, "eval_every": None}, data={"eval_fraction": 0.0}), cls=dpo.DPOConfig)
+    with torch_threads(1):
+        assert dpo.train(cfg).reference_from_cache is None
+
+
+def test_lora_reference_is_the_disabled_adapter_with_one_model_in_memory(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM  # tiny-llama's class: one instance = one model's weights
+
+    alive: list[int] = []
+    real_log = loop.Metrics.log
+
+    def counting_log(self, record):
+        gc.collect()
+        alive.append(sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()))
+        real_log(self, record)
+
+    monkeypatch.setattr(loop.Metrics, "log", counting_log)
+    cfg = load_config(
+        dpo_config(tmp_path, adapter={"kind": "lora", "r": 8}, dpo={"reference": "adapter"}, train={"lr": 2e-2, "max_steps": 30}),
+        cls=dpo.DPOConfig,
+    )
+    with torch_threads(1):
+        result = dpo.train(cfg)
+    assert alive and max(alive) == 1, alive
+    assert eval_accuracies(result.run_dir)[-1] >= 0.9
+
+
+def test_precomputed_reference_equals_on_the_fly_and_is_cached(tmp_path):
+    # Data no other test uses, so the first run cannot find a cache entry made by another test.
+    base = dpo_config(tmp_path, train={"max_steps": 3, "eval_every": None}, data={"eval_fraction": 0.0, "path": str(write_pairs(tmp_path / "own.jsonl", seed=7))})
+    with torch_threads(1):
+        first = dpo.train(load_config({**base, "output_dir": str(tmp_path / "a")}, cls=dpo.DPOConfig))
+        second = dpo.train(load_config({**base, "output_dir": str(tmp_path / "b")}, cls=dpo.DPOConfig))
+        frozen = dpo.train(load_config({**base, "output_dir": str(tmp_path / "c"), "dpo": {"reference": "model"}}, cls=dpo.DPOConfig))
+    assert first.reference_from_cache is False and second.reference_from_cache is True
+    assert frozen.reference_from_cache is None
+    # Same data order, same start: losses with precomputed and on-the-fly reference log-probs agree.
+    assert max(abs(a - b) for a, b in zip(first.losses, frozen.losses)) <= 1e-5
+    assert first.losses == second.losses
+
+
+def test_bad_dpo_configs_are_refused_together(tmp_path):
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(dpo_config(tmp_path, dpo={"loss_type": "robust", "reference": "adapter", "beta": -1}), cls=dpo.DPOConfig)
+    text = str(err.value)
+    assert "dpo.beta" in text
+    with pytest.raises(ConfigError) as err:
+        load_config(dpo_config(tmp_path, dpo={"loss_type": "robust", "reference": "adapter"}), cls=dpo.DPOConfig)
+    assert "label_smoothing" in str(err.value) and "adapter.kind" in str(err.value)
