@@ -115,6 +115,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(subcommand: str, config_file: Path, *args: str) -> None:
+    """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each."""
+    import subprocess
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "posttrain.cli", subcommand, "--config", str(config_file), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
 @contextmanager
 def torch_threads(n: int = 1) -> Iterator[None]:
     """Run in-process training on ``n`` threads (as the subprocesses do with OMP_NUM_THREADS=1), then restore.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,20 +12,13 @@ from posttrain.config import load_config
 from posttrain.models.load import resolve
 from posttrain.train import loop
 from posttrain.train.sft import train
-from sft_fixtures import free_port, read_metrics, sft_config, subprocess_env, torch_threads, write_color_data, write_yaml
+from sft_fixtures import read_metrics, sft_config, torch_threads, torchrun, write_color_data, write_yaml
 
 STEPS = 8
 
 
 def torchrun_sft(config_file: Path, *args: str) -> None:
-    """``torchrun --nproc_per_node 2 -m posttrain.cli sft --config FILE ARGS`` on CPU (gloo), one thread each."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "posttrain.cli", "sft", "--config", str(config_file), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun("sft", config_file, *args)
 
 
 def resume_from_step_4(run: Path, config_file: Path, tmp_path: Path) -> list[dict]:
