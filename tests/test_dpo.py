@@ -105,6 +105,13 @@ def test_lora_reference_is_the_disabled_adapter_with_one_model_in_memory(tmp_pat
         result = dpo.train(cfg)
     assert alive and max(alive) == 1, alive
     assert eval_accuracies(result.run_dir)[-1] >= 0.9
+    # A DPO run exports like an SFT run: the adapter merged into a plain transformers model.
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.train.sft import export
+
+    merged = AutoModelForCausalLM.from_pretrained(export(result.run_dir, tmp_path / "merged"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
 def test_precomputed_reference_equals_on_the_fly_and_is_cached(tmp_path):

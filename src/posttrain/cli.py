@@ -370,7 +370,7 @@ SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Check
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")]
 
 
-def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, train_fn, what: str):
+def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, train_fn, what: str, summary=None):
     """Shared by the training commands: flags become overrides, the config is validated, the loop runs."""
     from posttrain.config import ConfigError, load_config
     from posttrain.train.loop import TrainingError
@@ -393,10 +393,12 @@ def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, 
             result = train_fn(cfg)
         except TrainingError as e:
             fail(str(e))
-    if result.losses:
-        out.print(f"{what}: trained {len(result.losses)} steps (loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
-    else:
+    if not result.losses:
         out.print(f"nothing to train: the run in {escape(str(result.run_dir))} had already finished ({result.steps} steps)")
+    elif summary is not None:
+        out.print(f"{what}: trained {len(result.losses)} steps ({summary(result)}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
+    else:
+        out.print(f"{what}: trained {len(result.losses)} steps (loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}); run in {escape(str(result.run_dir))}, model in {escape(str(result.final_dir))}")
 
 
 @app.command()
@@ -419,6 +421,60 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt 
     from posttrain.train.dpo import train
 
     _run_training(config, set_, output_dir, max_steps, save_every, resume, DPOConfig, train, "dpo")
+
+
+@app.command()
+def grpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
+    """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, clipped updates with a KL to the initial model.
+
+    Rewards: the IFEval verifiers on IFEval-format prompts (grpo.reward verifiers:loose | verifiers:strict), or a Python
+    function (grpo.reward package.module:function, called as function(prompt, completion, record) -> float). Runs under torchrun.
+    """
+    from posttrain.config import GRPOConfig
+    from posttrain.train.grpo import train
+
+    _run_training(config, set_, output_dir, max_steps, save_every, resume, GRPOConfig, train, "grpo", lambda r: f"mean reward {r.rewards[0]:.3f} → {r.rewards[-1]:.3f}")
+
+
+class LabelBy(str, Enum):
+    verifiers = "verifiers"
+    reward_model = "reward-model"
+
+
+@app.command()
+def label(
+    model: Annotated[str, typer.Option("--model", "-m", help="The model to sample from: a zoo or fetched name, a model directory or a hub id.")],
+    data: Annotated[str, typer.Option("--data", help="Prompts: IFEval's format for --by verifiers; any format with prompts for --by reward-model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl: one preference record per labelled prompt.")],
+    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.", min=2)] = 8,
+    by: Annotated[LabelBy, typer.Option("--by", help="verifiers: chosen follows ≥ half the instructions (the most), rejected none (AutoIF). reward-model: best vs worst score.")] = LabelBy.verifiers,
+    reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="A `posttrain rm` run directory (or its final/), for --by reward-model.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (AutoIF's online DPO: 0.8).", min=0.0)] = 0.8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per response.", min=1)] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="Force the prompts' format (ifeval, prompts, messages, prompt_completion, preference, ...).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", min=1)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.", min=1)] = 32,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 for generation.")] = True,
+    template: TemplateOpt = None,
+) -> None:
+    """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
+    from posttrain.synth.label import label_file
+
+    if by is LabelBy.reward_model and reward_model is None:
+        fail("--by reward-model needs --reward-model RUN (a `posttrain rm` run directory)")
+    with user_errors():
+        summary = label_file(
+            model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=bf16, template=template,
+        )  # fmt: skip
+    skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()) or "none"
+    out.print(
+        f"wrote {summary.pairs} preference pairs to {escape(str(output))} from {summary.prompts} prompts × {k} samples "
+        f"(labelled by {summary.by}); skipped {summary.prompts - summary.pairs}: {escape(skipped)}"
+    )
+    if summary.empty_samples:
+        err.print(f"[yellow]{summary.empty_samples} of {summary.samples} samples were empty[/] (never paired)")
 
 
 @app.command()

@@ -231,17 +231,12 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-class PromptDataConfig(Strict):
-    """Prompts to sample from (GRPO): IFEval's format for verifier rewards, else any format with prompts."""
+class GRPODataConfig(PromptDataConfig):
+    """PPO's prompt data, plus the ``prompts`` format (lines of ``{prompt: text or messages, ...}``) for reward functions."""
 
-    path: str = Field(description="Prompts: a file, a dataset directory or a hub id.")
     format: Literal["ifeval", "prompts", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] | None = Field(
         None, description="None: detected. prompts: lines of {prompt: text or messages, ...}. Other formats give their prompt (their responses are unused)."
     )
-    split: str | None = None
-    template: str | None = Field(None, description="Chat template: the tokenizer's own (default), chatml, alpaca, or a .jinja path.")
-    max_prompt_length: int | None = Field(None, ge=1, description="Prompts longer than this many tokens are dropped (and counted).")
-    on_error: Literal["stop", "skip"] = "stop"
 
 
 class GRPOSettings(Strict):
@@ -263,7 +258,7 @@ class GRPOSettings(Strict):
 
 class GRPOConfig(Strict):
     model: ModelConfig
-    data: PromptDataConfig
+    data: GRPODataConfig
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
     grpo: GRPOSettings = GRPOSettings()

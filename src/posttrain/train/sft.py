@@ -235,19 +235,25 @@ def _progress(enabled: bool, total: int, start: int, checkpoint: Path | None):
 
 
 def export(run_dir: str | Path, output: str | Path, *, merge: bool = True) -> Path:
-    """Write ``output``: a Hugging Face model directory (the adapter merged into the base when ``merge``)."""
-    from posttrain.config import load_config
+    """Write ``output``: a Hugging Face model directory (the adapter merged into the base when ``merge``).
+
+    Works for any training run (sft, dpo, grpo, ...): only its ``model`` and ``adapter`` sections matter.
+    """
+    import yaml
+
+    from posttrain.config import AdapterConfig, ModelConfig
     from posttrain.models.adapters import merge_adapter
 
     run_dir, output = Path(run_dir), Path(output)
     final = run_dir / "final"
     if not final.is_dir():
         raise FileNotFoundError(f"{run_dir}: no final/ directory (has the run finished?)")
-    cfg = load_config(run_dir / "config.yaml")
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model_cfg, adapter_cfg = ModelConfig(**raw["model"]), AdapterConfig(**raw.get("adapter", {}))
     if output.exists():
         shutil.rmtree(output)
-    if cfg.adapter.kind == "full" or not merge:
+    if adapter_cfg.kind == "full" or not merge:
         shutil.copytree(final, output)
     else:
-        merge_adapter(cfg.model, final, output)
+        merge_adapter(model_cfg, final, output)
     return output

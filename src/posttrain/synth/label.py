@@ -1,0 +1,380 @@
+"""Preference pairs from a model's own samples: K responses per prompt, labelled, best against worst.
+
+``posttrain label`` is AutoIF's online DPO labelling (Dong et al., 2024, arXiv 2406.13542, §2.3): sample
+K responses per prompt at temperature 0.8 from the model being tuned, check each with the prompt's
+verifiers, and pair a response that follows at least half of the instructions (the one that follows
+most) with one that follows none. Two departures from the paper, both on the safe side:
+
+* a response's *pass rate* is the share of the prompt's instructions it follows. The chosen response
+  is ranked by IFEval's strict verdicts and the rejected one must fail every instruction even under
+  IFEval's loose scoring (markdown stripped, first/last line dropped), so no pair hinges on how
+  leniently a response is read;
+* an empty response never enters a pair (it is not a response a DPO loop can train on).
+
+With a reward model instead of verifiers, the highest-scored response is chosen and the lowest-scored
+rejected; prompts whose responses all score the same are skipped. Skipped prompts are counted by
+reason in :class:`LabelSummary`: every prompt is either a pair or a counted skip.
+
+Output: one canonical preference record per line, ``{"prompt": [messages], "chosen": [assistant
+message], "rejected": [assistant message], "meta": {...}}``. ``meta`` holds every sample's pass rates
+(or scores) and which two were paired; :func:`posttrain.data.formats.read_records` ignores it.
+
+This module also reads prompt sets for sampling (:func:`read_prompts`, :class:`Prompt`), which GRPO
+shares: any canonical format gives its prompt (responses unused), IFEval's format also its verifiers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.data.formats import DataError, ReadReport, detect_format, iter_records
+from posttrain.data.sources import Problem, RawItem, describe, read_raw
+from posttrain.records import ROLES, Location, Record, write_jsonl
+from posttrain.verify.scoring import PromptRecord, score_response
+
+#: ``scorer(prompts, responses) -> scores``: one float per (prompt, response) pair, higher is better.
+#: A prompt is text or chat messages, as in a preference record. :func:`load_scorer` makes one of a
+#: ``posttrain rm`` reward model; any callable of this shape will do.
+Scorer = Callable[[list[Any], list[str]], Sequence[float]]
+
+DEFAULT_TEMPERATURE = 0.8  # AutoIF's online DPO sampling temperature
+CHOSEN_MIN_PASS_RATE = 0.5  # AutoIF: chosen pass rate >= 0.5, rejected pass rate = 0
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to sample from.
+
+    ``prompt``: as it goes into a preference record and to the chat template: chat messages, or raw
+    text for text prompts of prompt/completion and preference data (which SFT and DPO train as raw
+    text, without the template). A bare request (IFEval's ``prompt``, the ``prompts`` format) is one
+    user message. ``text``: the request as text (the last user message), what reward functions get.
+    ``record``: the record it came from. ``verifiable``: IFEval's instructions, for IFEval-format prompts.
+    """
+
+    prompt: str | list[dict[str, Any]]
+    text: str
+    record: Record
+    tools: list[Any] | None = None
+    verifiable: PromptRecord | None = None
+
+    def engine_input(self) -> Record:
+        """What the generation engine renders: a prompt-only record, so tools and raw text are kept."""
+        out: Record = {"prompt": self.prompt, "completion": ""}
+        if self.tools:
+            out["tools"] = self.tools
+        return out
+
+    def response_record(self, response: str) -> str | list[dict[str, Any]]:
+        """A response as the chosen or rejected side of a preference record for this prompt."""
+        return response if isinstance(self.prompt, str) else [{"role": "assistant", "content": response}]
+
+
+def prompt_of(record: Record) -> Prompt:
+    """The prompt of a canonical record (a conversation's prompt is everything before its last assistant turn)."""
+    tools = record.get("tools")
+    if "instruction_id_list" in record:
+        verifiable = PromptRecord.model_validate(record)
+        return Prompt([{"role": "user", "content": record["prompt"]}], record["prompt"], record, None, verifiable)
+    prompt: str | list[dict[str, Any]]
+    if "messages" in record:
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        prompt = messages[:last]
+    else:
+        prompt = record["prompt"]
+    if isinstance(prompt, str) and "completion" not in record and "chosen" not in record:
+        prompt = [{"role": "user", "content": prompt}]  # a bare request (the prompts format) is a user turn
+    text = prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return Prompt(prompt, text or "", record, tools)
+
+
+def read_prompts(
+    source: str | Path, *, format: str | None = None, split: str | None = None, on_error: str = "stop", report: ReadReport | None = None
+) -> list[Prompt]:
+    """Prompts from ``source`` in any canonical format, or the ``prompts`` format (``{"prompt": text | messages}``).
+
+    ``format`` None detects it from the first record (a record with only a ``prompt`` is the prompts
+    format). IFEval-format prompts also have their instruction ids and kwargs checked, every bad record
+    listed at once. ``report`` collects counts and, with ``on_error="skip"``, the rejected records.
+    """
+    report = report if report is not None else ReadReport(str(source))
+    if format is None:
+        first = next(iter(read_raw(source, split=split)), None)
+        value = first.value if first is not None else None
+        if isinstance(value, dict) and detect_format(value) is None and "prompt" in value:
+            format = "prompts"
+    if format == "prompts":
+        records = _read_prompt_lines(source, split, on_error, report)
+    else:
+        records = list(iter_records(source, format=format, on_error=on_error, split=split, report=report))
+    prompts, problems = [], []
+    for row, record in enumerate(records):
+        where = Location(str(source), row=row)  # records are already canonical: their place is their index
+        found = []
+        try:
+            prompt = prompt_of(record)
+            if prompt.verifiable is not None:
+                prompt.verifiable.verifiers()  # unknown instruction ids and bad kwargs surface here
+        except (ValueError, KeyError) as err:
+            found = [Problem(where, "instruction_id_list", "known instruction ids with valid kwargs", str(err))]
+        else:
+            if isinstance(prompt.prompt, str) and not prompt.prompt.strip():
+                found = [Problem(where, "prompt", "a non-empty prompt", describe(prompt.prompt))]
+        if found:
+            problems += found
+            report.rejected.append((RawItem(where, value=record), found))
+            report.kept -= 1
+            continue
+        prompts.append(prompt)
+    if problems and on_error == "stop":
+        raise DataError(problems, len(problems), str(source))
+    return prompts
+
+
+def _read_prompt_lines(source: str | Path, split: str | None, on_error: str, report: ReadReport) -> list[Record]:
+    """The prompts format: objects with a ``prompt`` (non-empty text, or messages ending in a user or tool turn).
+
+    Other keys are kept in the record (a reward function gets the whole record).
+    """
+    report.format = "prompts"
+    good, problems = [], []
+    for item in read_raw(source, split=split):
+        report.read += 1
+        found = [item.problem] if item.problem is not None else _prompt_problems(item.value, item.location)
+        if found:
+            report.rejected.append((item, found))
+            problems += found
+            continue
+        report.kept += 1
+        good.append(item.value)
+    if problems and on_error == "stop":
+        raise DataError(problems, len(problems), str(source))
+    return good
+
+
+def _prompt_problems(value: Any, location: Location) -> list[Problem]:
+    if not isinstance(value, dict):
+        return [Problem(location, None, "a JSON object with a 'prompt'", describe(value))]
+    prompt = value.get("prompt")
+    if isinstance(prompt, str):
+        return [] if prompt.strip() else [Problem(location, "prompt", "non-empty text", describe(prompt))]
+    if not isinstance(prompt, list) or not prompt:
+        return [Problem(location, "prompt", "text or a non-empty list of messages", describe(prompt))]
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return [Problem(location, f"prompt[{i}]", f"a message with a role ({', '.join(ROLES)}) and text content", describe(m))]
+    if prompt[-1]["role"] not in ("user", "tool"):
+        return [Problem(location, f"prompt[{len(prompt) - 1}].role", "user or tool (the model answers next)", describe(prompt[-1]["role"]))]
+    return []
+
+
+# -- labelling ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSummary:
+    """What labelling did. ``pairs + sum(skipped.values()) == prompts``.
+
+    Skip reasons: ``no_chosen`` (no response follows at least half of the instructions), ``no_rejected``
+    (a chosen one, but none fails every instruction), ``tied`` (reward model: every response scored the
+    same), ``too_few`` (fewer than two non-empty responses).
+    """
+
+    prompts: int = 0
+    samples: int = 0
+    empty_samples: int = 0
+    pairs: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    by: str = "verifiers"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pass_rates(record: PromptRecord, response: str) -> tuple[float, float]:
+    """(strict, loose) share of ``record``'s instructions that ``response`` follows."""
+    score = score_response(record, response)
+    n = max(len(score.instructions), 1)
+    return sum(i.strict for i in score.instructions) / n, sum(i.loose for i in score.instructions) / n
+
+
+def pair_by_verifiers(
+    prompt: Prompt, responses: list[str], *, min_pass_rate: float = CHOSEN_MIN_PASS_RATE
+) -> tuple[Record | None, str | None]:
+    """(preference record, None), or (None, skip reason): chosen the most-followed (strict) with a rate
+    of at least ``min_pass_rate``, rejected the first response that follows nothing even under loose scoring."""
+    if prompt.verifiable is None:
+        raise ValueError("labelling by verifiers needs IFEval-format prompts (instruction_id_list and kwargs)")
+    rates = [_pass_rates(prompt.verifiable, r) if r.strip() else (0.0, 0.0) for r in responses]
+    usable = [i for i, r in enumerate(responses) if r.strip()]
+    if len(usable) < 2:
+        return None, "too_few"
+    chosen = max(usable, key=lambda i: (rates[i][0], rates[i][1], -i))
+    if rates[chosen][0] < min_pass_rate:
+        return None, "no_chosen"
+    rejected = next((i for i in usable if rates[i][1] == 0.0), None)
+    if rejected is None:
+        return None, "no_rejected"
+    meta = {
+        "by": "verifiers",
+        "key": prompt.record.get("key"),
+        "chosen_index": chosen,
+        "rejected_index": rejected,
+        "chosen_pass_rate": rates[chosen][0],
+        "rejected_pass_rate": rates[rejected][1],
+        "pass_rates_strict": [r[0] for r in rates],
+        "pass_rates_loose": [r[1] for r in rates],
+    }
+    return _preference(prompt, responses[chosen], responses[rejected], meta), None
+
+
+def pair_by_scores(prompt: Prompt, responses: list[str], scores: Sequence[float]) -> tuple[Record | None, str | None]:
+    """(preference record, None), or (None, skip reason): the highest-scored response against the lowest."""
+    usable = [i for i, r in enumerate(responses) if r.strip()]
+    if len({responses[i] for i in usable}) < 2:
+        return None, "too_few"
+    chosen = max(usable, key=lambda i: (scores[i], -i))
+    rejected = min(usable, key=lambda i: (scores[i], i))
+    if scores[chosen] == scores[rejected]:
+        return None, "tied"
+    meta = {"by": "reward_model", "chosen_index": chosen, "rejected_index": rejected, "scores": [float(s) for s in scores]}
+    return _preference(prompt, responses[chosen], responses[rejected], meta), None
+
+
+def _preference(prompt: Prompt, chosen: str, rejected: str, meta: dict[str, Any]) -> Record:
+    record: Record = {"prompt": prompt.prompt, "chosen": prompt.response_record(chosen), "rejected": prompt.response_record(rejected)}
+    if prompt.tools:
+        record["tools"] = prompt.tools
+    record["meta"] = meta
+    return record
+
+
+def label_prompts(
+    engine: Any,
+    prompts: Sequence[Prompt],
+    *,
+    k: int = 8,
+    scorer: Scorer | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+    bf16: bool = False,
+    min_pass_rate: float = CHOSEN_MIN_PASS_RATE,
+    progress: bool = True,
+) -> tuple[list[Record], LabelSummary]:
+    """Sample ``k`` responses per prompt with ``engine`` and pair them: by verifiers, or by ``scorer`` when given.
+
+    ``engine``: a :class:`~posttrain.generate.engine.Engine` or ``VLLMEngine``. Returns the preference
+    records (prompts order) and the summary.
+    """
+    from posttrain.generate.engine import SamplingParams
+
+    if k < 2:
+        raise ValueError(f"k must be at least 2 (a pair needs two responses), not {k}")
+    if scorer is None:
+        missing = [i for i, p in enumerate(prompts) if p.verifiable is None]
+        if missing:
+            raise ValueError(
+                f"labelling by verifiers needs IFEval-format prompts; {len(missing)} prompt(s) have no instructions (first: #{missing[0]})"
+            )
+    params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16)
+    outputs = engine.generate([p.engine_input() for p in prompts], params, progress=progress)
+    responses = [[c.text for c in completions] for completions in outputs]
+    summary = LabelSummary(by="verifiers" if scorer is None else "reward_model")
+    scores: list[Sequence[float]] = []
+    if scorer is not None:
+        flat = scorer([p.prompt for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs])
+        flat = [float(s) for s in flat]
+        if len(flat) != sum(len(rs) for rs in responses) or not all(math.isfinite(s) for s in flat):
+            raise ValueError(f"the scorer must return one finite score per response ({sum(map(len, responses))}); got {len(flat)} values")
+        scores = [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+    records, skipped = [], Counter()
+    for i, (prompt, rs) in enumerate(zip(prompts, responses)):
+        summary.prompts += 1
+        summary.samples += len(rs)
+        summary.empty_samples += sum(not r.strip() for r in rs)
+        record, reason = (
+            pair_by_verifiers(prompt, rs, min_pass_rate=min_pass_rate) if scorer is None else pair_by_scores(prompt, rs, scores[i])
+        )
+        if record is None:
+            skipped[reason] += 1
+        else:
+            records.append(record)
+    summary.pairs = len(records)
+    summary.skipped = dict(sorted(skipped.items()))
+    return records, summary
+
+
+def load_scorer(reward_model: str | Path, *, device: str | None = None, batch_size: int = 16) -> Scorer:
+    """A :data:`Scorer` from a reward model trained by ``posttrain rm`` (its run directory or ``final/``).
+
+    The reward model scores prompt/completion records; each (prompt, response) becomes one, the response
+    an assistant message after a chat prompt, as in the preference records it was trained on.
+    """
+    from posttrain.train.reward import load_reward_model
+
+    model = load_reward_model(reward_model, device=device, batch_size=batch_size)
+
+    def score(prompts: list[Any], responses: list[str]) -> list[float]:
+        records = [
+            {"prompt": p, "completion": r if isinstance(p, str) else [{"role": "assistant", "content": r}]}
+            for p, r in zip(prompts, responses)
+        ]
+        return model.score(records)
+
+    return score
+
+
+def label_file(
+    model: str,
+    data: str | Path,
+    output: str | Path,
+    *,
+    by: str = "verifiers",
+    reward_model: str | Path | None = None,
+    scorer: Scorer | None = None,
+    k: int = 8,
+    temperature: float = DEFAULT_TEMPERATURE,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+    format: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    bf16: bool = False,
+    template: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> LabelSummary:
+    """``posttrain label``: read prompts, sample ``k`` responses each with ``model``, write preference pairs to ``output``.
+
+    ``by="verifiers"`` needs IFEval-format prompts; ``by="reward-model"`` needs ``reward_model`` (a run
+    directory of ``posttrain rm``) or a ``scorer``.
+    """
+    from posttrain.generate.engine import load_engine
+
+    if by not in ("verifiers", "reward-model"):
+        raise ValueError(f"by must be 'verifiers' or 'reward-model', not {by!r}")
+    if by == "reward-model" and scorer is None:
+        if reward_model is None:
+            raise ValueError("labelling by reward model needs --reward-model RUN (a reward model run directory)")
+        scorer = load_scorer(reward_model, device=device)
+    if by == "verifiers":
+        scorer = None
+    prompts = read_prompts(data, format=format)[:limit]
+    if not prompts:
+        raise ValueError(f"{data}: no prompts to label")
+    engine = load_engine(model, dtype="float32", device=device, batch_size=batch_size, template=template)
+    records, summary = label_prompts(
+        engine, prompts, k=k, scorer=scorer, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16, progress=progress
+    )
+    write_jsonl(output, records)
+    return summary

@@ -1,0 +1,453 @@
+"""GRPO (Shao et al., 2024, DeepSeekMath §4.1), one loop read top to bottom:
+prompts → G samples each → rewards → group advantages → μ clipped policy updates → log.
+
+Each step takes ``grpo.prompts_per_step`` prompts (a pure function of the seed and the step, as in SFT),
+samples ``grpo.group_size`` (G) completions of each with the generation engine on the policy itself
+(seeded per step), and rewards them: with IFEval-format prompts, the share of the prompt's instructions
+the completion follows (``verifiers:loose`` or ``verifiers:strict``, the same verifiers that score
+evaluation); or with a Python function ``package.module:function(prompt, completion, record) -> float``.
+Advantages are outcome advantages, ``(r - mean) / std`` within each prompt's group
+(:func:`~posttrain.train.losses.group_advantages`), and the policy takes ``grpo.updates_per_batch`` (μ)
+optimizer updates on :func:`~posttrain.train.losses.grpo_loss`: the clipped ratio against the sampling
+policy plus β times the k3 KL estimate against the reference.
+
+The reference is the initial model. With a LoRA/DoRA policy it is the same weights with the adapter
+switched off (peft's ``disable_adapter``), so no second copy of the model is held; with full
+fine-tuning it is a frozen copy; with β = 0 there is none. Token log-probs come from the decoder's
+hidden states through :func:`~posttrain.train.losses.token_logps`, so logits exist only at completion
+tokens, a chunk at a time: never the full [rows, T, vocab] fp32 logits.
+
+Departures from the paper, said once: one step's samples are one batch (the paper samples 1,024 per
+step and updates in mini-batches); with μ = 1 the ratio is 1 and the sampling policy's log-probs are the
+update's own, detached (as TRL does), instead of a second forward pass. Rewards are not normalised
+beyond the group. A step's loss is the mean over its sequences of each sequence's mean token loss, as
+in the paper's 1/G Σ 1/|o_i| Σ_t.
+
+Our own loop: each piece is a few lines on the shared plumbing of :mod:`posttrain.train.loop`
+(checkpoints with exact resume, metrics, schedule); the engine, verifiers and losses are posttrain's.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from posttrain.config import GRPOConfig, dump_config
+from posttrain.data.formats import ReadReport
+from posttrain.generate.engine import Completion, Engine, PromptEncoder, SamplingParams
+from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.synth.label import Prompt, read_prompts
+from posttrain.train import loop
+from posttrain.train.losses import IGNORE, group_advantages, grpo_loss, token_logps
+from posttrain.verify.scoring import score_response
+
+# -- rewards ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A completion's reward, and for verifier rewards each instruction's verdict (id, followed)."""
+
+    reward: float
+    instructions: tuple[tuple[str, bool], ...] = ()
+
+
+RewardFn = Callable[[Prompt, str], Scored]
+
+
+def verifier_reward(loose: bool) -> RewardFn:
+    """The share of the prompt's IFEval instructions the completion follows (IFEval's loose or strict verdicts)."""
+
+    def reward(prompt: Prompt, completion: str) -> Scored:
+        if prompt.verifiable is None:
+            raise ValueError("a verifier reward needs IFEval-format prompts (instruction_id_list and kwargs)")
+        verdicts = tuple(
+            (i.instruction_id, i.loose if loose else i.strict) for i in score_response(prompt.verifiable, completion).instructions
+        )
+        return Scored(sum(v for _, v in verdicts) / max(len(verdicts), 1), verdicts)
+
+    return reward
+
+
+def function_reward(spec: str) -> RewardFn:
+    """``package.module:function`` imported; it is called as ``function(prompt_text, completion, record) -> float``."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"grpo.reward {spec!r}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"grpo.reward {spec!r}: module {module_name!r} has no function {name!r}")  # noqa: TRY004 - a config error, reported as the others
+
+    def reward(prompt: Prompt, completion: str) -> Scored:
+        value = fn(prompt.text, completion, prompt.record)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise loop.TrainingError(
+                f"grpo.reward {spec!r} returned {value!r} for prompt {prompt.text[:60]!r}; it must return a finite number"
+            )
+        return Scored(float(value))
+
+    return reward
+
+
+def load_reward(spec: str) -> RewardFn:
+    if spec in ("verifiers:loose", "verifiers:strict"):
+        return verifier_reward(loose=spec.endswith("loose"))
+    return function_reward(spec)
+
+
+# -- log-probs and the reference ----------------------------------------------------------------
+
+
+class TokenLogps(torch.nn.Module):
+    """The forward pass the loop differentiates: log p of each target token, from the decoder's hidden states.
+
+    A module so that DistributedDataParallel wraps the whole computation. Rows are right-padded, so with
+    causal attention no real token sees padding and no attention mask is needed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False)[0]
+        return token_logps(hidden, target_ids, self.model.get_output_embeddings())
+
+
+@dataclass
+class Reference:
+    """Where the KL term's reference log-probs come from.
+
+    ``kind``: ``"none"`` (β = 0: nothing is kept), ``"adapter"`` (LoRA/DoRA: the policy's own weights with the
+    adapter disabled, no copy), ``"copy"`` (full fine-tuning: a frozen copy of the initial model, the one
+    case that costs a second set of weights).
+    """
+
+    kind: Literal["none", "adapter", "copy"]
+    policy: torch.nn.Module
+    frozen: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def logps(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor | None:
+        if self.kind == "none":
+            return None
+        if self.kind == "adapter":
+            with self.policy.disable_adapter():
+                return TokenLogps(self.policy)(input_ids, target_ids)
+        return TokenLogps(self.frozen)(input_ids, target_ids)
+
+
+def make_reference(model: torch.nn.Module, beta: float, adapter_kind: str) -> Reference:
+    """The reference for ``model`` as it is now (call before any update or checkpoint load)."""
+    if beta == 0:
+        return Reference("none", model)
+    if adapter_kind != "full":
+        return Reference("adapter", model)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return Reference("copy", model, frozen)
+
+
+# -- one step's samples -------------------------------------------------------------------------
+
+
+def collate(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` [R,T] and shifted ``target_ids`` [R,T]: each completion token, ``IGNORE`` elsewhere.
+
+    ``target_ids[r, t]`` is the token at ``t + 1`` when that token is part of the completion (the final
+    end-of-turn token included: the policy sampled it too), so prompts and padding are never scored.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    for r, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        targets[r, p - 1 : len(seq) - 1] = torch.tensor(seq[p:])
+    return ids.to(device), targets.to(device)
+
+
+def clipped_tokens(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float) -> int:
+    """Completion tokens whose ratio left [1-ε, 1+ε] in the direction the advantage pushes (their gradient is cut)."""
+    ratio = torch.exp(logps.detach() - old_logps)
+    a = advantages[:, None]
+    return int((mask & (((ratio > 1 + clip) & (a > 0)) | ((ratio < 1 - clip) & (a < 0)))).sum())
+
+
+def generation_seed(seed: int, step: int) -> int:
+    """The sampling seed of step ``step``: fixed by the run's seed, so a resumed run samples what it would have."""
+    return seed * 1_000_003 + step
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    losses: list[float]
+    rewards: list[float] = field(default_factory=list)
+    """Mean reward of each step of this invocation."""
+    reference: str = "none"
+
+
+def train(config: GRPOConfig) -> RunResult:
+    """Run GRPO as configured; returns where the run is and the per-step losses and mean rewards."""
+    cfg, g = config, config.grpo
+    d = loop.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.output_dir)
+    reward_fn = load_reward(g.reward)  # a bad reward spec fails before any model loads
+    loop.seed_everything(cfg.train.seed)
+
+    # -- prompts --------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name)
+    report = ReadReport(cfg.data.path)
+    prompts = read_prompts(cfg.data.path, format=cfg.data.format, split=cfg.data.split, on_error=cfg.data.on_error, report=report)
+    if g.reward.startswith("verifiers:") and any(p.verifiable is None for p in prompts):
+        raise loop.TrainingError(
+            f"{cfg.data.path}: grpo.reward {g.reward} needs IFEval-format prompts (instruction_id_list, kwargs); use a reward function for other prompts"
+        )
+    prompt_ids = PromptEncoder(tokenizer, cfg.data.template).encode([p.engine_input() for p in prompts])
+    keep = [i for i, ids in enumerate(prompt_ids) if cfg.data.max_prompt_length is None or len(ids) <= cfg.data.max_prompt_length]
+    dropped_long = len(prompts) - len(keep)
+    prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    if g.prompts_per_step % d.world:
+        raise loop.TrainingError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of processes ({d.world})")
+    if len(prompts) < g.prompts_per_step:
+        raise loop.TrainingError(
+            f"{cfg.data.path}: {len(prompts)} usable prompts but one step needs grpo.prompts_per_step = {g.prompts_per_step}"
+        )
+    steps_per_epoch = len(prompts) // g.prompts_per_step
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    plan = loop.Plan([[i] for i in range(len(prompts))], g.prompts_per_step, steps_per_epoch, total)
+    instruction_types = sorted({t for p in prompts if p.verifiable for t in p.verifiable.instruction_id_list})
+
+    # -- model, reference, optimizer, schedule --------------------------------------------------
+    model = load_model(cfg.model, d.device)
+    model = apply_adapter(model, cfg.adapter)
+    reference = make_reference(model, g.beta, cfg.adapter.kind)  # the initial model, before any resume
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter.kind != "full":
+            model.enable_input_require_grads()
+    step_module: torch.nn.Module = TokenLogps(model)
+    if d.world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+    engine = Engine(model, tokenizer, batch_size=g.generation_batch_size, template=cfg.data.template)
+    optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    updates = total * g.updates_per_batch
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=updates)
+    )
+
+    start = 0
+    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume is True and checkpoint is None:
+        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    if checkpoint is not None:
+        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+    pad_id = engine.pad_token_id
+    mb = cfg.train.micro_batch_size
+
+    # -- the loop -------------------------------------------------------------------------------
+    losses: list[float] = []
+    rewards_log: list[float] = []
+    progress = _progress(d.main, total, start, checkpoint)
+    model.train()
+    with progress:
+        task = progress.add_task("grpo", total=total, completed=start, loss=float("nan"), reward=float("nan"))
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            rows = plan.step_rows(step, cfg.train.seed)
+            mine = [row[0] for row in rows[d.rank * len(rows) // d.world : (d.rank + 1) * len(rows) // d.world]]
+
+            # 1. sample G completions of each prompt with the current policy
+            params = SamplingParams(
+                n=g.group_size, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                seed=generation_seed(cfg.train.seed, step), bf16=cfg.train.bf16,
+            )  # fmt: skip
+            outputs: list[list[Completion]] = engine.generate_ids([prompt_ids[i] for i in mine], params, progress=False)
+            t_gen = time.perf_counter() - t0
+
+            # 2. rewards and group advantages
+            scored = [[reward_fn(prompts[i], c.text) for c in completions] for i, completions in zip(mine, outputs)]
+            rewards = torch.tensor([[s.reward for s in group] for group in scored], dtype=torch.float32)
+            advantages = group_advantages(rewards).flatten().to(d.device)
+            samples = [c for completions in outputs for c in completions]
+            micro = [
+                collate(
+                    [c.prompt_token_ids + c.token_ids for c in samples[k : k + mb]],
+                    [len(c.prompt_token_ids) for c in samples[k : k + mb]],
+                    pad_id,
+                    d.device,
+                )
+                for k in range(0, len(samples), mb)
+            ]
+            share = [len(samples[k : k + mb]) / len(samples) for k in range(0, len(samples), mb)]
+
+            # 3. what stays fixed over the μ updates: the reference's and (μ > 1) the sampling policy's log-probs
+            with loop.autocast(d.device, cfg.train.bf16):
+                ref = [reference.logps(ids, targets) for ids, targets in micro]
+                old = None
+                if g.updates_per_batch > 1:
+                    with torch.no_grad():
+                        old = [step_module(ids, targets) for ids, targets in micro]
+
+            # 4. μ clipped policy updates on the same samples
+            loss_sum = kl_sum = 0.0
+            clipped = scored_tokens = 0
+            for _ in range(g.updates_per_batch):
+                for k, (ids, targets) in enumerate(micro):
+                    adv = advantages[k * mb : k * mb + ids.shape[0]]
+                    mask = targets != IGNORE
+                    sync = k == len(micro) - 1 or d.world == 1
+                    with step_module.no_sync() if not sync else nullcontext():
+                        with loop.autocast(d.device, cfg.train.bf16):
+                            logps = step_module(ids, targets)
+                        old_k = old[k] if old is not None else logps.detach()
+                        loss, kl = grpo_loss(logps, old_k, ref[k], adv, mask, clip=g.clip, beta=g.beta)
+                        # Each process's loss is the mean over its sequences; DDP averages the processes.
+                        (loss * share[k]).backward()
+                    loss_sum += loss.item() * share[k] / g.updates_per_batch
+                    kl_sum += kl.item() * share[k] / g.updates_per_batch
+                    clipped += clipped_tokens(logps, old_k, adv, mask, g.clip)
+                    scored_tokens += int(mask.sum())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
+                if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
+                    raise loop.TrainingError(
+                        _stop_message(f"the loss or gradient norm became non-finite (grad norm {grad_norm})", step, run_dir)
+                    )
+                optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. log
+            done = step + 1
+            flat = rewards.flatten()
+            n = loop.all_reduce_sum(flat.numel(), d)
+            mean = loop.all_reduce_sum(float(flat.sum()), d) / n
+            var = loop.all_reduce_sum(float(((flat - mean) ** 2).sum()), d) / n
+            lengths = [c.num_tokens for c in samples]
+            record: dict[str, Any] = {
+                "step": done,
+                "loss": loop.all_reduce_sum(loss_sum, d) / d.world,
+                "reward_mean": mean,
+                "reward_std": math.sqrt(var),
+                "kl": loop.all_reduce_sum(kl_sum, d) / d.world,
+                "clip_fraction": loop.all_reduce_sum(clipped, d) / max(loop.all_reduce_sum(scored_tokens, d), 1),
+                "completion_length": loop.all_reduce_sum(sum(lengths), d) / n,
+                "truncated": loop.all_reduce_sum(sum(c.finish_reason == "length" for c in samples), d) / n,
+                "groups_with_signal": loop.all_reduce_sum(int((rewards.std(dim=1) > 0).sum()), d) / len(rows),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "seconds": time.perf_counter() - t0,
+                "generation_seconds": t_gen,
+            }
+            for t in instruction_types:  # every process reduces every type, in the same order
+                verdicts = [ok for group in scored for s in group for tid, ok in s.instructions if tid == t]
+                count = loop.all_reduce_sum(len(verdicts), d)
+                followed = loop.all_reduce_sum(sum(verdicts), d)
+                if count:
+                    record[f"pass_rate/{t}"] = followed / count
+            losses.append(record["loss"])
+            rewards_log.append(mean)
+            if done % cfg.train.log_every == 0 or done == total:
+                metrics.log(record)
+            progress.update(task, completed=done, loss=record["loss"], reward=mean)
+            if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+                progress.console.print(
+                    f"step {done}/{total}  reward {mean:.3f} ± {record['reward_std']:.3f}  kl {record['kl']:.4f}  loss {record['loss']:.4f}",
+                    highlight=False,
+                )
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
+                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"total_steps": total}, cfg.train.keep_last, d)
+    metrics.close()
+    final = run_dir / "final"
+    if d.main:
+        save_final(model, tokenizer, final)
+        loop.plot_losses(run_dir, f"GRPO of {cfg.model.name}")
+        plot_rewards(run_dir, f"GRPO of {cfg.model.name}: reward ({g.reward})")
+        stats = {
+            "read": report.read,
+            "format": report.format,
+            "rejected": len(report.rejected),
+            "dropped_too_long": dropped_long,
+            "prompts": len(prompts),
+            "steps_per_epoch": steps_per_epoch,
+        }
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+    loop.barrier(d)
+    return RunResult(run_dir, final, total, losses, rewards_log, reference.kind)
+
+
+def _stop_message(what: str, step: int, run_dir: Path) -> str:
+    last = loop.latest_checkpoint(run_dir)
+    return (
+        f"{what} at step {step + 1}; stopping before the optimizer step. "
+        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+        + "Lower train.lr, keep train.max_grad_norm on, or turn off bf16."
+    )
+
+
+def plot_rewards(run_dir: Path, title: str) -> Path | None:
+    """``reward.png``: mean reward per step, ±1 std band (over the step's samples)."""
+    rows = [r for r in loop.read_metrics(run_dir) if "reward_mean" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    mean = [r["reward_mean"] for r in rows]
+    std = [r["reward_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, mean, lw=1.5, label="mean reward")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "reward.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _progress(enabled: bool, total: int, start: int, checkpoint: Path | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if checkpoint is not None and enabled:
+        console.print(f"resuming from {checkpoint} (step {start} of {total})")
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]:.3f}  loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
