@@ -423,6 +423,50 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt 
     _run_training(config, set_, output_dir, max_steps, save_every, resume, DPOConfig, train, "dpo")
 
 
+rm_app = typer.Typer(help="Reward models: train one on preference pairs (rm train), score responses with it (rm score).", no_args_is_help=True)
+app.add_typer(rm_app, name="rm")
+
+
+@rm_app.command("train")
+def rm_train(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
+    """Train a reward model: the LM plus a scalar head on the last token, Bradley–Terry loss on (prompt, chosen, rejected); full, LoRA or DoRA.
+
+    Logs loss, pair accuracy and margin per step, and held-out pair accuracy (data.eval_path or data.eval_fraction).
+    """
+    from posttrain.config import RewardConfig
+    from posttrain.train.reward import train
+
+    _run_training(config, set_, output_dir, max_steps, save_every, resume, RewardConfig, train, "rm")
+
+
+@rm_app.command("score")
+def rm_score(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A finished `posttrain rm train` run directory (or its final/).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Records to score: prompt/completion (the completion is scored after its prompt) or conversations.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl: each record with its \"score\".")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences scored together.", min=1)] = 16,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... \\[default: cuda when available].")] = None,
+) -> None:
+    """Score (prompt, response) records with a trained reward model: one score per record, in the input order."""
+    from posttrain.train.reward import score_file
+
+    with user_errors():
+        n = score_file(model, data, output, batch_size=batch_size, device=device)
+    out.print(f"wrote {n} scores to {escape(str(output))}")
+
+
+@app.command()
+def ppo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
+    """RLHF with PPO (InstructGPT): sample from the policy, score with an `rm` run (or python:module:function), per-token KL penalty to the initial policy, GAE, clipped PPO updates.
+
+    --max-steps counts PPO steps (rollouts, then ppo.epochs of updates). Under LoRA/DoRA the reference is the policy with its adapter disabled.
+    """
+    from posttrain.config import PPOConfig
+    from posttrain.train.ppo import train
+
+    _run_training(config, set_, output_dir, max_steps, save_every, resume, PPOConfig, train, "ppo", lambda r: f"mean reward {r.rewards[0]:.3f} → {r.rewards[-1]:.3f}")
+
+
 @app.command()
 def grpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
     """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, clipped updates with a KL to the initial model.

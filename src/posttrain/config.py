@@ -302,7 +302,8 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        found = "" if e["type"] in ("missing", "extra_forbidden") else f" (found {e.get('input')!r})"
+        # A whole-config check (no location) would otherwise print the entire config as what was found.
+        found = "" if e["type"] in ("missing", "extra_forbidden") or not e["loc"] else f" (found {e.get('input')!r})"
         out.append(f"{where}: {msg}{found}")
     return out
 

@@ -1,0 +1,524 @@
+"""RLHF with PPO as in InstructGPT (Ouyang et al. 2022, §3.5), one loop read top to bottom:
+rollouts → scores → KL-penalised per-token rewards → GAE → PPO epochs of clipped policy + value loss → log.
+
+What this does, and where it departs from the paper:
+
+* **Policy**: any causal LM (an SFT run's ``final/`` when it is a full model; export a LoRA SFT run with
+  ``posttrain export`` first), trained in full or through a LoRA/DoRA adapter.
+* **Reference**: the initial policy, frozen. In full fine-tuning that is a second copy of the weights;
+  with LoRA/DoRA it is the *same* model with its adapter switched off (peft's ``disable_adapter()``), so
+  the base weights are in memory once.
+* **Value function**: a ``Linear(d, 1)`` head, zero-initialised, on the policy's own final hidden states
+  (one trunk, as TRL's classic ``AutoModelForCausalLMWithValueHead``). The value loss, weighted by
+  ``ppo.vf_coef``, trains the head and (through it) the trunk. InstructGPT instead initialised a
+  separate value model from the reward model: better values, a third model's memory.
+* **Reward**: the reward model's score of (prompt, response), or ``python:module:function`` returning a
+  float for (prompt, response). The response is decoded and rendered again with the reward model's own
+  tokenizer and chat template (so policy and reward model may tokenize differently), and scored after
+  its end-of-turn token, exactly as ``posttrain rm score`` would. Per-token rewards are
+  ``-kl_coef·(log π - log π_ref)`` with the score added at the response's last token
+  (:func:`~posttrain.train.losses.kl_penalized_rewards`); the paper's β is 0.02, ours defaults to 0.05.
+* **Rollouts**: ``ppo.prompts_per_step × ppo.samples_per_prompt`` sequences per step from the generation
+  engine (temperature 1 by default), each step's sampling seed fixed by (``train.seed``, step). The
+  sampled tokens' log-probs are recomputed with a training-shaped forward pass, so the PPO ratio is
+  exactly 1 before the first update (the sampler's own log-probs differ by rounding and would not).
+  Dropout is switched off in the policy (its modules' rates set to 0, as TRL does) for the same reason;
+  the policy stays in train mode, so gradient checkpointing still applies.
+* **Update**: ``ppo.epochs`` passes over the rollouts in shuffled minibatches of
+  ``micro_batch_size × grad_accum`` sequences, one optimizer step each; advantages whitened over the
+  batch's response tokens. The pretraining-loss mix (PPO-ptx) is not implemented.
+
+Metrics per step (``metrics.jsonl``): reward (mean score), kl (per sequence, summed over its tokens),
+entropy, policy and value loss, clip fraction, response length and more, plotted in ``reward.png``; a
+few samples per step go to ``samples.jsonl``. A checkpoint holds the policy (or adapter), the value head, optimizer, schedule and
+RNG; sampling seeds and minibatch order are functions of the step, so a resumed run repeats an
+uninterrupted one. One process for now.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import PPOConfig, dump_config
+from posttrain.data.formats import ReadReport, read_records
+from posttrain.generate.engine import Completion, Engine, SamplingParams
+from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.records import Record, kind_of
+from posttrain.train import loop
+from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
+from posttrain.train.reward import decoder_hidden, hidden_size, load_reward_model, pad_id_of
+
+VALUE_HEAD = "value_head.safetensors"
+INFO = "ppo_policy.json"
+SAMPLES_PER_STEP = 4  # written to samples.jsonl
+
+Prompt = str | list[dict]  # text given to the model as it is, or chat messages (rendered with the template)
+RewardFn = Callable[[list[Prompt], list[str]], list[float]]
+
+
+# -- the models ---------------------------------------------------------------------------------
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The policy LM and its value head, one module: one optimizer, one checkpoint.
+
+    ``forward(input_ids [B,T], attention_mask [B,T], targets [B,T])`` -> (log p of each target [B,T]
+    fp32, 0 where ``IGNORE``; values [B,T] fp32). ``targets[t]`` is the token at ``t + 1`` where that
+    token is part of the response, so ``values[t]`` is the value of the state the token was sampled in.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = torch.nn.Linear(hidden_size(lm), 1).to(next(lm.parameters()).device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
+        return token_logps(hidden, targets, self.lm.get_output_embeddings()), self._values(hidden)
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def rollout_stats(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log p [B,T], values [B,T], entropy of the policy at each target's position [B,T]), no gradients."""
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
+        head = self.lm.get_output_embeddings()
+        return token_logps(hidden, targets, head), self._values(hidden), token_entropy(hidden, targets, head)
+
+
+def token_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, *, chunk: int = 2048) -> torch.Tensor:
+    """Entropy (nats, fp32) of the next-token distribution at each scored position [B,T], 0 elsewhere; for logging."""
+    keep = targets != IGNORE
+    h = hidden[keep]
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    parts = []
+    for k in range(0, h.shape[0], chunk):
+        logp = torch.log_softmax(lm_head(h[k : k + chunk]).float(), dim=-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    if parts:
+        out[keep] = torch.cat(parts)
+    return out
+
+
+@dataclass
+class PPOModels:
+    """Everything with weights that a PPO run holds, besides the reward model."""
+
+    policy: PolicyWithValue
+    reference: torch.nn.Module | None  # None: the policy with its adapter disabled
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            with self.policy.lm.disable_adapter():
+                hidden = decoder_hidden(self.policy.lm, input_ids, attention_mask)
+            return token_logps(hidden, targets, self.policy.lm.get_output_embeddings())
+        hidden = decoder_hidden(self.reference, input_ids, attention_mask)
+        return token_logps(hidden, targets, self.reference.get_output_embeddings())
+
+
+def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
+    """The policy (with adapter and value head) and the reference: a frozen copy only in full fine-tuning."""
+    lm = load_model(cfg.model, device)
+    reference = None
+    if cfg.adapter.kind == "full":
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
+    lm = apply_adapter(lm, cfg.adapter)
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter.kind != "full":
+            lm.enable_input_require_grads()
+    disable_dropout(lm)
+    return PPOModels(PolicyWithValue(lm), reference)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout rate in ``model`` to 0: ``nn.Dropout`` modules (LoRA's included) and attention's own rate."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+# -- prompts and rewards ------------------------------------------------------------------------
+
+
+def prompt_of(record: Record) -> Prompt:
+    """The prompt a record asks: its ``prompt`` (an IFEval prompt as a user message), or a conversation up to its last assistant turn."""
+    kind = kind_of(record)
+    if kind == "conversation":
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        return messages[:last]
+    if kind == "verifiable":
+        return [{"role": "user", "content": record["prompt"]}]
+    return record["prompt"]
+
+
+def scored_record(prompt: Prompt, response: str) -> Record:
+    """(prompt, response) as the prompt/completion record a reward model scores."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": response}
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": response}]}
+
+
+def load_reward(spec: str, device: torch.device, batch_size: int) -> RewardFn:
+    """``python:module:function`` (called as ``function(prompt, response) -> float``) or an ``rm`` run."""
+    if spec.startswith("python:"):
+        _, module, name = spec.split(":")
+        fn = getattr(importlib.import_module(module), name, None)
+        if not callable(fn):
+            raise loop.TrainingError(f"reward {spec!r}: module {module} has no function {name}")
+        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+    scorer = load_reward_model(spec, device=device, batch_size=batch_size)
+    return lambda prompts, responses: scorer.score([scored_record(p, r) for p, r in zip(prompts, responses)])
+
+
+# -- rollouts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """One step's sampled sequences, right-padded: prompt + response, and which targets are response tokens."""
+
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+    targets: torch.Tensor  # [N, T]: targets[t] = input_ids[t + 1] on response tokens, IGNORE elsewhere
+    lengths: list[int]  # real tokens per row
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != IGNORE
+
+    def rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The model inputs of ``rows``, cut to their longest real length (right padding makes that exact)."""
+        width = max(self.lengths[r] for r in rows)
+        return self.input_ids[rows, :width], self.attention_mask[rows, :width], self.targets[rows, :width], width
+
+
+def make_rollouts(completions: list[Completion], pad_id: int, device: torch.device) -> Rollouts:
+    seqs = [list(c.prompt_token_ids) + list(c.token_ids) for c in completions]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, (s, c) in enumerate(zip(seqs, completions)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        p = len(c.prompt_token_ids)
+        targets[i, p - 1 : len(s) - 1] = torch.tensor(c.token_ids)
+    return Rollouts(ids.to(device), attn.to(device), targets.to(device), [len(s) for s in seqs])
+
+
+def in_micro_batches(fn: Callable[..., Any], rollouts: Rollouts, micro: int) -> list[torch.Tensor]:
+    """``fn(input_ids, attention_mask, targets)`` -> tensors [b, width] over micro-batches, put back as [N, T] (0 in padding)."""
+    n, t = rollouts.input_ids.shape
+    outs: list[torch.Tensor] | None = None
+    for k in range(0, n, micro):
+        rows = list(range(k, min(n, k + micro)))
+        ids, attn, targets, width = rollouts.rows(rows)
+        parts = fn(ids, attn, targets)
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        if outs is None:
+            outs = [torch.zeros((n, t), dtype=torch.float32, device=ids.device) for _ in parts]
+        for out, part in zip(outs, parts):
+            out[k : k + len(rows), :width] = part
+    assert outs is not None
+    return outs
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; 0 elsewhere."""
+    values = x[mask]
+    if values.numel() < 2:
+        return torch.zeros_like(x)
+    return torch.where(mask, (x - values.mean()) / (values.std() + 1e-8), 0.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    records: list[dict[str, Any]] = field(default_factory=list)  # this invocation's metrics, one per step
+
+    @property
+    def losses(self) -> list[float]:
+        """The PPO loss (policy + vf_coef · value) of each step of this invocation, as the other runs report."""
+        return [r["loss"] for r in self.records]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [r["reward"] for r in self.records]
+
+
+def train(config: PPOConfig) -> RunResult:
+    """Run PPO as configured; returns where the run is and this invocation's per-step metrics."""
+    cfg, ppo = config, config.ppo
+    d = loop.init_distributed(cfg.train.device)
+    if d.world > 1:
+        raise loop.TrainingError("posttrain ppo runs in one process for now; start it without torchrun")
+    run_dir = Path(cfg.output_dir)
+    loop.seed_everything(cfg.train.seed)
+
+    # -- prompts --------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name)
+    report = ReadReport(cfg.data.path)
+    records = read_records(cfg.data.path, format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, report=report)
+    all_prompts = [prompt_of(r) for r in records]
+
+    # -- models, optimizer, schedule ------------------------------------------------------------
+    models = build_models(cfg, d.device)
+    policy = models.policy
+    engine = Engine(policy.lm, tokenizer, batch_size=ppo.generation_batch_size, template=cfg.data.template)
+    # A text prompt goes to the model as it is (as prompt/completion training renders it); chats get the template.
+    encoded = engine.encode([{"prompt": p, "completion": ""} if isinstance(p, str) else p for p in all_prompts])
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.data.max_prompt_length]
+    prompts, prompt_ids = [all_prompts[i] for i in keep], [encoded[i] for i in keep]
+    if len(prompts) < ppo.prompts_per_step:
+        raise loop.TrainingError(
+            f"{cfg.data.path}: {len(prompts)} usable prompts ({len(all_prompts) - len(prompts)} longer than data.max_prompt_length "
+            f"{cfg.data.max_prompt_length} tokens or empty) but a step needs ppo.prompts_per_step = {ppo.prompts_per_step}"
+        )
+    steps_per_epoch = len(prompts) // ppo.prompts_per_step
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    plan = loop.Plan([[i] for i in range(len(prompts))], ppo.prompts_per_step, steps_per_epoch, total)
+    reward_fn = load_reward(cfg.reward, d.device, cfg.train.micro_batch_size)
+
+    n_rollouts = ppo.prompts_per_step * ppo.samples_per_prompt
+    minibatch = cfg.train.micro_batch_size * cfg.train.grad_accum
+    updates_per_step = ppo.epochs * (n_rollouts // minibatch)
+    optimizer = loop.make_optimizer(policy, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    total_updates = total * updates_per_step
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total_updates)
+    )
+
+    start = 0
+    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume is True and checkpoint is None:
+        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    if checkpoint is not None:
+        start = loop.load_checkpoint(checkpoint, policy, optimizer, scheduler, d)["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    metrics = loop.Metrics(run_dir, enabled=True, resume_step=start if checkpoint else None)
+    samples_path = run_dir / "samples.jsonl"
+    _truncate_samples(samples_path, start if checkpoint else 0)
+    pad_id = pad_id_of(tokenizer)
+    micro = cfg.train.micro_batch_size
+
+    # -- the loop -------------------------------------------------------------------------------
+    logged: list[dict[str, Any]] = []
+    policy.train()  # dropout is off (build_models): train mode only keeps gradient checkpointing on
+    for step in range(start, total):
+        t0 = time.perf_counter()
+
+        # 1. rollouts: sample, score, and the per-token quantities PPO needs, without gradients
+        chosen = [row[0] for row in plan.step_rows(step, cfg.train.seed)]
+        params = SamplingParams(
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            top_p=ppo.top_p,
+            top_k=ppo.top_k,
+            n=ppo.samples_per_prompt,
+            seed=cfg.train.seed * 1_000_003 + step,
+            bf16=cfg.train.bf16,
+        )
+        completions = [c for group in engine.generate_ids([prompt_ids[i] for i in chosen], params, progress=False) for c in group]
+        owners = [prompts[i] for i in chosen for _ in range(ppo.samples_per_prompt)]
+        responses = [c.text for c in completions]
+        raw_scores = torch.tensor(reward_fn(owners, responses), dtype=torch.float32, device=d.device)
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=d.device)
+        scores = raw_scores - (ppo.missing_eos_penalty or 0.0) * truncated.float()
+        batch = make_rollouts(completions, pad_id, d.device)
+        mask = batch.mask
+        with loop.autocast(d.device, cfg.train.bf16):
+            old_logps, old_values, entropy = in_micro_batches(policy.rollout_stats, batch, micro)
+            (ref_logps,) = in_micro_batches(models.reference_logps, batch, micro)
+        rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=ppo.kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        kl_per_seq = kl.sum(dim=1)
+        if not torch.isfinite(kl_per_seq).all() or not torch.isfinite(scores).all():
+            raise loop.TrainingError(_stop_message("the KL or the reward became non-finite", step, run_dir))
+
+        # 2. PPO epochs over the rollouts: shuffled minibatches, one optimizer step each
+        order_rng = random.Random((cfg.train.seed * 1_000_003 + step) * 7919)
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        grad_norms = []
+        total_tokens = 0.0
+        lr = scheduler.get_last_lr()[0]
+        for _ in range(ppo.epochs):
+            order = list(range(len(completions)))
+            order_rng.shuffle(order)
+            for b in range(0, len(order), minibatch):
+                rows = order[b : b + minibatch]
+                mb_tokens = float(mask[rows].sum())
+                for k in range(0, len(rows), micro):
+                    part = rows[k : k + micro]
+                    ids, attn, targets, width = batch.rows(part)
+                    m = mask[part, :width]
+                    with loop.autocast(d.device, cfg.train.bf16):
+                        logps, values = policy(ids, attn, targets)
+                    pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
+                    vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
+                    # Both losses are token means over the micro-batch: weight by its share of the minibatch's tokens.
+                    tokens = float(m.sum())
+                    ((pg_loss + ppo.vf_coef * vf_loss) * (tokens / max(mb_tokens, 1.0))).backward()
+                    sums["policy_loss"] += float(pg_loss.detach()) * tokens
+                    sums["value_loss"] += float(vf_loss.detach()) * tokens
+                    sums["clip_fraction"] += float(clip_fraction) * tokens
+                    sums["approx_kl"] += float(((old_logps[part, :width] - logps.detach()) * m).sum())
+                    total_tokens += tokens
+                loss_now = sums["policy_loss"] + sums["value_loss"]
+                if not math.isfinite(loss_now):
+                    raise loop.TrainingError(_stop_message("the PPO loss became non-finite", step, run_dir))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or math.inf))
+                if not math.isfinite(grad_norm):
+                    raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+                grad_norms.append(grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 3. log
+        done = step + 1
+        per_token = {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
+        record = {
+            "step": done,
+            "reward": float(raw_scores.mean()),
+            "reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "kl": float(kl_per_seq.mean()),
+            "return": float((scores - ppo.kl_coef * kl_per_seq).mean()),
+            "entropy": masked_mean(entropy, mask),
+            "policy_loss": per_token["policy_loss"],
+            "value_loss": per_token["value_loss"],
+            "loss": per_token["policy_loss"] + ppo.vf_coef * per_token["value_loss"],
+            "clip_fraction": per_token["clip_fraction"],
+            "approx_kl": per_token["approx_kl"],
+            "value_mean": masked_mean(old_values, mask),
+            "advantage_std": float(advantages[mask].std()) if int(mask.sum()) > 1 else 0.0,
+            "response_length": float(mask.sum(dim=1).float().mean()),
+            "truncated": float(truncated.float().mean()),
+            "lr": lr,
+            "grad_norm": max(grad_norms),
+            "seconds": time.perf_counter() - t0,
+        }
+        logged.append(record)
+        if done % cfg.train.log_every == 0 or done == total:
+            metrics.log(record)
+            with samples_path.open("a") as f:
+                for p, r, s in list(zip(owners, responses, raw_scores.tolist()))[:SAMPLES_PER_STEP]:
+                    f.write(json.dumps({"step": done, "prompt": p, "response": r, "score": s}) + "\n")
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
+            loop.save_checkpoint(run_dir, done, policy, optimizer, scheduler, {"total_steps": total}, cfg.train.keep_last, d)
+    metrics.close()
+    final = run_dir / "final"
+    save_policy(policy, tokenizer, engine.prompts.renderer.template, cfg, final)
+    plot_rewards(run_dir, f"PPO of {cfg.model.name}")
+    (run_dir / "data_stats.json").write_text(
+        json.dumps(
+            {
+                "read": report.read,
+                "rejected": len(report.rejected),
+                "prompts": len(prompts),
+                "dropped_long_prompts": len(all_prompts) - len(prompts),
+                "steps_per_epoch": steps_per_epoch,
+            },
+            indent=1,
+        )
+    )
+    return RunResult(run_dir, final, total, logged)
+
+
+def plot_rewards(run_dir: Path, title: str) -> Path | None:
+    """``reward.png``: mean reward and KL to the reference per step (the loss of PPO says little)."""
+    rows = loop.read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward"] for r in rows], label="reward (mean score)", lw=1.5)
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("reward")
+    kl_ax = ax.twinx()
+    kl_ax.plot(steps, [r["kl"] for r in rows], color="tab:red", label="KL to reference (per sequence)", lw=1.0, alpha=0.7)
+    kl_ax.set_ylabel("KL (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9))
+    fig.tight_layout()
+    out = run_dir / "reward.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _truncate_samples(path: Path, step: int) -> None:
+    """Keep the samples of steps up to ``step`` (those of a resumed-from timeline after it never happened)."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _stop_message(what: str, step: int, run_dir: Path) -> str:
+    last = loop.latest_checkpoint(run_dir)
+    return (
+        f"{what} at step {step + 1}; stopping before the optimizer step. "
+        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+        + "Lower train.lr, raise ppo.kl_coef, keep train.max_grad_norm on, or turn off bf16."
+    )
+
+
+def save_policy(policy: PolicyWithValue, tokenizer: Any, template: str, cfg: PPOConfig, out: Path) -> None:
+    """``final/``: the policy (a model directory, or an adapter on ``model.name``) with its tokenizer, plus the value head."""
+    from safetensors.torch import save_file
+
+    tokenizer.chat_template = template
+    save_final(policy.lm, tokenizer, out)
+    save_file({k: v.detach().float().contiguous() for k, v in policy.value_head.state_dict().items()}, out / VALUE_HEAD)
+    info = {
+        "kind": "ppo_policy",
+        "value_head": VALUE_HEAD,
+        "adapter": cfg.adapter.kind,
+        "base_model": cfg.model.model_dump(mode="json"),
+        "reward": cfg.reward,
+    }
+    (out / INFO).write_text(json.dumps(info, indent=1))

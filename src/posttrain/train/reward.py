@@ -1,0 +1,418 @@
+"""Reward models (InstructGPT, Ouyang et al. 2022, §3.5), one loop read top to bottom.
+
+A reward model is the causal LM's decoder with a scalar head: ``Linear(d, 1)`` on the final hidden state
+of each sequence's *last* token (right padding, so the last real token). It is trained with the
+Bradley–Terry loss ``-log σ(r(x, y_w) - r(x, y_l))`` on preference pairs; chosen and rejected are rendered
+by the one renderer (:meth:`ChatRenderer.render_preference`), so the score is read after the
+template's end-of-turn token, exactly where :func:`RewardScorer.score` reads it for a (prompt, response).
+
+Departures from the paper, said here once: InstructGPT compares K = 4..9 responses per prompt (all
+K(K-1)/2 pairs in one batch element) and normalises the reward so that the SFT demonstrations score 0
+on average; we train on the pairs as given and do not normalise (PPO whitens its advantages instead).
+The head starts as N(0, 1/(d+1)) with zero bias, as in OpenAI's ``lm-human-preferences``.
+
+``final/`` is the LM (full fine-tuning) or the adapter (LoRA/DoRA) via ``save_pretrained``, the tokenizer
+(with the chat template the run used), ``score_head.safetensors`` and ``reward_model.json`` saying what
+it is; :func:`load_reward_model` turns it back into a :class:`RewardScorer`. Our own code: the head and
+the loop are a few lines; transformers and peft provide the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import ModelConfig, RewardConfig, dump_config
+from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
+from posttrain.data.formats import ReadReport, read_records
+from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.load import load_model, load_tokenizer
+from posttrain.records import Record, kind_of, write_jsonl
+from posttrain.train import loop
+from posttrain.train.losses import bradley_terry_loss
+
+SCORE_HEAD = "score_head.safetensors"
+INFO = "reward_model.json"
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+def decoder_hidden(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [R, T, d] of a causal LM (or a peft model around one), without the LM head."""
+    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+
+def hidden_size(lm: torch.nn.Module) -> int:
+    config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
+    return int(config.hidden_size)
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM's decoder and a ``Linear(d, 1)`` score head read at each sequence's last real token.
+
+    ``forward(input_ids [R, T], attention_mask [R, T])`` -> scores [R] fp32. Sequences are right-padded:
+    row ``i``'s score is read at position ``attention_mask[i].sum() - 1``.
+    """
+
+    def __init__(self, lm: torch.nn.Module, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.lm = lm
+        d = hidden_size(lm)
+        if head is None:
+            head = torch.nn.Linear(d, 1)
+            torch.nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
+            torch.nn.init.zeros_(head.bias)
+        self.head = head.to(next(lm.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
+        last = attention_mask.long().sum(dim=1) - 1
+        at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids [R, T], attention_mask [R, T]), right-padded to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+Pair = tuple[list[int], list[int]]
+
+
+def render_pairs(renderer: ChatRenderer, records: list[Record]) -> tuple[list[Pair], RenderStats]:
+    """Preference records -> (chosen ids, rejected ids) pairs; a pair is dropped when either side is (counted in stats).
+
+    A side is dropped by the renderer when ``overlong="drop"`` and it is too long, or when truncation left
+    none of its response: then chosen and rejected would be the same prefix and teach nothing.
+    """
+    stats = RenderStats()
+    pairs = []
+    for record in records:
+        chosen, rejected = renderer.render_preference(record, stats)
+        if chosen is None or rejected is None:
+            for partner in (ex for ex in (chosen, rejected) if ex is not None):
+                stats.dropped_with_partner += 1
+                stats.kept -= 1
+                stats.tokens -= len(partner["input_ids"])
+                stats.trained_tokens -= sum(label != IGNORE for label in partner["labels"])
+            continue
+        pairs.append((chosen["input_ids"], rejected["input_ids"]))
+    return pairs, stats
+
+
+def pair_scores(module: torch.nn.Module, pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of (chosen [B], rejected [B]) from one forward pass over the 2B sequences."""
+    ids, mask = pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+    scores = module(ids, mask)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    losses: list[float]
+    eval_accuracy: float | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: RewardConfig) -> RunResult:
+    """Train a reward model as configured; returns where the run is, this invocation's losses and the held-out accuracy."""
+    cfg = config
+    d = loop.init_distributed(cfg.train.device)
+    if d.world > 1:
+        raise loop.TrainingError("posttrain rm runs in one process for now; start it without torchrun")
+    run_dir = Path(cfg.output_dir)
+    loop.seed_everything(cfg.train.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name)
+    options = RenderOptions(
+        train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
+    )
+    renderer = ChatRenderer(tokenizer, options)
+    report = ReadReport(cfg.data.path)
+    records = read_records(cfg.data.path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, report=report)
+    pairs, stats = render_pairs(renderer, records)
+    if cfg.data.eval_path:
+        eval_pairs, _ = render_pairs(
+            renderer, read_records(cfg.data.eval_path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split)
+        )
+        train_idx = list(range(len(pairs)))
+    else:
+        train_idx, eval_idx = loop.split_eval(len(pairs), cfg.data.eval_fraction, cfg.train.seed)
+        eval_pairs = [pairs[i] for i in eval_idx]
+    pad_id = pad_id_of(tokenizer)
+    pairs_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    if len(train_idx) < pairs_per_step:
+        raise loop.TrainingError(
+            f"the data gives {len(train_idx)} training pairs but one step needs {pairs_per_step} "
+            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum}); lower them or add data"
+        )
+    steps_per_epoch = len(train_idx) // pairs_per_step
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    plan = loop.Plan([[i] for i in train_idx], pairs_per_step, steps_per_epoch, total)
+
+    # -- model, optimizer, schedule -------------------------------------------------------------
+    lm = load_model(cfg.model, d.device)
+    lm = apply_adapter(lm, cfg.adapter)
+    if cfg.adapter.kind == "full":
+        freeze_unused_output_head(lm)
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter.kind != "full":
+            lm.enable_input_require_grads()
+    model = RewardModel(lm)
+    optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total)
+    )
+
+    start = 0
+    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume is True and checkpoint is None:
+        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    if checkpoint is not None:
+        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    metrics = loop.Metrics(run_dir, enabled=True, resume_step=start if checkpoint else None)
+
+    # -- the loop -------------------------------------------------------------------------------
+    losses: list[float] = []
+    logged: list[dict[str, Any]] = []
+    eval_accuracy = None
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batch = [pairs[row[0]] for row in plan.step_rows(step, cfg.train.seed)]
+        loss_sum = correct = margin = 0.0
+        for k in range(0, len(batch), cfg.train.micro_batch_size):
+            micro = batch[k : k + cfg.train.micro_batch_size]
+            with loop.autocast(d.device, cfg.train.bf16):
+                chosen, rejected = pair_scores(model, micro, pad_id, d.device)
+            loss, accuracy = bradley_terry_loss(chosen, rejected)
+            # The step's loss is the mean over all its pairs, whatever the micro-batching.
+            (loss.sum() / len(batch)).backward()
+            loss_sum += float(loss.detach().sum())
+            correct += float(accuracy.sum())
+            margin += float((chosen - rejected).detach().sum())
+        loss = loss_sum / len(batch)
+        if not math.isfinite(loss):
+            raise loop.TrainingError(_stop_message(f"loss became {loss}", step, run_dir))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": loss,
+            "accuracy": correct / len(batch),
+            "margin": margin / len(batch),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - t0,
+        }
+        if eval_pairs and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total):
+            result = evaluate(model, eval_pairs, cfg.train.micro_batch_size, pad_id, d.device, cfg.train.bf16)
+            record |= {f"eval_{k}": v for k, v in result.items()}
+            eval_accuracy = result["accuracy"]
+        losses.append(loss)
+        if done % cfg.train.log_every == 0 or done == total or "eval_loss" in record:
+            metrics.log(record)
+            logged.append(record)
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
+            loop.save_checkpoint(
+                run_dir,
+                done,
+                model,
+                optimizer,
+                scheduler,
+                {"epoch": step // plan.steps_per_epoch, "total_steps": total},
+                cfg.train.keep_last,
+                d,
+            )
+    metrics.close()
+    final = run_dir / "final"
+    save_reward_model(model, tokenizer, renderer.template, cfg, final)
+    loop.plot_losses(run_dir, f"Reward model on {cfg.model.name}")
+    (run_dir / "data_stats.json").write_text(
+        json.dumps(
+            {
+                "render": stats.to_dict(),
+                "read": report.read,
+                "rejected": len(report.rejected),
+                "pairs": len(pairs),
+                "train_pairs": len(train_idx),
+                "eval_pairs": len(eval_pairs),
+                "steps_per_epoch": steps_per_epoch,
+            },
+            indent=1,
+        )
+    )
+    return RunResult(run_dir, final, total, losses, eval_accuracy, logged)
+
+
+def freeze_unused_output_head(lm: torch.nn.Module) -> None:
+    """The LM head does not take part in scoring: freeze it unless it is the (used) input embedding, tied."""
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        head.weight.requires_grad_(False)
+
+
+def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device, bf16: bool) -> dict[str, float]:
+    """Held-out loss, pair accuracy (chosen scored strictly above rejected) and mean margin."""
+    was_training = model.training
+    model.eval()
+    loss = correct = margin = 0.0
+    with torch.no_grad():
+        for k in range(0, len(pairs), batch_size):
+            with loop.autocast(device, bf16):
+                chosen, rejected = pair_scores(model, pairs[k : k + batch_size], pad_id, device)
+            batch_loss, accuracy = bradley_terry_loss(chosen, rejected)
+            loss += float(batch_loss.sum())
+            correct += float(accuracy.sum())
+            margin += float((chosen - rejected).sum())
+    model.train(was_training)
+    n = len(pairs)
+    return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n}
+
+
+def _stop_message(what: str, step: int, run_dir: Path) -> str:
+    last = loop.latest_checkpoint(run_dir)
+    return (
+        f"{what} at step {step + 1}; stopping before the optimizer step. "
+        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+        + "Lower train.lr, keep train.max_grad_norm on, check the data, or turn off bf16."
+    )
+
+
+# -- saving and loading -------------------------------------------------------------------------
+
+
+def save_reward_model(model: RewardModel, tokenizer: Any, template: str, cfg: RewardConfig, out: Path) -> None:
+    """``final/``: the LM or adapter, the tokenizer carrying the template used, the head, and what it is."""
+    from safetensors.torch import save_file
+
+    tokenizer.chat_template = template  # scoring must render exactly as training did
+    save_final(model.lm, tokenizer, out)
+    save_file({k: v.detach().float().contiguous() for k, v in model.head.state_dict().items()}, out / SCORE_HEAD)
+    info = {
+        "kind": "reward_model",
+        "head": SCORE_HEAD,
+        "score_at": "last token",
+        "adapter": cfg.adapter.kind,
+        "base_model": cfg.model.model_dump(mode="json"),
+        "max_length": cfg.data.max_length,
+    }
+    (out / INFO).write_text(json.dumps(info, indent=1))
+
+
+def final_dir(path: str | Path) -> Path:
+    """A run directory's ``final/``, or ``path`` itself when it is one."""
+    path = Path(path)
+    return path / "final" if (path / "final").is_dir() else path
+
+
+@dataclass
+class RewardScorer:
+    """A loaded reward model with the tokenizer and rendering it was trained with."""
+
+    model: RewardModel
+    tokenizer: Any
+    options: RenderOptions
+    batch_size: int = 16
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score(self, records: list[Record]) -> list[float]:
+        """One score per record: a prompt/completion (the response scored after its prompt) or a conversation.
+
+        Every record gets a score: a sequence longer than the model's ``max_length`` is cut and scored at
+        the cut. Batches hold sequences of similar length; scores come back in the records' order.
+        """
+        renderer = ChatRenderer(self.tokenizer, self.options)
+        bad = [i for i, r in enumerate(records) if kind_of(r) not in ("prompt_completion", "conversation")]
+        if bad:
+            raise ValueError(
+                f"records {bad[:5]} are {kind_of(records[bad[0]])} records; a reward model scores prompt/completion records or conversations"
+            )
+        seqs = [ex["input_ids"] for ex in renderer.render_many(records)]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        scores = [0.0] * len(seqs)
+        pad_id = pad_id_of(self.tokenizer)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for k in range(0, len(order), self.batch_size):
+                idx = order[k : k + self.batch_size]
+                ids, mask = pad_right([seqs[i] for i in idx], pad_id, self.device)
+                for i, s in zip(idx, self.model(ids, mask).tolist()):
+                    scores[i] = s
+        self.model.train(was_training)
+        return scores
+
+
+def load_reward_model(path: str | Path, *, device: str | torch.device | None = None, batch_size: int = 16) -> RewardScorer:
+    """The reward model of an ``rm`` run (its directory or its ``final/``), frozen, in eval mode, adapters merged."""
+    from safetensors.torch import load_file
+
+    final = final_dir(path)
+    if not (final / INFO).exists():
+        raise FileNotFoundError(f"{path}: not a reward model (no {INFO}; is it the directory of a finished `posttrain rm train` run?)")
+    info = json.loads((final / INFO).read_text())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = ModelConfig(**info["base_model"])
+    if info["adapter"] == "full":
+        lm = load_model(base.model_copy(update={"name": str(final), "gguf_file": None}), device)
+    else:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(load_model(base, device), str(final)).merge_and_unload()
+    head = torch.nn.Linear(hidden_size(lm), 1)
+    head.load_state_dict(load_file(final / SCORE_HEAD))
+    model = RewardModel(lm, head.to(dtype=next(lm.parameters()).dtype)).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(str(final))
+    # train_on="all": nothing is "trained" at scoring time, so truncation can never drop a record.
+    options = RenderOptions(train_on="all", max_length=info.get("max_length"), overlong="truncate")
+    return RewardScorer(model, tokenizer, options, batch_size)
+
+
+def score_file(model: str | Path, data: str | Path, output: str | Path, *, batch_size: int = 16, device: str | None = None) -> int:
+    """``posttrain rm score``: each record of ``data`` (prompt/completion or conversation) with its ``score``; returns the count."""
+    scorer = load_reward_model(model, device=device, batch_size=batch_size)
+    records = read_records(data)
+    scores = scorer.score(records)
+    return write_jsonl(output, ({**r, "score": s} for r, s in zip(records, scores)))
