@@ -99,6 +99,17 @@ def test_label_by_verifiers_writes_autoif_pairs(tmp_path):
         assert meta["chosen_pass_rate"] == max(meta["pass_rates_strict"]) >= 0.5 and meta["rejected_pass_rate"] == 0.0
         assert "meta" not in record  # the reader keeps the canonical fields only
 
+    # ... and `posttrain dpo` trains on the file as written.
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    result = CliRunner().invoke(
+        app, ["dpo", "--set", "model.name=tiny-llama", "--set", f"data.path={out}", "--set", "train.micro_batch_size=1", "--max-steps", "2", "-o", str(tmp_path / "dpo")]
+    )
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()) == 2
+
 
 def test_label_by_scorer_pairs_best_against_worst(tmp_path):
     prompts = read_prompts(write_ifeval_prompts(tmp_path / "prompts.jsonl"))
