@@ -179,9 +179,7 @@ def train(config: DPOConfig) -> DPOResult:
     ref_table = ref_eval_table = None
     ref_model: torch.nn.Module | None = None
     ref_cached = None
-    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume is True and checkpoint is None:
-        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if needs_reference and cfg.dpo.reference == "precompute":
         # Before any update (and before loading a checkpoint): the reference is the initial model.
         model.eval()
@@ -198,8 +196,7 @@ def train(config: DPOConfig) -> DPOResult:
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total))
+    scheduler = loop.make_scheduler(optimizer, cfg.train, total)
     start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"] if checkpoint is not None else 0
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +221,9 @@ def train(config: DPOConfig) -> DPOResult:
     # -- the loop -------------------------------------------------------------------------------------
     losses: list[float] = []
     accuracies: list[float] = []
+    progress = loop.progress_bar(d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}  margin {task.fields[margin]:.3f}")
+    task = progress.add_task("dpo", total=total, completed=start, loss=float("nan"), acc=0.0, margin=0.0)
+    progress.start()
     for step in range(start, total):
         t0 = time.perf_counter()
         step_pairs = [u[0] for u in plan.step_rows(step, cfg.train.seed)]
@@ -276,10 +276,13 @@ def train(config: DPOConfig) -> DPOResult:
         accuracies.append(record["accuracy"])
         if done % cfg.train.log_every == 0 or done == total or "eval_accuracy" in record:
             metrics.log(record)
-        if d.main and (done % max(1, total // 20) == 0 or done == total or step == start):
-            print(f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}", flush=True)
+        progress.update(task, completed=done, loss=record["loss"], acc=record["accuracy"], margin=record["margin"])
+        if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+            # No live bar in logs and pipes: a plain line every 5% instead.
+            progress.console.print(f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}", highlight=False)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
             loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d)
+    progress.stop()
     metrics.close()
     final = run_dir / "final"
     if d.main:

@@ -248,15 +248,10 @@ def train(config: GRPOConfig) -> RunResult:
     engine = Engine(model, tokenizer, batch_size=g.generation_batch_size, template=cfg.data.template)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     updates = total * g.updates_per_batch
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * updates)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=updates)
-    )
+    scheduler = loop.make_scheduler(optimizer, cfg.train, updates)
 
     start = 0
-    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume is True and checkpoint is None:
-        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if checkpoint is not None:
         start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
     if d.main:
@@ -269,7 +264,7 @@ def train(config: GRPOConfig) -> RunResult:
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
     rewards_log: list[float] = []
-    progress = _progress(d.main, total, start, checkpoint)
+    progress = loop.progress_bar(d.main, total, start, checkpoint, "reward {task.fields[reward]:.3f}  loss {task.fields[loss]:.4f}")
     model.train()
     with progress:
         task = progress.add_task("grpo", total=total, completed=start, loss=float("nan"), reward=float("nan"))
@@ -332,7 +327,7 @@ def train(config: GRPOConfig) -> RunResult:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
                 if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
                     raise loop.TrainingError(
-                        _stop_message(f"the loss or gradient norm became non-finite (grad norm {grad_norm})", step, run_dir)
+                        _stop(f"the loss or gradient norm became non-finite (grad norm {grad_norm})", step, run_dir)
                     )
                 optimizer.step()
                 lr = scheduler.get_last_lr()[0]
@@ -398,15 +393,6 @@ def train(config: GRPOConfig) -> RunResult:
     return RunResult(run_dir, final, total, losses, rewards_log, reference.kind)
 
 
-def _stop_message(what: str, step: int, run_dir: Path) -> str:
-    last = loop.latest_checkpoint(run_dir)
-    return (
-        f"{what} at step {step + 1}; stopping before the optimizer step. "
-        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-        + "Lower train.lr, keep train.max_grad_norm on, or turn off bf16."
-    )
-
-
 def plot_rewards(run_dir: Path, title: str) -> Path | None:
     """``reward.png``: mean reward per step, ±1 std band (over the step's samples)."""
     rows = [r for r in loop.read_metrics(run_dir) if "reward_mean" in r]
@@ -435,19 +421,5 @@ def plot_rewards(run_dir: Path, title: str) -> Path | None:
     return out
 
 
-def _progress(enabled: bool, total: int, start: int, checkpoint: Path | None):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if checkpoint is not None and enabled:
-        console.print(f"resuming from {checkpoint} (step {start} of {total})")
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:.3f}  loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
+def _stop(what: str, step: int, run_dir: Path) -> str:
+    return loop.stop_message(what, step, run_dir, "Lower train.lr, keep train.max_grad_norm on, or turn off bf16.")

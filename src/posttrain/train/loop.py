@@ -154,6 +154,41 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, train: Any, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.schedule`` over ``total`` optimizer updates, with ``train.warmup_steps`` (or ``warmup_ratio``) of warmup."""
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule=train.schedule, warmup=warmup, total=total))
+
+
+def stop_message(what: str, step: int, run_dir: Path, advice: str = "Lower train.lr, keep train.max_grad_norm on, check the data, or turn off bf16.") -> str:
+    """Why a run stops at a non-finite value, and where its last good checkpoint is."""
+    last = latest_checkpoint(run_dir)
+    return (
+        f"{what} at step {step + 1}; stopping before the optimizer step. "
+        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+        + advice
+    )
+
+
+def progress_bar(enabled: bool, total: int, start: int, checkpoint: Path | None, fields: str):
+    """A rich progress bar on stderr; ``fields`` formats the task's fields (e.g. loss, lr)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if checkpoint is not None and enabled:
+        console.print(f"resuming from {checkpoint} (step {start} of {total})")
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(fields),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 
 
@@ -216,6 +251,14 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     steps = checkpoint_steps(run_dir)
     return run_dir / CHECKPOINT_DIR / f"step-{steps[-1]}" if steps else None
+
+
+def resume_checkpoint(run_dir: Path, resume: bool | str) -> Path | None:
+    """The checkpoint to resume from: none when not resuming; ``resume: true`` insists one exists, ``auto`` does not."""
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume is True and checkpoint is None:
+        raise TrainingError(f"--resume: no complete checkpoint under {run_dir / CHECKPOINT_DIR}")
+    return checkpoint
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist = Dist()) -> dict[str, Any]:

@@ -315,15 +315,10 @@ def train(config: PPOConfig) -> RunResult:
     updates_per_step = ppo.epochs * (n_rollouts // minibatch)
     optimizer = loop.make_optimizer(policy, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     total_updates = total * updates_per_step
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total_updates)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total_updates)
-    )
+    scheduler = loop.make_scheduler(optimizer, cfg.train, total_updates)
 
     start = 0
-    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume is True and checkpoint is None:
-        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if checkpoint is not None:
         start = loop.load_checkpoint(checkpoint, policy, optimizer, scheduler, d)["step"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +363,7 @@ def train(config: PPOConfig) -> RunResult:
             advantages = whiten(advantages, mask)
         kl_per_seq = kl.sum(dim=1)
         if not torch.isfinite(kl_per_seq).all() or not torch.isfinite(scores).all():
-            raise loop.TrainingError(_stop_message("the KL or the reward became non-finite", step, run_dir))
+            raise loop.TrainingError(_stop("the KL or the reward became non-finite", step, run_dir))
 
         # 2. PPO epochs over the rollouts: shuffled minibatches, one optimizer step each
         order_rng = random.Random((cfg.train.seed * 1_000_003 + step) * 7919)
@@ -400,10 +395,10 @@ def train(config: PPOConfig) -> RunResult:
                     total_tokens += tokens
                 loss_now = sums["policy_loss"] + sums["value_loss"]
                 if not math.isfinite(loss_now):
-                    raise loop.TrainingError(_stop_message("the PPO loss became non-finite", step, run_dir))
+                    raise loop.TrainingError(_stop("the PPO loss became non-finite", step, run_dir))
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or math.inf))
                 if not math.isfinite(grad_norm):
-                    raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+                    raise loop.TrainingError(_stop(f"the gradient norm became {grad_norm}", step, run_dir))
                 grad_norms.append(grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -498,15 +493,6 @@ def _truncate_samples(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _stop_message(what: str, step: int, run_dir: Path) -> str:
-    last = loop.latest_checkpoint(run_dir)
-    return (
-        f"{what} at step {step + 1}; stopping before the optimizer step. "
-        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-        + "Lower train.lr, raise ppo.kl_coef, keep train.max_grad_norm on, or turn off bf16."
-    )
-
-
 def save_policy(policy: PolicyWithValue, tokenizer: Any, template: str, cfg: PPOConfig, out: Path) -> None:
     """``final/``: the policy (a model directory, or an adapter on ``model.name``) with its tokenizer, plus the value head."""
     from safetensors.torch import save_file
@@ -522,3 +508,7 @@ def save_policy(policy: PolicyWithValue, tokenizer: Any, template: str, cfg: PPO
         "reward": cfg.reward,
     }
     (out / INFO).write_text(json.dumps(info, indent=1))
+
+
+def _stop(what: str, step: int, run_dir: Path) -> str:
+    return loop.stop_message(what, step, run_dir, "Lower train.lr, raise ppo.kl_coef, keep train.max_grad_norm on, or turn off bf16.")

@@ -189,15 +189,10 @@ def train(config: RewardConfig) -> RunResult:
             lm.enable_input_require_grads()
     model = RewardModel(lm)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total)
-    )
+    scheduler = loop.make_scheduler(optimizer, cfg.train, total)
 
     start = 0
-    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume is True and checkpoint is None:
-        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if checkpoint is not None:
         start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,10 +220,10 @@ def train(config: RewardConfig) -> RunResult:
             margin += float((chosen - rejected).detach().sum())
         loss = loss_sum / len(batch)
         if not math.isfinite(loss):
-            raise loop.TrainingError(_stop_message(f"loss became {loss}", step, run_dir))
+            raise loop.TrainingError(loop.stop_message(f"loss became {loss}", step, run_dir))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
         if not math.isfinite(grad_norm):
-            raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+            raise loop.TrainingError(loop.stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -306,15 +301,6 @@ def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int
     model.train(was_training)
     n = len(pairs)
     return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n}
-
-
-def _stop_message(what: str, step: int, run_dir: Path) -> str:
-    last = loop.latest_checkpoint(run_dir)
-    return (
-        f"{what} at step {step + 1}; stopping before the optimizer step. "
-        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-        + "Lower train.lr, keep train.max_grad_norm on, check the data, or turn off bf16."
-    )
 
 
 # -- saving and loading -------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -120,13 +119,10 @@ def train(config: SFTConfig) -> RunResult:
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(s, schedule=cfg.train.schedule, warmup=warmup, total=total))
+    scheduler = loop.make_scheduler(optimizer, cfg.train, total)
 
     start = 0
-    checkpoint = loop.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume is True and checkpoint is None:
-        raise loop.TrainingError(f"--resume: no complete checkpoint under {run_dir / loop.CHECKPOINT_DIR}")
+    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if checkpoint is not None:
         start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
     if d.main:
@@ -136,7 +132,7 @@ def train(config: SFTConfig) -> RunResult:
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
-    progress = _progress(d.main, total, start, checkpoint)
+    progress = loop.progress_bar(d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s")
     model.train()
     with loop.neftune(model, cfg.train.neftune_alpha), progress:
         task = progress.add_task("sft", total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
@@ -157,12 +153,12 @@ def train(config: SFTConfig) -> RunResult:
                 loss_sum += nll.item()
             loss = loop.all_reduce_sum(loss_sum, d) / step_tokens
             if not math.isfinite(loss):
-                raise loop.TrainingError(_stop_message(f"loss became {loss}", step, run_dir))
+                raise loop.TrainingError(loop.stop_message(f"loss became {loss}", step, run_dir))
             # The norm is computed even without clipping: a finite loss can still give non-finite
             # gradients, and stepping on them would write NaN weights into the next checkpoint.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
             if not math.isfinite(grad_norm):
-                raise loop.TrainingError(_stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+                raise loop.TrainingError(loop.stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -192,15 +188,6 @@ def train(config: SFTConfig) -> RunResult:
     return RunResult(run_dir, final, total, losses)
 
 
-def _stop_message(what: str, step: int, run_dir: Path) -> str:
-    last = loop.latest_checkpoint(run_dir)
-    return (
-        f"{what} at step {step + 1}; stopping before the optimizer step. "
-        + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
-        + "Lower train.lr, keep train.max_grad_norm on, check the data, or turn off bf16."
-    )
-
-
 def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[int]], cfg: SFTConfig, d: loop.Dist, pad_id: int) -> float:
     """Mean NLL per trained token on the held-out rows (each process takes a share)."""
     step_module.eval()
@@ -214,24 +201,6 @@ def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[
             count += batch.trained_tokens
     step_module.train()
     return loop.all_reduce_sum(total, d) / max(loop.all_reduce_sum(count, d), 1)
-
-
-def _progress(enabled: bool, total: int, start: int, checkpoint: Path | None):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if checkpoint is not None and enabled:
-        console.print(f"resuming from {checkpoint} (step {start} of {total})")
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
 
 
 def export(run_dir: str | Path, output: str | Path, *, merge: bool = True) -> Path:
