@@ -233,3 +233,22 @@ def test_configs_that_cannot_work_fail_before_loading(tmp_path):
         grpo.train(grpo_config(prompts, tmp_path / "run", grpo={"reward": "no_such_module:f"}))
     with pytest.raises(grpo.loop.TrainingError, match="needs IFEval-format prompts"):
         grpo.train(grpo_config(prompts, tmp_path / "run"))  # verifier reward, detected prompts format
+
+
+def test_python_rewards_are_named_the_same_way_for_grpo_and_ppo(tmp_path):
+    """package.module:function, with or without python:, two or three parameters: one importer for both loops."""
+    from posttrain.train.reward import import_reward_function
+
+    two = import_reward_function("python:test_grpo:_two_args")
+    three = import_reward_function("test_grpo:_three_args")
+    assert two("p", "abc", {"k": 1}) == 3.0 and three("p", "abc", {"k": 1}) == 4.0
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        import_reward_function("test_grpo:nope")
+
+
+def _two_args(prompt, completion):
+    return len(completion)
+
+
+def _three_args(prompt, completion, record):
+    return len(completion) + record["k"]

@@ -188,10 +188,10 @@ def test_resumed_ppo_repeats_the_uninterrupted_run(tmp_path):
 
 def test_ppo_config_lists_every_problem(tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
-    raw = ppo_config(prompts, tmp_path / "run", "python:only_a_module", train={"micro_batch_size": 5, "neftune_alpha": 5})
+    raw = ppo_config(prompts, tmp_path / "run", "only_a_module", train={"micro_batch_size": 5, "neftune_alpha": 5})
     with pytest.raises(ConfigError) as err:
         load_config(raw, cls=PPOConfig)
     message = str(err.value)
-    assert "python:module:function" in message and "multiple of train.micro_batch_size" in message and "neftune_alpha" in message
-    with pytest.raises(ConfigError, match="no such rm run"):
+    assert "package.module:function" in message and "multiple of train.micro_batch_size" in message and "neftune_alpha" in message
+    with pytest.raises(ConfigError, match="no such directory"):
         load_config(ppo_config(prompts, tmp_path / "run", str(tmp_path / "missing-rm")), cls=PPOConfig)

@@ -8,6 +8,7 @@ file exists, the model resolves to a config). Both kinds of problem are listed t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,7 +196,7 @@ class PPOConfig(Strict):
 
     model: ModelConfig
     data: PromptDataConfig
-    reward: str = Field(description="An `rm` run directory (or its final/), or python:module:function taking (prompt, response) -> float.")
+    reward: str = Field(description="An `rm` run directory (or its final/), or a Python reward package.module:function(prompt, completion[, record]) -> float.")
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig(lr=3e-6, micro_batch_size=8, schedule="linear", warmup_ratio=0.0)
     ppo: PPOSettings = PPOSettings()
@@ -205,11 +206,8 @@ class PPOConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
         problems = []
-        if self.reward.startswith("python:"):
-            if len(self.reward.split(":")) != 3 or not all(self.reward.split(":")[1:]):
-                problems.append(f"reward: expected python:module:function, found {self.reward!r}")
-        elif not Path(self.reward).exists():
-            problems.append(f"reward: no such rm run directory: {self.reward}")
+        if not Path(self.reward).exists() and not re.fullmatch(REWARD_FUNCTION_PATTERN, self.reward):
+            problems.append(f"reward: expected an rm run directory or package.module:function, found {self.reward!r} (no such directory)")
         rollouts = self.ppo.prompts_per_step * self.ppo.samples_per_prompt
         batch = self.train.micro_batch_size * self.train.grad_accum
         if rollouts % batch:
@@ -223,6 +221,10 @@ class PPOConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+# A Python reward: package.module:function, optionally written python:package.module:function.
+REWARD_FUNCTION_PATTERN = r"(python:)?[A-Za-z_][\w.]*:[A-Za-z_]\w*"
 
 
 class ConfigError(ValueError):
@@ -250,8 +252,8 @@ class GRPOSettings(Strict):
     updates_per_batch: int = Field(1, ge=1, description="μ: optimizer updates on each step's samples.")
     reward: str = Field(
         "verifiers:loose",
-        pattern=r"^(verifiers:(loose|strict)|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
-        description="verifiers:loose | verifiers:strict (share of the prompt's IFEval instructions followed), or package.module:function(prompt, completion, record) -> float.",
+        pattern=r"^(verifiers:(loose|strict)|(python:)?[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="verifiers:loose | verifiers:strict (share of the prompt's IFEval instructions followed), or package.module:function(prompt, completion[, record]) -> float.",
     )
     generation_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
 

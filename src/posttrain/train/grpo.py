@@ -30,7 +30,6 @@ Our own loop: each piece is a few lines on the shared plumbing of :mod:`posttrai
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import time
@@ -81,25 +80,11 @@ def verifier_reward(loose: bool) -> RewardFn:
 
 
 def function_reward(spec: str) -> RewardFn:
-    """``package.module:function`` imported; it is called as ``function(prompt_text, completion, record) -> float``."""
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"grpo.reward {spec!r}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"grpo.reward {spec!r}: module {module_name!r} has no function {name!r}")  # noqa: TRY004 - a config error, reported as the others
+    """``package.module:function`` (see :func:`posttrain.train.reward.import_reward_function`), given the prompt's text and record."""
+    from posttrain.train.reward import import_reward_function
 
-    def reward(prompt: Prompt, completion: str) -> Scored:
-        value = fn(prompt.text, completion, prompt.record)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise loop.TrainingError(
-                f"grpo.reward {spec!r} returned {value!r} for prompt {prompt.text[:60]!r}; it must return a finite number"
-            )
-        return Scored(float(value))
-
-    return reward
+    fn = import_reward_function(spec, "grpo.reward")
+    return lambda prompt, completion: Scored(fn(prompt.text, completion, prompt.record))
 
 
 def load_reward(spec: str) -> RewardFn:

@@ -12,7 +12,7 @@ What this does, and where it departs from the paper:
   (one trunk, as TRL's classic ``AutoModelForCausalLMWithValueHead``). The value loss, weighted by
   ``ppo.vf_coef``, trains the head and (through it) the trunk. InstructGPT instead initialised a
   separate value model from the reward model: better values, a third model's memory.
-* **Reward**: the reward model's score of (prompt, response), or ``python:module:function`` returning a
+* **Reward**: the reward model's score of (prompt, response), or a Python reward ``package.module:function`` returning a
   float for (prompt, response). The response is decoded and rendered again with the reward model's own
   tokenizer and chat template (so policy and reward model may tokenize differently), and scored after
   its end-of-turn token, exactly as ``posttrain rm score`` would. Per-token rewards are
@@ -38,7 +38,6 @@ uninterrupted one. One process for now.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import random
@@ -58,7 +57,7 @@ from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of
 from posttrain.train import loop
 from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
-from posttrain.train.reward import decoder_hidden, hidden_size, load_reward_model, pad_id_of
+from posttrain.train.reward import decoder_hidden, hidden_size, import_reward_function, load_reward_model, pad_id_of
 
 VALUE_HEAD = "value_head.safetensors"
 INFO = "ppo_policy.json"
@@ -181,13 +180,10 @@ def scored_record(prompt: Prompt, response: str) -> Record:
 
 
 def load_reward(spec: str, device: torch.device, batch_size: int) -> RewardFn:
-    """``python:module:function`` (called as ``function(prompt, response) -> float``) or an ``rm`` run."""
-    if spec.startswith("python:"):
-        _, module, name = spec.split(":")
-        fn = getattr(importlib.import_module(module), name, None)
-        if not callable(fn):
-            raise loop.TrainingError(f"reward {spec!r}: module {module} has no function {name}")
-        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+    """An ``rm`` run directory, or a Python reward ``package.module:function`` (:func:`import_reward_function`)."""
+    if not Path(spec).exists():
+        fn = import_reward_function(spec, "reward")
+        return lambda prompts, responses: [fn(p, r) for p, r in zip(prompts, responses)]
     scorer = load_reward_model(spec, device=device, batch_size=batch_size)
     return lambda prompts, responses: scorer.score([scored_record(p, r) for p, r in zip(prompts, responses)])
 

@@ -19,11 +19,14 @@ the loop are a few lines; transformers and peft provide the rest.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -402,3 +405,28 @@ def score_file(model: str | Path, data: str | Path, output: str | Path, *, batch
     records = read_records(data)
     scores = scorer.score(records)
     return write_jsonl(output, ({**r, "score": s} for r, s in zip(records, scores)))
+
+
+def import_reward_function(spec: str, what: str = "reward") -> Callable[[str, str, Any], float]:
+    """A Python reward named ``package.module:function`` (``python:`` in front is accepted), shared by PPO and GRPO.
+
+    The function is called as ``function(prompt, completion, record)`` when it takes three parameters,
+    else ``function(prompt, completion)``; it must return a finite number.
+    """
+    module_name, _, name = spec.removeprefix("python:").partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no function {name!r}")  # noqa: TRY004 - a config error
+    takes_record = len(inspect.signature(fn).parameters) >= 3
+
+    def call(prompt: str, completion: str, record: Any = None) -> float:
+        value = fn(prompt, completion, record) if takes_record else fn(prompt, completion)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise loop.TrainingError(f"{what} {spec!r} returned {value!r} for prompt {str(prompt)[:60]!r}; it must return a finite number")
+        return float(value)
+
+    return call
