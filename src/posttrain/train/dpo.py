@@ -247,15 +247,7 @@ def train(config: DPOConfig) -> DPOResult:
             sums["logps_c"] += logps[:m].detach().sum().item()
             sums["logps_r"] += logps[m:].detach().sum().item()
         totals = {k: loop.all_reduce_sum(v, d) / len(step_pairs) for k, v in sums.items()}
-        if not math.isfinite(totals["loss"]):
-            raise loop.TrainingError(f"loss became {totals['loss']} at step {step + 1}; stopping. Lower train.lr or dpo.beta, or turn off bf16.")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
-        if not math.isfinite(grad_norm):
-            raise loop.TrainingError(f"the gradient norm became {grad_norm} at step {step + 1}; stopping before the optimizer step")
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, totals["loss"], cfg.train.max_grad_norm, step, run_dir)
         done = step + 1
         record = {
             "step": done,

@@ -170,6 +170,25 @@ def stop_message(what: str, step: int, run_dir: Path, advice: str = "Lower train
     )
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss: float, max_grad_norm: float | None, step: int, run_dir: Path) -> tuple[float, float]:
+    """Check, clip, step: returns (gradient norm before clipping, learning rate used).
+
+    Stops (TrainingError naming the last good checkpoint) on a non-finite loss or gradient norm, before the
+    update: the norm is computed even without clipping, as a finite loss can still give non-finite
+    gradients, and stepping on them would write NaN weights into the next checkpoint.
+    """
+    if not math.isfinite(loss):
+        raise TrainingError(stop_message(f"loss became {loss}", step, run_dir))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm):
+        raise TrainingError(stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def progress_bar(enabled: bool, total: int, start: int, checkpoint: Path | None, fields: str):
     """A rich progress bar on stderr; ``fields`` formats the task's fields (e.g. loss, lr)."""
     from rich.console import Console

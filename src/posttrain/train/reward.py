@@ -222,15 +222,7 @@ def train(config: RewardConfig) -> RunResult:
             correct += float(accuracy.sum())
             margin += float((chosen - rejected).detach().sum())
         loss = loss_sum / len(batch)
-        if not math.isfinite(loss):
-            raise loop.TrainingError(loop.stop_message(f"loss became {loss}", step, run_dir))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
-        if not math.isfinite(grad_norm):
-            raise loop.TrainingError(loop.stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir)
         done = step + 1
         record = {
             "step": done,

@@ -152,17 +152,7 @@ def train(config: SFTConfig) -> RunResult:
                     (nll * (d.world / step_tokens)).backward()
                 loss_sum += nll.item()
             loss = loop.all_reduce_sum(loss_sum, d) / step_tokens
-            if not math.isfinite(loss):
-                raise loop.TrainingError(loop.stop_message(f"loss became {loss}", step, run_dir))
-            # The norm is computed even without clipping: a finite loss can still give non-finite
-            # gradients, and stepping on them would write NaN weights into the next checkpoint.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
-            if not math.isfinite(grad_norm):
-                raise loop.TrainingError(loop.stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir)
             done = step + 1
             seconds = time.perf_counter() - t0
             real = loop.all_reduce_sum(sum(b.real_tokens for b in micro), d)
