@@ -51,7 +51,8 @@ def reference(tmp_path_factory):
     assert dict(loaded.ortho_context) == dict(ours.ortho_context)
 
     langdetect.DetectorFactory.seed = 0
-    utils = pytest.importorskip("lm_eval.tasks.ifeval.utils")
+    # A declared test dependency (lm-eval[ifeval]): missing, the comparison must fail, not skip.
+    import lm_eval.tasks.ifeval.utils as utils
     yield utils
     langdetect.DetectorFactory.seed = None
     nltk.data.path.remove(str(root))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from posttrain.cli import app
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402,F401 - a declared test dependency: missing, these tests fail rather than skip
 
 QUESTIONS = [
     {"question": "What color is the sky?", "choices": ["blue", "green", "loud"], "answer": 0},
