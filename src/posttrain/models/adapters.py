@@ -33,6 +33,13 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
     return get_peft_model(model, lora)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, adapter_kind: str) -> None:
+    """Recompute activations in the backward pass; with a frozen base (LoRA/DoRA) the inputs must carry grads."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_kind != "full":
+        model.enable_input_require_grads()
+
+
 def save_final(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
     """``final/``: a model directory (full) or an adapter directory (LoRA/DoRA), with the tokenizer."""
     out.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.config import DPOConfig, dump_config
+from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData, prepare
 from posttrain.data.chat import RenderOptions
 from posttrain.data.packing import collate_padded
 from posttrain.models import zoo
-from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
 from posttrain.train.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
@@ -171,9 +171,7 @@ def train(config: DPOConfig) -> DPOResult:
     # -- model, reference, optimizer ------------------------------------------------------------------
     model = apply_adapter(load_model(cfg.model, d.device), cfg.adapter)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.kind != "full":
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model, cfg.adapter.kind)
     logps_module = SequenceLogps(model)
     needs_reference = kind.needs_reference
     ref_table = ref_eval_table = None
@@ -197,11 +195,7 @@ def train(config: DPOConfig) -> DPOResult:
         step_module = torch.nn.parallel.DistributedDataParallel(logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
-    start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"] if checkpoint is not None else 0
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
 
     def reference(pairs: list[int], batch, table) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not needs_reference:

@@ -41,10 +41,10 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.config import GRPOConfig, dump_config
+from posttrain.config import GRPOConfig
 from posttrain.data.formats import ReadReport
 from posttrain.generate.engine import Completion, Engine, PromptEncoder, SamplingParams
-from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.synth.label import Prompt, read_prompts
 from posttrain.train import loop
@@ -222,9 +222,7 @@ def train(config: GRPOConfig) -> RunResult:
     model = apply_adapter(model, cfg.adapter)
     reference = make_reference(model, g.beta, cfg.adapter.kind)  # the initial model, before any resume
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.kind != "full":
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model, cfg.adapter.kind)
     step_module: torch.nn.Module = TokenLogps(model)
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
@@ -235,14 +233,7 @@ def train(config: GRPOConfig) -> RunResult:
     updates = total * g.updates_per_batch
     scheduler = loop.make_scheduler(optimizer, cfg.train, updates)
 
-    start = 0
-    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
-    if checkpoint is not None:
-        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
     pad_id = engine.pad_token_id
     mb = cfg.train.micro_batch_size
 

@@ -280,6 +280,21 @@ def resume_checkpoint(run_dir: Path, resume: bool | str) -> Path | None:
     return checkpoint
 
 
+def start_run(run_dir: Path, cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist) -> tuple[int, Path | None, Metrics]:
+    """Resume if asked (weights, optimizer, schedule, RNG), save the resolved config, open the metrics.
+
+    Returns (the step to start from, the checkpoint resumed from or None, the metrics writer).
+    """
+    from posttrain.config import dump_config
+
+    checkpoint = resume_checkpoint(run_dir, cfg.resume)
+    start = load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"] if checkpoint is not None else 0
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    return start, checkpoint, Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist = Dist()) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this process's RNG from ``path``; returns the saved loop state.
 

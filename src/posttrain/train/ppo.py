@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from posttrain.config import PPOConfig, dump_config
+from posttrain.config import PPOConfig
 from posttrain.data.formats import ReadReport, read_records
 from posttrain.generate.engine import Completion, Engine, SamplingParams
-from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of
 from posttrain.train import loop
@@ -141,9 +141,7 @@ def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
         reference = copy.deepcopy(lm).eval().requires_grad_(False)
     lm = apply_adapter(lm, cfg.adapter)
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.kind != "full":
-            lm.enable_input_require_grads()
+        enable_gradient_checkpointing(lm, cfg.adapter.kind)
     disable_dropout(lm)
     return PPOModels(PolicyWithValue(lm), reference)
 
@@ -313,13 +311,7 @@ def train(config: PPOConfig) -> RunResult:
     total_updates = total * updates_per_step
     scheduler = loop.make_scheduler(optimizer, cfg.train, total_updates)
 
-    start = 0
-    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
-    if checkpoint is not None:
-        start = loop.load_checkpoint(checkpoint, policy, optimizer, scheduler, d)["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    metrics = loop.Metrics(run_dir, enabled=True, resume_step=start if checkpoint else None)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, policy, optimizer, scheduler, d)
     samples_path = run_dir / "samples.jsonl"
     _truncate_samples(samples_path, start if checkpoint else 0)
     pad_id = pad_id_of(tokenizer)

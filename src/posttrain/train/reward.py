@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from posttrain.config import ModelConfig, RewardConfig, dump_config
+from posttrain.config import ModelConfig, RewardConfig
 from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
 from posttrain.data.formats import ReadReport, read_records
-from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of, write_jsonl
 from posttrain.train import loop
@@ -187,20 +187,12 @@ def train(config: RewardConfig) -> RunResult:
     if cfg.adapter.kind == "full":
         freeze_unused_output_head(lm)
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.kind != "full":
-            lm.enable_input_require_grads()
+        enable_gradient_checkpointing(lm, cfg.adapter.kind)
     model = RewardModel(lm)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
 
-    start = 0
-    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
-    if checkpoint is not None:
-        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    metrics = loop.Metrics(run_dir, enabled=True, resume_step=start if checkpoint else None)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import SFTConfig, dump_config
+from posttrain.config import SFTConfig
 from posttrain.data.cache import TokenizedData, prepare
 from posttrain.data.chat import RenderOptions
 from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
-from posttrain.models.adapters import apply_adapter, save_final
+from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
 from posttrain.train.losses import token_nll_sum
@@ -112,23 +112,14 @@ def train(config: SFTConfig) -> RunResult:
     model = load_model(cfg.model, d.device)
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.kind != "full":
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model, cfg.adapter.kind)
     step_module: torch.nn.Module = NLLSum(model)
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
 
-    start = 0
-    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
-    if checkpoint is not None:
-        start = loop.load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"]
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    metrics = loop.Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
