@@ -66,7 +66,7 @@ def test_dpo_learns_held_out_preferences(tmp_path):
     assert {"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"} <= set(rows[0])
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "robust", "simpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "robust", "simpo", "orpo", "kto"])
 def test_every_variant_trains(tmp_path, loss_type):
     extra = {"label_smoothing": 0.1} if loss_type == "robust" else {}
     beta = {"simpo": 2.5, "ipo": 0.5}.get(loss_type, 0.1)
@@ -76,6 +76,16 @@ def test_every_variant_trains(tmp_path, loss_type):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert sum(result.losses[-5:]) < sum(result.losses[:5]), result.losses
     assert eval_accuracies(result.run_dir)[-1] >= 0.75
+
+
+def test_kto_mismatched_rows_join_a_prompt_to_another_pairs_response():
+    from posttrain.data.chat import IGNORE
+
+    a = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]}  # prompt 1 2 3, response 4 5
+    b = {"input_ids": [7, 8, 9], "labels": [IGNORE, 8, 9]}  # prompt 7, response 8 9
+    spliced = dpo.splice(a, b)
+    assert list(spliced["input_ids"]) == [1, 2, 3, 8, 9]
+    assert list(spliced["labels"]) == [IGNORE, IGNORE, IGNORE, 8, 9]
 
 
 def test_reference_free_variants_compute_no_reference(tmp_path, monkeypatch):

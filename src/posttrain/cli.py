@@ -412,7 +412,7 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt 
 
 @app.command()
 def dpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
-    """Preference optimisation on (prompt, chosen, rejected) data: dpo.loss_type sigmoid, hinge, ipo, robust, simpo or orpo.
+    """Preference optimisation on (prompt, chosen, rejected) data: dpo.loss_type sigmoid, hinge, ipo, robust, simpo, orpo or kto.
 
     The reference model's log-probs are computed once and cached (dpo.reference precompute), taken from
     the LoRA model with its adapter disabled (adapter), or from a frozen copy (model).

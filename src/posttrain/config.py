@@ -95,11 +95,13 @@ class PreferenceDataConfig(DataConfig):
 
 
 class DPOSettings(Strict):
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"] = "sigmoid"
     beta: float | None = Field(None, gt=0, description="Default 0.1 (2.5 for simpo, as in the SimPO paper).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust (cDPO): the assumed share of flipped labels.")
     simpo_gamma: float = Field(1.375, ge=0)
     orpo_lambda: float = Field(0.1, gt=0)
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's λ_D (chosen responses are its desirable examples).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U (rejected responses are its undesirable ones).")
     reference: Literal["precompute", "adapter", "model"] = Field(
         "precompute",
         description="precompute: the initial model's log-probs, once, cached by content hash. adapter: the LoRA/DoRA model with its adapter disabled. model: a frozen copy.",

@@ -28,13 +28,13 @@ import torch
 
 from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData, prepare
-from posttrain.data.chat import RenderOptions
+from posttrain.data.chat import IGNORE, RenderOptions
 from posttrain.data.packing import collate_padded
 from posttrain.models import zoo
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
-from posttrain.train.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
+from posttrain.train.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, kto_kl_estimate, kto_loss, orpo_loss, sequence_logps, simpo_loss
 
 REFERENCE_VERSION = 1
 
@@ -51,15 +51,35 @@ class SequenceLogps(torch.nn.Module):
         return sequence_logps(hidden, target_ids, self.model.get_output_embeddings())
 
 
-def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int):
-    """Rows ``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1)."""
+def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int, mismatched: bool = False):
+    """Rows ``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1).
+
+    With ``mismatched`` (KTO), a third block: pair i's prompt followed by pair (i+1)'s chosen response,
+    spliced at the token level where the response starts. The partner is fixed (i+1 modulo the number of
+    pairs), not drawn per batch, so the reference log-probs of these rows can be precomputed too.
+    """
     chosen = [data[2 * i] for i in pairs]
     rejected = [data[2 * i + 1] for i in pairs]
-    return collate_padded(chosen + rejected, pad_id)
+    extra = [splice(data[2 * i], data[2 * ((i + 1) % (len(data) // 2))]) for i in pairs] if mismatched else []
+    return collate_padded(chosen + rejected + extra, pad_id)
 
 
-def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch.Tensor, torch.Tensor] | None):
-    """The configured variant on one micro-batch: (per-pair loss, chosen rewards, rejected rewards)."""
+def splice(prompt_of: dict, response_of: dict) -> dict:
+    """``prompt_of``'s tokens before its first scored token, then ``response_of``'s tokens from its first scored one."""
+    a = int(np.flatnonzero(np.asarray(prompt_of["labels"]) != IGNORE)[0])
+    b = int(np.flatnonzero(np.asarray(response_of["labels"]) != IGNORE)[0])
+    return {
+        "input_ids": np.concatenate([np.asarray(prompt_of["input_ids"][:a]), np.asarray(response_of["input_ids"][b:])]),
+        "labels": np.concatenate([np.full(a, IGNORE), np.asarray(response_of["labels"][b:])]),
+    }
+
+
+def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch.Tensor, ...] | None, kl: torch.Tensor | None = None):
+    """The configured variant on one micro-batch: (per-pair loss, chosen rewards, rejected rewards).
+
+    KTO treats each chosen response as a desirable example and each rejected one as undesirable; a pair's
+    loss is the mean of its two, so the step's loss is KTO's mean over examples. ``kl`` is its z₀.
+    """
     kind = PreferenceLoss(cfg.dpo.loss_type)
     beta = cfg.dpo.resolved_beta
     avg_c, avg_r = pc / counts_c.clamp(min=1), pr / counts_r.clamp(min=1)
@@ -73,6 +93,14 @@ def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch
         return simpo_loss(avg_c, avg_r, beta=beta, gamma=cfg.dpo.simpo_gamma)
     if kind is PreferenceLoss.ORPO:
         return orpo_loss(avg_c, avg_r, -avg_c, lam=cfg.dpo.orpo_lambda)
+    if kind is PreferenceLoss.KTO:
+        m = len(pc)
+        desirable = torch.arange(2 * m, device=pc.device) < m
+        loss, rewards = kto_loss(
+            torch.cat([pc, pr]), torch.cat([ref[0], ref[1]]), desirable, beta=beta, kl=kl,
+            desirable_weight=cfg.dpo.kto_desirable_weight, undesirable_weight=cfg.dpo.kto_undesirable_weight,
+        )  # fmt: skip
+        return (loss[:m] + loss[m:]) / 2, rewards[:m], rewards[m:]
     raise ValueError(f"loss_type {kind.value} is not supported by posttrain dpo")
 
 
@@ -94,28 +122,28 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def reference_logps(
     module: torch.nn.Module, data: TokenizedData, pad_id: int, cfg: DPOConfig, d: loop.Dist, cache_root: Path | None = None
 ) -> tuple[np.ndarray, bool]:
-    """[pairs, 2] summed reference log-probs (chosen, rejected) of the initial model; (array, from_cache).
+    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model; (array, from_cache).
 
     Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
     and starting model reads them instead of running the reference forward passes again.
     """
-    key = hashlib.sha256(json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, REFERENCE_VERSION]).encode()).hexdigest()[:24]
+    mismatched = cfg.dpo.loss_type == "kto"
+    key = hashlib.sha256(json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()).hexdigest()[:24]
     root = cache_root or zoo.cache_dir() / "reference"
     path = root / key / "logps.npy"
     # Rank 0 decides and everyone follows: a process must not skip the barrier below on its own.
     if loop.all_reduce_sum(float(path.exists()) if d.main else 0.0, d) > 0:
         return np.load(path), True
     n = len(data) // 2
-    out = np.zeros((n, 2), dtype=np.float64)
+    out = np.zeros((n, 3 if mismatched else 2), dtype=np.float64)
     if d.main:
         with torch.no_grad():
             for k in range(0, n, cfg.train.micro_batch_size):
                 pairs = list(range(k, min(n, k + cfg.train.micro_batch_size)))
-                batch = pair_batch(data, pairs, pad_id).to(d.device)
+                batch = pair_batch(data, pairs, pad_id, mismatched).to(d.device)
                 with loop.autocast(d.device, cfg.train.bf16):
                     sums, _ = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                out[k : k + len(pairs), 0] = sums[: len(pairs)].double().cpu().numpy()
-                out[k : k + len(pairs), 1] = sums[len(pairs) :].double().cpu().numpy()
+                out[k : k + len(pairs)] = sums.double().cpu().numpy().reshape(-1, len(pairs)).T
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         np.save(tmp / "logps.npy", out)
@@ -197,20 +225,27 @@ def train(config: DPOConfig) -> DPOResult:
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
     start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
 
-    def reference(pairs: list[int], batch, table) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def reference(pairs: list[int], batch, table) -> tuple[torch.Tensor, ...] | None:
+        """Reference log-probs of the batch's blocks: (chosen, rejected[, mismatched])."""
         if not needs_reference:
             return None
         if table is not None:
             rows = torch.as_tensor(table[pairs], dtype=torch.float32, device=d.device)
-            return rows[:, 0], rows[:, 1]
+            return tuple(rows[:, j] for j in range(rows.shape[1]))
         with torch.no_grad(), loop.autocast(d.device, cfg.train.bf16):
             if ref_model is not None:
                 sums, _ = ref_model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
             else:
                 with model.disable_adapter():
                     sums, _ = logps_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-        m = len(pairs)
-        return sums[:m].float(), sums[m:].float()
+        return tuple(sums.float().reshape(-1, len(pairs)))
+
+    def z0(logps: torch.Tensor, ref: tuple[torch.Tensor, ...], m: int) -> torch.Tensor | None:
+        """KTO's reference point from the mismatched block, averaged over processes (None for other losses)."""
+        if kind is not PreferenceLoss.KTO:
+            return None
+        local = kto_kl_estimate(logps[2 * m :].detach(), ref[2])
+        return torch.tensor(loop.all_reduce_sum(local.item(), d) / d.world, device=logps.device)
 
     # -- the loop -------------------------------------------------------------------------------------
     losses: list[float] = []
@@ -226,12 +261,12 @@ def train(config: DPOConfig) -> DPOResult:
         for k in range(0, len(mine), cfg.train.micro_batch_size):
             pairs = mine[k : k + cfg.train.micro_batch_size]
             m = len(pairs)
-            batch = pair_batch(data, pairs, pad_id).to(d.device)
+            batch = pair_batch(data, pairs, pad_id, kind is PreferenceLoss.KTO).to(d.device)
             ref = reference(pairs, batch, ref_table)
             last = k + cfg.train.micro_batch_size >= len(mine)
             with (step_module.no_sync() if d.world > 1 and not last else nullcontext()), loop.autocast(d.device, cfg.train.bf16):
                 logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m:], counts[:m], counts[m:], ref)
+                per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, z0(logps, ref, m))
                 # The step's loss is the mean over all its pairs (× world: DDP averages over processes).
                 (per_pair.sum() * (d.world / len(step_pairs))).backward()
             sums["loss"] += per_pair.sum().item()
@@ -239,7 +274,7 @@ def train(config: DPOConfig) -> DPOResult:
             sums["rc"] += chosen_r.sum().item()
             sums["rr"] += rejected_r.sum().item()
             sums["logps_c"] += logps[:m].detach().sum().item()
-            sums["logps_r"] += logps[m:].detach().sum().item()
+            sums["logps_r"] += logps[m : 2 * m].detach().sum().item()
         totals = {k: loop.all_reduce_sum(v, d) / len(step_pairs) for k, v in sums.items()}
         grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, totals["loss"], cfg.train.max_grad_norm, step, run_dir)
         done = step + 1
@@ -288,11 +323,12 @@ def evaluate(step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig,
         for k in range(0, len(mine), cfg.train.micro_batch_size):
             chunk = mine[k : k + cfg.train.micro_batch_size]
             m = len(chunk)
-            batch = pair_batch(data, chunk, pad_id).to(d.device)
+            batch = pair_batch(data, chunk, pad_id, cfg.dpo.loss_type == "kto").to(d.device)
             ref = reference(chunk, batch, table)
             with loop.autocast(d.device, cfg.train.bf16):
                 logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m:], counts[:m], counts[m:], ref)
+                kl = kto_kl_estimate(logps[2 * m :], ref[2]) if cfg.dpo.loss_type == "kto" else None
+                per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
             loss += per_pair.sum().item()
             acc += preferred(cr, rr)
     step_module.train()
