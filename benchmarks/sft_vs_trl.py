@@ -1,0 +1,413 @@
+"""posttrain SFT vs TRL's SFTTrainer: same model, data and hyperparameters, alternating runs, CPU.
+
+    python benchmarks/sft_vs_trl.py [--quick] [--examples 4000] [--steps 60] [--repeats 3]
+                                    [--variants posttrain,trl,trl-fp32,trl-packed] [--lr 5e-4] [--threads N]
+                                    [--workdir DIR] [--keep]
+
+Needs TRL (``pip install -e .[bench]``). Builds once, in a temporary directory, a ~7.3M-parameter
+Llama-style model (hidden 256, 4 layers, 4 heads, intermediate 688, untied 8,000-token vocabulary) with
+fixed-seed random weights, and a ChatML byte-level BPE tokenizer trained on the data's text; every run
+loads that same directory. The data are ../shared/data's 541 IFEval GPT-4 prompt/response pairs as
+conversational prompt/completion records (user turn → assistant turn), repeated to ``--examples``;
+both tools read the same JSONL file, truncate at 512 tokens and train on the completion only (the
+assistant turn; TRL's completion mask also covers the newline after ``<|im_end|>``).
+
+Variants (each run a fresh subprocess, run in rotation A B C A B C …, ``--repeats`` times each):
+
+* ``posttrain``: posttrain's defaults: fp32, packed rows (8 rows of 512 tokens a step), no
+  gradient checkpointing.
+* ``posttrain-bf16``: the same with bf16 autocast.
+* ``trl``: TRL's default SFTConfig on CPU: bf16, gradient checkpointing, 8 padded sequences a step.
+* ``trl-fp32``: bf16 and gradient checkpointing off (8 padded sequences a step).
+* ``trl-packed``: TRL's defaults plus ``packing=True`` (best-fit decreasing, padding-free: 8 rows of
+  512 tokens a step, as posttrain).
+
+All train the same number of optimizer steps at the same peak learning rate, linear decay, no warmup,
+AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, seed 0. Reported per variant (median
+over its runs): real (non-padding) tokens/s and seconds/step over the training steps after the first
+(model loading, tokenization and the warm-up step excluded), peak RSS of the whole run's process,
+and the loss at the same number of trained (loss-bearing) tokens, interpolated from the per-step
+losses (a mean over the step's trained tokens, in both tools) and averaged over the runs.
+
+``--quick`` (under a minute on 2 cores): 96 examples, posttrain and TRL's default only, 2 runs
+each of 3 steps. The last line is ``ratio=<posttrain real tokens/s / TRL default real tokens/s>``.
+Not a test: run it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval_input_response_data_gpt4_20231107_145030.jsonl"
+MAX_LENGTH = 512
+BATCH = 8  # sequences per step for TRL (padded), rows of MAX_LENGTH per step for packed runs
+
+VARIANTS = {
+    "posttrain": ("posttrain", {}, "fp32, packed 8×512"),
+    "posttrain-bf16": ("posttrain", {"bf16": True}, "bf16 autocast, packed 8×512"),
+    "trl": ("trl", {}, "TRL defaults: bf16, grad ckpt, padded 8 seqs"),
+    "trl-fp32": ("trl", {"bf16": False, "gradient_checkpointing": False}, "fp32, no grad ckpt, padded 8 seqs"),
+    "trl-packed": ("trl", {"packing": True}, "TRL defaults + packing (bfd, padding-free 8×512)"),
+}
+TRAINS_ON = {
+    "posttrain": "assistant turn (content + <|im_end|>)",
+    "trl": "completion (content + <|im_end|> + newline)",
+}
+
+
+# -- setup (parent process) ------------------------------------------------------------------------
+
+
+def write_data(path: Path, n: int) -> list[str]:
+    """``n`` conversational prompt/completion records (the 541 pairs repeated); returns the texts seen."""
+    with DATA.open(encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            p = pairs[i % len(pairs)]
+            record = {"prompt": [{"role": "user", "content": p["prompt"]}], "completion": [{"role": "assistant", "content": p["response"]}]}
+            f.write(json.dumps(record) + "\n")
+    return [t for p in pairs for t in (p["prompt"], p["response"])]
+
+
+def build_model(path: Path, texts: list[str], seed: int = 0) -> int:
+    """Save the benchmark model and tokenizer to ``path``; returns the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from posttrain.models.zoo import CHATML_SPECIALS, _chatml_template, train_tokenizer
+
+    tokenizer = train_tokenizer(_chatml_template(), CHATML_SPECIALS, vocab_size=8000, corpus="\n".join(texts))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_worker(variant: str, spec: dict, workdir: Path, index: int, env: dict) -> dict:
+    """One run in a fresh process; its result plus the process's peak RSS (from wait4)."""
+    result_path = workdir / f"result-{index}-{variant}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--spec", json.dumps(spec), "--result", str(result_path)]
+    log = (workdir / f"log-{index}-{variant}.txt").open("w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    if proc.returncode != 0:
+        tail = (workdir / f"log-{index}-{variant}.txt").read_text()[-4000:]
+        raise SystemExit(f"{variant} run failed (rc {proc.returncode}):\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+# -- workers (one run each, in a fresh process) -----------------------------------------------------
+
+
+def summarize(step_seconds: list[float], real: list[int], trained: list[int], losses: list[float], computed: list[int]) -> dict:
+    timed = slice(1, None) if len(step_seconds) > 1 else slice(None)  # the first step warms up
+    seconds = sum(step_seconds[timed])
+    return {
+        "steps": len(step_seconds),
+        "real_tokens_per_s": sum(real[timed]) / seconds,
+        "seconds_per_step": seconds / len(step_seconds[timed]),
+        "real_tokens": real,
+        "computed_tokens": computed,  # positions the model ran on, padding included
+        "trained_tokens": trained,
+        "losses": losses,
+        "step_seconds": step_seconds,
+    }
+
+
+def worker_posttrain(spec: dict, overrides: dict) -> dict:
+    from posttrain.config import load_config
+    from posttrain.train import sft
+
+    cfg = load_config(
+        {
+            "model": {"name": spec["model"]},
+            "data": {"path": spec["data"], "max_length": MAX_LENGTH, "packing": True},
+            "adapter": {"kind": "full"},
+            "train": {
+                "lr": spec["lr"],
+                "schedule": "linear",
+                "warmup_steps": 0,
+                "max_steps": spec["steps"],
+                "micro_batch_size": BATCH,
+                "grad_accum": 1,
+                "max_grad_norm": 1.0,
+                "seed": 0,
+                "device": "cpu",
+                "log_every": 1,
+                "bf16": overrides.get("bf16", False),
+            },
+            "output_dir": spec["out"],
+        }
+    )
+    result = sft.train(cfg)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return summarize(
+        [r["seconds"] for r in rows],
+        [round(r["tokens_per_s"] * r["seconds"]) for r in rows],
+        [r["trained_tokens"] for r in rows],
+        [r["loss"] for r in rows],
+        [BATCH * MAX_LENGTH] * len(rows),  # packed rows are always MAX_LENGTH wide
+    )
+
+
+def worker_trl(spec: dict, overrides: dict) -> dict:
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.t, self.seconds, self.losses = 0.0, [], {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self.seconds.append(now - self.t)
+            self.t = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
+
+    args = SFTConfig(
+        output_dir=spec["out"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=MAX_LENGTH,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **overrides,
+    )
+    dataset = load_dataset("json", data_files=spec["data"], split="train")
+    timer = Timer()
+    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, callbacks=[timer])
+    # Count each batch's real and trained tokens as the collator makes it (in step order: no workers).
+    counts: list[tuple[int, int, int]] = []
+    collate = trainer.data_collator
+
+    def counting(examples):
+        batch = collate(examples)
+        mask = batch.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        counts.append((real, int((batch["labels"][..., 1:] != -100).sum()), int(batch["input_ids"].numel())))
+        return batch
+
+    trainer.data_collator = counting
+    trainer.train()
+    steps = len(timer.seconds)
+    result = summarize(
+        timer.seconds,
+        [c[0] for c in counts[:steps]],
+        [c[1] for c in counts[:steps]],
+        [timer.losses[s + 1] for s in range(steps)],
+        [c[2] for c in counts[:steps]],
+    )
+    # What TRL actually ran with, defaults resolved.
+    model = trainer.model
+    result["effective"] = {
+        "bf16": bool(trainer.args.bf16),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "padding_free": bool(trainer.padding_free),
+        "attn": getattr(model.config, "_attn_implementation", None),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    return result
+
+
+def worker(variant: str, spec: dict, result_path: Path) -> None:
+    tool, overrides, _ = VARIANTS[variant]
+    result = (worker_posttrain if tool == "posttrain" else worker_trl)(spec, overrides)
+    result_path.write_text(json.dumps(result))
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def loss_at(result: dict, tokens: float) -> float:
+    """The per-step loss, linearly interpolated at ``tokens`` cumulative trained tokens (step k at the end of its tokens)."""
+    xs, total = [], 0
+    for t in result["trained_tokens"]:
+        total += t
+        xs.append(total)
+    ys = result["losses"]
+    if tokens <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if tokens <= x1:
+            return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="under a minute: 96 examples, posttrain vs TRL default, 2 runs each of 3 steps")
+    ap.add_argument("--examples", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the same for every variant)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
+    ap.add_argument("--variants", default="posttrain,trl,trl-fp32,trl-packed", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of every run")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed afterwards")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (model, data, runs, logs)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, json.loads(args.spec), args.result)
+
+    if args.quick:
+        args.examples, args.steps, args.repeats, args.variants = 96, 3, 2, "posttrain,trl"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "posttrain" not in variants or "trl" not in variants:
+        raise SystemExit(f"--variants must include posttrain and trl, from {', '.join(VARIANTS)}; unknown: {unknown}")
+    if args.repeats < 1 or args.steps < 2:
+        raise SystemExit("--repeats ≥ 1 and --steps ≥ 2 (the first step is not timed)")
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sft-vs-trl-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        data = workdir / "ifeval_gpt4_prompt_completion.jsonl"
+        texts = write_data(data, args.examples)
+        model_dir = workdir / "model"
+        params = build_model(model_dir, texts)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(args.threads),
+            POSTTRAIN_CACHE=str(workdir / "cache"),
+            HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+        )
+        env.update(TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        results: dict[str, list[dict]] = {v: [] for v in variants}
+        index = 0
+        for rep in range(args.repeats):
+            for variant in variants:
+                spec = {
+                    "model": str(model_dir),
+                    "data": str(data),
+                    "lr": args.lr,
+                    "steps": args.steps,
+                    "out": str(workdir / "runs" / f"{index}-{variant}"),
+                }
+                r = run_worker(variant, spec, workdir, index, env)
+                results[variant].append(r)
+                print(
+                    f"run {index + 1}/{args.repeats * len(variants)} {variant:<15}{r['real_tokens_per_s']:>9,.0f} real tok/s  {r['seconds_per_step']:.2f} s/step  loss {r['losses'][-1]:.3f}",
+                    flush=True,
+                )
+                index += 1
+        report(args, variants, results, params, trl.__version__)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif args.keep or args.workdir:
+            print(f"work directory: {workdir}")
+
+
+def report(args: argparse.Namespace, variants: list[str], results: dict[str, list[dict]], params: int, trl_version: str) -> None:
+    import torch
+    import transformers
+
+    # The same trained-token count for everyone: the least any run reached.
+    target = min(sum(r["trained_tokens"]) for rs in results.values() for r in rs)
+    rows = {}
+    for v in variants:
+        rs = results[v]
+        rows[v] = {
+            "tps": statistics.median(r["real_tokens_per_s"] for r in rs),
+            "tps_lo": min(r["real_tokens_per_s"] for r in rs),
+            "tps_hi": max(r["real_tokens_per_s"] for r in rs),
+            "sps": statistics.median(r["seconds_per_step"] for r in rs),
+            "rss": statistics.median(r["peak_rss_mib"] for r in rs),
+            "loss": statistics.mean(loss_at(r, target) for r in rs),
+            "last": statistics.mean(r["losses"][-1] for r in rs),
+            "real_step": statistics.mean(sum(r["real_tokens"]) / r["steps"] for r in rs),
+            "trained_step": statistics.mean(sum(r["trained_tokens"]) / r["steps"] for r in rs),
+            "computed_step": statistics.mean(sum(r["computed_tokens"]) / r["steps"] for r in rs),
+        }
+    base = rows["posttrain"]["tps"]
+    print(
+        f"\nSFT of a {params / 1e6:.1f}M-parameter Llama-style model from config, {args.examples} IFEval GPT-4 conversations, max length {MAX_LENGTH}"
+    )
+    print(
+        f"{args.steps} optimizer steps per run, lr {args.lr:g} linear, {args.repeats} runs per variant, alternating; {args.threads} threads"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; {date.today()}"
+    )
+    head = f"{'variant':<15}{'setup':<50}{'real tok/s':>11}{'(min–max)':>16}{'s/step':>8}{'real tok/step':>14}{'computed/step':>14}{'trained tok/step':>17}{'peak RSS MiB':>13}{f'loss@{target / 1e3:.0f}k':>11}{f'loss@step{args.steps}':>13}{'posttrain/x':>12}"
+    print(head)
+    for v in variants:
+        r = rows[v]
+        spread = f"{r['tps_lo']:,.0f}–{r['tps_hi']:,.0f}"
+        print(
+            f"{v:<15}{VARIANTS[v][2]:<50}{r['tps']:>11,.0f}{spread:>16}{r['sps']:>8.2f}{r['real_step']:>14,.0f}{r['computed_step']:>14,.0f}{r['trained_step']:>17,.0f}"
+            f"{r['rss']:>13,.0f}{r['loss']:>11.3f}{r['last']:>13.3f}{base / r['tps']:>12.2f}"
+        )
+    for v in variants:
+        if "effective" in results[v][0]:
+            print(f"{v} ran with: " + ", ".join(f"{k} {val}" for k, val in results[v][0]["effective"].items()))
+    print("computed/step: token positions the model ran on, padding included (packed rows count as full)")
+    print(f"trains on: posttrain: {TRAINS_ON['posttrain']}; TRL: {TRAINS_ON['trl']}")
+    print(f"loss@: the per-step loss interpolated at {target:,} cumulative trained tokens (the least any run reached), mean over runs")
+    print(
+        "not like for like: padded TRL runs take fewer real and trained tokens per step than packed ones (so, at the same"
+        " trained tokens, more optimizer steps, which lowers their loss@); TRL's padding-free run on CPU (sdpa) attends"
+        " over the whole flattened row with a block mask, so its cost grows with the row, not with each example"
+    )
+    print(f"ratio={base / rows['trl']['tps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
