@@ -54,7 +54,8 @@ from posttrain.data.formats import ReadReport, read_records
 from posttrain.generate.engine import Completion, Engine, SamplingParams
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
-from posttrain.records import Record, kind_of
+from posttrain.records import Record
+from posttrain.synth.label import prompt_of
 from posttrain.train import loop
 from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
 from posttrain.train.reward import decoder_hidden, hidden_size, import_reward_function, load_reward_model, pad_id_of
@@ -156,18 +157,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 # -- prompts and rewards ------------------------------------------------------------------------
-
-
-def prompt_of(record: Record) -> Prompt:
-    """The prompt a record asks: its ``prompt`` (an IFEval prompt as a user message), or a conversation up to its last assistant turn."""
-    kind = kind_of(record)
-    if kind == "conversation":
-        messages = record["messages"]
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-        return messages[:last]
-    if kind == "verifiable":
-        return [{"role": "user", "content": record["prompt"]}]
-    return record["prompt"]
 
 
 def scored_record(prompt: Prompt, response: str) -> Record:
@@ -284,7 +273,7 @@ def train(config: PPOConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg.model.name)
     report = ReadReport(cfg.data.path)
     records = read_records(cfg.data.path, format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, report=report)
-    all_prompts = [prompt_of(r) for r in records]
+    all_prompts = [prompt_of(r).prompt for r in records]  # the data layer's notion of a record's prompt, as label uses
 
     # -- models, optimizer, schedule ------------------------------------------------------------
     models = build_models(cfg, d.device)
