@@ -52,7 +52,7 @@ def eval_accuracies(run: Path) -> list[float]:
 
 
 def test_dpo_learns_held_out_preferences(tmp_path):
-    cfg = load_config(dpo_config(tmp_path, train={"eval_every": 5}), cls=dpo.DPOConfig)
+    cfg = load_config(dpo_config(tmp_path, train={"eval_every": 5, "bf16": False}), cls=dpo.DPOConfig)  # fp32: step 1 margins are 0 to 1e-4
     with torch_threads(1):
         result = dpo.train(cfg)
     accs = eval_accuracies(result.run_dir)
@@ -126,7 +126,7 @@ def test_lora_reference_is_the_disabled_adapter_with_one_model_in_memory(tmp_pat
 
 def test_precomputed_reference_equals_on_the_fly_and_is_cached(tmp_path):
     # Data no other test uses, so the first run cannot find a cache entry made by another test.
-    base = dpo_config(tmp_path, train={"max_steps": 3, "eval_every": None}, data={"eval_fraction": 0.0, "path": str(write_pairs(tmp_path / "own.jsonl", seed=7))})
+    base = dpo_config(tmp_path, train={"max_steps": 3, "eval_every": None, "bf16": False}, data={"eval_fraction": 0.0, "path": str(write_pairs(tmp_path / "own.jsonl", seed=7))})
     with torch_threads(1):
         first = dpo.train(load_config({**base, "output_dir": str(tmp_path / "a")}, cls=dpo.DPOConfig))
         second = dpo.train(load_config({**base, "output_dir": str(tmp_path / "b")}, cls=dpo.DPOConfig))

@@ -152,7 +152,7 @@ def test_lora_rm_trains_exactly_the_adapter_and_head(tmp_path):
     data, held_out = write_pairs(tmp_path / "train.jsonl", 64, seed=0), write_pairs(tmp_path / "eval.jsonl", 16, seed=1)
     cfg = load_config(
         rm_config(
-            data, held_out, tmp_path / "run", adapter={"kind": "lora", "r": 8}, train={"lr": 1e-2, "max_steps": 8, "eval_every": None}
+            data, held_out, tmp_path / "run", adapter={"kind": "lora", "r": 8}, train={"lr": 1e-2, "max_steps": 8, "eval_every": None, "bf16": False}
         ),
         cls=RewardConfig,
     )

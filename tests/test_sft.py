@@ -83,7 +83,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
             config(
                 tmp_path,
                 data={"packing": False},
-                train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 1, "lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": None},
+                train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 1, "lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": None, "bf16": False},
                 output_dir=str(tmp_path / f"run-{micro}x{accum}"),
             )
         )
@@ -111,7 +111,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 def test_micro_batch_size_changes_nothing_with_packing(tmp_path):
     losses = []
     for micro, accum in ((4, 1), (1, 4)):
-        cfg = load_config(config(tmp_path, train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3}, output_dir=str(tmp_path / f"p{micro}")))
+        cfg = load_config(config(tmp_path, train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3, "bf16": False}, output_dir=str(tmp_path / f"p{micro}")))
         losses.append(sft.train(cfg).losses)
     assert max(abs(x - y) for x, y in zip(*losses)) <= 1e-5
 
@@ -146,6 +146,26 @@ def test_cli_reports_config_problems_and_overrides(tmp_path):
     result = CliRunner().invoke(app, ["sft", "--config", str(cfg_file), "--max-steps", "3", "--output-dir", str(tmp_path / "cli-run")])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "cli-run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_bf16_default_is_resolved_for_the_hardware_and_saved(tmp_path):
+    """train.bf16 unset, null or "auto" becomes a bool when the config is validated: what the device does natively."""
+    import yaml
+
+    from posttrain.config import TrainConfig, dump_config, native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    expected = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16")) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert native_bf16("cpu") is expected
+    for unset in ({}, {"bf16": None}, {"bf16": "auto"}):
+        cfg = load_config(config(tmp_path, train={"device": "cpu", **unset}))
+        assert cfg.train.bf16 is expected, unset
+        dump_config(cfg, tmp_path / "config.yaml")
+        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["bf16"] is expected  # a run says what it used
+    assert load_config(config(tmp_path, train={"device": "cpu", "bf16": False})).train.bf16 is False
+    assert load_config(config(tmp_path, train={"device": "cpu", "bf16": True})).train.bf16 is True
+    assert TrainConfig(device="mps").bf16 is False  # no native bf16 matmul known there
+    assert TrainConfig(device="cuda").bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def test_neftune_and_bf16_run(tmp_path):

@@ -50,6 +50,33 @@ class DataConfig(Strict):
     packing: bool = Field(True, description="Padding-free packing (rows of max_length). False: padded batches grouped by length.")
 
 
+def native_bf16(device: Any = None) -> bool:
+    """Whether ``device`` (default: cuda when available, else cpu) does bf16 matmuls natively, i.e. fast.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the instruction-set flags for bf16 dot products
+    (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``) from /proc/cpuinfo, and oneDNN's bf16 support.
+    oneDNN's own check alone is not enough: it also says yes on AVX-512 CPUs without bf16 instructions,
+    where bf16 is emulated and slower than fp32. Anything else (mps, other systems): no.
+    """
+    import torch
+
+    kind = str(device).split(":")[0] if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    return _cpu_has_bf16_instructions() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _cpu_has_bf16_instructions() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 class TrainConfig(Strict):
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -62,7 +89,12 @@ class TrainConfig(Strict):
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass (packed rows, or examples when not packing).")
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    bf16: bool = Field(False, description="bf16 autocast for matmuls (CPU and CUDA); weights and optimizer stay fp32.")
+    bf16: bool | None = Field(
+        None,
+        description="bf16 autocast for matmuls; weights and optimizer stay fp32. Default (null or auto): on where the hardware "
+        "has native bf16 (CUDA with bf16 support; a CPU with AVX512-BF16, AMX or Arm BF16), fp32 otherwise; resolved when the "
+        "config is validated, so the saved config says which was used.",
+    )
     neftune_alpha: float | None = Field(None, gt=0)
     seed: int = 0
     log_every: int = Field(1, gt=0)
@@ -70,6 +102,14 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_bf16(cls, data: Any) -> Any:
+        """``bf16`` null or "auto" becomes true or false here, once, for ``device`` (see :func:`native_bf16`)."""
+        if isinstance(data, dict) and data.get("bf16", None) in (None, "auto"):
+            data = {**data, "bf16": native_bf16(data.get("device"))}
+        return data
 
 
 class SFTConfig(Strict):
