@@ -1,0 +1,457 @@
+"""``posttrain run PIPELINE.yaml`` and ``posttrain demo``: the AutoIF self-alignment loop as cached stages.
+
+One pipeline, read top to bottom in :func:`run`::
+
+    prompts     verifiable prompts: train, held-out (queries and phrasings never seen in training), IFEval subset
+    eval-start  the starting model, greedy, on the held-out prompts and the IFEval subset
+    sample      K samples per training prompt from the starting model; keep those every verifier passes
+    sft         LoRA SFT on the kept samples (rejection-sampling fine-tuning), merged for the next stages
+    eval-sft
+    label       K samples per training prompt from the SFT model, paired by verifier pass rate (``posttrain label``)
+    dpo         DPO on those pairs, from the SFT model, merged
+    eval-dpo
+    report      report.html, summary.json and the summary table
+
+The steps are posttrain's own pieces (the generation engine, the verifiers, :func:`posttrain.synth.label.label_prompts`,
+the SFT and DPO loops, IFEval scoring); this module only wires them and caches their artifacts. Each stage
+writes into ``OUTPUT_DIR/<stage>/`` and finishes by writing ``stage.json`` with a key: a hash of the
+stage's own settings, the run ids of the stages it reads and (for the starting model) a fingerprint of the
+model's files. A re-run reuses every stage whose key is unchanged and whose ``stage.json`` exists, so
+changing the DPO settings re-runs ``dpo``, ``eval-dpo`` and ``report`` only. A stage killed halfway has
+no ``stage.json`` and runs again from scratch, and so does every stage after it that reads it.
+
+Pipelines are YAML files validated by :class:`PipelineConfig` (every problem listed before any model
+loads); ``posttrain demo`` is ``examples/demo_smollm2.yaml`` built in (:func:`demo_config`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config
+from posttrain.records import write_jsonl
+
+STAGE_VERSION = 1
+STAGES = ("prompts", "eval-start", "sample", "sft", "eval-sft", "label", "dpo", "eval-dpo", "report")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot go on (e.g. no sample passed its verifiers); the message says what to change."""
+
+
+class PromptsConfig(Strict):
+    """Where the verifiable prompts come from: the built-in demo set, or your own IFEval-format files."""
+
+    train: str | None = Field(None, description="IFEval-format JSONL of training prompts (default: the built-in demo prompts).")
+    heldout: str | None = Field(None, description="IFEval-format JSONL of held-out prompts (default: the built-in demo prompts).")
+    ifeval: str | None = Field(None, description="IFEval-format JSONL for the fixed benchmark subset (default: the bundled IFEval subset).")
+    n_train: int = Field(96, gt=0, description="Training prompts (first N of the file, or built).")
+    n_heldout: int = Field(64, gt=0)
+    n_ifeval: int = Field(60, ge=0, description="IFEval prompts evaluated (0: none).")
+    max_instructions: int = Field(2, ge=1, le=3, description="Instructions per built prompt: 1 to this.")
+    types: list[str] | None = Field(None, description="Instruction types of built prompts (default: all the demo's types).")
+    seed: int = 0
+
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(192, gt=0)
+    batch_size: int = Field(32, gt=0, description="Sequences decoded together.")
+    bf16: bool = Field(True, description="bf16 forwards (the fast path on CPUs with bf16 matmul and on GPUs).")
+
+
+class SampleConfig(Strict):
+    """Rejection sampling from the starting model."""
+
+    k: int = Field(4, gt=0, description="Samples per training prompt.")
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_pass_rate: float = Field(1.0, gt=0, le=1, description="Share of a prompt's instructions a kept sample follows (strict).")
+    keep_per_prompt: int = Field(1, gt=0, description="Most samples kept per prompt (distinct texts, best first).")
+
+
+class LabelStageConfig(Strict):
+    """Preference pairs from the SFT model's samples (AutoIF's online DPO labelling)."""
+
+    k: int = Field(4, ge=2)
+    temperature: float = Field(0.8, gt=0)
+    min_pass_rate: float = Field(0.5, gt=0, le=1, description="The chosen response follows at least this share of instructions (strict).")
+    seed: int = 1
+
+
+class PipelineConfig(Strict):
+    model: str = Field("smollm2-135m-instruct", description="Starting model: a fetched name, zoo name, local directory or hub id.")
+    template: str | None = Field(None, description="Chat template override (default: the tokenizer's own).")
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str | None = None
+    prompts: PromptsConfig = PromptsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    sample: SampleConfig = SampleConfig()
+    sft: dict[str, Any] = Field(default_factory=dict, description="Overrides of an SFT config (adapter, train, data.max_length ...).")
+    label: LabelStageConfig = LabelStageConfig()
+    dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of a DPO config (adapter, train, dpo ...).")
+    examples: int = Field(6, ge=0, description="Held-out responses shown before and after in the report.")
+
+    @field_validator("sft", "dpo")
+    @classmethod
+    def _stage_config_valid(cls, raw: dict[str, Any], info: Any) -> dict[str, Any]:
+        # Checked now, as a full SFT or DPO config, so a typo fails before any model loads.
+        name = info.field_name
+        problems = [f"{name}.{key}: set by the pipeline, not here" for key in ("model", "output_dir") if key in raw]
+        data = dict(raw.get("data") or {})
+        if "path" in data:
+            problems.append(f"{name}.data.path: set by the pipeline (the previous stage's output), not here")
+        target = SFTConfig if name == "sft" else DPOConfig
+        try:
+            target.model_validate({**raw, "model": {"name": "x"}, "data": {**data, "path": "x"}, "output_dir": "x"})
+        except ValidationError as err:
+            problems += [
+                f"{name}.{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in err.errors()
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return raw
+
+
+#: What the demo trains with, unless a pipeline's ``sft:`` / ``dpo:`` sections say otherwise.
+SFT_DEFAULTS: dict[str, Any] = {
+    "adapter": {"kind": "lora", "r": 16, "alpha": 32},
+    "data": {"max_length": 512},
+    "train": {"lr": 4e-4, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+}
+DPO_DEFAULTS: dict[str, Any] = {
+    "adapter": {"kind": "lora", "r": 16, "alpha": 32},
+    "data": {"max_length": 512},
+    "train": {"lr": 5e-5, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+    "dpo": {"beta": 0.1},
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> PipelineConfig:
+    """A pipeline from YAML (or ``base``, for the demo) plus ``key.path=value`` overrides; every problem at once."""
+    return load_config(path if path is not None else (base or {}), overrides or [], cls=PipelineConfig)
+
+
+def demo_config(quick: bool = False) -> dict[str, Any]:
+    """``posttrain demo``'s pipeline (``examples/demo_smollm2.yaml``), or ``--quick``'s tiny one."""
+    import yaml
+
+    name = "demo_quick.yaml" if quick else "demo_smollm2.yaml"
+    return yaml.safe_load((Path(__file__).parent / "pipelines" / name).read_text())
+
+
+# -- stages and their cache ----------------------------------------------------------------------
+
+
+def key_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(name: str) -> str:
+    """Sizes and modification times of a local model's files (cheap; a rewritten checkpoint changes it)."""
+    from posttrain.models.load import resolve
+
+    path = Path(resolve(name))
+    if not path.is_dir():
+        return name  # a hub id: its name is all we know without the network
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return key_of([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+class Stages:
+    """Runs stages in order, reusing a stage whose key matches its finished ``stage.json``."""
+
+    def __init__(self, root: Path, console: Any):
+        self.root = root
+        self.console = console
+        self.runs: dict[str, str] = {}
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, inputs: dict[str, Any], after: tuple[str, ...], work: Callable[[Path], dict[str, Any] | None]) -> Path:
+        # A stage's key covers its inputs and the *runs* of the stages it reads: a stage that ran again
+        # (even with the same inputs: sampling on another machine may differ) makes its readers run again.
+        key = key_of({"stage": name, "version": STAGE_VERSION, "inputs": inputs, "after": [self.runs[a] for a in after]})
+        out = self.root / name
+        marker = out / "stage.json"
+        done = json.loads(marker.read_text()) if marker.exists() else {}
+        if done.get("key") == key and done.get("run"):
+            self.console.print(f"[bold]{name}[/]: reused (inputs unchanged since {done.get('finished', '?')})")
+            self.runs[name] = done["run"]
+            self.timings[name] = {"seconds": done.get("seconds", 0.0), "reused": True}
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        self.console.rule(f"[bold]{name}")
+        started = time.perf_counter()
+        info = work(out) or {}
+        seconds = time.perf_counter() - started
+        self.runs[name] = f"{key}-{time.time_ns()}"
+        record = {
+            "key": key,
+            "run": self.runs[name],
+            "inputs": inputs,
+            "seconds": seconds,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **info,
+        }
+        marker.write_text(json.dumps(record, indent=1, default=str))
+        self.timings[name] = {"seconds": seconds, "reused": False}
+        self.console.print(f"[bold]{name}[/]: done in {seconds:.0f} s")
+        return out
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+
+
+def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
+    """Run (or reuse) every stage; returns the summary also written to ``OUTPUT_DIR/summary.json``."""
+    from rich.console import Console
+
+    console = console or Console()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pipeline.yaml").write_text(_yaml(cfg.model_dump(mode="json")))
+    stage = Stages(root, console)
+    gen = cfg.generation.model_dump()
+    started = time.perf_counter()
+
+    prompts = stage("prompts", {"prompts": cfg.prompts.model_dump()}, (), lambda out: build_prompt_files(cfg.prompts, out))
+    start_model = {"model": cfg.model, "fingerprint": model_fingerprint(cfg.model), "template": cfg.template}
+
+    def evaluate(model: str) -> Callable[[Path], dict[str, Any]]:
+        return lambda out: evaluate_model(model, prompts, out, cfg)
+
+    stage("eval-start", {**start_model, "generation": gen}, ("prompts",), evaluate(cfg.model))
+    sample = stage(
+        "sample",
+        {**start_model, "generation": gen, "sample": cfg.sample.model_dump(), "seed": cfg.seed},
+        ("prompts",),
+        lambda out: rejection_sample(cfg, prompts / "train.jsonl", out),
+    )
+    sft = stage(
+        "sft",
+        {**start_model, "sft": deep_merge(SFT_DEFAULTS, cfg.sft), "seed": cfg.seed},
+        ("sample",),
+        lambda out: train_stage("sft", cfg, cfg.model, sample / "kept.jsonl", out),
+    )
+    sft_model = str(sft / "merged")
+    stage("eval-sft", {"generation": gen}, ("prompts", "sft"), evaluate(sft_model))
+    label = stage(
+        "label",
+        {"generation": gen, "label": cfg.label.model_dump()},
+        ("prompts", "sft"),
+        lambda out: label_stage(cfg, sft_model, prompts / "train.jsonl", out),
+    )
+    dpo = stage(
+        "dpo",
+        {"dpo": deep_merge(DPO_DEFAULTS, cfg.dpo), "seed": cfg.seed},
+        ("label", "sft"),
+        lambda out: train_stage("dpo", cfg, sft_model, label / "pairs.jsonl", out),
+    )
+    stage("eval-dpo", {"generation": gen}, ("prompts", "dpo"), evaluate(str(dpo / "merged")))
+
+    from posttrain.demo import report
+
+    summary = report.write(root, cfg, stage.timings, time.perf_counter() - started)
+    report.print_summary(summary, console)
+    return summary
+
+
+def build_prompt_files(p: PromptsConfig, out: Path) -> dict[str, Any]:
+    """``train.jsonl``, ``heldout.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``."""
+    from posttrain.demo import prompts as demo_prompts
+    from posttrain.verify.scoring import read_prompt_records
+
+    def given(path: str, n: int) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in read_prompt_records(path)[:n]]
+
+    train = given(p.train, p.n_train) if p.train else demo_prompts.build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types)
+    heldout = (
+        given(p.heldout, p.n_heldout)
+        if p.heldout
+        else demo_prompts.build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types)
+    )
+    ifeval = (given(p.ifeval, p.n_ifeval) if p.ifeval else demo_prompts.ifeval_subset(p.n_ifeval)) if p.n_ifeval else []
+    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval}
+    if overlap:
+        raise PipelineError(f"{len(overlap)} held-out or IFEval prompt(s) are also training prompts (first: {next(iter(overlap))[:80]!r})")
+    for name, records in (("train", train), ("heldout", heldout), ("ifeval", ifeval)):
+        write_jsonl(out / f"{name}.jsonl", records)
+    return {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval)}
+
+
+def _engine(model: str, cfg: PipelineConfig) -> Any:
+    from posttrain.generate.engine import Engine
+
+    return Engine.from_name(model, device=cfg.device, batch_size=cfg.generation.batch_size, template=cfg.template)
+
+
+def evaluate_model(model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """Greedy responses to the held-out and IFEval prompts, scored strict and loose: ``scores.json`` and per-item files."""
+    from posttrain.eval import ifeval
+    from posttrain.generate.engine import SamplingParams
+    from posttrain.verify.scoring import read_prompt_records
+
+    sets = {
+        name: read_prompt_records(prompts / f"{name}.jsonl") for name in ("heldout", "ifeval") if (prompts / f"{name}.jsonl").stat().st_size
+    }
+    records = [r for rs in sets.values() for r in rs]
+    params = SamplingParams(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0, bf16=cfg.generation.bf16)
+    outputs = _engine(model, cfg).generate([r.prompt for r in records], params)
+    texts = iter([c[0].text for c in outputs])
+    scores: dict[str, Any] = {}
+    for name, rs in sets.items():
+        result = ifeval.score(rs, [next(texts) for _ in rs])
+        ifeval.write_per_item(out / f"{name}.jsonl", result)
+        scores[name] = summary_dict(result.summary)
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    return {"model": model, **{f"{n}_prompt_loose": s["prompt_loose"] for n, s in scores.items()}}
+
+
+def summary_dict(s: Any) -> dict[str, Any]:
+    """IFEval scores in percent, with per-type instruction-level accuracy."""
+    return {
+        "prompt_strict": 100 * s.prompt_strict,
+        "inst_strict": 100 * s.inst_strict,
+        "prompt_loose": 100 * s.prompt_loose,
+        "inst_loose": 100 * s.inst_loose,
+        "prompts": s.num_prompts,
+        "instructions": s.num_instructions,
+        "per_type": {t: {"count": v.count, "strict": 100 * v.strict, "loose": 100 * v.loose} for t, v in s.per_type.items()},
+    }
+
+
+def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dict[str, Any]:
+    """K samples per prompt from the starting model; the ones that follow every instruction become SFT data.
+
+    ``kept.jsonl``: messages records (user prompt, assistant response), at most ``keep_per_prompt`` per
+    prompt, distinct texts, highest strict pass rate first. ``samples.jsonl``: every sample with its
+    verdicts, so what was kept and why can be read back.
+    """
+    from posttrain.generate.engine import SamplingParams
+    from posttrain.verify.scoring import read_prompt_records, score_response
+
+    s = cfg.sample
+    records = read_prompt_records(train_prompts)
+    params = SamplingParams(
+        n=s.k,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        seed=cfg.seed,
+        bf16=cfg.generation.bf16,
+    )
+    outputs = _engine(cfg.model, cfg).generate([r.prompt for r in records], params)
+    kept, samples, truncated = [], [], 0
+    for record, completions in zip(records, outputs):
+        scored = []
+        for c in completions:
+            verdict = score_response(record, c.text)
+            rate = sum(i.strict for i in verdict.instructions) / len(verdict.instructions)
+            # A response cut by max_new_tokens is not one the model would give: never train on it.
+            ok = rate >= s.min_pass_rate and c.finish_reason != "length" and bool(c.text.strip())
+            truncated += c.finish_reason == "length"
+            samples.append(
+                {
+                    "key": record.key,
+                    "prompt": record.prompt,
+                    "response": c.text,
+                    "pass_rate": rate,
+                    "finish_reason": c.finish_reason,
+                    "kept": False,
+                }
+            )
+            scored.append((rate, ok, c.text, len(samples) - 1))
+        seen: set[str] = set()
+        for rate, ok, text, index in sorted(scored, key=lambda t: -t[0]):
+            if ok and text not in seen and len(seen) < s.keep_per_prompt:
+                seen.add(text)
+                samples[index]["kept"] = True
+                kept.append(
+                    {
+                        "messages": [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": text}],
+                        "meta": {"key": record.key, "pass_rate": rate},
+                    }
+                )
+    write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(out / "kept.jsonl", kept)
+    info = {
+        "prompts": len(records),
+        "samples": len(samples),
+        "sample_pass_rate": 100 * sum(x["pass_rate"] == 1.0 for x in samples) / max(1, len(samples)),
+        "truncated": truncated,
+        "kept": len(kept),
+        "prompts_with_kept": len({k["meta"]["key"] for k in kept}),
+    }
+    if not kept:
+        raise PipelineError(
+            f"rejection sampling kept nothing: none of {len(samples)} samples followed its instructions "
+            f"(sample.min_pass_rate {s.min_pass_rate}); raise sample.k or generation.max_new_tokens, or lower sample.min_pass_rate"
+        )
+    return info
+
+
+def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path) -> dict[str, Any]:
+    """``posttrain label`` on the training prompts with the SFT model: ``pairs.jsonl`` and ``summary.json``."""
+    from posttrain.synth.label import label_prompts, read_prompts
+
+    prompts = read_prompts(train_prompts)
+    records, summary = label_prompts(
+        _engine(model, cfg),
+        prompts,
+        k=cfg.label.k,
+        temperature=cfg.label.temperature,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        seed=cfg.label.seed,
+        bf16=cfg.generation.bf16,
+        min_pass_rate=cfg.label.min_pass_rate,
+    )
+    write_jsonl(out / "pairs.jsonl", records)
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+    if not records:
+        raise PipelineError(
+            f"labelling made no preference pairs from {summary.prompts} prompts (skipped: {summary.skipped}); raise label.k"
+        )
+    return {"pairs": summary.pairs, "skipped": summary.skipped}
+
+
+def train_stage(kind: Literal["sft", "dpo"], cfg: PipelineConfig, model: str, data: Path, out: Path) -> dict[str, Any]:
+    """SFT or DPO from ``model`` on ``data`` into ``out/run``, merged into ``out/merged`` for the next stage."""
+    from posttrain.train import dpo, sft
+
+    defaults, overrides, cls = (SFT_DEFAULTS, cfg.sft, SFTConfig) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo, DPOConfig)
+    raw = deep_merge(defaults, overrides)
+    raw = deep_merge(raw, {"model": {"name": model}, "data": {"path": str(data), "template": cfg.template}, "output_dir": str(out / "run")})
+    raw.setdefault("train", {}).setdefault("seed", cfg.seed)
+    if cfg.device:
+        raw["train"].setdefault("device", cfg.device)
+    try:
+        config = cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([f"{kind}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from err
+    result = (sft.train if kind == "sft" else dpo.train)(config)
+    sft.export(result.run_dir, out / "merged")
+    return {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None}
+
+
+def _yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)

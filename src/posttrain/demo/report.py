@@ -1,0 +1,328 @@
+"""The pipeline's report: ``summary.json``, a printed table, and a self-contained ``report.html``.
+
+The page has the headline table (start, SFT and DPO models on the held-out prompts and the IFEval
+subset), what each stage made and how long it took, plots (pass rate per instruction type, the
+headline accuracies, SFT and DPO training curves; matplotlib PNGs embedded as data URIs, also saved
+beside the page) and held-out responses before and after for the same prompts. Plain HTML and CSS,
+no scripts, so it opens anywhere and renders the same in a headless browser (:func:`screenshot`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from posttrain.records import read_jsonl
+
+MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
+HEADLINE = (
+    ("prompt_strict", "prompt strict"),
+    ("inst_strict", "inst strict"),
+    ("prompt_loose", "prompt loose"),
+    ("inst_loose", "inst loose"),
+)
+COLORS = ("#9aa5b1", "#4c78a8", "#e45756")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Everything the report shows, as JSON-able data (also ``summary.json``)."""
+    scores = {label: _json(root / stage / "scores.json") for label, stage in MODELS}
+    gain = {}
+    for split in ("heldout", "ifeval"):
+        if scores["start"].get(split) and scores["DPO"].get(split):
+            gain[split] = {k: scores["DPO"][split][k] - scores["start"][split][k] for k, _ in HEADLINE}
+    return {
+        "model": cfg.model,
+        "output_dir": str(root),
+        "seconds": seconds,
+        "scores": scores,
+        "gain_start_to_dpo": gain,
+        "prompts": _json(root / "prompts" / "stage.json"),
+        "sample": {k: v for k, v in _json(root / "sample" / "stage.json").items() if k not in ("inputs",)},
+        "label": _json(root / "label" / "summary.json"),
+        "sft": {k: v for k, v in _json(root / "sft" / "stage.json").items() if k in ("steps", "final_loss")},
+        "dpo": {k: v for k, v in _json(root / "dpo" / "stage.json").items() if k in ("steps", "final_loss")},
+        "stages": timings,
+    }
+
+
+def write(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Write ``summary.json``, ``report/*.png`` and ``report.html`` under ``root``; returns the summary."""
+    summary = collect(root, cfg, timings, seconds)
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    plots = root / "report"
+    plots.mkdir(exist_ok=True)
+    figures = {
+        "per_type": plot_per_type(summary, plots / "per_type.png"),
+        "headline": plot_headline(summary, plots / "headline.png"),
+        "training": plot_training(root, plots / "training.png"),
+    }
+    (root / "report.html").write_text(render_html(root, cfg, summary, figures), encoding="utf-8")
+    return summary
+
+
+def print_summary(summary: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    for split, title in (("heldout", "held-out prompts (never trained on)"), ("ifeval", "IFEval subset")):
+        table = Table(title=f"{title}, %", title_justify="left")
+        table.add_column("model")
+        for _, name in HEADLINE:
+            table.add_column(name, justify="right")
+        for label, _ in MODELS:
+            s = summary["scores"][label].get(split)
+            if s:
+                table.add_row(label, *(f"{s[k]:.1f}" for k, _ in HEADLINE))
+        if split in summary["gain_start_to_dpo"]:
+            table.add_row("DPO − start", *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" for k, _ in HEADLINE), style="bold")
+        if table.row_count:
+            console.print(table)
+    console.print(f"report: {Path(summary['output_dir']) / 'report.html'}   ({summary['seconds'] / 60:.1f} min)")
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_type(summary: dict[str, Any], path: Path) -> Path | None:
+    """Held-out instruction-level loose pass rate per instruction type, one bar per model."""
+    from posttrain.demo.prompts import type_label
+
+    per = {label: summary["scores"][label].get("heldout", {}).get("per_type", {}) for label, _ in MODELS}
+    types = sorted(per["start"] or per["DPO"], key=lambda t: per["start"].get(t, {}).get("loose", 0))
+    if not types:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(types) + 1.4), dpi=110)
+    for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
+        ys = [j + (1 - i) * 0.27 for j in range(len(types))]
+        ax.barh(ys, [per[label].get(t, {}).get("loose", 0) for t in types], height=0.27, color=color, label=label)
+    ax.set_yticks(range(len(types)), [f"{type_label(t)} ({per['start'].get(t, {}).get('count', 0)})" for t in types], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("instructions followed, held-out prompts, loose (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
+    groups = [
+        (split, key, f"{'held-out' if split == 'heldout' else 'IFEval'}\n{name}")
+        for split in ("heldout", "ifeval")
+        for key, name in HEADLINE
+        if summary["scores"]["start"].get(split)
+    ]
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
+        values = [summary["scores"][label].get(split, {}).get(key, 0) for split, key, _ in groups]
+        bars = ax.bar([j + (i - 1) * 0.27 for j in range(len(groups))], values, width=0.27, color=color, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_xticks(range(len(groups)), [g[2] for g in groups], fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncols=3, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(root: Path, path: Path) -> Path | None:
+    """SFT loss; DPO loss and reward accuracy; per optimizer step."""
+    from posttrain.train.loop import read_metrics
+
+    sft, dpo = read_metrics(root / "sft" / "run"), read_metrics(root / "dpo" / "run")
+    if not sft and not dpo:
+        return None
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+    if sft:
+        a.plot([r["step"] for r in sft], [r["loss"] for r in sft], color=COLORS[1], lw=1.5)
+    a.set_title("SFT on verified samples", fontsize=9)
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("loss (mean over trained tokens)")
+    a.grid(alpha=0.3)
+    if dpo:
+        b.plot([r["step"] for r in dpo], [r["loss"] for r in dpo], color=COLORS[2], lw=1.5, label="DPO loss")
+        b.set_ylabel("DPO loss")
+        if any("accuracy" in r for r in dpo):
+            b2 = b.twinx()
+            b2.plot(
+                [r["step"] for r in dpo if "accuracy" in r],
+                [r["accuracy"] for r in dpo if "accuracy" in r],
+                color="#54a24b",
+                lw=1,
+                ls="--",
+                label="reward accuracy",
+            )
+            b2.set_ylim(0, 1.05)
+            b2.set_ylabel("reward accuracy", fontsize=8)
+    b.set_title("DPO on verifier-labelled pairs", fontsize=9)
+    b.set_xlabel("optimizer step")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- the page ------------------------------------------------------------------------------------
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em auto; max-width: 1100px; color: #1f2933; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #d9e2ec; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .6em 0; } th, td { padding: .25em .7em; border-bottom: 1px solid #e4e7eb; text-align: right; }
+th:first-child, td:first-child { text-align: left; } th { background: #f5f7fa; }
+tr.gain td { font-weight: 600; } .up { color: #137333; } .down { color: #b3261e; }
+img { max-width: 100%; border: 1px solid #e4e7eb; margin: .4em 0; }
+.muted { color: #616e7c; } code { background: #f5f7fa; padding: 0 .25em; }
+.example { border: 1px solid #d9e2ec; border-radius: 6px; margin: 1em 0; padding: .6em .9em; }
+.example .prompt { font-weight: 600; white-space: pre-wrap; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: .8em; margin-top: .5em; }
+.resp { white-space: pre-wrap; background: #f8fafc; padding: .5em; border-radius: 4px; font-size: 13px; max-height: 22em; overflow: auto; }
+.badge { display: inline-block; font-size: 11px; padding: 0 .5em; border-radius: 9px; margin-left: .4em; }
+.pass { background: #d3f3dc; color: #0b5a25; } .fail { background: #fbd5d2; color: #8a1c13; }
+"""
+
+
+def _figure(path: Path | None, alt: str) -> str:
+    if path is None or not path.exists():
+        return f"<p class=muted>({html.escape(alt)}: no data)</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _scores_table(summary: dict[str, Any], split: str) -> str:
+    rows = []
+    for label, _ in MODELS:
+        s = summary["scores"][label].get(split)
+        if s:
+            rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{s[k]:.1f}</td>" for k, _ in HEADLINE) + "</tr>")
+    gain = summary["gain_start_to_dpo"].get(split)
+    if gain:
+        rows.append(
+            "<tr class=gain><td>DPO − start</td>"
+            + "".join(f"<td class={'up' if gain[k] > 0 else 'down' if gain[k] < 0 else ''}>{gain[k]:+.1f}</td>" for k, _ in HEADLINE)
+            + "</tr>"
+        )
+    if not rows:
+        return ""
+    head = "<tr><th>model</th>" + "".join(f"<th>{n}</th>" for _, n in HEADLINE) + "</tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _stage_table(summary: dict[str, Any]) -> str:
+    sample, label = summary.get("sample", {}), summary.get("label", {})
+    made = {
+        "prompts": f"{summary['prompts'].get('train', 0)} train · {summary['prompts'].get('heldout', 0)} held-out · {summary['prompts'].get('ifeval', 0)} IFEval",
+        "sample": f"{sample.get('samples', 0)} samples, {sample.get('sample_pass_rate', 0):.0f}% follow every instruction; kept {sample.get('kept', 0)} from {sample.get('prompts_with_kept', 0)} prompts",
+        "sft": f"{summary['sft'].get('steps', '?')} steps, final loss {summary['sft'].get('final_loss') or float('nan'):.3f}",
+        "label": f"{label.get('pairs', 0)} pairs from {label.get('prompts', 0)} prompts; skipped {label.get('skipped', {})}",
+        "dpo": f"{summary['dpo'].get('steps', '?')} steps, final loss {summary['dpo'].get('final_loss') or float('nan'):.3f}",
+    }
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{t['seconds']:.0f}{' (reused)' if t.get('reused') else ''}</td><td style='text-align:left'>{html.escape(made.get(name, ''))}</td></tr>"
+        for name, t in summary["stages"].items()
+    )
+    return f"<table><tr><th>stage</th><th>seconds</th><th style='text-align:left'>made</th></tr>{rows}</table>"
+
+
+def pick_examples(root: Path, n: int) -> list[dict[str, Any]]:
+    """Held-out prompts with start and DPO responses: the ones DPO turned from failing to passing first."""
+    start, dpo = root / "eval-start" / "heldout.jsonl", root / "eval-dpo" / "heldout.jsonl"
+    if not (start.exists() and dpo.exists()) or n == 0:
+        return []
+    pairs = list(zip(read_jsonl(start), read_jsonl(dpo)))
+    order = sorted(range(len(pairs)), key=lambda i: (not (not all(pairs[i][0]["loose"]) and all(pairs[i][1]["loose"])), i))
+    return [{"before": pairs[i][0], "after": pairs[i][1]} for i in order[:n]]
+
+
+def _response(item: dict[str, Any], title: str) -> str:
+    from posttrain.demo.prompts import type_label
+
+    badges = "".join(
+        f"<span class='badge {'pass' if ok else 'fail'}'>{html.escape(type_label(t))} {'✓' if ok else '✗'}</span>"
+        for t, ok in zip(item["instruction_id_list"], item["loose"])
+    )
+    return f"<div><div>{title}{badges}</div><div class=resp>{html.escape(item['response']) or '<i>(empty)</i>'}</div></div>"
+
+
+def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
+    gain = summary["gain_start_to_dpo"].get("heldout", {}).get("prompt_loose")
+    lead = (
+        f"Held-out prompt-level loose accuracy: <b>{gain:+.1f} points</b> from the starting model to the DPO model."
+        if gain is not None
+        else ""
+    )
+    examples = "".join(
+        f"<div class=example><div class=prompt>{html.escape(e['before']['prompt'])}</div><div class=pair>{_response(e['before'], 'start')}{_response(e['after'], 'DPO')}</div></div>"
+        for e in pick_examples(root, cfg.examples)
+    )
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>posttrain pipeline report: {html.escape(cfg.model)}</title><style>{CSS}</style></head>
+<body>
+<h1>Instruction following: {html.escape(cfg.model)}</h1>
+<p class=muted>posttrain pipeline in <code>{html.escape(str(root))}</code>, {summary["seconds"] / 60:.1f} min. Start → rejection-sampling SFT → verifier-labelled DPO.
+Held-out prompts use everyday queries and instruction phrasings never seen in training; the IFEval subset is a fixed set of IFEval's own prompts.</p>
+<p>{lead}</p>
+<h2>Held-out prompts (%)</h2>{_scores_table(summary, "heldout")}
+<h2>IFEval subset (%)</h2>{_scores_table(summary, "ifeval") or "<p class=muted>not evaluated</p>"}
+{_figure(figures.get("headline"), "accuracy by model")}
+<h2>Pass rate per instruction type (held-out)</h2>{_figure(figures.get("per_type"), "pass rate per instruction type")}
+<h2>Training</h2>{_figure(figures.get("training"), "training curves")}
+<h2>Stages</h2>{_stage_table(summary)}
+<h2>Responses before and after (held-out)</h2>{examples or "<p class=muted>none</p>"}
+</body></html>
+"""
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def screenshot(page: Path, out: Path, *, width: int = 1200, height: int = 3000, timeout: float = 120) -> Path:
+    """Render ``page`` in headless Chromium and save a PNG (raises if Chromium is missing or fails)."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("no Chromium on PATH (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        # No background networking: this machine's closed network would refuse its connections anyway.
+        cmd = [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
+            f"--window-size={width},{height}", f"--screenshot={Path(out).resolve()}", Path(page).resolve().as_uri(),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 or not Path(out).exists():
+        raise RuntimeError(f"chromium failed ({done.returncode}): {done.stderr[-2000:]}")
+    return Path(out)

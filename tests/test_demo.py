@@ -1,0 +1,116 @@
+"""`posttrain demo --quick` and `posttrain run`: every stage runs on a tiny model, artifacts are reused, the report renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from posttrain.cli import app
+from posttrain.config import ConfigError
+from posttrain.demo import pipeline, report
+
+STAGE_DIRS = ("prompts", "eval-start", "sample", "sft", "eval-sft", "label", "dpo", "eval-dpo")
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    result = _invoke("demo", "--quick", "--output-dir", str(out))
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_quick_demo_writes_report_and_summary(quick_run):
+    out, output = quick_run
+    for name in STAGE_DIRS:
+        assert (out / name / "stage.json").is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for label in ("start", "SFT", "DPO"):
+        held = summary["scores"][label]["heldout"]
+        assert held["prompts"] == 12 and 0 <= held["prompt_loose"] <= 100
+        assert summary["scores"][label]["ifeval"]["prompts"] == 6
+    assert summary["sample"]["kept"] > 0 and summary["label"]["pairs"] > 0
+    assert summary["sft"]["steps"] == 4 and summary["dpo"]["steps"] == 4
+    assert set(summary["gain_start_to_dpo"]) == {"heldout", "ifeval"}
+    page = (out / "report.html").read_text()
+    assert page.count("<table>") >= 3 and page.count("data:image/png;base64,") == 3
+    assert "Responses before and after" in page and "class=example" in page
+    # the printed summary table, and the merged models the later stages read
+    assert "held-out prompts" in output and "DPO − start" in output
+    assert (out / "sft" / "merged" / "config.json").is_file() and (out / "dpo" / "merged" / "config.json").is_file()
+    # training data came from verified samples only
+    kept = [json.loads(line) for line in (out / "sample" / "kept.jsonl").read_text().splitlines()]
+    assert kept and all(k["meta"]["pass_rate"] == 1.0 for k in kept)
+
+
+def test_rerun_reuses_every_stage_and_a_changed_stage_reruns_it_and_what_follows(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = _invoke("demo", "--quick", "--output-dir", str(copy))
+    assert result.exit_code == 0, result.output
+    stages = json.loads((copy / "summary.json").read_text())["stages"]
+    assert all(stages[name]["reused"] for name in STAGE_DIRS), stages
+
+    result = _invoke("demo", "--quick", "--output-dir", str(copy), "--set", "dpo.train.lr=5e-4")
+    assert result.exit_code == 0, result.output
+    stages = json.loads((copy / "summary.json").read_text())["stages"]
+    rerun = {name for name in STAGE_DIRS if not stages[name]["reused"]}
+    assert rerun == {"dpo", "eval-dpo"}, stages
+
+
+def test_interrupted_stage_runs_again(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "label" / "stage.json").unlink()  # as if killed before it finished
+    result = _invoke("demo", "--quick", "--output-dir", str(copy))
+    assert result.exit_code == 0, result.output
+    stages = json.loads((copy / "summary.json").read_text())["stages"]
+    assert {name for name in STAGE_DIRS if not stages[name]["reused"]} == {"label", "dpo", "eval-dpo"}
+
+
+def test_pipeline_config_lists_every_problem_before_loading_anything(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: tiny-qwen2\nprompts: {n_train: 0}\nsft: {train: {lr: -1, epochs: 2}, model: {name: x}, bogus: 1}\ndpo: {dpo: {loss_type: nope}}\nextra: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        pipeline.load_pipeline(bad)
+    message = str(info.value)
+    for needle in ("prompts.n_train", "sft.train.lr", "sft.model", "sft.bogus", "dpo.dpo.loss_type", "extra"):
+        assert needle in message, (needle, message)
+    result = _invoke("run", str(bad))
+    assert result.exit_code == 1 and "sft.train.lr" in result.output
+
+
+def test_examples_demo_pipeline_is_the_builtin_demo():
+    import yaml
+
+    example = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "demo_smollm2.yaml").read_text())
+    assert example == pipeline.demo_config(quick=False)
+    for name in ("demo_smollm2.yaml", "pipeline_qwen2.5_0.5b.yaml"):
+        pipeline.load_pipeline(None, base=yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / name).read_text()))
+
+
+@pytest.mark.skipif(report.find_chromium() is None, reason="no Chromium on PATH (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(quick_run, tmp_path):
+    out, _ = quick_run
+    png = report.screenshot(out / "report.html", tmp_path / "report.png", height=2400)
+    from PIL import Image
+
+    image = Image.open(png).convert("L")
+    assert image.size == (1200, 2400)
+    # a rendered page with tables and plots, not a blank or error page: many distinct grey levels, dark text on white
+    histogram = image.histogram()
+    assert sum(1 for count in histogram if count > 50) > 40
+    assert histogram[255] < 0.95 * sum(histogram)
