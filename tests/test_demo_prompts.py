@@ -144,6 +144,11 @@ def test_types_are_spread_evenly_and_instruction_counts_mixed() -> None:
     sizes = Counter(len(r["instruction_id_list"]) for r in records)
     assert sizes[1] == sizes[2] == 32
     assert all(len(r["instruction_id_list"]) == 1 for r in dp.build_prompts("train", 20, seed=0, max_instructions=1))
+    three = dp.build_prompts("train", 60, seed=0, max_instructions=3)
+    assert Counter(len(r["instruction_id_list"]) for r in three) == {1: 20, 2: 20, 3: 20}
+    for record in three:
+        ids = record["instruction_id_list"]
+        assert not any(dp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
 
 
 def test_types_argument_restricts_and_is_validated() -> None:
@@ -154,6 +159,8 @@ def test_types_argument_restricts_and_is_validated() -> None:
     assert all(len(r["instruction_id_list"]) == 1 for r in clashing)  # a conflicting pair never shares a prompt
     with pytest.raises(ValueError, match="unknown instruction types.*no_such:type"):
         dp.build_prompts("train", 5, seed=0, types=["no_such:type"])
+    with pytest.raises(ValueError, match="max_instructions must be >= 1"):
+        dp.build_prompts("train", 5, seed=0, max_instructions=0)
     with pytest.raises(ValueError, match="split must be one of"):
         dp.build_prompts("test", 5, seed=0)  # type: ignore[arg-type]
 

@@ -11,7 +11,7 @@ small, deterministic table plus a round robin.
 - :func:`split_queries`: queries split train / held-out by a hash of their text (about 1 in 5 held
   out), so the split is the same on every machine and survives edits to other lines.
 - :func:`build_prompts`: IFEval-format records (``key``, ``prompt``, ``instruction_id_list``,
-  ``kwargs``), one or two instructions per prompt (about half each), types spread evenly, never two
+  ``kwargs``), 1 to ``max_instructions`` instructions per prompt (default 2: about half each), types spread evenly, never two
   conflicting types (:data:`CONFLICTS`). Deterministic for a seed; a prefix of a longer build.
 - :func:`ifeval_subset`: a fixed subset of IFEval's prompts that a ~256-token response can satisfy,
   shipped as ``data/ifeval_subset.jsonl`` (lines byte-identical to IFEval's; see ``IFEVAL_NOTICE.md``);
@@ -418,11 +418,12 @@ def render(phrasing: str, kwargs: dict[str, Any]) -> str:
 
 
 def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, types: list[str] | None = None) -> list[dict[str, Any]]:
-    """``n`` IFEval-format prompts for ``split``: a query of that split, then one or two instruction phrasings of that split.
+    """``n`` IFEval-format prompts for ``split``: a query of that split, then instruction phrasings of that split.
 
-    With ``max_instructions=2`` prompts alternate one and two instructions. Each instruction slot
-    takes a least-used type so far (ties broken at random) that does not conflict with the prompt's
-    other type; phrasings of a type are used in turn, queries in a seeded shuffled order. Records are
+    Prompts cycle through 1, 2, ..., ``max_instructions`` instructions (with the default 2: half one,
+    half two; fewer where the types left all conflict with those picked). Each instruction slot
+    takes a least-used type so far (ties broken at random) that conflicts with none already
+    picked for the prompt; phrasings of a type are used in turn, queries in a seeded shuffled order. Records are
     ``{"key", "prompt", "instruction_id_list", "kwargs"}``, as :class:`posttrain.verify.scoring.PromptRecord`
     reads them. The same arguments give the same records on any machine, and a build of ``n`` is the
     first ``n`` records of any longer build with the same seed.
@@ -432,8 +433,8 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
         problems.append(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         problems.append(f"n must be >= 0, got {n}")
-    if max_instructions not in (1, 2):
-        problems.append(f"max_instructions must be 1 or 2, got {max_instructions}")
+    if max_instructions < 1:
+        problems.append(f"max_instructions must be >= 1, got {max_instructions}")
     chosen = list(TYPE_BY_ID) if types is None else list(dict.fromkeys(types))
     unknown = [t for t in chosen if t not in TYPE_BY_ID]
     if unknown:
@@ -457,10 +458,11 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
     for index in range(n):
         query = pool[index % len(pool)]
         picked = [least_used(chosen)]
-        if max_instructions == 2 and index % 2 == 1:
-            allowed = [t for t in chosen if not conflicts(t, picked[0])]
-            if allowed:
-                picked.append(least_used(allowed))
+        for _ in range(index % max_instructions):
+            allowed = [t for t in chosen if not any(conflicts(t, p) for p in picked)]
+            if not allowed:
+                break
+            picked.append(least_used(allowed))
         phrases, all_kwargs, avoid = [], [], frozenset[str]()
         for type_id in picked:
             kind = TYPE_BY_ID[type_id]
