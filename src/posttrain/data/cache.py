@@ -6,8 +6,10 @@ merges and special tokens), the chat template text, the render options, the inpu
 tokenizes nothing; change any of those and it tokenizes again. Never keyed by a name that could later
 mean something else.
 
-Rendering (Python and Jinja, the slow part) runs in a process pool; tokenization runs in one batch call
-per chunk, which the Rust tokenizer spreads over the cores. Our own code, small, on numpy arrays.
+In one process, records are rendered (Python and Jinja) and tokenized in chunks of ``CHUNK`` records, one
+batch call per chunk, which the Rust tokenizer spreads over the cores. With ``num_proc > 1`` and more than one
+chunk, a process pool renders *and* tokenizes smaller chunks, and sends back flat arrays. Our own code, small,
+on numpy arrays.
 """
 
 from __future__ import annotations
@@ -20,17 +22,29 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from posttrain.data.chat import IGNORE, ChatRenderer, Rendered, RenderOptions, RenderStats
+from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
 from posttrain.data.formats import ReadReport, read_records
 from posttrain.models import zoo
 
 TRANSFORM_VERSION = 3
 CHUNK = 1024
+MIN_POOL_CHUNK = 128
+
+
+@dataclass
+class Chunk:
+    """The kept examples of some records as flat arrays (``lengths[i]`` tokens each), with their stats."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    stats: RenderStats
 
 
 @dataclass
@@ -60,7 +74,18 @@ class TokenizedData:
         lengths = [len(ex["input_ids"]) for ex in examples]
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = lambda key: np.fromiter((t for ex in examples for t in ex[key]), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
+        flat = lambda key: np.fromiter(chain.from_iterable(ex[key] for ex in examples), dtype=np.int32, count=int(offsets[-1]))
+        return cls(flat("input_ids"), flat("labels"), offsets, stats)
+
+    @classmethod
+    def from_chunks(cls, chunks: list[Chunk]) -> TokenizedData:
+        stats = RenderStats()
+        for c in chunks:
+            stats.merge(c.stats)
+        lengths = np.concatenate([c.lengths for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = lambda key: np.concatenate([getattr(c, key) for c in chunks]) if chunks else np.zeros(0, dtype=np.int32)
         return cls(flat("input_ids"), flat("labels"), offsets, stats)
 
     def save(self, path: Path) -> None:
@@ -122,18 +147,79 @@ def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, for
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-# Worker state for the rendering pool (set once per process by the initializer).
+# Worker state for the pool (set once per process by the initializer).
 _worker_renderer: ChatRenderer | None = None
 
 
 def _init_worker(tokenizer: Any, options: RenderOptions) -> None:
     global _worker_renderer
+    # Each worker tokenizes its own chunks on one core; the tokenizer's own threads would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_renderer = ChatRenderer(tokenizer, options)
 
 
-def _render_chunk(records: list[dict]) -> list[list[Rendered]]:
+def _work(records: list[dict]) -> Chunk:
     assert _worker_renderer is not None
-    return [_worker_renderer.to_texts(r) for r in records]
+    return tokenize_chunk(records, _worker_renderer)
+
+
+def tokenize_chunk(records: list[dict], renderer: ChatRenderer) -> Chunk:
+    """Render and tokenize ``records`` (one batch call); a preference record's two examples are kept or dropped together."""
+    stats = RenderStats()
+    groups = [renderer.to_texts(r) for r in records]
+    flat = renderer.tokenize([r for group in groups for r in group], stats)
+    kept: list[dict] = []
+    at = 0
+    for group in groups:
+        made = flat[at : at + len(group)]
+        at += len(group)
+        if all(ex is not None for ex in made):
+            kept.extend(made)
+        else:
+            partners = [ex for ex in made if ex is not None]
+            stats.dropped_with_partner += len(partners)
+            stats.kept -= len(partners)
+            stats.tokens -= sum(len(ex["input_ids"]) for ex in partners)
+            stats.trained_tokens -= sum(sum(label != IGNORE for label in ex["labels"]) for ex in partners)
+    lengths = np.fromiter((len(ex["input_ids"]) for ex in kept), dtype=np.int64, count=len(kept))
+    total = int(lengths.sum())
+    flat_of = lambda key: np.fromiter(chain.from_iterable(ex[key] for ex in kept), dtype=np.int32, count=total)
+    return Chunk(flat_of("input_ids"), flat_of("labels"), lengths, stats)
+
+
+def tokenize_chunks(
+    records: list[dict],
+    renderer: ChatRenderer,
+    *,
+    num_proc: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Chunk]:
+    """Render and tokenize ``records`` chunk by chunk, in order; in a pool of ``num_proc`` processes (default: the
+    cores, at most 8) when there are more than ``CHUNK`` records.
+
+    In one process, chunks of ``CHUNK`` records make big batches for the tokenizer's own threads. In the pool, each
+    process renders and tokenizes whole chunks, about four per process (so they finish together) of at least
+    ``MIN_POOL_CHUNK`` records, and sends back flat arrays: every step runs in parallel and little is copied.
+    Below ``CHUNK`` records, starting the processes costs more than they save.
+    """
+    num_proc = num_proc if num_proc is not None else min(os.cpu_count() or 1, 8)
+    parallel = num_proc > 1 and len(records) > CHUNK
+    size = min(CHUNK, max(MIN_POOL_CHUNK, -(-len(records) // (4 * num_proc)))) if parallel else CHUNK
+    chunks = [records[k : k + size] for k in range(0, len(records), size)]
+    out: list[Chunk] = []
+    if parallel:
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(min(num_proc, len(chunks)), initializer=_init_worker, initargs=(renderer.tokenizer, renderer.options)) as pool:
+            for chunk, done in zip(chunks, pool.imap(_work, chunks)):
+                out.append(done)
+                if progress:
+                    progress(len(chunk))
+    else:
+        for chunk in chunks:
+            out.append(tokenize_chunk(chunk, renderer))
+            if progress:
+                progress(len(chunk))
+    return out
 
 
 def tokenize_records(
@@ -143,41 +229,15 @@ def tokenize_records(
     num_proc: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], RenderStats]:
-    """Render (in a pool when worth it) and tokenize (batched); returns kept examples and the stats.
+    """Render and tokenize (in a pool when worth it); returns kept examples and the stats.
 
     A preference record gives two consecutive examples (chosen, rejected), kept or dropped together.
     """
-    stats = RenderStats()
-    chunks = [records[k : k + CHUNK] for k in range(0, len(records), CHUNK)]
-    num_proc = num_proc if num_proc is not None else min(os.cpu_count() or 1, 8)
-    examples: list[dict] = []
-
-    def consume(groups: list[list[Rendered]], n: int) -> None:
-        flat = renderer.tokenize([r for group in groups for r in group], stats)
-        at = 0
-        for group in groups:
-            made = flat[at : at + len(group)]
-            at += len(group)
-            if all(ex is not None for ex in made):
-                examples.extend(made)
-            else:
-                kept = sum(ex is not None for ex in made)
-                stats.dropped_with_partner += kept
-                stats.kept -= kept
-                stats.tokens -= sum(len(ex["input_ids"]) for ex in made if ex is not None)
-                stats.trained_tokens -= sum(sum(label != IGNORE for label in ex["labels"]) for ex in made if ex is not None)
-        if progress:
-            progress(n)
-
-    if num_proc > 1 and len(chunks) > 1:
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(renderer.tokenizer, renderer.options)) as pool:
-            for chunk, rendered in zip(chunks, pool.imap(_render_chunk, chunks)):
-                consume(rendered, len(chunk))
-    else:
-        for chunk in chunks:
-            consume([renderer.to_texts(r) for r in chunk], len(chunk))
-    return examples, stats
+    data = TokenizedData.from_chunks(tokenize_chunks(records, renderer, num_proc=num_proc, progress=progress))
+    ids, labels = data.input_ids.tolist(), data.labels.tolist()
+    bounds = data.offsets.tolist()
+    examples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in pairwise(bounds)]
+    return examples, data.stats
 
 
 def prepare(
@@ -207,8 +267,9 @@ def prepare(
         return TokenizedData.load(path)
     report = report if report is not None else ReadReport(str(source))
     records = read_records(source, format=format, on_error=on_error, split=split, report=report)
-    examples, stats = tokenize_records(records, renderer, num_proc=num_proc, progress=(lambda n, _t=len(records): progress(n, _t)) if progress else None)
-    data = TokenizedData.from_examples(examples, stats)
+    total = len(records)
+    chunks = tokenize_chunks(records, renderer, num_proc=num_proc, progress=(lambda n: progress(n, total)) if progress else None)
+    data = TokenizedData.from_chunks(chunks)
     data.key = key
     data.read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
     root.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,13 +184,15 @@ class ChatRenderer:
         return self._conversation(prompt + completion, tools, len(prompt))
 
     def _conversation(self, messages: list[dict], tools: list | None, trainable_from: int) -> Rendered:
-        full = self.render_chat(messages, tools)
         if self.options.train_on == "all":
+            full = self.render_chat(messages, tools)
             return Rendered(full, [(0, len(full))])
+        # With {% generation %} tags, one render gives both the text and the tagged spans.
+        full, tagged = self._render_tagged(messages, tools) if self.has_generation_tags else (self.render_chat(messages, tools), None)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= trainable_from]
         if self.options.train_on == "last_assistant":
             turns = turns[-1:]
-        spans = self._tagged_spans(messages, tools, full, turns) if self.has_generation_tags else None
+        spans = self._tagged_spans(messages, full, turns, tagged) if tagged is not None else None
         if spans is None:
             spans = [self._turn_span(messages, tools, full, i) for i in turns]
         for i, (start, end) in zip(turns, spans):
@@ -217,11 +220,14 @@ class ChatRenderer:
             raise TemplateError(f"turn {i} (assistant): the generation prompt is not how the template starts an assistant turn")
         return len(head), self._trim_after_end_token(upto, len(head), len(upto))
 
-    def _tagged_spans(self, messages: list[dict], tools: list | None, full: str, turns: list[int]) -> list[tuple[int, int]] | None:
-        _, indices = self._render_jinja(
+    def _render_tagged(self, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation's text and the character spans its ``{% generation %}`` tags enclose."""
+        texts, indices = self._render_jinja(
             conversations=[messages], tools=tools, chat_template=self.template, return_assistant_tokens_mask=True, **self._template_vars
         )
-        tagged = indices[0]
+        return texts[0], indices[0]
+
+    def _tagged_spans(self, messages: list[dict], full: str, turns: list[int], tagged: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(tagged) != len(assistants):
             return None  # tags do not line up one per assistant message: fall back to prefix diffs
@@ -273,21 +279,29 @@ class ChatRenderer:
 
     def _labels(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]], stats: RenderStats) -> dict[str, list[int]] | None:
         stats.examples += 1
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        trained = np.zeros(len(ids_arr), dtype=bool)
-        for start, end in r.spans:
-            # A token is trained if it overlaps the span; special tokens added by the tokenizer have (0, 0).
-            trained |= (offs[:, 1] > start) & (offs[:, 0] < end) & (offs[:, 1] > offs[:, 0])
-        if r.append_eos and self.tokenizer.eos_token_id is not None and (not len(ids_arr) or ids_arr[-1] != self.tokenizer.eos_token_id):
-            ids_arr = np.append(ids_arr, self.tokenizer.eos_token_id)
-            trained = np.append(trained, True)
+        eos = self.tokenizer.eos_token_id
+        add_eos = r.append_eos and eos is not None and (not ids or ids[-1] != eos)
+        # The example is ids (+ EOS), cut to max_length: decide the length first, so that nothing past the cut
+        # (often most of a long conversation) is converted or masked.
+        keep = len(ids) + add_eos
         limit = self.options.max_length
-        if limit is not None and len(ids_arr) > limit:
+        truncated = limit is not None and keep > limit
+        if truncated:
             if self.options.overlong == "drop":
                 stats.dropped_overlong += 1
                 return None
-            ids_arr, trained = ids_arr[:limit], trained[:limit]
+            keep = limit  # <= len(ids): a cut example never ends in the appended EOS
+        n = min(keep, len(ids))
+        ids_arr = np.asarray(ids[:n], dtype=np.int64)
+        offs = np.fromiter(chain.from_iterable(offsets[:n]), dtype=np.int64, count=2 * n).reshape(-1, 2)
+        trained = np.zeros(n, dtype=bool)
+        for start, end in r.spans:
+            # A token is trained if it overlaps the span; special tokens added by the tokenizer have (0, 0).
+            trained |= (offs[:, 1] > start) & (offs[:, 0] < end) & (offs[:, 1] > offs[:, 0])
+        if keep > n:
+            ids_arr = np.append(ids_arr, eos)
+            trained = np.append(trained, True)
+        if truncated:
             stats.truncated += 1
         if not trained.any():
             stats.dropped_nothing_trained += 1
