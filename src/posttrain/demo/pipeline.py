@@ -297,10 +297,30 @@ def build_prompt_files(p: PromptsConfig, out: Path) -> dict[str, Any]:
     return {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval)}
 
 
+class _LoggedEngine:
+    """An engine whose ``generate`` also prints one line (prompts, tokens, seconds, tok/s): logs and pipes show no live bar."""
+
+    def __init__(self, engine: Any, console: Any):
+        self.engine, self.console = engine, console
+
+    def generate(self, prompts: Any, params: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        outputs = self.engine.generate(prompts, params, **kwargs)
+        seconds = time.perf_counter() - started
+        tokens = sum(c.num_tokens for cs in outputs for c in cs)
+        self.console.print(
+            f"generated {sum(map(len, outputs))} responses to {len(outputs)} prompts: {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+        )
+        return outputs
+
+
 def _engine(model: str, cfg: PipelineConfig) -> Any:
+    from rich.console import Console
+
     from posttrain.generate.engine import Engine
 
-    return Engine.from_name(model, device=cfg.device, batch_size=cfg.generation.batch_size, template=cfg.template)
+    engine = Engine.from_name(model, device=cfg.device, batch_size=cfg.generation.batch_size, template=cfg.template)
+    return _LoggedEngine(engine, Console(stderr=True))
 
 
 def evaluate_model(model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
