@@ -84,3 +84,34 @@ def test_a_half_written_cache_entry_is_not_used(tmp_path, count_tokenize):
     again = prepare(data, tok, cache=tmp_path / "c", num_proc=1)
     assert not again.from_cache and count_tokenize["texts"] == 10
     assert prepare(data, tok, cache=tmp_path / "c", num_proc=1).from_cache, "the incomplete entry was replaced"
+
+
+def test_pool_equals_serial_with_cuts_drops_and_pairs(tmp_path, monkeypatch):
+    """Pool workers cut, drop and keep-or-drop preference pairs exactly as one process does, stats included."""
+    monkeypatch.setattr(cache_mod, "CHUNK", 8)
+    convs = conversations(60, seed=7)
+    records = [
+        {"prompt": c["messages"][:1], "chosen": c["messages"][1:2], "rejected": [{"role": "assistant", "content": "no " * (1 + 40 * (i % 3))}]}
+        for i, c in enumerate(convs)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    write(data, records)
+    tok = family_tokenizer("chatml")
+    whole = prepare(data, tok, cache=tmp_path / "whole", num_proc=1).lengths()
+    # Long enough for every chosen answer and the shortest rejected ones: longer rejected ones drop their partner.
+    limit = int(max(whole[0::2].max(), whole[1::2].min()))
+    options = RenderOptions(max_length=limit, overlong="drop")
+    serial = prepare(data, tok, options, cache=tmp_path / "a", num_proc=1)
+    parallel = prepare(data, tok, options, cache=tmp_path / "b", num_proc=2)
+    assert serial.stats.dropped_overlong > 0 and serial.stats.dropped_with_partner > 0 and len(serial) % 2 == 0
+    assert serial.stats.to_dict() == parallel.stats.to_dict()
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(getattr(serial, name), getattr(parallel, name))
+    assert serial.stats.kept == len(serial) and serial.stats.tokens == len(serial.input_ids)
+    assert serial.stats.trained_tokens == int((serial.labels != -100).sum())
+
+    cut = RenderOptions(max_length=limit)
+    a = prepare(data, tok, cut, cache=tmp_path / "c", num_proc=1)
+    b = prepare(data, tok, cut, cache=tmp_path / "d", num_proc=2)
+    assert a.stats.truncated > 0 and a.stats.to_dict() == b.stats.to_dict() and np.array_equal(a.labels, b.labels)
+    assert a.lengths().max() == limit and len(a) == 120

@@ -130,6 +130,34 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted():
     assert stats.dropped_nothing_trained == 1 and stats.truncated == 1
 
 
+def test_appended_eos_is_kept_only_when_it_fits_under_max_length():
+    # Text prompt/completion: the tokenizer adds nothing, we append EOS. Cut at the EOS: it goes, the rest stays.
+    tok = family_tokenizer("chatml")
+    record = {"prompt": "Name a primary color. ", "completion": "Red, blue or yellow."}
+    full = ChatRenderer(tok).render(record)
+    n = len(full["input_ids"])
+    assert full["input_ids"][-1] == tok.eos_token_id and full["labels"][-1] == tok.eos_token_id
+    stats = RenderStats()
+    fits = ChatRenderer(tok, RenderOptions(max_length=n)).render(record, stats)
+    assert fits == full and stats.truncated == 0
+    stats = RenderStats()
+    cut = ChatRenderer(tok, RenderOptions(max_length=n - 1)).render(record, stats)
+    assert cut["input_ids"] == full["input_ids"][:-1] and cut["labels"] == full["labels"][:-1] and stats.truncated == 1
+    assert cut["input_ids"][-1] != tok.eos_token_id
+    stats = RenderStats()
+    assert ChatRenderer(tok, RenderOptions(max_length=n - 1, overlong="drop")).render(record, stats) is None
+    assert stats.dropped_overlong == 1 and stats.truncated == 0
+
+
+def test_tagged_template_masks_like_prefix_diffs_of_the_same_text():
+    # chatml_generation.jinja renders exactly as chatml.jinja: the tags and the prefix diffs must give one mask.
+    tagged = ChatRenderer(family_tokenizer("chatml", "chatml_generation.jinja"))
+    plain = ChatRenderer(family_tokenizer("chatml"))
+    assert tagged.has_generation_tags and not plain.has_generation_tags
+    assert tagged.to_text(CONVERSATION) == plain.to_text(CONVERSATION)
+    assert tagged.render(CONVERSATION) == plain.render(CONVERSATION)
+
+
 def test_builtin_alpaca_template_matches_the_reference_prompt():
     tok = train_tokenizer(None)
     renderer = ChatRenderer(tok, RenderOptions(template="alpaca"))
