@@ -21,7 +21,9 @@ tokenizer benchmarks/sft_vs_trl.py trains on the same texts, 8,000 tokens, postt
 What each tool computes, from the JSONL file to tokenised, masked, truncated examples ready to train:
 
 * TRL 1.16: ``load_dataset("json")`` then ``SFTTrainer._prepare_dataset`` (the method ``SFTTrainer.__init__``
-  calls), with ``SFTConfig(assistant_only_loss=True, max_length=--max-length)``, everything else default
+  calls, on the attributes ``__init__`` sets; checked once against a real ``SFTTrainer``'s ``train_dataset`` on 200
+  multi-turn conversations: identical), with ``SFTConfig(assistant_only_loss=True, max_length=--max-length)``,
+  everything else default
   (``dataset_num_proc=None``: one process). It renders each conversation with ``apply_chat_template(...,
   return_assistant_tokens_mask=True)``, which needs ``{% generation %}`` tags: the tokenizer's template is
   replaced, for every tool, by the same ChatML template with the tags around each assistant message's content and
