@@ -23,9 +23,8 @@ What each tool computes, from the JSONL file to tokenised, masked, truncated exa
 * TRL 1.16: ``load_dataset("json")`` then ``SFTTrainer._prepare_dataset`` (the method ``SFTTrainer.__init__``
   calls, on the attributes ``__init__`` sets; checked once against a real ``SFTTrainer``'s ``train_dataset`` on 200
   multi-turn conversations: identical), with ``SFTConfig(assistant_only_loss=True, max_length=--max-length)``,
-  everything else default
-  (``dataset_num_proc=None``: one process). It renders each conversation with ``apply_chat_template(...,
-  return_assistant_tokens_mask=True)``, which needs ``{% generation %}`` tags: the tokenizer's template is
+  everything else default (``dataset_num_proc=None``: one process). It renders each conversation with
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)``, which needs ``{% generation %}`` tags: the tokenizer's template is
   replaced, for every tool, by the same ChatML template with the tags around each assistant message's content and
   its ``<|im_end|>`` (its output is character for character the model's own template's). Then it builds labels
   (-100 outside the assistant mask), truncates and drops examples with nothing trained, each a ``Dataset.map``
