@@ -88,6 +88,57 @@ def test_kto_mismatched_rows_join_a_prompt_to_another_pairs_response():
     assert list(spliced["labels"]) == [IGNORE, IGNORE, IGNORE, 8, 9]
 
 
+def packing_setup(tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.cache import prepare
+    from posttrain.data.chat import RenderOptions
+    from posttrain.models.load import load_tokenizer, resolve
+
+    # Pairs of different lengths (the question asked 1 to 4 times), so that short sequences share rows.
+    path = write_pairs(tmp_path / "pairs.jsonl", n=12)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["prompt"][0]["content"] = " ".join([r["prompt"][0]["content"]] * (1 + i % 4))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tokenizer = load_tokenizer("tiny-llama")
+    data = prepare(path, tokenizer, RenderOptions(max_length=128), format="preference", cache=tmp_path / "tok")
+    model = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"), dtype=torch.float32).eval()
+    return data, dpo.SequenceLogps(model), tokenizer.pad_token_id
+
+
+def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
+    from posttrain.data.packing import collate_padded
+
+    data, module, pad = packing_setup(tmp_path)
+    pairs = [0, 3, 5, 7, 11]
+    for mismatched in (False, True):
+        examples = dpo.pair_examples(data, pairs, mismatched)
+        batch = dpo.pair_batch(data, pairs, pad, mismatched)
+        assert batch.input_ids.shape[0] < len(examples) and batch.attention_mask is None  # rows hold several sequences
+        with torch.no_grad():
+            sums, counts = dpo.run_logps(module, batch, torch.device("cpu"))
+            for j, example in enumerate(examples):
+                alone, count = dpo.run_logps(module, collate_padded([example], pad), torch.device("cpu"))
+                assert abs(sums[j].item() - alone.item()) <= 1e-4 * max(1.0, abs(alone.item())), (mismatched, j)
+                assert counts[j].item() == count.item() == sum(label != -100 for label in example["labels"])
+
+
+def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):
+    # The precompute packs the whole data set at once; its table must still put every sequence's sum in its
+    # pair's row and its kind's column (chosen, rejected, and KTO's mismatched).
+    data, module, pad = packing_setup(tmp_path)
+    n = len(data) // 2
+    for loss_type in ("sigmoid", "kto"):
+        cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": loss_type}, train={"micro_batch_size": 2, "bf16": False}), cls=dpo.DPOConfig)
+        table, cached = dpo.reference_logps(module, data, pad, cfg, loop.Dist(), cache_root=tmp_path / f"ref-{loss_type}")
+        assert not cached and table.shape == (n, 3 if loss_type == "kto" else 2)
+        with torch.no_grad():
+            for i in range(n):
+                sums, _ = dpo.run_logps(module, dpo.pair_batch(data, [i], pad, loss_type == "kto"), torch.device("cpu"))
+                assert abs(table[i] - sums.double().numpy()).max() <= 1e-4 * max(1.0, abs(table[i]).max()), (loss_type, i)
+
+
 def test_reference_free_variants_compute_no_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "reference_logps", lambda *a, **k: pytest.fail("SimPO must not compute reference log-probs"))
     cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": "simpo", "beta": 2.5}, train={"max_steps": 2, "eval_every": None}, data={"eval_fraction": 0.0}), cls=dpo.DPOConfig)

@@ -212,6 +212,51 @@ def test_logits_are_only_built_a_chunk_of_trained_positions_at_a_time():
         assert recorder.total == (targets != IGNORE).sum().item()  # only trained positions are projected
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(seen.values())
+
+
+def test_a_linear_head_keeps_no_logits_for_the_backward():
+    # 4 rows × 64 positions, 512-token vocabulary: the trained positions' fp32 logits are N × 512 × 4 bytes.
+    hidden, targets, head = toy(rows=4, T=64, d=8, V=512)
+    hidden.requires_grad_(True)
+    logits_bytes = (targets != IGNORE).sum().item() * 512 * 4
+    fast = saved_bytes(lambda: sequence_logps(hidden, targets, head, chunk=16))
+    generic = saved_bytes(lambda: sequence_logps(hidden, targets, RowRecorder(head), chunk=16))
+    assert generic >= logits_bytes  # a module head: autograd keeps every chunk's logits
+    assert fast < logits_bytes / 8  # a Linear head: hidden states, weights and one logsumexp per position
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_linear_head_path_equals_the_module_path(bf16):
+    # RowRecorder is not a Linear, so it takes the plain autograd path: values and every gradient must agree
+    # (under bf16 autocast too, where both run the projection in bf16 and the softmax in fp32).
+    hidden, targets, head = toy(seed=3, rows=3, T=20, d=16, V=50)
+    weights = torch.tensor([0.7, -1.3, 2.0])
+    results = []
+    for h in (head, RowRecorder(head)):
+        x = hidden.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total, _ = sequence_logps(x, targets, h, chunk=7)
+            (total * weights).sum().backward()
+        results.append([total.detach(), x.grad, head.weight.grad, head.bias.grad])
+    tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **tol)
+    assert results[0][0].dtype == torch.float32
+
+
 def test_bf16_hidden_gives_fp32_logps():
     hidden, targets, head = toy()
     total, _ = sequence_logps(hidden.bfloat16(), targets, head.bfloat16())

@@ -1,12 +1,15 @@
 """Direct preference optimisation and its variants, one loop read top to bottom.
 
-Each step: pairs → chosen and rejected rows in ONE forward pass → summed (or per-token averaged)
-response log-probs → the variant's loss from :mod:`posttrain.train.losses` → backward → step → log.
+Each step: pairs → chosen and rejected sequences packed into rows (no padding between them) and run in
+ONE forward pass → summed (or per-token averaged) response log-probs → the variant's loss from
+:mod:`posttrain.train.losses` → backward → step → log.
 
 The reference model costs no memory while training: by default its log-probs are computed once
 before the first step, with the initial weights, and cached under a content hash of (tokenized
 pairs, model weights, precision); with LoRA/DoRA it can instead be the same model with the adapter
 disabled; a frozen copy is the last resort. Reference-free variants (SimPO, ORPO) never compute one.
+The precompute packs the whole data set at once (best fit, longest first), so its rows carry almost no
+padding.
 Plumbing (checkpoints, exact resume, metrics, DDP) is :mod:`posttrain.train.loop`'s, as for SFT.
 """
 
@@ -29,30 +32,73 @@ import torch
 from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData, prepare
 from posttrain.data.chat import IGNORE, RenderOptions
-from posttrain.data.packing import collate_padded
+from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.models import zoo
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
-from posttrain.train.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, kto_kl_estimate, kto_loss, orpo_loss, sequence_logps, simpo_loss
+from posttrain.train.losses import (
+    PreferenceLoss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+    token_logps,
+)
 
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
 
 
 class SequenceLogps(torch.nn.Module):
-    """(summed log-prob, scored-token count) of each row's response; the module DDP wraps."""
+    """(summed log-prob, scored-token count) of each sequence's response; the module DDP wraps.
+
+    ``example_ids`` [R,T] says which sequence each position belongs to (-1 for padding), so several
+    sequences can share a row; the result has one entry per sequence, ``n`` in all.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, attention_mask, target_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
-        return sequence_logps(hidden, target_ids, self.model.get_output_embeddings())
+        per_token = token_logps(hidden, target_ids, self.model.get_output_embeddings())  # 0 where not scored
+        where = example_ids.clamp(min=0).flatten()  # padding adds its 0 to sequence 0
+        sums = per_token.new_zeros(n).index_add(0, where, per_token.flatten())
+        counts = torch.zeros(n, dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
+        return sums, counts
 
 
-def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int, mismatched: bool = False):
-    """Rows ``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1).
+def pack(examples: list[dict], pad_id: int) -> Batch:
+    """The sequences packed into rows as wide as the longest (best fit, longest first): no padding between them.
+
+    Each position attends only within its own sequence (position ids restart at 0 and the model gets no
+    attention mask; see :mod:`posttrain.data.packing`). ``segments[k].index`` is the sequence's place in
+    ``examples``.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    return collate_packed(examples, best_fit_decreasing(lengths, max(lengths)), pad_id)
+
+
+def example_ids(batch: Batch) -> torch.Tensor:
+    """[R,T]: the place in the packed list of the sequence each position belongs to; -1 for padding."""
+    ids = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+    for s in batch.segments:
+        ids[s.row, s.start : s.end] = s.index
+    return ids
+
+
+def run_logps(module: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts) of every sequence of a packed batch, in the order they were packed."""
+    b = batch.to(device)
+    return module(b.input_ids, b.position_ids, b.attention_mask, b.target_ids, example_ids(batch).to(device), len(batch.segments))
+
+
+def pair_examples(data: TokenizedData, pairs: list[int], mismatched: bool = False) -> list[dict]:
+    """``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1).
 
     With ``mismatched`` (KTO), a third block: pair i's prompt followed by pair (i+1)'s chosen response,
     spliced at the token level where the response starts. The partner is fixed (i+1 modulo the number of
@@ -61,7 +107,12 @@ def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int, mismatched: b
     chosen = [data[2 * i] for i in pairs]
     rejected = [data[2 * i + 1] for i in pairs]
     extra = [splice(data[2 * i], data[2 * ((i + 1) % (len(data) // 2))]) for i in pairs] if mismatched else []
-    return collate_padded(chosen + rejected + extra, pad_id)
+    return chosen + rejected + extra
+
+
+def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int, mismatched: bool = False) -> Batch:
+    """The pairs' sequences (:func:`pair_examples`' order) packed into rows for one forward pass."""
+    return pack(pair_examples(data, pairs, mismatched), pad_id)
 
 
 def splice(prompt_of: dict, response_of: dict) -> dict:
@@ -128,25 +179,36 @@ def reference_logps(
     and starting model reads them instead of running the reference forward passes again.
     """
     mismatched = cfg.dpo.loss_type == "kto"
-    key = hashlib.sha256(json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()
+    ).hexdigest()[:24]
     root = cache_root or zoo.cache_dir() / "reference"
     path = root / key / "logps.npy"
     # Rank 0 decides and everyone follows: a process must not skip the barrier below on its own.
     if loop.all_reduce_sum(float(path.exists()) if d.main else 0.0, d) > 0:
         return np.load(path), True
     n = len(data) // 2
-    out = np.zeros((n, 3 if mismatched else 2), dtype=np.float64)
+    columns = 3 if mismatched else 2
     if d.main:
+        # Every sequence of the data set packed at once (best fit, longest first), then run a training
+        # forward's worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
+        examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
+        rows = best_fit_decreasing([len(ex["input_ids"]) for ex in examples], max(len(ex["input_ids"]) for ex in examples))
+        per_forward = columns * cfg.train.micro_batch_size
+        by_column = np.zeros((columns, n), dtype=np.float64)
+        flat = by_column.reshape(-1)  # a view: flat[j·n + i] is by_column[j, i]
         with torch.no_grad():
-            for k in range(0, n, cfg.train.micro_batch_size):
-                pairs = list(range(k, min(n, k + cfg.train.micro_batch_size)))
-                batch = pair_batch(data, pairs, pad_id, mismatched).to(d.device)
+            for k in range(0, len(rows), per_forward):
+                group = rows[k : k + per_forward]
+                members = [i for row in group for i in row]
+                local = {i: place for place, i in enumerate(members)}
+                batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
                 with loop.autocast(d.device, cfg.train.bf16):
-                    sums, _ = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                out[k : k + len(pairs)] = sums.double().cpu().numpy().reshape(-1, len(pairs)).T
+                    sums, _ = run_logps(module, batch, d.device)
+                flat[members] = sums.double().cpu().numpy()
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        np.save(tmp / "logps.npy", out)
+        np.save(tmp / "logps.npy", np.ascontiguousarray(by_column.T))
         try:
             tmp.rename(path.parent)
         except OSError:
@@ -174,8 +236,15 @@ def train(config: DPOConfig) -> DPOResult:
 
     # -- data: two examples per pair (chosen, rejected), each with only its response scored ----------
     tokenizer = load_tokenizer(cfg.model.name)
-    options = RenderOptions(train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
-    prep = dict(format=cfg.data.format or "preference", on_error=cfg.data.on_error, split=cfg.data.split, num_proc=None if d.world == 1 else 1)
+    options = RenderOptions(
+        train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
+    )
+    prep = {
+        "format": cfg.data.format or "preference",
+        "on_error": cfg.data.on_error,
+        "split": cfg.data.split,
+        "num_proc": None if d.world == 1 else 1,
+    }
     if d.main:
         data = prepare(cfg.data.path, tokenizer, options, **prep)
     loop.barrier(d)
@@ -191,7 +260,9 @@ def train(config: DPOConfig) -> DPOResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world
     if len(train_pairs) < per_step:
-        raise loop.TrainingError(f"{len(train_pairs)} training pairs, but one step needs {per_step} (micro_batch_size × grad_accum × processes)")
+        raise loop.TrainingError(
+            f"{len(train_pairs)} training pairs, but one step needs {per_step} (micro_batch_size × grad_accum × processes)"
+        )
     steps_per_epoch = len(train_pairs) // per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan([[i] for i in train_pairs], per_step, steps_per_epoch, total)
@@ -220,12 +291,14 @@ def train(config: DPOConfig) -> DPOResult:
 
     step_module: torch.nn.Module = logps_module
     if d.world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
     start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
 
-    def reference(pairs: list[int], batch, table) -> tuple[torch.Tensor, ...] | None:
+    def reference(pairs: list[int], batch: Batch, table) -> tuple[torch.Tensor, ...] | None:
         """Reference log-probs of the batch's blocks: (chosen, rejected[, mismatched])."""
         if not needs_reference:
             return None
@@ -234,10 +307,10 @@ def train(config: DPOConfig) -> DPOResult:
             return tuple(rows[:, j] for j in range(rows.shape[1]))
         with torch.no_grad(), loop.autocast(d.device, cfg.train.bf16):
             if ref_model is not None:
-                sums, _ = ref_model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                sums, _ = run_logps(ref_model, batch, d.device)
             else:
                 with model.disable_adapter():
-                    sums, _ = logps_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                    sums, _ = run_logps(logps_module, batch, d.device)
         return tuple(sums.float().reshape(-1, len(pairs)))
 
     def z0(logps: torch.Tensor, ref: tuple[torch.Tensor, ...], m: int) -> torch.Tensor | None:
@@ -250,7 +323,9 @@ def train(config: DPOConfig) -> DPOResult:
     # -- the loop -------------------------------------------------------------------------------------
     losses: list[float] = []
     accuracies: list[float] = []
-    progress = loop.progress_bar(d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}  margin {task.fields[margin]:.3f}")
+    progress = loop.progress_bar(
+        d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}  margin {task.fields[margin]:.3f}"
+    )
     task = progress.add_task("dpo", total=total, completed=start, loss=float("nan"), acc=0.0, margin=0.0)
     progress.start()
     for step in range(start, total):
@@ -261,12 +336,14 @@ def train(config: DPOConfig) -> DPOResult:
         for k in range(0, len(mine), cfg.train.micro_batch_size):
             pairs = mine[k : k + cfg.train.micro_batch_size]
             m = len(pairs)
-            batch = pair_batch(data, pairs, pad_id, kind is PreferenceLoss.KTO).to(d.device)
+            batch = pair_batch(data, pairs, pad_id, kind is PreferenceLoss.KTO)
             ref = reference(pairs, batch, ref_table)
             last = k + cfg.train.micro_batch_size >= len(mine)
-            with (step_module.no_sync() if d.world > 1 and not last else nullcontext()), loop.autocast(d.device, cfg.train.bf16):
-                logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, z0(logps, ref, m))
+            with step_module.no_sync() if d.world > 1 and not last else nullcontext(), loop.autocast(d.device, cfg.train.bf16):
+                logps, counts = run_logps(step_module, batch, d.device)
+                per_pair, chosen_r, rejected_r = preference_loss(
+                    cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, z0(logps, ref, m)
+                )
                 # The step's loss is the mean over all its pairs (× world: DDP averages over processes).
                 (per_pair.sum() * (d.world / len(step_pairs))).backward()
             sums["loss"] += per_pair.sum().item()
@@ -300,21 +377,30 @@ def train(config: DPOConfig) -> DPOResult:
         progress.update(task, completed=done, loss=record["loss"], acc=record["accuracy"], margin=record["margin"])
         if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
             # No live bar in logs and pipes: a plain line every 5% instead.
-            progress.console.print(f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}", highlight=False)
+            progress.console.print(
+                f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}",
+                highlight=False,
+            )
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d)
+            loop.save_checkpoint(
+                run_dir, done, model, optimizer, scheduler, {"epoch": step // steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d
+            )
     progress.stop()
     metrics.close()
     final = run_dir / "final"
     if d.main:
         save_final(model, tokenizer, final)
         loop.plot_losses(run_dir, f"DPO ({kind.value}) of {cfg.model.name}")
-        (run_dir / "data_stats.json").write_text(json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs}, indent=1))
+        (run_dir / "data_stats.json").write_text(
+            json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs}, indent=1)
+        )
     loop.barrier(d)
     return DPOResult(run_dir, final, total, losses, accuracies, ref_cached)
 
 
-def evaluate(step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig, d: loop.Dist, pad_id: int, reference, table) -> dict[str, float]:
+def evaluate(
+    step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig, d: loop.Dist, pad_id: int, reference, table
+) -> dict[str, float]:
     """Held-out preference loss and accuracy (each process takes a share)."""
     step_module.eval()
     loss = acc = 0.0
@@ -323,10 +409,10 @@ def evaluate(step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig,
         for k in range(0, len(mine), cfg.train.micro_batch_size):
             chunk = mine[k : k + cfg.train.micro_batch_size]
             m = len(chunk)
-            batch = pair_batch(data, chunk, pad_id, cfg.dpo.loss_type == "kto").to(d.device)
+            batch = pair_batch(data, chunk, pad_id, cfg.dpo.loss_type == "kto")
             ref = reference(chunk, batch, table)
             with loop.autocast(d.device, cfg.train.bf16):
-                logps, counts = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                logps, counts = run_logps(step_module, batch, d.device)
                 kl = kto_kl_estimate(logps[2 * m :], ref[2]) if cfg.dpo.loss_type == "kto" else None
                 per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
             loss += per_pair.sum().item()

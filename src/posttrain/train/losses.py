@@ -30,13 +30,80 @@ IGNORE = -100
 # ---------------------------------------------------------------------------------------------------
 
 
+class _LinearTargetLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[y] for each row of ``h`` [N,d], a chunk of rows at a time; -> [N] fp32.
+
+    Saves only ``h``, the weights and each row's logsumexp (N floats): the backward recomputes each
+    chunk's logits and turns them, in place, into the logits' gradient ``g·(onehot(y) - softmax)``, then
+    into the gradients of ``h``, ``W`` and ``b``. Autograd through ``linear → float → logsumexp/gather``
+    would instead keep every chunk's fp32 logits alive until the backward ([N,V] in all) and build two
+    or three more [chunk,V] tensors there. One more [chunk,d]×[d,V] matmul per chunk is the price
+    (the same trade as Liger's and TRL's fused heads). Matmuls run in the autocast dtype when autocast
+    is on (as ``lm_head(h)`` would), softmax and the log-probs in fp32, weight gradients accumulate in
+    fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int) -> Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for k in range(0, h.shape[0], chunk):
+                logits = F.linear(h[k : k + chunk].to(dtype), w, b).float()
+                lse[k : k + chunk] = torch.logsumexp(logits, dim=-1)
+                out[k : k + chunk] = logits.gather(-1, y[k : k + chunk, None]).squeeze(-1) - lse[k : k + chunk]
+        ctx.save_for_backward(h, weight, bias, y, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight, bias, y, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad = grad.float()
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for k in range(0, h.shape[0], chunk):
+                hk, g = h[k : k + chunk].to(dtype), grad[k : k + chunk, None]
+                # d log p(y) / d logits = onehot(y) - softmax(logits); times the incoming gradient g
+                dlogits = F.linear(hk, w, b).float().sub_(lse[k : k + chunk, None]).exp_().mul_(-g)
+                dlogits.scatter_add_(-1, y[k : k + chunk, None], g)
+                if need_b:
+                    grad_b += dlogits.sum(dim=0)
+                dlogits = dlogits.to(dtype)
+                if need_h:
+                    grad_h[k : k + chunk] = dlogits @ w
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(dlogits.t(), hk)
+                elif need_w:
+                    grad_w += (dlogits.t() @ hk).float()
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+        )
+
+
 def _trained_logps(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, chunk: int) -> tuple[Tensor, Tensor]:
     """The one chunked core: fp32 log p of each trained target, flattened in row-major order.
 
     ``hidden`` [R,T,d], ``targets`` [R,T] (already shifted, ``IGNORE`` where not scored) -> (log p [N]
-    fp32, keep [R,T] bool) with N = keep.sum(). ``lm_head`` only ever sees [≤chunk, d] inputs, and each
-    chunk's logits are upcast to fp32 on their own, so neither [R,T,V] nor [N,V] fp32 is built at once.
-    (Autograd still keeps each chunk's fp32 logits for the backward pass, as ``cross_entropy`` did.)
+    fp32, keep [R,T] bool) with N = keep.sum(). Logits exist only at trained positions, ≤ ``chunk`` rows
+    at a time, upcast to fp32 one chunk at a time, so neither [R,T,V] nor [N,V] fp32 is ever built.
+    A plain ``torch.nn.Linear`` head goes through :class:`_LinearTargetLogps`, which also keeps no
+    logits for the backward; any other head (a PEFT-wrapped one, say) is called as a module, and
+    autograd then keeps each chunk's fp32 logits until the backward, as ``cross_entropy`` would.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
@@ -45,6 +112,8 @@ def _trained_logps(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, ch
     keep = targets != IGNORE
     h = hidden[keep]
     y = targets[keep]
+    if type(lm_head) is torch.nn.Linear:  # exactly Linear: subclasses (quantized layers) may compute differently
+        return _LinearTargetLogps.apply(h, lm_head.weight, lm_head.bias, y, chunk), keep
     parts = []
     # max(N, 1): with no trained token, one empty chunk still runs, so the result stays on the autograd
     # graph (a zero loss with zero gradients, rather than a tensor that cannot be backpropagated)
