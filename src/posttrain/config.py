@@ -95,6 +95,7 @@ class TrainConfig(Strict):
         "has native bf16 (CUDA with bf16 support; a CPU with AVX512-BF16, AMX or Arm BF16), fp32 otherwise; resolved when the "
         "config is validated, so the saved config says which was used.",
     )
+    compile: bool = Field(False, description="torch.compile each decoder layer (SFT): a few % faster steps on CPU, seconds of compilation first.")
     neftune_alpha: float | None = Field(None, gt=0)
     seed: int = 0
     log_every: int = Field(1, gt=0)

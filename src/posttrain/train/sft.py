@@ -27,6 +27,7 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
 from posttrain.train.losses import token_nll_sum
+from posttrain.train.packed_attention import packed_attention
 
 
 class NLLSum(torch.nn.Module):
@@ -113,6 +114,8 @@ def train(config: SFTConfig) -> RunResult:
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
+    if cfg.train.compile:
+        loop.compile_layers(model)
     step_module: torch.nn.Module = NLLSum(model)
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -125,7 +128,9 @@ def train(config: SFTConfig) -> RunResult:
     losses: list[float] = []
     progress = loop.progress_bar(d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s")
     model.train()
-    with loop.neftune(model, cfg.train.neftune_alpha), progress:
+    # Packed rows on CPU: causal attention per example instead of sdpa over the whole row with a block mask.
+    attention = packed_attention(model, enabled=cfg.data.packing and d.device.type == "cpu" and cfg.model.attn_implementation == "sdpa")
+    with loop.neftune(model, cfg.train.neftune_alpha), attention, progress:
         task = progress.add_task("sft", total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(start, total):
             t0 = time.perf_counter()
