@@ -126,12 +126,12 @@ class PipelineConfig(Strict):
 SFT_DEFAULTS: dict[str, Any] = {
     "adapter": {"kind": "lora", "r": 16, "alpha": 32},
     "data": {"max_length": 512},
-    "train": {"lr": 4e-4, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+    "train": {"lr": 4e-4, "epochs": 3, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
 }
 DPO_DEFAULTS: dict[str, Any] = {
     "adapter": {"kind": "lora", "r": 16, "alpha": 32},
     "data": {"max_length": 512},
-    "train": {"lr": 5e-5, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+    "train": {"lr": 2e-4, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
     "dpo": {"beta": 0.1},
 }
 

@@ -45,6 +45,7 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
         "model": cfg.model,
         "output_dir": str(root),
         "seconds": seconds,
+        "stage_seconds": sum(t["seconds"] for t in timings.values()),
         "scores": scores,
         "gain_start_to_dpo": gain,
         "prompts": _json(root / "prompts" / "stage.json"),
@@ -87,7 +88,9 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
             table.add_row("DPO − start", *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" for k, _ in HEADLINE), style="bold")
         if table.row_count:
             console.print(table)
-    console.print(f"report: {Path(summary['output_dir']) / 'report.html'}   ({summary['seconds'] / 60:.1f} min)")
+    console.print(
+        f"report: {Path(summary['output_dir']) / 'report.html'}   (this run {summary['seconds'] / 60:.1f} min; all stages {summary['stage_seconds'] / 60:.1f} min)"
+    )
 
 
 # -- plots ---------------------------------------------------------------------------------------
