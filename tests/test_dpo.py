@@ -110,16 +110,18 @@ def packing_setup(tmp_path: Path):
 def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
     from posttrain.data.packing import collate_padded
 
-    data, module, pad = packing_setup(tmp_path)
+    # Both ways of running a packed batch: the rows in one call (GPUs), each sequence on its own (CPU).
+    data, rows, pad = packing_setup(tmp_path)
+    one_by_one = dpo.SequenceLogps(rows.model, one_by_one=True)
     pairs = [0, 3, 5, 7, 11]
-    for mismatched in (False, True):
+    for mismatched, module in ((False, rows), (True, rows), (False, one_by_one), (True, one_by_one)):
         examples = dpo.pair_examples(data, pairs, mismatched)
         batch = dpo.pair_batch(data, pairs, pad, mismatched)
         assert batch.input_ids.shape[0] < len(examples) and batch.attention_mask is None  # rows hold several sequences
         with torch.no_grad():
             sums, counts = dpo.run_logps(module, batch, torch.device("cpu"))
             for j, example in enumerate(examples):
-                alone, count = dpo.run_logps(module, collate_padded([example], pad), torch.device("cpu"))
+                alone, count = dpo.run_logps(rows, collate_padded([example], pad), torch.device("cpu"))
                 assert abs(sums[j].item() - alone.item()) <= 1e-4 * max(1.0, abs(alone.item())), (mismatched, j)
                 assert counts[j].item() == count.item() == sum(label != -100 for label in example["labels"])
 

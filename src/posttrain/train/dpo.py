@@ -50,25 +50,55 @@ from posttrain.train.losses import (
 )
 
 REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
+SHAPE_QUANTUM = 32  # SequenceLogps(one_by_one=True) pads each sequence to a multiple of this many tokens
 
 
 class SequenceLogps(torch.nn.Module):
     """(summed log-prob, scored-token count) of each sequence's response; the module DDP wraps.
 
-    ``example_ids`` [R,T] says which sequence each position belongs to (-1 for padding), so several
-    sequences can share a row; the result has one entry per sequence, ``n`` in all.
+    Takes a packed batch: ``example_ids`` [R,T] says which sequence each position belongs to (-1 for
+    padding) and ``spans[j]`` = (row, start, end) where sequence j lies; the result has one entry per
+    sequence, in ``spans``' order.
+
+    ``one_by_one`` runs the decoder on each sequence alone instead of on the rows (the default on CPU).
+    On CPU, scaled-dot-product attention costs rows × width² whatever the mask (causal or
+    block-diagonal: fully masked blocks are still computed), so a 512-wide row holding two 256-token
+    sequences costs twice what the two cost apart, and matmuls need no big batch to run at full speed:
+    on the DPO benchmark's data, forward+backward took 8% (bf16) to 14% (fp32) less CPU time this way,
+    4 pairs per pass. Each sequence is right-padded to a multiple of ``SHAPE_QUANTUM`` tokens (causal
+    attention: the padding changes nothing before it) because bf16 matmuls on CPU go through oneDNN,
+    which keeps compiled kernels for every shape it meets: with exact lengths, resident memory grew by
+    ~6 MB per new length, 1.3 GB to 2.1 GB over one epoch. On GPUs one call over the rows keeps them busy.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, one_by_one: bool = False):
         super().__init__()
         self.model = model
+        self.one_by_one = one_by_one
 
-    def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
-        per_token = token_logps(hidden, target_ids, self.model.get_output_embeddings())  # 0 where not scored
+    def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, spans: list[tuple[int, int, int]]):
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        if self.one_by_one:
+            if attention_mask is not None:
+                raise ValueError("one_by_one takes packed rows (no attention mask)")
+            # Each sequence's hidden states (padding cut off again), end to end in one row: the LM head
+            # then runs once for the whole batch.
+            pieces = []
+            for row, start, end in spans:
+                n = end - start
+                width = -(-n // SHAPE_QUANTUM) * SHAPE_QUANTUM
+                ids = torch.nn.functional.pad(input_ids[row, start:end], (0, width - n))[None]
+                positions = torch.arange(width, device=ids.device)[None]
+                pieces.append(decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :n])
+            hidden = torch.cat(pieces, dim=1)
+            target_ids = torch.cat([target_ids[row, start:end] for row, start, end in spans])[None]
+            example_ids = torch.cat([torch.full((end - start,), j, device=hidden.device) for j, (_, start, end) in enumerate(spans)])[None]
+        else:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
+        per_token = token_logps(hidden, target_ids, head)  # 0 where not scored
         where = example_ids.clamp(min=0).flatten()  # padding adds its 0 to sequence 0
-        sums = per_token.new_zeros(n).index_add(0, where, per_token.flatten())
-        counts = torch.zeros(n, dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
+        sums = per_token.new_zeros(len(spans)).index_add(0, where, per_token.flatten())
+        counts = torch.zeros(len(spans), dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
         return sums, counts
 
 
@@ -92,9 +122,10 @@ def example_ids(batch: Batch) -> torch.Tensor:
 
 
 def run_logps(module: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums, counts) of every sequence of a packed batch, in the order they were packed."""
+    """(sums, counts) of every sequence of a packed batch, in the order they were packed (``segments[k].index``)."""
     b = batch.to(device)
-    return module(b.input_ids, b.position_ids, b.attention_mask, b.target_ids, example_ids(batch).to(device), len(batch.segments))
+    spans = [(s.row, s.start, s.end) for s in sorted(batch.segments, key=lambda s: s.index)]
+    return module(b.input_ids, b.position_ids, b.attention_mask, b.target_ids, example_ids(batch).to(device), spans)
 
 
 def pair_examples(data: TokenizedData, pairs: list[int], mismatched: bool = False) -> list[dict]:
@@ -271,7 +302,7 @@ def train(config: DPOConfig) -> DPOResult:
     model = apply_adapter(load_model(cfg.model, d.device), cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    logps_module = SequenceLogps(model)
+    logps_module = SequenceLogps(model, one_by_one=d.device.type == "cpu")
     needs_reference = kind.needs_reference
     ref_table = ref_eval_table = None
     ref_model: torch.nn.Module | None = None
@@ -286,7 +317,7 @@ def train(config: DPOConfig) -> DPOResult:
         else:
             ref_eval_table = ref_table
     elif needs_reference and cfg.dpo.reference == "model":
-        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False))
+        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_by_one=d.device.type == "cpu")
     model.train()
 
     step_module: torch.nn.Module = logps_module

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100
+ROW_QUANTUM = 32  # _LinearTargetLogps pads its rows to a multiple of this
 
 # ---------------------------------------------------------------------------------------------------
 # log-probabilities of targets, without the full-vocabulary fp32 logits
@@ -40,13 +41,17 @@ class _LinearTargetLogps(torch.autograd.Function):
     or three more [chunk,V] tensors there. One more [chunk,d]×[d,V] matmul per chunk is the price
     (the same trade as Liger's and TRL's fused heads). Matmuls run in the autocast dtype when autocast
     is on (as ``lm_head(h)`` would), softmax and the log-probs in fp32, weight gradients accumulate in
-    fp32.
+    fp32. Rows are padded to a multiple of ``ROW_QUANTUM`` (their outputs dropped): the number of trained
+    positions changes with every batch, and bf16 matmuls on CPU (oneDNN) keep compiled kernels for every
+    shape they meet, so unpadded shapes made resident memory grow without bound over a run.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int) -> Tensor:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        n = h.shape[0]
+        h, y = F.pad(h, (0, 0, 0, -n % ROW_QUANTUM)), F.pad(y, (0, -n % ROW_QUANTUM))
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
         with torch.autocast(device, enabled=False):
@@ -57,14 +62,15 @@ class _LinearTargetLogps(torch.autograd.Function):
                 lse[k : k + chunk] = torch.logsumexp(logits, dim=-1)
                 out[k : k + chunk] = logits.gather(-1, y[k : k + chunk, None]).squeeze(-1) - lse[k : k + chunk]
         ctx.save_for_backward(h, weight, bias, y, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
-        return out
+        ctx.chunk, ctx.dtype, ctx.n = chunk, dtype, n
+        return out[:n]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         h, weight, bias, y, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = F.pad(grad, (0, h.shape[0] - ctx.n))  # the padding rows get no gradient
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -87,7 +93,7 @@ class _LinearTargetLogps(torch.autograd.Function):
                 elif need_w:
                     grad_w += (dlogits.t() @ hk).float()
         return (
-            grad_h,
+            None if grad_h is None else grad_h[: ctx.n],
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
             None,
