@@ -20,8 +20,9 @@ Variants (each run a fresh subprocess with its own empty caches, in rotation A B
 
 * ``posttrain``: posttrain's defaults: ``train.bf16`` left to posttrain (bf16 autocast where the CPU
   has native bf16 dot products, as this one does), 4 pairs per forward pass (DPO's default
-  ``micro_batch_size``) with gradient accumulation 2; chosen and rejected sequences packed into rows of
-  one pass; reference log-probs precomputed once, before step 1, over every pair.
+  ``micro_batch_size``) with gradient accumulation 2; a pass's chosen and rejected sequences each run
+  alone on CPU (padded to a multiple of 32 tokens) and the LM head once over all of them; reference
+  log-probs precomputed once, before step 1, over every pair.
 * ``posttrain-fp32`` / ``posttrain-bf16``: the same with ``train.bf16`` set off / on explicitly (the
   default variant list adds the one that differs from ``posttrain`` on this machine).
 * ``posttrain-mb8``: posttrain's defaults but all 8 pairs in one forward pass, as TRL's default does.
@@ -80,7 +81,10 @@ NOT_LIKE_FOR_LIKE = [
         " TRL's default runs the 8 pairs in one (per_device_train_batch_size 8): the same update, but posttrain holds half the"
         " activations at a time; posttrain-mb8 runs 8 in one pass, as TRL does"
     ),
-    "posttrain packs each pass's sequences into rows (padding only at row ends); TRL pads every sequence to the batch's longest",
+    (
+        "posttrain runs each sequence of a pass alone on CPU, padded to a multiple of 32 tokens; TRL pads every sequence to"
+        " the batch's longest and runs them together"
+    ),
     (
         "TRL's default keeps a second model as the reference and runs it on every step; posttrain (and trl-precompute) run the"
         " initial model once over every pair before step 1 (its cost is in 'ref precompute s' and the end-to-end pairs/s)"
@@ -248,7 +252,9 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
     def counting_batch(*args, **kwargs):
         batch = real_batch(*args, **kwargs)
         if torch.is_grad_enabled():  # training steps only, not the reference precompute (under no_grad)
-            computed.append(int(batch.input_ids.numel()))
+            # On CPU posttrain runs each sequence alone, padded to a multiple of SHAPE_QUANTUM tokens.
+            q = dpo.SHAPE_QUANTUM
+            computed.append(sum(-(-(s.end - s.start) // q) * q for s in batch.segments))
         return batch
 
     dpo.reference_logps, loop.Metrics.log, dpo.pair_batch = timed_reference, timed_log, counting_batch
