@@ -1,37 +1,48 @@
-"""posttrain SFT vs TRL's SFTTrainer: same model, data and hyperparameters, alternating runs, CPU.
+"""posttrain SFT vs TRL's SFTTrainer: same model, data and hyperparameters, alternating runs, CPU; with MFU.
 
-    python benchmarks/sft_vs_trl.py [--quick] [--examples 4000] [--steps 60] [--repeats 3]
-                                    [--variants posttrain,trl,trl-fp32,trl-packed] [--lr 5e-4] [--threads N]
+    python benchmarks/sft_vs_trl.py [--quick] [--model tiny|small] [--examples 4000] [--steps 60] [--repeats 3]
+                                    [--variants posttrain,trl,...|all] [--lr 5e-4] [--threads N]
                                     [--workdir DIR] [--keep]
 
-Needs TRL (``pip install -e .[bench]``). Builds once, in a temporary directory, a ~7.3M-parameter
-Llama-style model (hidden 256, 4 layers, 4 heads, intermediate 688, untied 8,000-token vocabulary) with
-fixed-seed random weights, and a ChatML byte-level BPE tokenizer trained on the data's text; every run
-loads that same directory. The data are ../shared/data's 541 IFEval GPT-4 prompt/response pairs as
-conversational prompt/completion records (user turn → assistant turn), repeated to ``--examples``;
-both tools read the same JSONL file, truncate at 512 tokens and train on the completion only (the
-assistant turn; TRL's completion mask also covers the newline after ``<|im_end|>``).
+Needs TRL (``pip install -e .[bench]``). Builds once, in a temporary directory, a Llama-style model with
+fixed-seed random weights and a ChatML byte-level BPE tokenizer (8,000 tokens) trained on the data's
+text; every run loads that same directory. ``--model tiny``: hidden 256, 4 layers, 4 heads, MLP 688,
+untied embeddings, 7.3M parameters. ``--model small``: hidden 512, 10 layers, 8 heads, MLP 1,376,
+untied, 39.8M parameters (31.6M without the input embedding and the LM head). The data are
+../shared/data's 541 IFEval GPT-4 prompt/response pairs as conversational prompt/completion records
+(user turn → assistant turn), repeated to ``--examples``; both tools read the same JSONL file, truncate
+at 512 tokens and train on the completion only (the assistant turn; TRL's completion mask also covers
+the newline after ``<|im_end|>``).
 
 Variants (each run a fresh subprocess, run in rotation A B C A B C …, ``--repeats`` times each):
 
-* ``posttrain``: posttrain's defaults: fp32, packed rows (8 rows of 512 tokens a step), no
-  gradient checkpointing.
-* ``posttrain-bf16``: the same with bf16 autocast.
+* ``posttrain``: posttrain's defaults: bf16 autocast where the CPU has native bf16 (else fp32), packed
+  rows (8 rows of 512 tokens a step) with per-example causal attention, fused AdamW, no gradient
+  checkpointing.
+* ``posttrain-fp32``: the same with ``train.bf16: false``. ``posttrain-compile``: with ``train.compile``.
 * ``trl``: TRL's default SFTConfig on CPU: bf16, gradient checkpointing, 8 padded sequences a step.
 * ``trl-fp32``: bf16 and gradient checkpointing off (8 padded sequences a step).
+* ``trl-bf16``: bf16, gradient checkpointing off, padded.
+* ``trl-padfree``: bf16, no checkpointing, ``padding_free=True`` (the 8 sequences flattened into one row).
 * ``trl-packed``: TRL's defaults plus ``packing=True`` (best-fit decreasing, padding-free: 8 rows of
-  512 tokens a step, as posttrain).
+  512 tokens a step, as posttrain). ``trl-packed-nogc``: the same without gradient checkpointing.
+* ``trl-liger``: ``trl-bf16`` plus ``use_liger_kernel=True`` (Liger's Triton kernels: needs a GPU; on a
+  CPU-only machine the run fails and its error is reported).
 
 All train the same number of optimizer steps at the same peak learning rate, linear decay, no warmup,
 AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, seed 0. Reported per variant (median
 over its runs): real (non-padding) tokens/s and seconds/step over the training steps after the first
-(model loading, tokenization and the warm-up step excluded), peak RSS of the whole run's process,
-and the loss at the same number of trained (loss-bearing) tokens, interpolated from the per-step
-losses (a mean over the step's trained tokens, in both tools) and averaged over the runs.
+(model loading, tokenization, compilation and the warm-up step excluded), peak RSS of the whole run's
+process, the loss at the same number of trained (loss-bearing) tokens, interpolated from the per-step
+losses (a mean over the step's trained tokens, in both tools) and averaged over the runs, and the
+model-FLOPs utilisation: real tokens/s × 6·N / this machine's bf16 matmul peak, N = all parameters
+(embeddings and LM head included; the non-embedding figure is printed too). The peak is measured in
+the same invocation by benchmarks/matmul_peak.py's ``measure`` (before the first run and after the
+last; the higher is used). Runs that fail (e.g. Liger without a GPU) are listed with their error.
 
-``--quick`` (under a minute on 2 cores): 96 examples, posttrain and TRL's default only, 2 runs
-each of 3 steps. The last line is ``ratio=<posttrain real tokens/s / TRL default real tokens/s>``.
-Not a test: run it by hand.
+``--quick`` (about a minute on 2 idle cores): 96 examples, posttrain and TRL's default only, 2 runs
+each of 3 steps, the quick matmul peak. The last line is ``ratio=<posttrain real tokens/s / TRL
+default real tokens/s>``. Not a test: run it by hand.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -54,12 +66,23 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval_input_r
 MAX_LENGTH = 512
 BATCH = 8  # sequences per step for TRL (padded), rows of MAX_LENGTH per step for packed runs
 
+NO_GC = {"gradient_checkpointing": False}
 VARIANTS = {
-    "posttrain": ("posttrain", {}, "fp32, packed 8×512"),
-    "posttrain-bf16": ("posttrain", {"bf16": True}, "bf16 autocast, packed 8×512"),
+    "posttrain": ("posttrain", {}, "defaults: bf16 auto, packed 8×512"),
+    "posttrain-fp32": ("posttrain", {"bf16": False}, "fp32, packed 8×512"),
+    "posttrain-compile": ("posttrain", {"compile": True}, "defaults + train.compile"),
     "trl": ("trl", {}, "TRL defaults: bf16, grad ckpt, padded 8 seqs"),
-    "trl-fp32": ("trl", {"bf16": False, "gradient_checkpointing": False}, "fp32, no grad ckpt, padded 8 seqs"),
-    "trl-packed": ("trl", {"packing": True}, "TRL defaults + packing (bfd, padding-free 8×512)"),
+    "trl-fp32": ("trl", {"bf16": False, **NO_GC}, "fp32, no grad ckpt, padded 8 seqs"),
+    "trl-bf16": ("trl", {**NO_GC}, "bf16, no grad ckpt, padded 8 seqs"),
+    "trl-padfree": ("trl", {"padding_free": True, **NO_GC}, "bf16, no grad ckpt, padding-free 8 seqs"),
+    "trl-packed": ("trl", {"packing": True}, "TRL defaults + packing (bfd, 8×512)"),
+    "trl-packed-nogc": ("trl", {"packing": True, **NO_GC}, "bf16, no grad ckpt, packing (bfd, 8×512)"),
+    "trl-liger": ("trl", {"use_liger_kernel": True, **NO_GC}, "bf16, no grad ckpt, padded, Liger kernels"),
+}
+DEFAULT_VARIANTS = "posttrain,trl,trl-bf16,trl-packed-nogc"
+MODELS = {  # hidden, layers, heads, MLP width
+    "tiny": (256, 4, 4, 688),
+    "small": (512, 10, 8, 1376),
 }
 TRAINS_ON = {
     "posttrain": "assistant turn (content + <|im_end|>)",
@@ -82,21 +105,22 @@ def write_data(path: Path, n: int) -> list[str]:
     return [t for p in pairs for t in (p["prompt"], p["response"])]
 
 
-def build_model(path: Path, texts: list[str], seed: int = 0) -> int:
-    """Save the benchmark model and tokenizer to ``path``; returns the parameter count."""
+def build_model(path: Path, texts: list[str], size: str = "tiny", seed: int = 0) -> tuple[int, int]:
+    """Save the benchmark model and tokenizer to ``path``; returns (all parameters, parameters without embeddings and LM head)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from posttrain.models.zoo import CHATML_SPECIALS, _chatml_template, train_tokenizer
 
     tokenizer = train_tokenizer(_chatml_template(), CHATML_SPECIALS, vocab_size=8000, corpus="\n".join(texts))
+    hidden, layers, heads, mlp = MODELS[size]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -107,7 +131,8 @@ def build_model(path: Path, texts: list[str], seed: int = 0) -> int:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.get_input_embeddings().weight.numel() - model.get_output_embeddings().weight.numel()
 
 
 def run_worker(variant: str, spec: dict, workdir: Path, index: int, env: dict) -> dict:
@@ -120,10 +145,12 @@ def run_worker(variant: str, spec: dict, workdir: Path, index: int, env: dict) -
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not result_path.exists():
         tail = (workdir / f"log-{index}-{variant}.txt").read_text()[-4000:]
         raise SystemExit(f"{variant} run failed (rc {proc.returncode}):\n{tail}")
     result = json.loads(result_path.read_text())
+    if "error" in result:
+        return result
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     result["process_s"] = time.perf_counter() - t0
     return result
@@ -167,7 +194,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
                 "seed": 0,
                 "device": "cpu",
                 "log_every": 1,
-                "bf16": overrides.get("bf16", False),
+                **overrides,  # bf16 left out: posttrain's default (the hardware's choice)
             },
             "output_dir": spec["out"],
         }
@@ -180,7 +207,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
         [r["trained_tokens"] for r in rows],
         [r["loss"] for r in rows],
         [BATCH * MAX_LENGTH] * len(rows),  # packed rows are always MAX_LENGTH wide
-    )
+    ) | {"effective": {"bf16": cfg.train.bf16, "compile": cfg.train.compile}}
 
 
 def worker_trl(spec: dict, overrides: dict) -> dict:
@@ -204,29 +231,42 @@ def worker_trl(spec: dict, overrides: dict) -> dict:
             if logs and "loss" in logs:
                 self.losses[state.global_step] = float(logs["loss"])
 
-    args = SFTConfig(
-        output_dir=spec["out"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_length=MAX_LENGTH,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **overrides,
-    )
+    def config(**extra) -> SFTConfig:
+        return SFTConfig(
+            output_dir=spec["out"],
+            max_steps=spec["steps"],
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            learning_rate=spec["lr"],
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            **extra,
+        )
+
     dataset = load_dataset("json", data_files=spec["data"], split="train")
+    model = spec["model"]
+    if overrides.get("padding_free") and not overrides.get("packing"):
+        # TRL truncates to max_length only when packing, and asks for truncated input otherwise: its own
+        # preparation (tokenize, truncate at 512) through a padded config makes it; the run then reads it.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec["model"])
+        padded = {k: v for k, v in overrides.items() if k != "padding_free"}
+        dataset = SFTTrainer(model=model, args=config(max_length=MAX_LENGTH, **padded), train_dataset=dataset).train_dataset
+        args = config(max_length=None, **overrides)
+    else:
+        args = config(max_length=MAX_LENGTH, **overrides)
     timer = Timer()
-    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, callbacks=[timer])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     # Count each batch's real and trained tokens as the collator makes it (in step order: no workers).
     counts: list[tuple[int, int, int]] = []
     collate = trainer.data_collator
@@ -262,7 +302,11 @@ def worker_trl(spec: dict, overrides: dict) -> dict:
 
 def worker(variant: str, spec: dict, result_path: Path) -> None:
     tool, overrides, _ = VARIANTS[variant]
-    result = (worker_posttrain if tool == "posttrain" else worker_trl)(spec, overrides)
+    try:
+        result = (worker_posttrain if tool == "posttrain" else worker_trl)(spec, overrides)
+    except Exception as e:  # noqa: BLE001 - a variant that cannot run here (Liger without a GPU) is reported, not fatal
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
     result_path.write_text(json.dumps(result))
 
 
@@ -284,15 +328,25 @@ def loss_at(result: dict, tokens: float) -> float:
     return ys[-1]
 
 
+def bf16_peak(threads: int, quick: bool) -> float:
+    """This machine's bf16 matmul peak in GFLOP/s, from benchmarks/matmul_peak.py (in this process, ``threads`` threads)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from matmul_peak import measure
+
+    return measure(torch.bfloat16, quick=quick, threads=threads)["peak_gflops"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="under a minute: 96 examples, posttrain vs TRL default, 2 runs each of 3 steps")
+    ap.add_argument("--quick", action="store_true", help="about a minute: 96 examples, posttrain vs TRL default, 2 runs each of 3 steps")
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny", help="tiny: 7.3M parameters; small: 39.8M")
     ap.add_argument("--examples", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the same for every variant)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
-    ap.add_argument("--variants", default="posttrain,trl,trl-fp32,trl-packed", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, or all, from {', '.join(VARIANTS)}")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of every run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of every run (and of the matmul peak)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed afterwards")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (model, data, runs, logs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -304,7 +358,7 @@ def main() -> None:
 
     if args.quick:
         args.examples, args.steps, args.repeats, args.variants = 96, 3, 2, "posttrain,trl"
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "posttrain" not in variants or "trl" not in variants:
         raise SystemExit(f"--variants must include posttrain and trl, from {', '.join(VARIANTS)}; unknown: {unknown}")
@@ -320,19 +374,25 @@ def main() -> None:
     try:
         data = workdir / "ifeval_gpt4_prompt_completion.jsonl"
         texts = write_data(data, args.examples)
-        model_dir = workdir / "model"
-        params = build_model(model_dir, texts)
+        model_dir = workdir / f"model-{args.model}"
+        params = build_model(model_dir, texts, args.model)
+        peaks = [bf16_peak(args.threads, args.quick)]
+        print(f"bf16 matmul peak before the runs: {peaks[0]:,.0f} GFLOP/s ({args.threads} threads)", flush=True)
         env = dict(
             os.environ,
             OMP_NUM_THREADS=str(args.threads),
             POSTTRAIN_CACHE=str(workdir / "cache"),
             HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+            TORCHINDUCTOR_CACHE_DIR=str(workdir / "inductor"),  # a cold compile each time: no run reuses another's
         )
         env.update(TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
         results: dict[str, list[dict]] = {v: [] for v in variants}
+        errors: dict[str, str] = {}
         index = 0
         for rep in range(args.repeats):
             for variant in variants:
+                if variant in errors:
+                    continue
                 spec = {
                     "model": str(model_dir),
                     "data": str(data),
@@ -340,14 +400,23 @@ def main() -> None:
                     "steps": args.steps,
                     "out": str(workdir / "runs" / f"{index}-{variant}"),
                 }
+                shutil.rmtree(workdir / "inductor", ignore_errors=True)
                 r = run_worker(variant, spec, workdir, index, env)
+                index += 1
+                if "error" in r:
+                    errors[variant] = r["error"]
+                    print(f"run {index} {variant:<18} failed: {r['error']}", flush=True)
+                    continue
                 results[variant].append(r)
                 print(
-                    f"run {index + 1}/{args.repeats * len(variants)} {variant:<15}{r['real_tokens_per_s']:>9,.0f} real tok/s  {r['seconds_per_step']:.2f} s/step  loss {r['losses'][-1]:.3f}",
+                    f"run {index} {variant:<18}{r['real_tokens_per_s']:>9,.0f} real tok/s  {r['seconds_per_step']:.2f} s/step  loss {r['losses'][-1]:.3f}",
                     flush=True,
                 )
-                index += 1
-        report(args, variants, results, params, trl.__version__)
+        peaks.append(bf16_peak(args.threads, args.quick))
+        print(f"bf16 matmul peak after the runs: {peaks[1]:,.0f} GFLOP/s", flush=True)
+        if "trl" in errors or "posttrain" in errors:
+            raise SystemExit(f"a reference variant failed: {errors}")
+        report(args, [v for v in variants if results[v]], results, errors, params, max(peaks), trl.__version__)
     finally:
         if args.workdir is None and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -355,17 +424,27 @@ def main() -> None:
             print(f"work directory: {workdir}")
 
 
-def report(args: argparse.Namespace, variants: list[str], results: dict[str, list[dict]], params: int, trl_version: str) -> None:
+def report(
+    args: argparse.Namespace,
+    variants: list[str],
+    results: dict[str, list[dict]],
+    errors: dict[str, str],
+    params: tuple[int, int],
+    peak: float,
+    trl_version: str,
+) -> None:
     import torch
     import transformers
 
+    n_all, n_body = params
     # The same trained-token count for everyone: the least any run reached.
-    target = min(sum(r["trained_tokens"]) for rs in results.values() for r in rs)
+    target = min(sum(r["trained_tokens"]) for v in variants for r in results[v])
     rows = {}
     for v in variants:
         rs = results[v]
+        tps = statistics.median(r["real_tokens_per_s"] for r in rs)
         rows[v] = {
-            "tps": statistics.median(r["real_tokens_per_s"] for r in rs),
+            "tps": tps,
             "tps_lo": min(r["real_tokens_per_s"] for r in rs),
             "tps_hi": max(r["real_tokens_per_s"] for r in rs),
             "sps": statistics.median(r["seconds_per_step"] for r in rs),
@@ -375,10 +454,13 @@ def report(args: argparse.Namespace, variants: list[str], results: dict[str, lis
             "real_step": statistics.mean(sum(r["real_tokens"]) / r["steps"] for r in rs),
             "trained_step": statistics.mean(sum(r["trained_tokens"]) / r["steps"] for r in rs),
             "computed_step": statistics.mean(sum(r["computed_tokens"]) / r["steps"] for r in rs),
+            "mfu": tps * 6 * n_all / (peak * 1e9),
+            "mfu_body": tps * 6 * n_body / (peak * 1e9),
         }
     base = rows["posttrain"]["tps"]
     print(
-        f"\nSFT of a {params / 1e6:.1f}M-parameter Llama-style model from config, {args.examples} IFEval GPT-4 conversations, max length {MAX_LENGTH}"
+        f"\nSFT of a {n_all / 1e6:.1f}M-parameter Llama-style model ({n_body / 1e6:.1f}M without embeddings and LM head) from config, "
+        f"{args.examples} IFEval GPT-4 conversations, max length {MAX_LENGTH}"
     )
     print(
         f"{args.steps} optimizer steps per run, lr {args.lr:g} linear, {args.repeats} runs per variant, alternating; {args.threads} threads"
@@ -386,26 +468,42 @@ def report(args: argparse.Namespace, variants: list[str], results: dict[str, lis
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; {date.today()}"
     )
-    head = f"{'variant':<15}{'setup':<50}{'real tok/s':>11}{'(min–max)':>16}{'s/step':>8}{'real tok/step':>14}{'computed/step':>14}{'trained tok/step':>17}{'peak RSS MiB':>13}{f'loss@{target / 1e3:.0f}k':>11}{f'loss@step{args.steps}':>13}{'posttrain/x':>12}"
+    print(f"bf16 matmul peak (benchmarks/matmul_peak.py, best shape, higher of before/after): {peak:,.0f} GFLOP/s")
+    head = (
+        f"{'variant':<18}{'setup':<44}{'real tok/s':>11}{'(min–max)':>16}{'s/step':>8}{'real tok/step':>14}{'computed/step':>14}{'trained tok/step':>17}"
+        f"{'peak RSS MiB':>13}{f'loss@{target / 1e3:.0f}k':>11}{f'loss@step{args.steps}':>13}{'MFU':>7}{'MFU body':>9}{'posttrain/x':>12}"
+    )
     print(head)
     for v in variants:
         r = rows[v]
         spread = f"{r['tps_lo']:,.0f}–{r['tps_hi']:,.0f}"
         print(
-            f"{v:<15}{VARIANTS[v][2]:<50}{r['tps']:>11,.0f}{spread:>16}{r['sps']:>8.2f}{r['real_step']:>14,.0f}{r['computed_step']:>14,.0f}{r['trained_step']:>17,.0f}"
-            f"{r['rss']:>13,.0f}{r['loss']:>11.3f}{r['last']:>13.3f}{base / r['tps']:>12.2f}"
+            f"{v:<18}{VARIANTS[v][2]:<44}{r['tps']:>11,.0f}{spread:>16}{r['sps']:>8.2f}{r['real_step']:>14,.0f}{r['computed_step']:>14,.0f}{r['trained_step']:>17,.0f}"
+            f"{r['rss']:>13,.0f}{r['loss']:>11.3f}{r['last']:>13.3f}{r['mfu']:>7.1%}{r['mfu_body']:>9.1%}{base / r['tps']:>12.2f}"
         )
     for v in variants:
         if "effective" in results[v][0]:
             print(f"{v} ran with: " + ", ".join(f"{k} {val}" for k, val in results[v][0]["effective"].items()))
+    for v, e in errors.items():
+        print(f"{v} failed: {e}")
     print("computed/step: token positions the model ran on, padding included (packed rows count as full)")
     print(f"trains on: posttrain: {TRAINS_ON['posttrain']}; TRL: {TRAINS_ON['trl']}")
     print(f"loss@: the per-step loss interpolated at {target:,} cumulative trained tokens (the least any run reached), mean over runs")
+    print(
+        f"MFU: real tok/s × 6·N / bf16 peak, N = {n_all:,} (all parameters); MFU body: N = {n_body:,} (without the input embedding and LM head)."
+        " Attention FLOPs are not counted; posttrain computes the LM head only at trained positions"
+    )
     print(
         "not like for like: padded TRL runs take fewer real and trained tokens per step than packed ones (so, at the same"
         " trained tokens, more optimizer steps, which lowers their loss@); TRL's padding-free run on CPU (sdpa) attends"
         " over the whole flattened row with a block mask, so its cost grows with the row, not with each example"
     )
+    trl_rows = {v: r for v, r in rows.items() if VARIANTS[v][0] == "trl"}
+    best = max(trl_rows, key=lambda v: trl_rows[v]["tps"])
+    for name, v in (("TRL default", "trl"), (f"best TRL ({best})", best)):
+        rel = rows["posttrain"]["loss"] / rows[v]["loss"] - 1
+        rss = rows["posttrain"]["rss"] / rows[v]["rss"]
+        print(f"posttrain vs {name}: {base / rows[v]['tps']:.2f}× real tok/s, loss@ {rel:+.1%}, peak RSS {rss:.2f}×")
     print(f"ratio={base / rows['trl']['tps']:.2f}")
 
 

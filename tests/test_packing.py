@@ -101,3 +101,15 @@ def test_padded_batches_group_lengths_and_mask_padding(tiny):
         sums, counts = per_example_loss(model(**batch.model_inputs()).logits, batch)
     for seg, s, n in zip(batch.segments, sums, counts):
         assert abs((s / n).item() - alone_loss(model, examples[seg.index], tok.pad_token_id)) <= 1e-5
+
+
+def test_packed_rows_pad_to_a_fixed_width_when_asked():
+    """``width``: every batch the same shape (for compiled models); the padding is one more position run, never a target."""
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    natural = collate_packed(examples, [[0, 1]], pad_id=0)
+    wide = collate_packed(examples, [[0, 1]], pad_id=0, width=8)
+    assert natural.input_ids.shape == (1, 5) and wide.input_ids.shape == (1, 8)
+    assert wide.input_ids[0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert wide.position_ids[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert torch.equal(wide.target_ids[:, :5], natural.target_ids) and (wide.target_ids[:, 5:] == IGNORE).all()
+    assert collate_packed(examples, [[0, 1]], pad_id=0, width=2).input_ids.shape == (1, 5)  # never narrower than the data

@@ -91,9 +91,14 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def collate_packed(examples: Sequence[dict], rows: Sequence[Sequence[int]], pad_id: int, indices: Sequence[int] | None = None) -> Batch:
-    """One batch from rows of example positions (into ``examples``); rows are right-padded to the longest."""
-    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+def collate_packed(
+    examples: Sequence[dict], rows: Sequence[Sequence[int]], pad_id: int, indices: Sequence[int] | None = None, width: int | None = None
+) -> Batch:
+    """One batch from rows of example positions (into ``examples``); rows are right-padded to the longest, or to ``width`` if wider.
+
+    A fixed ``width`` gives every batch the same shape (what a compiled model wants: no recompilation).
+    """
+    width = max(max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows), width or 0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)

@@ -54,12 +54,12 @@ def make_rows(data: TokenizedData, indices: list[int], packing: bool, max_tokens
     return [[indices[k] for k in b] for b in bins]
 
 
-def collate(data: TokenizedData, rows: list[list[int]], packing: bool, pad_id: int) -> Batch:
-    """Rows of example indices -> one batch (packed rows, or one padded example per row)."""
+def collate(data: TokenizedData, rows: list[list[int]], packing: bool, pad_id: int, width: int | None = None) -> Batch:
+    """Rows of example indices -> one batch (packed rows, padded to ``width`` if given, or one padded example per row)."""
     if packing:
         needed = sorted({i for row in rows for i in row})
         local = {i: k for k, i in enumerate(needed)}
-        return collate_packed([data[i] for i in needed], [[local[i] for i in row] for row in rows], pad_id, indices=needed)
+        return collate_packed([data[i] for i in needed], [[local[i] for i in row] for row in rows], pad_id, indices=needed, width=width)
     from posttrain.data.packing import collate_padded
 
     flat = [row[0] for row in rows]
@@ -114,8 +114,10 @@ def train(config: SFTConfig) -> RunResult:
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
+    width = None  # packed rows as wide as their longest; under compile always max_length wide (one shape, one compilation)
     if cfg.train.compile:
         loop.compile_layers(model)
+        width = cfg.data.max_length
     step_module: torch.nn.Module = NLLSum(model)
     if d.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -136,7 +138,7 @@ def train(config: SFTConfig) -> RunResult:
             t0 = time.perf_counter()
             step_rows = plan.step_rows(step, cfg.train.seed)
             mine = step_rows[d.rank * len(step_rows) // d.world : (d.rank + 1) * len(step_rows) // d.world]
-            micro = [collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id) for k in range(0, len(mine), cfg.train.micro_batch_size)]
+            micro = [collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id, width) for k in range(0, len(mine), cfg.train.micro_batch_size)]
             step_tokens = loop.all_reduce_sum(sum(b.trained_tokens for b in micro), d)
             loss_sum = 0.0
             for k, batch in enumerate(micro):
