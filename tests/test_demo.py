@@ -102,6 +102,18 @@ def test_examples_demo_pipeline_is_the_builtin_demo():
         pipeline.load_pipeline(None, base=yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / name).read_text()))
 
 
+def test_demo_precision_follows_the_hardware_unless_pinned():
+    # bf16 is the fast path only where it is native; elsewhere (e.g. AMD Zen 3) it is emulated, 5-7x slower.
+    from posttrain.config import SFTConfig, native_bf16
+
+    demo = pipeline.load_pipeline(None, base=pipeline.demo_config(quick=False))
+    assert demo.generation.bf16 is native_bf16(demo.device)
+    sft = SFTConfig.model_validate({**pipeline.deep_merge(pipeline.SFT_DEFAULTS, demo.sft), "model": {"name": "x"}, "data": {"path": "x"}})
+    assert sft.train.bf16 is native_bf16(sft.train.device)
+    pinned = pipeline.load_pipeline(None, base={**pipeline.demo_config(quick=False), "generation": {"bf16": not native_bf16()}})
+    assert pinned.generation.bf16 is (not native_bf16())
+
+
 @pytest.mark.skipif(report.find_chromium() is None, reason="no Chromium on PATH (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(quick_run, tmp_path):
     out, _ = quick_run

@@ -73,6 +73,13 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Tokenized-data cache 
 OverlongOpt = Annotated[Overlong, typer.Option("--overlong", help="truncate: cut to --max-length (dropped if nothing trained remains). drop: drop the example.")]
 
 
+def _bf16_default(bf16: bool | None) -> bool:
+    """--bf16/--fp32 as given, else bf16 where the hardware has native bf16 (elsewhere it is emulated, several times slower)."""
+    from posttrain.config import native_bf16
+
+    return native_bf16() if bf16 is None else bf16
+
+
 def fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -291,7 +298,7 @@ def eval_ifeval(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", min=1)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per response (lm-eval uses 1280).", min=1)] = 1280,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.", min=1)] = 32,
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for generation.")] = True,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16, else fp32].")] = None,
     per_item: Annotated[Optional[Path], typer.Option("--per-item", help="Write one JSON line per prompt: prompt, instruction_id_list, strict, loose (+ reasons, response).")] = None,
     plot: Annotated[Path, typer.Option("--plot", help="Bar chart of accuracy per instruction type.")] = Path("ifeval.png"),
 ) -> None:
@@ -306,7 +313,7 @@ def eval_ifeval(
             title = responses.name
         else:
             records = ifeval.read_prompt_records(ifeval.find_data(data))[:limit]
-            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16)
+            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=_bf16_default(bf16))
             result = ifeval.score(records, texts)
             title = model
         if result.note:
@@ -499,7 +506,7 @@ def label(
     format: Annotated[Optional[str], typer.Option("--format", "-f", help="Force the prompts' format (ifeval, prompts, messages, prompt_completion, preference, ...).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", min=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.", min=1)] = 32,
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 for generation.")] = True,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16, else fp32].")] = None,
     template: TemplateOpt = None,
 ) -> None:
     """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
@@ -510,7 +517,7 @@ def label(
     with user_errors():
         summary = label_file(
             model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=bf16, template=template,
+            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=_bf16_default(bf16), template=template,
         )  # fmt: skip
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()) or "none"
     out.print(

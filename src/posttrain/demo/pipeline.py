@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config
+from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config, native_bf16
 from posttrain.records import write_jsonl
 
 STAGE_VERSION = 1
@@ -64,7 +64,11 @@ class PromptsConfig(Strict):
 class GenerationConfig(Strict):
     max_new_tokens: int = Field(192, gt=0)
     batch_size: int = Field(32, gt=0, description="Sequences decoded together.")
-    bf16: bool = Field(True, description="bf16 forwards (the fast path on CPUs with bf16 matmul and on GPUs).")
+    bf16: bool | Literal["auto"] | None = Field(
+        None,
+        description="bf16 forwards. Default (null or auto): on where the hardware has native bf16 (a GPU with bf16, a CPU with "
+        "AVX512-BF16, AMX or Arm BF16), where it is the fast path; fp32 elsewhere, where bf16 is emulated and several times slower.",
+    )
 
 
 class SampleConfig(Strict):
@@ -121,17 +125,24 @@ class PipelineConfig(Strict):
             raise ValueError("; ".join(problems))
         return raw
 
+    @model_validator(mode="after")
+    def _resolve_bf16(self) -> PipelineConfig:
+        # Resolved once, here, so that stage keys and the saved config say which precision generated.
+        if self.generation.bf16 in (None, "auto"):
+            self.generation.bf16 = native_bf16(self.device)
+        return self
+
 
 #: What the demo trains with, unless a pipeline's ``sft:`` / ``dpo:`` sections say otherwise.
 SFT_DEFAULTS: dict[str, Any] = {
     "adapter": {"kind": "lora", "r": 16, "alpha": 32},
     "data": {"max_length": 512},
-    "train": {"lr": 4e-4, "epochs": 3, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+    "train": {"lr": 4e-4, "epochs": 3, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine"},
 }
 DPO_DEFAULTS: dict[str, Any] = {
     "adapter": {"kind": "lora", "r": 16, "alpha": 32},
     "data": {"max_length": 512},
-    "train": {"lr": 2e-4, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine", "bf16": True},
+    "train": {"lr": 2e-4, "epochs": 2, "micro_batch_size": 4, "warmup_steps": 2, "schedule": "cosine"},
     "dpo": {"beta": 0.1},
 }
 
