@@ -46,7 +46,8 @@ reference) and the mean loss and reward accuracy over the last 5 steps, averaged
 The ``ratio=`` line is posttrain's end-to-end pairs/s over TRL default's (so posttrain's precompute
 counts against it, as TRL's per-step reference forward counts against TRL).
 
-``--quick`` (about a minute on 2 idle cores): the first 16 pairs, posttrain and TRL's default only, 2
+``--quick`` (about a minute on 2 idle cores with native bf16; about 7 minutes on a CPU without, where TRL's
+default bf16 step takes ~80 s): the first 16 pairs, posttrain and TRL's default only, 2
 runs each of 2 steps. The last line is ``ratio=<posttrain end-to-end pairs/s / TRL default end-to-end pairs/s>``.
 Not a test: run it by hand.
 """

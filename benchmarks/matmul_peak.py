@@ -64,9 +64,20 @@ def _operands(m: int, k: int, n: int, layout: str, dtype: torch.dtype) -> tuple[
 
 def time_shape(m: int, k: int, n: int, layout: str, dtype: torch.dtype, *, seconds: float, repeats: int) -> float:
     """Median GFLOP/s of ``a @ b`` over ``repeats`` timed windows of at least ``seconds`` each (after warm-up)."""
+    # A probe on a slice of the rows first: bf16 on a CPU without bf16 instructions can run some shapes at
+    # < 1 GFLOP/s (a 2048³ call then takes a minute); such a shape is far from the peak, and the slice's
+    # rate stands for it rather than minutes of warm-ups and timed windows.
+    rows = max(64, m // 16)
+    a, b = _operands(rows, k, n, layout, dtype)
+    torch.matmul(a, b)
+    t0 = time.perf_counter()
+    torch.matmul(a, b)
+    probe = time.perf_counter() - t0
+    if probe * m / rows > 2 * seconds:
+        return 2 * rows * k * n / probe / 1e9
     a, b = _operands(m, k, n, layout, dtype)
     out = torch.empty(m, n, dtype=dtype)
-    for _ in range(3):
+    for _ in range(2):
         torch.matmul(a, b, out=out)
     rates = []
     for _ in range(repeats):

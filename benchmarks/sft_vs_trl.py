@@ -28,6 +28,8 @@ Variants (each run a fresh subprocess, run in rotation A B C A B C …, ``--repe
   512 tokens a step, as posttrain). ``trl-packed-nogc``: the same without gradient checkpointing.
 * ``trl-liger``: ``trl-bf16`` plus ``use_liger_kernel=True`` (Liger's Triton kernels: needs a GPU; on a
   CPU-only machine the run fails and its error is reported).
+* ``trl-padfree-fp32``, ``trl-packed-fp32``: ``trl-padfree`` and ``trl-packed-nogc`` in fp32, for CPUs
+  without native bf16 instructions (there bf16 autocast is several times slower than fp32).
 
 All train the same number of optimizer steps at the same peak learning rate, linear decay, no warmup,
 AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, seed 0. Reported per variant (median
@@ -35,12 +37,14 @@ over its runs): real (non-padding) tokens/s and seconds/step over the training s
 (model loading, tokenization, compilation and the warm-up step excluded), peak RSS of the whole run's
 process, the loss at the same number of trained (loss-bearing) tokens, interpolated from the per-step
 losses (a mean over the step's trained tokens, in both tools) and averaged over the runs, and the
-model-FLOPs utilisation: real tokens/s × 6·N / this machine's bf16 matmul peak, N = all parameters
-(embeddings and LM head included; the non-embedding figure is printed too). The peak is measured in
-the same invocation by benchmarks/matmul_peak.py's ``measure`` (before the first run and after the
-last; the higher is used). Runs that fail (e.g. Liger without a GPU) are listed with their error.
+model-FLOPs utilisation: real tokens/s × 6·N / this machine's matmul peak, N = all parameters
+(embeddings and LM head included; the non-embedding figure is printed too). The peak is the better of
+fp32 and bf16 (bf16 on CPUs with native bf16 instructions, fp32 on the others), measured in the same
+invocation by benchmarks/matmul_peak.py's ``measure`` (before the first run and after the last; the
+higher is used). Runs that fail (e.g. Liger without a GPU) are listed with their error.
 
-``--quick`` (about a minute on 2 idle cores): 96 examples, posttrain and TRL's default only, 2 runs
+``--quick`` (about a minute on 2 idle cores with native bf16; about 5 minutes on a CPU without, where TRL's
+default bf16 step takes ~35 s): 96 examples, posttrain and TRL's default only, 2 runs
 each of 3 steps, the quick matmul peak. The last line is ``ratio=<posttrain real tokens/s / TRL
 default real tokens/s>``. Not a test: run it by hand.
 """
@@ -78,8 +82,18 @@ VARIANTS = {
     "trl-packed": ("trl", {"packing": True}, "TRL defaults + packing (bfd, 8×512)"),
     "trl-packed-nogc": ("trl", {"packing": True, **NO_GC}, "bf16, no grad ckpt, packing (bfd, 8×512)"),
     "trl-liger": ("trl", {"use_liger_kernel": True, **NO_GC}, "bf16, no grad ckpt, padded, Liger kernels"),
+    "trl-padfree-fp32": ("trl", {"padding_free": True, "bf16": False, **NO_GC}, "fp32, no grad ckpt, padding-free 8 seqs"),
+    "trl-packed-fp32": ("trl", {"packing": True, "bf16": False, **NO_GC}, "fp32, no grad ckpt, packing (bfd, 8×512)"),
 }
-DEFAULT_VARIANTS = "posttrain,trl,trl-bf16,trl-packed-nogc"
+
+
+def default_variants() -> str:
+    """posttrain's and TRL's defaults, and TRL's fastest padded and packed setups in this machine's faster precision."""
+    from posttrain.config import native_bf16
+
+    return "posttrain,trl," + ("trl-bf16,trl-packed-nogc" if native_bf16("cpu") else "trl-fp32,trl-packed-fp32")
+
+
 MODELS = {  # hidden, layers, heads, MLP width
     "tiny": (256, 4, 4, 688),
     "small": (512, 10, 8, 1376),
@@ -328,13 +342,19 @@ def loss_at(result: dict, tokens: float) -> float:
     return ys[-1]
 
 
-def bf16_peak(threads: int, quick: bool) -> float:
-    """This machine's bf16 matmul peak in GFLOP/s, from benchmarks/matmul_peak.py (in this process, ``threads`` threads)."""
+def matmul_peak(threads: int, quick: bool) -> tuple[float, str]:
+    """This machine's matmul peak in GFLOP/s and its dtype, the better of fp32 and bf16, from benchmarks/matmul_peak.py."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
     from matmul_peak import measure
 
-    return measure(torch.bfloat16, quick=quick, threads=threads)["peak_gflops"]
+    peaks = {
+        name: measure(dtype, quick=quick, threads=threads)["peak_gflops"]
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    print("matmul peaks: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    best = max(peaks, key=peaks.get)
+    return peaks[best], best
 
 
 def main() -> None:
@@ -344,7 +364,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the same for every variant)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, or all, from {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, or all, from {', '.join(VARIANTS)}; posttrain alone gives its MFU only (default: posttrain, trl and TRL's fastest padded and packed setups in this CPU's faster precision)",
+    )
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of every run (and of the matmul peak)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed afterwards")
@@ -358,10 +382,11 @@ def main() -> None:
 
     if args.quick:
         args.examples, args.steps, args.repeats, args.variants = 96, 3, 2, "posttrain,trl"
+    args.variants = args.variants or default_variants()
     variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or "posttrain" not in variants or "trl" not in variants:
-        raise SystemExit(f"--variants must include posttrain and trl, from {', '.join(VARIANTS)}; unknown: {unknown}")
+    if unknown or "posttrain" not in variants:
+        raise SystemExit(f"--variants must include posttrain, from {', '.join(VARIANTS)}; unknown: {unknown}")
     if args.repeats < 1 or args.steps < 2:
         raise SystemExit("--repeats ≥ 1 and --steps ≥ 2 (the first step is not timed)")
     try:
@@ -376,8 +401,8 @@ def main() -> None:
         texts = write_data(data, args.examples)
         model_dir = workdir / f"model-{args.model}"
         params = build_model(model_dir, texts, args.model)
-        peaks = [bf16_peak(args.threads, args.quick)]
-        print(f"bf16 matmul peak before the runs: {peaks[0]:,.0f} GFLOP/s ({args.threads} threads)", flush=True)
+        peaks = [matmul_peak(args.threads, args.quick)]
+        print(f"matmul peak before the runs: {peaks[0][0]:,.0f} GFLOP/s, {peaks[0][1]} ({args.threads} threads)", flush=True)
         env = dict(
             os.environ,
             OMP_NUM_THREADS=str(args.threads),
@@ -412,8 +437,8 @@ def main() -> None:
                     f"run {index} {variant:<18}{r['real_tokens_per_s']:>9,.0f} real tok/s  {r['seconds_per_step']:.2f} s/step  loss {r['losses'][-1]:.3f}",
                     flush=True,
                 )
-        peaks.append(bf16_peak(args.threads, args.quick))
-        print(f"bf16 matmul peak after the runs: {peaks[1]:,.0f} GFLOP/s", flush=True)
+        peaks.append(matmul_peak(args.threads, args.quick))
+        print(f"matmul peak after the runs: {peaks[1][0]:,.0f} GFLOP/s, {peaks[1][1]}", flush=True)
         if "trl" in errors or "posttrain" in errors:
             raise SystemExit(f"a reference variant failed: {errors}")
         report(args, [v for v in variants if results[v]], results, errors, params, max(peaks), trl.__version__)
@@ -430,13 +455,14 @@ def report(
     results: dict[str, list[dict]],
     errors: dict[str, str],
     params: tuple[int, int],
-    peak: float,
+    peak: tuple[float, str],
     trl_version: str,
 ) -> None:
     import torch
     import transformers
 
     n_all, n_body = params
+    peak, peak_dtype = peak
     # The same trained-token count for everyone: the least any run reached.
     target = min(sum(r["trained_tokens"]) for v in variants for r in results[v])
     rows = {}
@@ -468,7 +494,7 @@ def report(
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; {date.today()}"
     )
-    print(f"bf16 matmul peak (benchmarks/matmul_peak.py, best shape, higher of before/after): {peak:,.0f} GFLOP/s")
+    print(f"matmul peak (benchmarks/matmul_peak.py, best dtype and shape, higher of before/after): {peak:,.0f} GFLOP/s, {peak_dtype}")
     head = (
         f"{'variant':<18}{'setup':<44}{'real tok/s':>11}{'(min–max)':>16}{'s/step':>8}{'real tok/step':>14}{'computed/step':>14}{'trained tok/step':>17}"
         f"{'peak RSS MiB':>13}{f'loss@{target / 1e3:.0f}k':>11}{f'loss@step{args.steps}':>13}{'MFU':>7}{'MFU body':>9}{'posttrain/x':>12}"
@@ -490,7 +516,7 @@ def report(
     print(f"trains on: posttrain: {TRAINS_ON['posttrain']}; TRL: {TRAINS_ON['trl']}")
     print(f"loss@: the per-step loss interpolated at {target:,} cumulative trained tokens (the least any run reached), mean over runs")
     print(
-        f"MFU: real tok/s × 6·N / bf16 peak, N = {n_all:,} (all parameters); MFU body: N = {n_body:,} (without the input embedding and LM head)."
+        f"MFU: real tok/s × 6·N / {peak_dtype} matmul peak, N = {n_all:,} (all parameters); MFU body: N = {n_body:,} (without the input embedding and LM head)."
         " Attention FLOPs are not counted; posttrain computes the LM head only at trained positions"
     )
     print(
@@ -499,6 +525,11 @@ def report(
         " over the whole flattened row with a block mask, so its cost grows with the row, not with each example"
     )
     trl_rows = {v: r for v, r in rows.items() if VARIANTS[v][0] == "trl"}
+    print(
+        f"posttrain MFU: {rows['posttrain']['mfu']:.1%} of the {peak_dtype} matmul peak ({rows['posttrain']['mfu_body']:.1%} counting N without embeddings)"
+    )
+    if "trl" not in trl_rows:
+        return  # a posttrain-only run (e.g. the MFU of --model small): no ratio to TRL
     best = max(trl_rows, key=lambda v: trl_rows[v]["tps"])
     for name, v in (("TRL default", "trl"), (f"best TRL ({best})", best)):
         rel = rows["posttrain"]["loss"] / rows[v]["loss"] - 1
