@@ -73,13 +73,6 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Tokenized-data cache 
 OverlongOpt = Annotated[Overlong, typer.Option("--overlong", help="truncate: cut to --max-length (dropped if nothing trained remains). drop: drop the example.")]
 
 
-def _bf16_default(bf16: bool | None) -> bool:
-    """--bf16/--fp32 as given, else bf16 where the hardware has native bf16 (elsewhere it is emulated, several times slower)."""
-    from posttrain.config import native_bf16
-
-    return native_bf16() if bf16 is None else bf16
-
-
 def fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -303,6 +296,7 @@ def eval_ifeval(
     plot: Annotated[Path, typer.Option("--plot", help="Bar chart of accuracy per instruction type.")] = Path("ifeval.png"),
 ) -> None:
     """IFEval: the four accuracies (prompt/instruction × strict/loose), a table per instruction type, a bar chart."""
+    from posttrain.config import resolve_bf16
     from posttrain.eval import ifeval
 
     if (responses is None) == (model is None):
@@ -313,7 +307,7 @@ def eval_ifeval(
             title = responses.name
         else:
             records = ifeval.read_prompt_records(ifeval.find_data(data))[:limit]
-            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=_bf16_default(bf16))
+            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=resolve_bf16(bf16))
             result = ifeval.score(records, texts)
             title = model
         if result.note:
@@ -510,6 +504,7 @@ def label(
     template: TemplateOpt = None,
 ) -> None:
     """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
+    from posttrain.config import resolve_bf16
     from posttrain.synth.label import label_file
 
     if by is LabelBy.reward_model and reward_model is None:
@@ -517,7 +512,7 @@ def label(
     with user_errors():
         summary = label_file(
             model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=_bf16_default(bf16), template=template,
+            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16), template=template,
         )  # fmt: skip
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()) or "none"
     out.print(

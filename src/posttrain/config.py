@@ -68,6 +68,11 @@ def native_bf16(device: Any = None) -> bool:
     return _cpu_has_bf16_instructions() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def resolve_bf16(value: Any, device: Any = None) -> Any:
+    """A ``bf16`` setting as given, or, when it is null or "auto", :func:`native_bf16` for ``device``."""
+    return native_bf16(device) if value in (None, "auto") else value
+
+
 def _cpu_has_bf16_instructions() -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -108,8 +113,8 @@ class TrainConfig(Strict):
     @classmethod
     def _resolve_bf16(cls, data: Any) -> Any:
         """``bf16`` null or "auto" becomes true or false here, once, for ``device`` (see :func:`native_bf16`)."""
-        if isinstance(data, dict) and data.get("bf16", None) in (None, "auto"):
-            data = {**data, "bf16": native_bf16(data.get("device"))}
+        if isinstance(data, dict):
+            data = {**data, "bf16": resolve_bf16(data.get("bf16"), data.get("device"))}
         return data
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config, native_bf16
+from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config, resolve_bf16
 from posttrain.records import write_jsonl
 
 STAGE_VERSION = 1
@@ -128,8 +128,7 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _resolve_bf16(self) -> PipelineConfig:
         # Resolved once, here, so that stage keys and the saved config say which precision generated.
-        if self.generation.bf16 in (None, "auto"):
-            self.generation.bf16 = native_bf16(self.device)
+        self.generation.bf16 = resolve_bf16(self.generation.bf16, self.device)
         return self
 
 
