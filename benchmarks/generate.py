@@ -1,7 +1,8 @@
 """Batched vs one-at-a-time greedy generation: tokens/s of posttrain's engine, fp32 and bf16.
 
     python benchmarks/generate.py [--quick] [--prompts 64] [--max-new-tokens 64] [--batch-size 32]
-                                  [--repeats 1] [--threads N] [--no-hf]
+                                  [--repeats 1] [--threads N] [--no-hf] [--precisions fp32,bf16]
+    python benchmarks/generate.py --decoders [--prompts 124] [--max-new-tokens 192] [--batch-size 128]
 
 SmolLM2-135M-Instruct when fetched (`posttrain models fetch smollm2-135m-instruct`), else the random
 tiny-llama (then the numbers say little: a note is printed). Prompts are the first IFEval prompts
@@ -11,6 +12,10 @@ batched run (``--batch-size`` sequences at once) and the one-at-a-time run (batc
 Tokens/s counts generated tokens (a sequence that ends early counts what it generated) over wall time,
 prefill included. Full runs also time transformers' ``model.generate`` at the same batch size, the
 reference the engine's decode loop was chosen against.
+
+``--decoders``: the same batched greedy run with the decode steps on posttrain's ``FastDecoder``
+(``generate/fast.py``) and on the model's own forward with its ``DynamicCache`` (``Engine(fast=False)``),
+alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward tokens/s>``.
 
 ``--quick`` (under a minute): 32 prompts batched, 6 one at a time, 32 new tokens, fp32 and bf16.
 The last line is ``ratio=<batched / one-at-a-time tokens/s>`` for fp32. Not a test: run it by hand.
@@ -88,6 +93,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (bf16 is slow where it is emulated)")
+    ap.add_argument("--decoders", action="store_true", help="compare the fast decoder with the model's forward (batched, fp32)")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.single_prompts, args.max_new_tokens, args.no_hf = 32, 6, 32, True
@@ -108,9 +115,12 @@ def main() -> None:
         flush=True,
     )
     engine.generate_ids(ids[:2], SamplingParams(max_new_tokens=2), progress=False)  # warm up allocators
+    if args.decoders:
+        compare_decoders(engine, ids, SamplingParams(max_new_tokens=args.max_new_tokens), args.batch_size, args.repeats)
+        return
 
     rows, ratios = [], {}
-    for precision in ("fp32", "bf16"):
+    for precision in args.precisions.split(","):
         params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=precision == "bf16")
         runs: dict[str, list[float]] = {"batched": [], "one-at-a-time": []}
         outputs = {}
@@ -132,8 +142,26 @@ def main() -> None:
     print(f"\n{'precision':<10}{'mode':<24}{'tokens/s':>10}")
     for precision, mode, rate in rows:
         print(f"{precision:<10}{mode:<24}{rate:>10.1f}")
-    print(f"batched / one-at-a-time: fp32 {ratios['fp32']:.2f}x, bf16 {ratios['bf16']:.2f}x; load average now {os.getloadavg()[0]:.1f}")
-    print(f"ratio={ratios['fp32']:.2f}")
+    shown = ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items())
+    print(f"batched / one-at-a-time: {shown}; load average now {os.getloadavg()[0]:.1f}")
+    print(f"ratio={next(iter(ratios.values())):.2f}")
+
+
+def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:
+    """Batched greedy tokens/s with the decode steps on the FastDecoder and on the model's forward."""
+    runs: dict[str, list[float]] = {"fast decoder": [], "model forward": []}
+    outputs = {}
+    for _ in range(repeats):
+        for mode, fast in (("fast decoder", True), ("model forward", False)):
+            engine.fast = fast
+            seconds, tokens, outputs[mode] = timed(engine, ids, params, batch_size)
+            runs[mode].append(tokens / seconds)
+            print(f"  {mode:<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
+    engine.fast = True
+    same = sum(a == b for a, b in zip(outputs["fast decoder"], outputs["model forward"]))
+    fast_rate, forward_rate = (statistics.median(r) for r in runs.values())
+    print(f"fast decoder {fast_rate:.1f} tok/s, model forward {forward_rate:.1f} tok/s; identical tokens on {same}/{len(ids)} prompts")
+    print(f"ratio={fast_rate / forward_rate:.2f}")
 
 
 if __name__ == "__main__":

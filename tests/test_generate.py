@@ -18,7 +18,7 @@ import torch
 from chat_fixtures import family_tokenizer
 
 from posttrain.data.chat import ChatRenderer
-from posttrain.generate import Engine, SamplingParams, VLLMEngine, vllm_available
+from posttrain.generate import Engine, SamplingParams, VLLMEngine, fast, vllm_available
 from posttrain.generate.engine import PromptEncoder, _groups
 from posttrain.models.zoo import build_tiny
 
@@ -110,6 +110,79 @@ def test_prefill_groups_bound_padding():
     for lo, hi in groups:
         assert lengths[lo] * (hi - lo) <= 1.25 * sum(lengths[lo:hi])
     assert _groups([500] * 20) == [(0, 8), (8, 16), (16, 20)]  # at most 4,096 tokens a forward pass
+
+
+# -- the fast decoder ------------------------------------------------------------------------
+
+
+def counting_steps(monkeypatch) -> list[int]:
+    """Rows of every FastDecoder step (instrumentation: the real step still runs)."""
+    rows, step = [], fast.FastDecoder.step
+
+    def counted(self, tokens, positions):
+        rows.append(len(tokens))
+        return step(self, tokens, positions)
+
+    monkeypatch.setattr(fast.FastDecoder, "step", counted)
+    return rows
+
+
+@pytest.mark.parametrize("make", [prompts, chats], ids=["plain", "shared-system-prompt"])
+def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkeypatch):
+    model, tokenizer = tiny
+    assert fast.supports(model)
+    items = make(48)
+    rows = counting_steps(monkeypatch)
+    fast_engine, own = Engine(model, tokenizer, batch_size=16), Engine(model, tokenizer, batch_size=16, fast=False)
+    ends = Counter(t for c in fast_engine.generate(items, SamplingParams(max_new_tokens=MAX_NEW), progress=False) for t in c[0].token_ids)
+    stops = tuple(t for t, _ in ends.most_common(4))  # frequent tokens as stop ids: rows finish at different steps
+    for params in (
+        SamplingParams(max_new_tokens=MAX_NEW),
+        SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.9, n=3, seed=1),
+        SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=stops),
+    ):
+        rows.clear()
+        got = fast_engine.generate(items, params, progress=False)
+        assert rows, "the fast decoder should have run the decode steps"
+        want = own.generate(items, params, progress=False)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert [(c.token_ids, c.finish_reason, c.text) for c in a] == [(c.token_ids, c.finish_reason, c.text) for c in b], (params, i)
+    finished = Counter(c[0].finish_reason for c in got)
+    assert finished["stop"] >= 10 and finished["length"] >= 3, finished
+    assert len(set(rows)) > 3, "finished rows should leave the decoder's buffers as the batch goes on"
+
+
+def test_fast_decoder_logits_match_the_forward(tiny):
+    """One step's logits against the model's forward over the whole sequence (fp32: rounding only)."""
+    from transformers import DynamicCache
+
+    model, _ = tiny
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8], [1, 1, 1, 4, 6, 2, 30]])  # the second row left-padded
+    mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
+        decoder = fast.FastDecoder(model)
+        decoder.start(cache, mask[:, :-1], max_new_tokens=4)
+        got = decoder.step(ids[:, -1], positions[:, -1])
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_decoder_leaves_hooked_and_adapted_models_to_their_forward(llama):
+    """A hook (a steering vector, an instrument) or a LoRA layer must run: such models use their own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = llama
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert not fast.supports(model)
+    finally:
+        handle.remove()
+    assert fast.supports(model)
+    lora = get_peft_model(build_tiny("llama")[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not fast.supports(lora) and not fast.supports(lora.base_model.model)
 
 
 # -- stopping -------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ from typing import Any, Literal
 
 import torch
 
+from posttrain.generate.fast import FastDecoder
+from posttrain.generate.fast import supports as fast_supports
+
 FinishReason = Literal["stop", "length", "eos"]
 
 
@@ -263,6 +266,7 @@ def _plan(prompt_ids: list[list[int]], params: SamplingParams) -> list[_Sequence
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a separate forward pass
 PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill forward, to bound activation memory
+COMPACT_AT = 8  # the fast decoder drops finished rows once they are 1/COMPACT_AT of its rows
 PREFILL_PADDING = 1.25  # a prefill group grows while its padded size stays within this factor of its real tokens
 
 
@@ -373,7 +377,7 @@ class Engine:
     used, whatever ``model.config.use_cache`` says (training switches it off).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, template: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, template: str | None = None, fast: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.model = model
@@ -385,6 +389,7 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
         self._plain: bool | None = None
+        self.fast = fast
 
     @classmethod
     def from_name(
@@ -451,9 +456,10 @@ class Engine:
         try:
             with bar or nullcontext(), torch.inference_mode(), _bf16(self.model, params.bf16, self.device):
                 prefix = self._prefix(prompt_ids)
+                decoder = FastDecoder(self.model) if self.fast and self._plain_cache() and fast_supports(self.model) else None
                 for b in range(0, len(seqs), width):
                     batch = seqs[b : b + width]
-                    self._decode(batch, prefix, params, text_stops, stop_ids)
+                    self._decode(batch, prefix, params, text_stops, stop_ids, decoder)
                     done = 0
                     for s in batch:
                         generated += len(s.tokens)
@@ -558,9 +564,19 @@ class Engine:
     # -- the decode loop ------------------------------------------------------------------------
 
     def _decode(
-        self, batch: list[_Sequence], prefix: _Prefix | None, params: SamplingParams, text_stops: list[str], stop_ids: set[int]
+        self,
+        batch: list[_Sequence],
+        prefix: _Prefix | None,
+        params: SamplingParams,
+        text_stops: list[str],
+        stop_ids: set[int],
+        decoder: FastDecoder | None = None,
     ) -> None:
-        """Generate ``batch`` to completion in place: prefill each distinct prompt once, then one token a step."""
+        """Generate ``batch`` to completion in place: prefill each distinct prompt once, then one token a step.
+
+        The steps run through ``decoder`` when there is one (:mod:`posttrain.generate.fast`), else through
+        the model's forward and its ``DynamicCache``.
+        """
         device = self.device
         distinct: dict[tuple[int, ...], int] = {}
         rows = [distinct.setdefault(tuple(s.prompt_ids), len(distinct)) for s in batch]
@@ -570,6 +586,11 @@ class Engine:
             cache.batch_select_indices(index)
             logits, mask, next_position = logits[index], mask[index], next_position[index]
         generators = None if params.greedy else [self._generator(s.seed, device) for s in batch]
+        if decoder is not None:
+            decoder.start(cache, mask, params.max_new_tokens)
+            del cache
+            self._decode_fast(decoder, batch, logits, next_position, params, generators, text_stops, stop_ids)
+            return
         active = list(batch)
         for _ in range(params.max_new_tokens):
             tokens = _choose(logits.float(), params, generators)
@@ -592,6 +613,41 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
+            next_position = next_position + 1
+
+    def _decode_fast(
+        self,
+        decoder: FastDecoder,
+        batch: list[_Sequence],
+        logits: torch.Tensor,
+        next_position: torch.Tensor,
+        params: SamplingParams,
+        generators: list[torch.Generator] | None,
+        text_stops: list[str],
+        stop_ids: set[int],
+    ) -> None:
+        """The decode loop on a :class:`FastDecoder`.
+
+        Finished rows leave the decoder's buffers in batches (when they are an eighth of its rows): moving
+        a preallocated buffer costs more than the few steps a finished row rides along for nothing.
+        """
+        rows = list(batch)  # the decoder's rows, finished ones included until the next compaction
+        for _ in range(params.max_new_tokens):
+            tokens = _choose(logits.float(), params, generators)
+            for s, t in zip(rows, tokens.tolist()):
+                if s.finish is None:
+                    self._step(s, t, params, text_stops, stop_ids)
+            live = [r for r, s in enumerate(rows) if s.finish is None]
+            if not live:
+                break
+            if (len(rows) - len(live)) * COMPACT_AT >= len(rows):
+                index = torch.tensor(live, device=tokens.device)
+                decoder.select(index)
+                tokens, next_position = tokens[index], next_position[index]
+                rows = [rows[r] for r in live]
+                if generators is not None:
+                    generators = [generators[r] for r in live]
+            logits = decoder.step(tokens, next_position)
             next_position = next_position + 1
 
     @staticmethod
