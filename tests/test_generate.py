@@ -19,7 +19,7 @@ from chat_fixtures import family_tokenizer
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.generate import Engine, SamplingParams, VLLMEngine, fast, vllm_available
-from posttrain.generate.engine import PromptEncoder, _groups
+from posttrain.generate.engine import PromptEncoder, _choose, _groups
 from posttrain.models.zoo import build_tiny
 
 MAX_NEW = 16
@@ -115,16 +115,21 @@ def test_prefill_groups_bound_padding():
 # -- the fast decoder ------------------------------------------------------------------------
 
 
-def counting_steps(monkeypatch) -> list[int]:
-    """Rows of every FastDecoder step (instrumentation: the real step still runs)."""
-    rows, step = [], fast.FastDecoder.step
+def counting_steps(monkeypatch) -> tuple[list[int], list[int]]:
+    """Rows of every FastDecoder step, and of every admission of new sequences (instrumentation: the real ones run)."""
+    rows, admitted, step, admit = [], [], fast.FastDecoder.step, fast.FastDecoder.admit
 
-    def counted(self, tokens, positions):
+    def counted_step(self, tokens, positions):
         rows.append(len(tokens))
         return step(self, tokens, positions)
 
-    monkeypatch.setattr(fast.FastDecoder, "step", counted)
-    return rows
+    def counted_admit(self, index, *args, **kwargs):
+        admitted.append(len(index))
+        return admit(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(fast.FastDecoder, "step", counted_step)
+    monkeypatch.setattr(fast.FastDecoder, "admit", counted_admit)
+    return rows, admitted
 
 
 @pytest.mark.parametrize("make", [prompts, chats], ids=["plain", "shared-system-prompt"])
@@ -132,7 +137,7 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
     model, tokenizer = tiny
     assert fast.supports(model)
     items = make(48)
-    rows = counting_steps(monkeypatch)
+    rows, admitted = counting_steps(monkeypatch)
     fast_engine, own = Engine(model, tokenizer, batch_size=16), Engine(model, tokenizer, batch_size=16, fast=False)
     ends = Counter(t for c in fast_engine.generate(items, SamplingParams(max_new_tokens=MAX_NEW), progress=False) for t in c[0].token_ids)
     stops = tuple(t for t, _ in ends.most_common(4))  # frequent tokens as stop ids: rows finish at different steps
@@ -149,7 +154,8 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
             assert [(c.token_ids, c.finish_reason, c.text) for c in a] == [(c.token_ids, c.finish_reason, c.text) for c in b], (params, i)
     finished = Counter(c[0].finish_reason for c in got)
     assert finished["stop"] >= 10 and finished["length"] >= 3, finished
-    assert len(set(rows)) > 3, "finished rows should leave the decoder's buffers as the batch goes on"
+    assert admitted, "finished rows should be refilled with waiting sequences (continuous batching)"
+    assert len(set(rows)) > 3, "once nothing waits, finished rows should leave the decoder's buffers"
 
 
 def test_fast_decoder_logits_match_the_forward(tiny):
@@ -334,6 +340,17 @@ def test_sampling_is_seeded_per_sequence(llama):
     # a repeated prompt is a new draw, not a copy
     twice = sample(engine, [items[0], items[0]], seed=1)
     assert twice[0] == [a[0][0]] and twice[1] != twice[0]
+
+
+def test_draws_follow_the_distribution_and_skip_filtered_tokens():
+    """The inverse-CDF draw: frequencies match the softmax; tokens cut by top-k never come out."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]]).expand(4000, -1)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(logits))]
+    picked = _choose(logits, SamplingParams(temperature=1.0), generators)
+    freq = torch.bincount(picked, minlength=6).double() / len(picked)
+    torch.testing.assert_close(freq, logits[0].double().softmax(-1), atol=0.025, rtol=0)
+    top3 = _choose(logits, SamplingParams(temperature=1.0, top_k=3), [torch.Generator().manual_seed(i) for i in range(len(logits))])
+    assert set(top3.tolist()) == {0, 1, 4}
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(llama):
