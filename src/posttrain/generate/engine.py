@@ -32,17 +32,24 @@ Where the difference comes from, each measured on the way:
 * a prompt's ``n`` samples share one prefill, and finished sequences leave the batch and the cache
   instead of being fed padding to the end.
 
-The model's own parts are used as they are meant to be: its forward (sdpa attention: eager was slower
-here, 115 vs 140 tok/s fp32 on one thread), its ``DynamicCache`` (``update`` to join, ``batch_select_indices`` to
-drop and copy rows) and its chat template through posttrain's one renderer. Models whose cache layers
-are not plain growing attention layers (sliding window, linear attention) get one padded prefill per
-batch and no shared prefix.
+The model's own parts are used as they are meant to be: its forward for the prefill (sdpa attention:
+eager was slower here, 115 vs 140 tok/s fp32 on one thread), its ``DynamicCache`` (``update`` to join,
+``batch_select_indices`` to drop and copy rows) and its chat template through posttrain's one renderer.
+Models whose cache layers are not plain growing attention layers (sliding window, linear attention) get
+one padded prefill per batch and no shared prefix.
+
+The decode steps of Llama, Mistral and Qwen2 models run on :class:`~posttrain.generate.fast.FastDecoder`
+(a preallocated cache written in place; see that module for why and what it measured), which also lets
+finished rows take new sequences (continuous batching); every other model, and any model with hooks or
+adapter layers, steps through its own forward (``Engine(fast=False)`` forces that).
 
 Batching
 --------
 Prompts are tokenized, each repeated ``n`` times, sorted longest first (so a batch holds prompts of
-similar length and little padding) and cut into batches of ``batch_size`` *sequences* (a prompt's
-``n`` samples count ``n``: the batch's width is what costs memory and time). Padding is on the left
+similar length and little padding) and decoded ``batch_size`` *sequences* at a time (a prompt's ``n``
+samples count ``n``: the batch's width is what costs memory and time). With the fast decoder, when an
+eighth of the rows have finished the next waiting sequences are prefilled into them; otherwise the
+sequences are cut into batches, each decoded to its end. Padding is on the left
 with an attention mask and position ids that start at 0 at each prompt's first real token, so a
 padded prompt sees exactly what it would see alone. Results come back in the input order.
 
