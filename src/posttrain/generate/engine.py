@@ -277,7 +277,7 @@ def _plan(prompt_ids: list[list[int]], params: SamplingParams) -> list[_Sequence
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a separate forward pass
 PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill forward, to bound activation memory
-COMPACT_AT = 8  # the fast decoder drops finished rows once they are 1/COMPACT_AT of its rows
+COMPACT_AT = 8  # the fast decoder refills finished rows (or, once nothing waits, drops them) when they are 1/COMPACT_AT of its rows
 PREFILL_PADDING = 1.25  # a prefill group grows while its padded size stays within this factor of its real tokens
 
 
@@ -669,7 +669,6 @@ class Engine:
                 new_generators = None if params.greedy else [self._generator(s.seed, device) for s in new]
                 first = _choose(new_logits.float(), params, new_generators)
                 self._advance_rows(new, first, params, text_stops, stop_ids, finished)
-                tokens, next_position = tokens.clone(), next_position.clone()
                 tokens[index], next_position[index] = first, new_positions
                 for r, s in zip(at, new):
                     rows[r] = s
