@@ -10,7 +10,8 @@ Why our own decode loop instead of ``model.generate``
 Decoding is the product's hot path (rejection sampling, DPO labelling, GRPO and evaluation all sample),
 and owning the loop is measurably faster here and gives guarantees ``generate`` does not. Measured with
 ``benchmarks/generate.py`` (SmolLM2-135M-Instruct, the first 64 IFEval prompts with the chat template,
-64 new tokens, greedy, batches of 32; this 2-core CPU, otherwise idle)::
+64 new tokens, greedy, batches of 32; machine A of docs/PERFORMANCE.md, otherwise idle; before the decode
+steps moved to :mod:`posttrain.generate.fast`)::
 
                               fp32 tok/s   bf16 tok/s
     this loop, batch 32          221          539
@@ -746,8 +747,8 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Inverse-CDF draw: one uniform number from each row's generator, then one batched cumulative sum and
-    # search. torch.multinomial row by row (it rebuilds each row's distribution) took 180 ms a step for
-    # 128 rows of SmolLM2's 49k-token vocabulary; this takes a few. float64 sums keep the CDF exact to ~1e-16.
+    # search. For 128 rows of SmolLM2's 49k-token vocabulary torch.multinomial row by row (it rebuilds each
+    # row's distribution) took 238 ms, this 40 ms (benchmarks/decode_step.py). float64 keeps the CDF exact.
     cdf = logits.softmax(-1).double().cumsum_(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(cdf.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]

@@ -1,34 +1,33 @@
 """Decode steps for Llama-family models (Llama, Mistral, Qwen2) on a preallocated cache that rows can re-enter.
 
-Our own code, not the model's forward with its ``DynamicCache``, for two reasons measured on a CPU: the
-bookkeeping around a one-token step (cache joins, small matmuls, a fused attention kernel made for long
-queries) costs about as much as the arithmetic, and a preallocated buffer is what lets the engine put a
-new sequence into a finished sequence's row (continuous batching, ``Engine._stream``), which keeps the
-batch wide: a step costs little more at 128 rows than at 64.
+Our own code, not the model's forward with its ``DynamicCache``, mainly because a preallocated buffer is
+what lets the engine put a new sequence into a finished sequence's row (continuous batching,
+``Engine._stream``), which keeps the batch wide: on a CPU a step costs far less per row at 128 rows than at
+32. The step itself is also a little cheaper than the model's forward.
 
 The engine prefills with the model's own forward (``engine.py``) and then, for these architectures, runs
 the one-token steps through :class:`FastDecoder`. Same weights, and the model's own modules for the parts
 that carry numerics (its RMSNorms, its rotary embedding, its activation); what changes:
 
 * keys and values go into a buffer allocated once per call and written in place, one column a step.
-  ``DynamicCache`` joins every layer's keys and values with ``torch.cat`` at every step: the whole cache
-  copied 60 times a step (SmolLM2), 23% of a decode step's time in fp32 at batch 32 (torch profiler);
+  ``DynamicCache`` joins every layer's keys and values with ``torch.cat`` at every step (with the rotary
+  embedding's joins, 12.8% of a model-forward step's CPU time at 64 rows);
 * q, k and v come from one matmul, gate and up from another (weights joined once per call);
 * attention for one query is two batched matmuls over the cache with the query heads grouped by their
-  key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.5 ms
-  a layer for it at batch 32;
-* the vocabulary projection is computed as ``W @ h.T`` (vocabulary rows first): 1.7x faster on this CPU's
-  BLAS than ``h @ W.T`` for SmolLM2's 49k x 576 matrix at 32 rows (35 vs 60 ms).
+  key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.6 ms
+  a layer for it at 64 rows;
+* the vocabulary projection is computed as ``W @ h.T`` (vocabulary rows first): 1.7x faster than
+  ``h @ W.T`` on this CPU's BLAS for SmolLM2's 49k x 576 matrix at 128 rows (84 vs 142 ms), 1.9x at 32.
 
-One decode step of SmolLM2-135M-Instruct in fp32 with a 100-token cache, this decoder vs the model's
-forward and ``DynamicCache`` (AMD EPYC Zen 3, 2 cores, three alternating runs each; the machine's load
-varies, hence ranges): 32 rows 242-262 vs 282-298 ms, 64 rows 326-423 vs 387-514 ms, 128 rows 596-739
-vs 770-795 ms. End to end, with the prefill and one batch that nothing can refill, the gain is smaller:
+``python benchmarks/decode_step.py`` (SmolLM2-135M-Instruct, fp32, a 100-token cache, AMD EPYC Zen 3,
+2 cores, 2026-12-02), ms per step, this decoder vs the model's forward: 32 rows 310 vs 356 (1.15x),
+64 rows 436 vs 472 (1.08x), 128 rows 675 vs 702 (1.04x); per row 9.7, 6.8 and 5.3 ms. End to end with
+the prefill and one batch that nothing can refill:
 ``python benchmarks/generate.py --decoders --prompts 96 --batch-size 96 --max-new-tokens 128`` (greedy)
 gave 99.5 vs 86.6 tok/s, ``ratio=1.15``, identical tokens on 96/96 prompts. Where sequences wait, the
 refills are what count: the demo's sampling stage (320 samples, batches of 128) ran at 123 tok/s.
 
-In fp32 the logits agree with the model's forward to rounding (~1e-6), and greedy and sampled tokens
+In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
 agree with the model's own decode in the tests; bf16 rounds differently, as any other kernel order would.
 
 Used only where it is the same computation: a model whose modules are the stock classes with plain
