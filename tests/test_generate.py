@@ -115,9 +115,11 @@ def test_prefill_groups_bound_padding():
 # -- the fast decoder ------------------------------------------------------------------------
 
 
-def counting_steps(monkeypatch) -> tuple[list[int], list[int]]:
-    """Rows of every FastDecoder step, and of every admission of new sequences (instrumentation: the real ones run)."""
-    rows, admitted, step, admit = [], [], fast.FastDecoder.step, fast.FastDecoder.admit
+def counting_steps(monkeypatch) -> tuple[list[int], list[int], list[int]]:
+    """Rows of every FastDecoder step, of every admission of new sequences, and the rows each compaction
+    moved into a finished row's place (instrumentation: the real methods run)."""
+    rows, admitted, moved = [], [], []
+    step, admit, compact = fast.FastDecoder.step, fast.FastDecoder.admit, fast.FastDecoder.compact
 
     def counted_step(self, tokens, positions):
         rows.append(len(tokens))
@@ -127,9 +129,14 @@ def counting_steps(monkeypatch) -> tuple[list[int], list[int]]:
         admitted.append(len(index))
         return admit(self, index, *args, **kwargs)
 
+    def counted_compact(self, live):
+        moved.append(sum(r >= len(live) for r in live))
+        return compact(self, live)
+
     monkeypatch.setattr(fast.FastDecoder, "step", counted_step)
     monkeypatch.setattr(fast.FastDecoder, "admit", counted_admit)
-    return rows, admitted
+    monkeypatch.setattr(fast.FastDecoder, "compact", counted_compact)
+    return rows, admitted, moved
 
 
 @pytest.mark.parametrize("make", [prompts, chats], ids=["plain", "shared-system-prompt"])
@@ -137,7 +144,7 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
     model, tokenizer = tiny
     assert fast.supports(model)
     items = make(48)
-    rows, admitted = counting_steps(monkeypatch)
+    rows, admitted, moved = counting_steps(monkeypatch)
     fast_engine, own = Engine(model, tokenizer, batch_size=16), Engine(model, tokenizer, batch_size=16, fast=False)
     ends = Counter(t for c in fast_engine.generate(items, SamplingParams(max_new_tokens=MAX_NEW), progress=False) for t in c[0].token_ids)
     stops = tuple(t for t, _ in ends.most_common(4))  # frequent tokens as stop ids: rows finish at different steps
@@ -156,6 +163,7 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
     assert finished["stop"] >= 10 and finished["length"] >= 3, finished
     assert admitted, "finished rows should be refilled with waiting sequences (continuous batching)"
     assert len(set(rows)) > 3, "once nothing waits, finished rows should leave the decoder's buffers"
+    assert any(moved), "some compaction should have moved a live row into a finished row's place"
 
 
 def test_fast_decoder_logits_match_the_forward(tiny):

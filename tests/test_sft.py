@@ -196,3 +196,30 @@ def test_compiled_layers_train_like_eager(tmp_path):
         cfg = load_config(config(tmp_path, train={"compile": compiled, "max_steps": 3, "bf16": False}, output_dir=str(tmp_path / f"c{compiled}")))
         losses[compiled] = sft.train(cfg).losses
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) <= 1e-4
+
+
+@pytest.mark.parametrize("units,per_step,world,steps", [(6, 4, 1, 2), (8, 4, 1, 2), (3, 4, 1, 1), (9, 4, 2, 2), (10, 4, 2, 3)])
+def test_an_epoch_trains_on_every_row_once_short_last_step_included(units, per_step, world, steps):
+    from posttrain.train import loop
+
+    n = loop.steps_per_epoch(units, per_step, world)
+    assert n == steps
+    plan = loop.Plan([[i] for i in range(units)], per_step, n, 2 * n)
+    for epoch in range(2):
+        seen = [r[0] for s in range(epoch * n, (epoch + 1) * n) for r in plan.step_rows(s, seed=3)]
+        assert len(seen) == len(set(seen))
+        # every row once an epoch, but a remainder smaller than the process count (9 rows, 2 processes: 1)
+        assert len(seen) == (units if units % per_step == 0 or units % per_step >= world else units - units % per_step)
+
+
+
+def test_short_last_step_is_trained_on(tmp_path):
+    """6 examples at 4 a step: two steps an epoch, the second on the 2 examples left (not one step and 2 dropped)."""
+    data = write_color_data(tmp_path / "six.jsonl", n=6)
+    raw = sft_config(data, tmp_path / "run", train={"max_steps": None, "epochs": 2, "micro_batch_size": 4, "grad_accum": 1, "bf16": False})
+    result = sft.train(load_config(raw))
+    assert result.steps == 4
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["rows"] == 6 and stats["steps_per_epoch"] == 2
+    tokens = [json.loads(line)["trained_tokens"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(tokens) == 4 and sum(tokens[:2]) == sum(tokens[2:])  # each epoch trains on all six examples

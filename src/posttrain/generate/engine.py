@@ -683,12 +683,12 @@ class Engine:
                     continue
                 return
             if waiting >= len(seqs) and (len(rows) - len(live)) * COMPACT_AT >= len(rows):
-                index = torch.tensor(live, device=device)
-                decoder.select(index)
+                order = decoder.compact(live)
+                index = torch.tensor(order, device=device)
                 tokens, next_position = tokens[index], next_position[index]
-                rows = [rows[r] for r in live]
+                rows = [rows[r] for r in order]
                 if generators is not None:
-                    generators = [generators[r] for r in live]
+                    generators = [generators[r] for r in order]
             logits = decoder.step(tokens, next_position)
             next_position = next_position + 1
             tokens = _choose(logits.float(), params, generators)

@@ -16,8 +16,13 @@ that carry numerics (its RMSNorms, its rotary embedding, its activation); what c
 * attention for one query is two batched matmuls over the cache with the query heads grouped by their
   key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.6 ms
   a layer for it at 64 rows;
-* the vocabulary projection is computed as ``W @ h.T`` (vocabulary rows first): 1.7x faster than
-  ``h @ W.T`` on this CPU's BLAS for SmolLM2's 49k x 576 matrix at 128 rows (84 vs 142 ms), 1.9x at 32.
+* every projection is computed as ``W @ x.T`` (weight rows first), the hidden state kept as the
+  transpose of that product, features running down its columns, so no step copies it into the other
+  layout. On this CPU's BLAS that product is faster than ``x @ W.T`` (``F.linear``) for these shapes:
+  SmolLM2's 49k x 576 vocabulary projection at 128 rows 84 vs 142 ms, its MLP's gate/up 4.45 vs
+  5.58 ms (1.05 vs 1.62 at 32 rows). The logits are wanted one row per sequence, so the vocabulary
+  projection runs ``HEAD_SLICE`` vocabulary rows at a time and writes each slice's transpose while it is
+  still in cache (transposing the whole 49k x 128 product afterwards cost about as much as the product).
 
 ``python benchmarks/decode_step.py`` (SmolLM2-135M-Instruct, fp32, a 100-token cache, AMD EPYC Zen 3,
 2 cores, 2026-12-02), ms per step, this decoder vs the model's forward: 32 rows 310 vs 356 (1.15x),
@@ -41,9 +46,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
 
 
@@ -96,7 +101,7 @@ class FastDecoder:
 
     Built once per ``generate`` call (inside any dtype cast, so the joined weights have the forward's
     dtype). :meth:`start` takes a batch's prefilled ``DynamicCache`` and attention mask; :meth:`step`
-    feeds one token per row and returns the next logits; :meth:`select` keeps some rows.
+    feeds one token per row and returns the next logits; :meth:`compact` keeps some rows.
     """
 
     def __init__(self, model: Any):
@@ -178,11 +183,29 @@ class FastDecoder:
         bias[:, :length] = self.bias[:, shift:t]
         self.bias, self.length = bias, length
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep the rows at ``index`` (sequences that have not finished)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.bias = self.bias.index_select(0, index)
+    def compact(self, live: list[int]) -> list[int]:
+        """Keep only the rows in ``live``; returns the old row of each row kept, in its new place.
+
+        A live row past the first ``len(live)`` rows moves into a finished row's place before them, and the
+        buffers become views of their first ``len(live)`` rows: only the movers are copied, not every kept row.
+        """
+        n = len(live)
+        order = list(range(n))
+        movers = [r for r in live if r >= n]
+        holes = sorted(set(range(n)) - set(live))
+        if movers:
+            src = torch.tensor(movers, device=self.bias.device)
+            dst = torch.tensor(holes, device=self.bias.device)
+            for buffers in (self.keys, self.values):
+                for b in buffers:
+                    b[dst] = b[src]
+            self.bias[dst] = self.bias[src]
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+        self.keys = [k[:n] for k in self.keys]
+        self.values = [v[:n] for v in self.values]
+        self.bias = self.bias[:n]
+        return order
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,)."""
@@ -195,10 +218,13 @@ class FastDecoder:
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head dim)
         bias = self.bias[:, None, None, : t + 1]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
-            qkv = F.linear(layer.norm1(x), layer.qkv, layer.qkv_bias)
-            q = qkv[:, : h * d].view(rows, kv, group, d)
-            k = qkv[:, h * d : (h + kv) * d].view(rows, kv, 1, d)
-            v = qkv[:, (h + kv) * d :].view(rows, kv, 1, d)
+            # x is (rows, hidden) with its features contiguous per column (the transpose of W @ x.T): see the module docstring
+            qkv = torch.mm(layer.qkv, layer.norm1(x).T).T
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            q = qkv[:, : h * d].reshape(rows, kv, group, d)
+            k = qkv[:, h * d : (h + kv) * d].reshape(rows, kv, 1, d)
+            v = qkv[:, (h + kv) * d :].reshape(rows, kv, 1, d)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys[:, :, t : t + 1] = k
@@ -206,12 +232,15 @@ class FastDecoder:
             scores = torch.matmul(q, keys[:, :, : t + 1].transpose(-1, -2)) * layer.scaling  # (rows, kv, group, t+1)
             probs = (scores.float() + bias).softmax(-1).to(q.dtype)
             attn = torch.matmul(probs, values[:, :, : t + 1]).reshape(rows, h * d)
-            x = x + F.linear(attn, layer.o)
-            gate, up = F.linear(layer.norm2(x), layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(layer.act(gate) * up, layer.down)
+            x = x + torch.mm(layer.o, attn.T).T
+            gate, up = torch.mm(layer.gate_up, layer.norm2(x).T).chunk(2)  # (intermediate, rows) each
+            x = x + torch.mm(layer.down, layer.act(gate) * up).T
         self.length = t + 1
-        hidden = self.final_norm(x)
-        logits = torch.matmul(self.lm_head, hidden.T).T.contiguous()  # (rows, vocab); see the module docstring
+        hidden = self.final_norm(x).T  # (hidden, rows), contiguous
+        # W @ h.T a slice of the vocabulary at a time, each slice's transpose written while it is in cache
+        logits = hidden.new_empty((rows, self.lm_head.shape[0]))
+        for lo in range(0, self.lm_head.shape[0], HEAD_SLICE):
+            logits[:, lo : lo + HEAD_SLICE] = torch.mm(self.lm_head[lo : lo + HEAD_SLICE], hidden).T
         return logits if self.lm_bias is None else logits + self.lm_bias
 
 

@@ -321,7 +321,7 @@ def train(config: DPOConfig) -> DPOResult:
         raise loop.TrainingError(
             f"{len(train_pairs)} training pairs, but one step needs {per_step} (micro_batch_size × grad_accum × processes)"
         )
-    steps_per_epoch = len(train_pairs) // per_step
+    steps_per_epoch = loop.steps_per_epoch(len(train_pairs), per_step, d.world)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan([[i] for i in train_pairs], per_step, steps_per_epoch, total)
 

@@ -141,6 +141,18 @@ class Plan:
         return [self.rows[i] for i in picked]
 
 
+def steps_per_epoch(units: int, per_step: int, world: int = 1) -> int:
+    """Optimizer steps in one pass over ``units`` rows (or pairs) at ``per_step`` a step; the last step takes what is left.
+
+    Every unit is trained on once an epoch, as transformers' Trainer does unless told to drop the last
+    batch; the short step's loss is averaged over its own tokens (or pairs), so it weighs as any other
+    step. A remainder smaller than the number of processes is left out (each process needs a row) and
+    the next epoch's shuffle puts other units last.
+    """
+    full, rest = divmod(units, per_step)
+    return full + (rest >= world)
+
+
 def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)

@@ -104,7 +104,7 @@ def train(config: SFTConfig) -> RunResult:
             f"the data gives {len(rows)} {'packed rows' if cfg.data.packing else 'examples'} but one step needs {rows_per_step} "
             f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × {d.world} processes); lower them or add data"
         )
-    steps_per_epoch = len(rows) // rows_per_step
+    steps_per_epoch = loop.steps_per_epoch(len(rows), rows_per_step, d.world)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan(rows, rows_per_step, steps_per_epoch, total)
     eval_rows = make_rows(eval_data, eval_idx, cfg.data.packing, cfg.data.max_length) if eval_idx else []
