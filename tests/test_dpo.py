@@ -114,6 +114,8 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
     data, rows, pad = packing_setup(tmp_path)
     one_by_one = dpo.SequenceLogps(rows.model, one_by_one=True)
     pairs = [0, 3, 5, 7, 11]
+    cached_calls = []  # one_by_one runs a pair's shared prompt once and both responses on its cache
+    rows.model.get_decoder().register_forward_pre_hook(lambda m, args, kwargs: cached_calls.append(kwargs.get("use_cache")), with_kwargs=True)
     for mismatched, module in ((False, rows), (True, rows), (False, one_by_one), (True, one_by_one)):
         examples = dpo.pair_examples(data, pairs, mismatched)
         batch = dpo.pair_batch(data, pairs, pad, mismatched)
@@ -124,6 +126,7 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
                 alone, count = dpo.run_logps(rows, collate_padded([example], pad), torch.device("cpu"))
                 assert abs(sums[j].item() - alone.item()) <= 1e-4 * max(1.0, abs(alone.item())), (mismatched, j)
                 assert counts[j].item() == count.item() == sum(label != -100 for label in example["labels"])
+    assert cached_calls.count(True) == 4 * len(pairs), "each pair's prompt once, then its responses on the cache (two loss types)"
 
 
 def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):

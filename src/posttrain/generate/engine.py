@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -106,6 +105,7 @@ import torch
 
 from posttrain.generate.fast import FastDecoder
 from posttrain.generate.fast import supports as fast_supports
+from posttrain.models.load import cache_kwarg
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -496,7 +496,7 @@ class Engine:
     @functools.cached_property
     def _cache_kwarg(self) -> str:
         """The forward's name for the cache: ``cache`` (transformers 5.24 on; ``past_key_values`` is deprecated) or ``past_key_values``."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return cache_kwarg(self.model)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -58,3 +58,10 @@ def load_model(cfg: Any, device: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model.to(device)
+
+
+def cache_kwarg(module: Any) -> str:
+    """The name a model's forward takes its key/value cache by: ``cache`` (transformers >= 5.24; ``past_key_values`` is deprecated there) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -87,13 +87,7 @@ class SequenceLogps(torch.nn.Module):
                 raise ValueError("one_by_one takes packed rows (no attention mask)")
             # Each sequence's hidden states (padding cut off again), end to end in one row: the LM head
             # then runs once for the whole batch.
-            pieces = []
-            for row, start, end in spans:
-                n = end - start
-                width = -(-n // SHAPE_QUANTUM) * SHAPE_QUANTUM
-                ids = torch.nn.functional.pad(input_ids[row, start:end], (0, width - n))[None]
-                positions = torch.arange(width, device=ids.device)[None]
-                pieces.append(decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :n])
+            pieces = self._one_by_one(decoder, input_ids, target_ids, spans)
             hidden = torch.cat(pieces, dim=1)
             target_ids = torch.cat([target_ids[row, start:end] for row, start, end in spans])[None]
             example_ids = torch.cat([torch.full((end - start,), j, device=hidden.device) for j, (_, start, end) in enumerate(spans)])[None]
@@ -104,6 +98,56 @@ class SequenceLogps(torch.nn.Module):
         sums = per_token.new_zeros(len(spans)).index_add(0, where, per_token.flatten())
         counts = torch.zeros(len(spans), dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
         return sums, counts
+
+    def _one_by_one(self, decoder: torch.nn.Module, input_ids, target_ids, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Hidden states [1, n, H] of each span, each sequence run alone; a prompt its sequences share runs once.
+
+        Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
+        responses after their prompt; KTO's mismatched sequence too) form a group: the decoder runs that
+        prefix once, keeping its keys and values, then every member's continuation in one call on top of
+        them (gradients reach the prefix through the cache). On the demo's pairs the prompt is about half of
+        each sequence. Not under gradient checkpointing, which runs the decoder without a cache.
+        """
+        from transformers import DynamicCache
+
+        from posttrain.models.load import cache_kwarg
+
+        share = not (decoder.training and getattr(decoder, "gradient_checkpointing", False))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        prefix_of: list[int] = []
+        for j, (row, start, end) in enumerate(spans):
+            scored = (target_ids[row, start:end] != IGNORE).nonzero()
+            p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
+            prefix_of.append(p)
+            key = (p, *input_ids[row, start : start + p].tolist()) if share else (j,)
+            groups.setdefault(key, []).append(j)
+        pieces: list[torch.Tensor | None] = [None] * len(spans)
+        for members in groups.values():
+            if len(members) == 1:
+                row, start, end = spans[members[0]]
+                n = end - start
+                width = -(-n // SHAPE_QUANTUM) * SHAPE_QUANTUM
+                ids = torch.nn.functional.pad(input_ids[row, start:end], (0, width - n))[None]
+                positions = torch.arange(width, device=ids.device)[None]
+                pieces[members[0]] = decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :n]
+                continue
+            row, start, _ = spans[members[0]]
+            p = prefix_of[members[0]]
+            cache = DynamicCache(config=decoder.config)
+            ids = input_ids[row, start : start + p][None]
+            shared = decoder(input_ids=ids, position_ids=torch.arange(p, device=ids.device)[None], use_cache=True, **{cache_kwarg(decoder): cache})[0]
+            rest = [spans[j][2] - spans[j][1] - p for j in members]
+            width = -(-max(rest) // SHAPE_QUANTUM) * SHAPE_QUANTUM
+            if width:
+                ids = torch.stack([torch.nn.functional.pad(input_ids[r, s + p : e], (0, width - (e - s - p))) for r, s, e in (spans[j] for j in members)])
+                positions = torch.arange(p, p + width, device=ids.device).expand(len(members), -1)
+                expanded = DynamicCache(config=decoder.config)
+                for layer, cached in enumerate(cache.layers):
+                    expanded.update(cached.keys.expand(len(members), -1, -1, -1), cached.values.expand(len(members), -1, -1, -1), layer)
+                after = decoder(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg(decoder): expanded})[0]
+            for k, j in enumerate(members):
+                pieces[j] = torch.cat([shared, after[k : k + 1, : rest[k]]], dim=1) if rest[k] else shared
+        return pieces  # type: ignore[return-value]
 
 
 @functools.cache
