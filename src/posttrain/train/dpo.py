@@ -69,7 +69,9 @@ class SequenceLogps(torch.nn.Module):
     block-diagonal: fully masked blocks are still computed), so a 512-wide row holding two 256-token
     sequences costs twice what the two cost apart, and matmuls need no big batch to run at full speed:
     on the DPO benchmark's data, forward+backward took 8% (bf16) to 14% (fp32) less CPU time this way,
-    4 pairs per pass. Each sequence is right-padded to a multiple of ``SHAPE_QUANTUM`` tokens (causal
+    4 pairs per pass. A pair's chosen and rejected sequences start with the same prompt: it runs once, and
+    both responses run on its keys and values (:meth:`_one_by_one`). Each sequence run alone, and each
+    group's responses, are right-padded to a multiple of ``SHAPE_QUANTUM`` tokens (causal
     attention: the padding changes nothing before it) because bf16 matmuls on CPU go through oneDNN,
     which keeps compiled kernels for every shape it meets: with exact lengths, resident memory grew by
     ~6 MB per new length, 1.3 GB to 2.1 GB over one epoch. On GPUs one call over the rows keeps them busy.
@@ -106,7 +108,8 @@ class SequenceLogps(torch.nn.Module):
         responses after their prompt; KTO's mismatched sequence too) form a group: the decoder runs that
         prefix once, keeping its keys and values, then every member's continuation in one call on top of
         them (gradients reach the prefix through the cache). On the demo's pairs the prompt is about half of
-        each sequence. Not under gradient checkpointing, which runs the decoder without a cache.
+        each sequence. Not under gradient checkpointing, which runs the decoder without a cache. A shared
+        prompt runs at its exact length (padding it would put the padding inside the cache).
         """
         from transformers import DynamicCache
 
