@@ -748,7 +748,7 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Inverse-CDF draw: one uniform number from each row's generator, then one batched cumulative sum and
     # search. For 128 rows of SmolLM2's 49k-token vocabulary torch.multinomial row by row (it rebuilds each
-    # row's distribution) took 238 ms, this 40 ms (benchmarks/decode_step.py). float64 keeps the CDF exact.
+    # row's distribution) took 207-238 ms, this 21-40 ms (benchmarks/decode_step.py, two runs). float64 keeps the CDF exact.
     cdf = logits.softmax(-1).double().cumsum_(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(cdf.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]

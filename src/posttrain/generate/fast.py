@@ -2,8 +2,8 @@
 
 Our own code, not the model's forward with its ``DynamicCache``, mainly because a preallocated buffer is
 what lets the engine put a new sequence into a finished sequence's row (continuous batching,
-``Engine._stream``), which keeps the batch wide: on a CPU a step costs far less per row at 128 rows than at
-32. The step itself is also a little cheaper than the model's forward.
+``Engine._stream``), which keeps the batch wide: on a CPU a step costs less per row at 64 or 128 rows than
+at 32. The step itself is also cheaper than the model's forward (numbers below).
 
 The engine prefills with the model's own forward (``engine.py``) and then, for these architectures, runs
 the one-token steps through :class:`FastDecoder`. Same weights, and the model's own modules for the parts
@@ -11,26 +11,26 @@ that carry numerics (its RMSNorms, its rotary embedding, its activation); what c
 
 * keys and values go into a buffer allocated once per call and written in place, one column a step.
   ``DynamicCache`` joins every layer's keys and values with ``torch.cat`` at every step (with the rotary
-  embedding's joins, 12.8% of a model-forward step's CPU time at 64 rows);
+  embedding's joins, 9-13% of a model-forward step's CPU time at 64 rows);
 * q, k and v come from one matmul, gate and up from another (weights joined once per call);
 * attention for one query is two batched matmuls over the cache with the query heads grouped by their
-  key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.6 ms
+  key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.6-1.9 ms
   a layer for it at 64 rows;
 * every projection is computed as ``W @ x.T`` (weight rows first), the hidden state kept as the
   transpose of that product, features running down its columns, so no step copies it into the other
   layout. On this CPU's BLAS that product is faster than ``x @ W.T`` (``F.linear``) for these shapes:
-  SmolLM2's 49k x 576 vocabulary projection at 128 rows 84 vs 142 ms, its MLP's gate/up 4.45 vs
-  5.58 ms (1.05 vs 1.62 at 32 rows). The logits are wanted one row per sequence, so the vocabulary
+  SmolLM2's 49k x 576 vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs
+  8.07 ms (1.15 vs 2.69 at 32 rows). The logits are wanted one row per sequence, so the vocabulary
   projection runs ``HEAD_SLICE`` vocabulary rows at a time and writes each slice's transpose while it is
-  still in cache (transposing the whole 49k x 128 product afterwards cost about as much as the product).
+  still in cache (a transpose of the whole 49k x 128 product afterwards reads and writes it all from memory).
 
 ``python benchmarks/decode_step.py`` (SmolLM2-135M-Instruct, fp32, a 100-token cache, AMD EPYC Zen 3,
-2 cores, 2026-12-02), ms per step, this decoder vs the model's forward: 32 rows 310 vs 356 (1.15x),
-64 rows 436 vs 472 (1.08x), 128 rows 675 vs 702 (1.04x); per row 9.7, 6.8 and 5.3 ms. End to end with
-the prefill and one batch that nothing can refill:
-``python benchmarks/generate.py --decoders --prompts 96 --batch-size 96 --max-new-tokens 128`` (greedy)
-gave 99.5 vs 86.6 tok/s, ``ratio=1.15``, identical tokens on 96/96 prompts. Where sequences wait, the
-refills are what count: the demo's sampling stage (320 samples, batches of 128) ran at 123 tok/s.
+2 cores, 2026-12-02, after the two changes above), ms per step, this decoder vs the model's forward:
+32 rows 216 vs 351 (1.63x), 64 rows 335 vs 522 (1.56x), 128 rows 682 vs 915 (1.34x); per row 6.7,
+5.2 and 5.3 ms. (Its earlier run, with ``F.linear`` layouts and a whole-vocabulary transpose:
+1.15x, 1.08x, 1.04x.) End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py
+--decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
+samples, batches of 128) ran at 137 tok/s.
 
 In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
 agree with the model's own decode in the tests; bf16 rounds differently, as any other kernel order would.

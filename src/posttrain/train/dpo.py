@@ -107,8 +107,9 @@ class SequenceLogps(torch.nn.Module):
         Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
         responses after their prompt; KTO's mismatched sequence too) form a group: the decoder runs that
         prefix once, keeping its keys and values, then every member's continuation in one call on top of
-        them (gradients reach the prefix through the cache). On the demo's pairs the prompt is about half of
-        each sequence. Not under gradient checkpointing, which runs the decoder without a cache. A shared
+        them (gradients reach the prefix through the cache). What it saves is the prompt's share of the
+        compute, less on a CPU where the prompts are short: the shorter runs use its matmuls less well (the
+        demo's pairs, 64-token prompts in 126-token sequences, gain little). Not under gradient checkpointing, which runs the decoder without a cache. A shared
         prompt runs at its exact length (padding it would put the padding inside the cache).
         """
         from transformers import DynamicCache
