@@ -105,7 +105,7 @@ import torch
 
 from posttrain.generate.fast import FastDecoder
 from posttrain.generate.fast import supports as fast_supports
-from posttrain.models.load import cache_kwarg
+from posttrain.models.load import cache_kwarg, plain_cache
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -510,10 +510,7 @@ class Engine:
         prefill per batch and no shared prefix.
         """
         if self._plain is None:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = self._new_cache().layers
-            self._plain = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            self._plain = plain_cache(self.model.config)
         return self._plain
 
     def _prefix(self, prompt_ids: list[list[int]]) -> _Prefix | None:

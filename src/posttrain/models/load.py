@@ -65,3 +65,15 @@ def cache_kwarg(module: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def plain_cache(config: Any) -> bool:
+    """Whether a ``DynamicCache`` for ``config`` is plain growing attention layers, which may be cut, copied and joined.
+
+    Sliding-window, linear-attention and other layers keep other state.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
