@@ -78,9 +78,12 @@ class SequenceLogps(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, one_by_one: bool = False):
+        from posttrain.models.load import plain_cache
+
         super().__init__()
         self.model = model
         self.one_by_one = one_by_one
+        self.plain_cache = one_by_one and plain_cache(model.config)  # whether _one_by_one may share prompts
 
     def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, spans: list[tuple[int, int, int]]):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
@@ -116,9 +119,9 @@ class SequenceLogps(torch.nn.Module):
         """
         from transformers import DynamicCache
 
-        from posttrain.models.load import cache_kwarg, plain_cache
+        from posttrain.models.load import cache_kwarg
 
-        share = plain_cache(decoder.config) and not (decoder.training and getattr(decoder, "gradient_checkpointing", False))
+        share = self.plain_cache and not (decoder.training and getattr(decoder, "gradient_checkpointing", False))
         groups: dict[tuple[int, ...], list[int]] = {}
         prefix_of: list[int] = []
         for j, (row, start, end) in enumerate(spans):
@@ -144,6 +147,7 @@ class SequenceLogps(torch.nn.Module):
             shared = decoder(input_ids=ids, position_ids=torch.arange(p, device=ids.device)[None], use_cache=True, **{cache_kwarg(decoder): cache})[0]
             rest = [spans[j][2] - spans[j][1] - p for j in members]
             width = -(-max(rest) // SHAPE_QUANTUM) * SHAPE_QUANTUM
+            after = shared
             if width:
                 ids = torch.stack([torch.nn.functional.pad(input_ids[r, s + p : e], (0, width - (e - s - p))) for r, s, e in (spans[j] for j in members)])
                 positions = torch.arange(p, p + width, device=ids.device).expand(len(members), -1)
