@@ -112,7 +112,7 @@ class SequenceLogps(torch.nn.Module):
         prefix once, keeping its keys and values, then every member's continuation in one call on top of
         them (gradients reach the prefix through the cache). What it saves is the prompt's share of the
         compute, less on a CPU where the prompts are short: the shorter runs use its matmuls less well (the
-        demo's pairs, 64-token prompts in 126-token sequences, gain little). Not under gradient
+        demo's pairs, whose prompts are short, gain little). Not under gradient
         checkpointing, which runs the decoder without a cache, nor for caches other than plain attention
         layers (sliding windows). A shared prompt runs at its exact length (padding it would put the
         padding inside the cache).
