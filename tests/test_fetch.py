@@ -118,3 +118,27 @@ def test_fetch_smollm2_for_real(empty_cache):
 
     size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
     print(f"\nfirst fetch {first:.1f} s; {size_mb:.0f} MB on disk; dtype {model.dtype}; answer {answer!r}")
+
+
+def test_conversion_parses_a_gguf_file_once_and_restores_gguf(tmp_path):
+    """Inside `_gguf_parsed_once` every loader gets the same parsed reader; afterwards gguf is as it was."""
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_token_list(["a", "b", "c"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    with fetch_mod._gguf_parsed_once():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second
+        assert isinstance(first, reader_class)
+        assert "tokenizer.ggml.tokens" in first.fields
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(path) is not first
