@@ -487,3 +487,27 @@ def test_vllm_greedy_agrees_with_transformers():
     hf_out = Engine.from_name("tiny-llama", device="cuda").generate(items, params, progress=False)
     assert [c[0].token_ids[0] for c in vllm_out] == [c[0].token_ids[0] for c in hf_out]
     assert sum(a[0].token_ids == b[0].token_ids for a, b in zip(vllm_out, hf_out)) >= 6
+
+
+@pytest.mark.parametrize("fast_decoder", [True, False], ids=["fast-decoder", "model-forward"])
+def test_logprobs_are_what_a_forward_pass_scores(tiny, fast_decoder):
+    """Each generated token's log-prob (temperature 1) equals what one forward over prompt + completion gives it."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, batch_size=6, fast=fast_decoder)
+    items = chats(10)
+    params = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, n=2, seed=3)
+    plain = engine.generate(items, SamplingParams(**params), progress=False)
+    scored = engine.generate(items, SamplingParams(**params, logprobs=True), progress=False)
+    assert [[c.token_ids for c in cs] for cs in scored] == [[c.token_ids for c in cs] for cs in plain], "asking for log-probs changes no token"
+    assert all(c.logprobs is None for cs in plain for c in cs)
+    checked = 0
+    for completion in (c for cs in scored for c in cs):
+        assert len(completion.logprobs) == len(completion.token_ids)
+        ids = torch.tensor([completion.prompt_token_ids + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        start = len(completion.prompt_token_ids)
+        expected = logits[start - 1 : -1].gather(-1, ids[0, start:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=1e-4)
+        checked += len(completion.token_ids)
+    assert checked >= 10 * 2 * 2

@@ -213,3 +213,54 @@ def test_read_prompts_takes_every_format_and_reports_bad_lines(tmp_path):
     unknown.write_text(json.dumps({"key": 1, "prompt": "x", "instruction_id_list": ["no:such_check"], "kwargs": [{}]}) + "\n")
     with pytest.raises(DataError, match="no:such_check"):
         read_prompts(unknown)
+
+
+def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
+    """`label --reference-logps` records the sampler's log-probs; DPO's precompute takes them where the
+    tokens, weights and precision match (and they equal what its forward pass gives), and runs the rest."""
+    import numpy as np
+    import torch
+
+    from posttrain.config import load_config
+    from posttrain.data.cache import prepare
+    from posttrain.data.chat import RenderOptions
+    from posttrain.models.load import load_model
+    from posttrain.train import dpo, loop
+
+    out = tmp_path / "pairs.jsonl"
+    summary = label_file(
+        "tiny-llama", write_ifeval_prompts(tmp_path / "prompts.jsonl"), out, by="reward-model",
+        scorer=lambda ps, rs: [float(r.count("e")) for r in rs], k=6, max_new_tokens=12, progress=False, reference_logps=True,
+    )  # fmt: skip
+    assert summary.pairs >= 3
+    metas = [json.loads(line)["meta"] for line in out.read_text().splitlines()]
+    assert {m["reference"]["precision"] for m in metas} == {"float32"} and len({m["reference"]["model"] for m in metas}) == 1
+    assert all(m["reference"][side]["logp"] < 0 and m["reference"][side]["tokens"] >= 1 for m in metas for side in ("chosen", "rejected"))
+
+    raw = {"model": {"name": "tiny-llama"}, "data": {"path": str(out), "max_length": 128}, "output_dir": str(tmp_path / "run")}
+    raw["train"] = {"bf16": False, "micro_batch_size": 2, "max_steps": 1, "device": "cpu"}
+    cfg = load_config(raw, cls=dpo.DPOConfig)
+    model = load_model(cfg.model, torch.device("cpu")).eval()
+    given = dpo.sampler_reference(cfg, model)
+    assert len(given) >= summary.pairs  # one per distinct response measured
+
+    tokenizer = load_tokenizer("tiny-llama")
+    data = prepare(out, tokenizer, RenderOptions(max_length=128), format="preference")
+    module = dpo.SequenceLogps(model, one_by_one=True)
+    pad = tokenizer.pad_token_id
+    taken_table, _, taken = dpo.reference_logps(module, data, pad, cfg, loop.Dist(), cache_root=tmp_path / "a", given=given)
+    computed, _, none = dpo.reference_logps(module, data, pad, cfg, loop.Dist(), cache_root=tmp_path / "b")
+    assert none == 0 and 0 < taken <= len(data)
+    np.testing.assert_allclose(taken_table, computed, rtol=1e-4, atol=1e-4)
+
+    # other weights, or bf16 training: nothing is taken
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert dpo.sampler_reference(cfg, model) == {}
+    assert dpo.sampler_reference(load_config({**raw, "train": {**raw["train"], "bf16": True}}, cls=dpo.DPOConfig), model) == {}
+
+    # end to end: `train` reports how many it took
+    result = dpo.train(cfg)
+    assert result.reference_from_sampler == taken and not result.reference_from_cache
+    stats = json.loads((result.run_dir / "data_stats.json").read_text())
+    assert stats["reference"] == {"from_cache": False, "from_sampler": taken}

@@ -502,6 +502,7 @@ def label(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.", min=1)] = 32,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16, else fp32].")] = None,
     template: TemplateOpt = None,
+    reference_logps: Annotated[bool, typer.Option("--reference-logps", help="Record the model's log-probs of each pair's responses, measured while sampling them (transformers backend), in meta.reference: `posttrain dpo` starting from this model, in the same precision, uses them instead of its reference forward pass.")] = False,
 ) -> None:
     """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
     from posttrain.config import resolve_bf16
@@ -513,6 +514,7 @@ def label(
         summary = label_file(
             model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
             seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16), template=template,
+            reference_logps=reference_logps,
         )  # fmt: skip
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()) or "none"
     out.print(

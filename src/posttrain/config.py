@@ -152,6 +152,10 @@ class DPOSettings(Strict):
         "precompute",
         description="precompute: the initial model's log-probs, once, cached by content hash. adapter: the LoRA/DoRA model with its adapter disabled. model: a frozen copy.",
     )
+    sampler_reference: bool = Field(
+        True,
+        description="With reference precompute: take the log-probs that `posttrain label --reference-logps` recorded in the pairs' meta while sampling them, where they were measured by this very model, in this precision, on exactly the tokens trained on; the rest are computed.",
+    )
 
     @property
     def resolved_beta(self) -> float:

@@ -265,7 +265,7 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     stage("eval-sft", {"generation": gen}, ("prompts", "sft"), evaluate(sft_model))
     label = stage(
         "label",
-        {"generation": gen, "label": cfg.label.model_dump()},
+        {"generation": gen, "label": cfg.label.model_dump(), "reference_logps": True},
         ("prompts", "sft"),
         lambda out: label_stage(cfg, sft_model, prompts / "train.jsonl", out),
     )
@@ -312,6 +312,9 @@ class _LoggedEngine:
 
     def __init__(self, engine: Any, console: Any):
         self.engine, self.console = engine, console
+
+    def __getattr__(self, name: str) -> Any:  # the rest (model, tokenizer, ...) is the engine's
+        return getattr(self.engine, name)
 
     def generate(self, prompts: Any, params: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -439,7 +442,11 @@ def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dic
 
 
 def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path) -> dict[str, Any]:
-    """``posttrain label`` on the training prompts with the SFT model: ``pairs.jsonl`` and ``summary.json``."""
+    """``posttrain label --reference-logps`` on the training prompts with the SFT model: ``pairs.jsonl`` and ``summary.json``.
+
+    The SFT model is also DPO's starting point and reference: the log-probs it measured while sampling the
+    pairs spare DPO most of its reference forward pass (:func:`posttrain.train.dpo.sampler_reference`).
+    """
     from posttrain.synth.label import label_prompts, read_prompts
 
     prompts = read_prompts(train_prompts)
@@ -452,6 +459,7 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path)
         seed=cfg.label.seed,
         bf16=cfg.generation.bf16,
         min_pass_rate=cfg.label.min_pass_rate,
+        reference_logps=True,
     )
     write_jsonl(out / "pairs.jsonl", records)
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))

@@ -117,7 +117,8 @@ class SamplingParams:
     ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1 switch those filters off. ``n`` samples per
     prompt. ``stop``: strings that end a completion (cut from its text); ``stop_token_ids``: token ids
     that do. ``bf16``: run the forwards in bf16 (the fast path on CPUs with bf16 matmul); float32 weights
-    are cast for the call and restored exactly afterwards.
+    are cast for the call and restored exactly afterwards. ``logprobs``: also return each generated
+    token's log-probability under the model itself (:attr:`Completion.logprobs`).
     """
 
     max_new_tokens: int = 256
@@ -129,6 +130,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     bf16: bool = False
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         # accept lists (and a lone string) from callers and configs, store tuples so params stay hashable
@@ -164,6 +166,9 @@ class Completion:
     ``text``: the decoded new tokens, special tokens skipped, cut before a stop string, without the end or
     stop token. ``token_ids``: every generated token (the final end/stop token included).
     ``num_tokens == len(token_ids)``. ``prompt_token_ids``: the prompt as the model saw it.
+    ``logprobs`` (when asked for): the log-probability of each of ``token_ids`` under the model's own
+    distribution, as a forward pass over prompt and completion scores it (temperature 1, no top-k or
+    top-p: what a DPO reference model measures), whatever temperature the tokens were drawn at.
     """
 
     text: str
@@ -171,6 +176,7 @@ class Completion:
     finish_reason: FinishReason
     num_tokens: int
     prompt_token_ids: list[int] = field(repr=False)
+    logprobs: list[float] | None = field(default=None, repr=False)
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -260,6 +266,7 @@ class _Sequence:
     prompt_ids: list[int]
     seed: int
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     finish: FinishReason | None = None
     cut: int | None = None  # where a stop string starts in the decoded text
 
@@ -488,7 +495,7 @@ class Engine:
             self.model.train(was_training)
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
         for s in seqs:
-            out[s.prompt][s.sample] = self._completion(s)
+            out[s.prompt][s.sample] = self._completion(s, params.logprobs)
         return out  # type: ignore[return-value]
 
     # -- prefill --------------------------------------------------------------------------------
@@ -603,7 +610,10 @@ class Engine:
         generators = None if params.greedy else [self._generator(s.seed, device) for s in batch]
         active = list(batch)
         for _ in range(params.max_new_tokens):
-            tokens = _choose(logits.float(), params, generators)
+            tokens, logprobs = _pick(logits, params, generators)
+            if logprobs is not None:
+                for s, lp in zip(active, logprobs.tolist()):
+                    s.logprobs.append(lp)
             keep = [k for k, (s, t) in enumerate(zip(active, tokens.tolist())) if not self._step(s, t, params, text_stops, stop_ids)]
             if not keep:
                 break
@@ -652,8 +662,8 @@ class Engine:
         decoder.start(cache, mask, params.max_new_tokens)
         del cache
         generators = None if params.greedy else [self._generator(s.seed, device) for s in rows]
-        tokens = _choose(logits.float(), params, generators)
-        self._advance_rows(rows, tokens, params, text_stops, stop_ids, finished)
+        tokens, logprobs = _pick(logits, params, generators)
+        self._advance_rows(rows, tokens, logprobs, params, text_stops, stop_ids, finished)
         while True:
             free = [r for r, s in enumerate(rows) if s.finish is not None]
             if waiting < len(seqs) and len(free) * COMPACT_AT >= len(rows):
@@ -665,8 +675,8 @@ class Engine:
                 decoder.admit(index, cache, mask, params.max_new_tokens, keep=[r for r, s in enumerate(rows) if s.finish is None])
                 del cache
                 new_generators = None if params.greedy else [self._generator(s.seed, device) for s in new]
-                first = _choose(new_logits.float(), params, new_generators)
-                self._advance_rows(new, first, params, text_stops, stop_ids, finished)
+                first, logprobs = _pick(new_logits, params, new_generators)
+                self._advance_rows(new, first, logprobs, params, text_stops, stop_ids, finished)
                 tokens[index], next_position[index] = first, new_positions
                 for r, s in zip(at, new):
                     rows[r] = s
@@ -688,15 +698,27 @@ class Engine:
                     generators = [generators[r] for r in order]
             logits = decoder.step(tokens, next_position)
             next_position = next_position + 1
-            tokens = _choose(logits.float(), params, generators)
-            self._advance_rows(rows, tokens, params, text_stops, stop_ids, finished)
+            tokens, logprobs = _pick(logits, params, generators)
+            self._advance_rows(rows, tokens, logprobs, params, text_stops, stop_ids, finished)
 
     def _advance_rows(
-        self, rows: list[_Sequence], tokens: torch.Tensor, params: SamplingParams, text_stops: list[str], stop_ids: set[int], finished: Any
+        self,
+        rows: list[_Sequence],
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        params: SamplingParams,
+        text_stops: list[str],
+        stop_ids: set[int],
+        finished: Any,
     ) -> None:
-        """Append each row's token to its sequence, if it has not finished; report the sequences that finish."""
-        for s, t in zip(rows, tokens.tolist()):
-            if s.finish is None and self._step(s, t, params, text_stops, stop_ids):
+        """Append each row's token (and its log-prob) to its sequence, if it has not finished; report the sequences that finish."""
+        lps = logprobs.tolist() if logprobs is not None else None
+        for r, (s, t) in enumerate(zip(rows, tokens.tolist())):
+            if s.finish is not None:
+                continue
+            if lps is not None:
+                s.logprobs.append(lps[r])
+            if self._step(s, t, params, text_stops, stop_ids):
                 finished(s)
 
     @staticmethod
@@ -721,12 +743,21 @@ class Engine:
             s.finish = "length"
         return s.finish is not None
 
-    def _completion(self, s: _Sequence) -> Completion:
+    def _completion(self, s: _Sequence, logprobs: bool) -> Completion:
         ended_by_token = s.finish in ("eos", "stop") and s.cut is None
         text = self.tokenizer.decode(s.tokens[:-1] if ended_by_token else s.tokens, skip_special_tokens=True)
         if s.cut is not None:
             text = text[: s.cut]
-        return Completion(text, s.tokens, s.finish or "length", len(s.tokens), s.prompt_ids)
+        return Completion(text, s.tokens, s.finish or "length", len(s.tokens), s.prompt_ids, s.logprobs if logprobs else None)
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(next token of each row, its log-prob under the model at temperature 1, when ``params.logprobs``; else None)."""
+    scores = logits.float()
+    tokens = _choose(scores, params, generators)
+    if not params.logprobs:
+        return tokens, None
+    return tokens, scores.gather(-1, tokens[:, None])[:, 0] - scores.logsumexp(-1)
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -812,6 +843,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
 
         params = params or SamplingParams()
+        if params.logprobs:
+            raise ValueError("logprobs=True is not supported by the vLLM backend here; use the transformers Engine")
         prompt_ids = [list(p) for p in prompt_ids]
         text_stops, special_stops = self.prompts.special_stop_ids(params.stop)
         user_stop_ids = set(params.stop_token_ids) | special_stops

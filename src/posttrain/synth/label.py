@@ -19,12 +19,21 @@ Output: one canonical preference record per line, ``{"prompt": [messages], "chos
 message], "rejected": [assistant message], "meta": {...}}``. ``meta`` holds every sample's pass rates
 (or scores) and which two were paired; :func:`posttrain.data.formats.read_records` ignores it.
 
+With ``reference_logps`` (``posttrain label --reference-logps``), ``meta["reference"]`` also holds the
+sampling model's summed log-prob of the chosen and of the rejected response, which the sampler measured
+while generating them (:attr:`~posttrain.generate.engine.Completion.logprobs`), with what they are
+valid for: the model's weights (:func:`~posttrain.models.load.weights_fingerprint`), the precision, and
+the exact tokens (:func:`reference_key` of the prompt's and the response's token ids). ``posttrain dpo``
+starting from that model, in that precision, takes them as its reference log-probs for every pair whose
+tokens it renders identically, instead of running the reference forward pass over those pairs.
+
 This module also reads prompt sets for sampling (:func:`read_prompts`, :class:`Prompt`), which GRPO
 shares: any canonical format gives its prompt (responses unused), IFEval's format also its verifiers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -258,6 +267,19 @@ def _preference(prompt: Prompt, chosen: str, rejected: str, meta: dict[str, Any]
     return record
 
 
+def reference_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    """What a recorded reference log-prob is valid for: these prompt tokens, then these scored response tokens."""
+    text = f"{len(prompt_ids)}:" + ",".join(map(str, [*prompt_ids, *response_ids]))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _reference_meta(completions: Sequence[Any], chosen: int, rejected: int, model: str, precision: str) -> dict[str, Any]:
+    def side(c: Any) -> dict[str, Any]:
+        return {"logp": math.fsum(c.logprobs), "tokens": len(c.token_ids), "key": reference_key(c.prompt_token_ids, c.token_ids)}
+
+    return {"model": model, "precision": precision, "chosen": side(completions[chosen]), "rejected": side(completions[rejected])}
+
+
 def label_prompts(
     engine: Any,
     prompts: Sequence[Prompt],
@@ -270,11 +292,13 @@ def label_prompts(
     bf16: bool = False,
     min_pass_rate: float = CHOSEN_MIN_PASS_RATE,
     progress: bool = True,
+    reference_logps: bool = False,
 ) -> tuple[list[Record], LabelSummary]:
     """Sample ``k`` responses per prompt with ``engine`` and pair them: by verifiers, or by ``scorer`` when given.
 
     ``engine``: a :class:`~posttrain.generate.engine.Engine` or ``VLLMEngine``. Returns the preference
-    records (prompts order) and the summary.
+    records (prompts order) and the summary. ``reference_logps``: record the sampling model's log-probs
+    of each pair's responses in ``meta["reference"]`` (transformers engine only; see the module docstring).
     """
     from posttrain.generate.engine import SamplingParams
 
@@ -286,7 +310,16 @@ def label_prompts(
             raise ValueError(
                 f"labelling by verifiers needs IFEval-format prompts; {len(missing)} prompt(s) have no instructions (first: #{missing[0]})"
             )
-    params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16)
+    fingerprint = precision = ""
+    if reference_logps:
+        from posttrain.models.load import weights_fingerprint
+
+        model = getattr(engine, "model", None)
+        if model is None:
+            raise ValueError("reference log-probs are recorded by the transformers engine only (this engine has no model to fingerprint)")
+        fingerprint = weights_fingerprint(model)
+        precision = "bfloat16" if bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+    params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16, logprobs=reference_logps)
     outputs = engine.generate([p.engine_input() for p in prompts], params, progress=progress)
     responses = [[c.text for c in completions] for completions in outputs]
     summary = LabelSummary(by="verifiers" if scorer is None else "reward_model")
@@ -307,8 +340,11 @@ def label_prompts(
         )
         if record is None:
             skipped[reason] += 1
-        else:
-            records.append(record)
+            continue
+        if reference_logps:
+            meta = record["meta"]
+            meta["reference"] = _reference_meta(outputs[i], meta["chosen_index"], meta["rejected_index"], fingerprint, precision)
+        records.append(record)
     summary.pairs = len(records)
     summary.skipped = dict(sorted(skipped.items()))
     return records, summary
@@ -353,6 +389,7 @@ def label_file(
     template: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    reference_logps: bool = False,
 ) -> LabelSummary:
     """``posttrain label``: read prompts, sample ``k`` responses each with ``model``, write preference pairs to ``output``.
 
@@ -374,7 +411,8 @@ def label_file(
         raise ValueError(f"{data}: no prompts to label")
     engine = load_engine(model, dtype="float32", device=device, batch_size=batch_size, template=template)
     records, summary = label_prompts(
-        engine, prompts, k=k, scorer=scorer, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16, progress=progress
-    )
+        engine, prompts, k=k, scorer=scorer, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
+        progress=progress, reference_logps=reference_logps,
+    )  # fmt: skip
     write_jsonl(output, records)
     return summary

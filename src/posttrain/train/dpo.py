@@ -10,7 +10,10 @@ before the first step, with the initial weights, and cached under a content hash
 pairs, model weights, precision); with LoRA/DoRA it can instead be the same model with the adapter
 disabled; a frozen copy is the last resort. Reference-free variants (SimPO, ORPO) never compute one.
 The precompute packs the whole data set at once (best fit, longest first), so its rows carry almost no
-padding.
+padding. Pairs labelled by ``posttrain label --reference-logps`` from this same model carry the
+log-probs the sampler measured while generating them (``meta["reference"]``); the precompute takes those
+(``dpo.sampler_reference``) for every sequence it renders to exactly the tokens they were measured on,
+in the same precision, and computes only the rest (:func:`sampler_reference`).
 Plumbing (checkpoints, exact resume, metrics, DDP) is :mod:`posttrain.train.loop`'s, as for SFT.
 """
 
@@ -39,7 +42,7 @@ from posttrain.data.chat import IGNORE, RenderOptions
 from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.models import zoo
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
-from posttrain.models.load import load_model, load_tokenizer
+from posttrain.models.load import load_model, load_tokenizer, weights_fingerprint
 from posttrain.train import loop
 from posttrain.train.losses import (
     PreferenceLoss,
@@ -271,23 +274,63 @@ def preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> f
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).sum().item()
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A content hash of every parameter and buffer (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def sampler_reference(cfg: DPOConfig, model: torch.nn.Module) -> dict[str, float]:
+    """{:func:`~posttrain.synth.label.reference_key`: summed log-prob} recorded in the pairs' ``meta["reference"]`` by ``model``.
+
+    Only entries measured on these very weights (their fingerprint) in this run's precision count: fp32
+    sampling for an fp32 reference (bf16 sampling casts the weights, bf16 training autocasts, and the two
+    round differently). Read from a local JSON Lines file (what ``posttrain label`` writes); other sources
+    give none. The fingerprint is computed only if some record carries log-probs.
+    """
+    path = Path(cfg.data.path)
+    if cfg.train.bf16 or cfg.model.dtype != "float32" or not path.is_file() or path.suffix != ".jsonl":
+        return {}
+    recorded = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                meta = json.loads(line).get("meta") if line.strip() else None
+            except (json.JSONDecodeError, AttributeError):
+                continue  # reading the data proper reports it
+            ref = meta.get("reference") if isinstance(meta, dict) else None
+            if isinstance(ref, dict) and ref.get("precision") == "float32":
+                recorded.append(ref)
+    if not recorded:
+        return {}
+    fingerprint = weights_fingerprint(model)
+    given = {}
+    for ref in (r for r in recorded if r.get("model") == fingerprint):
+        for side in ("chosen", "rejected"):
+            entry = ref.get(side)
+            if isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("logp"), (int, float)):
+                given[entry["key"]] = float(entry["logp"])
+    return given
+
+
+def _sequence_key(example: dict) -> str | None:
+    """:func:`~posttrain.synth.label.reference_key` of an example: its tokens before the scored run, and the run; None if not one run."""
+    from posttrain.synth.label import reference_key
+
+    ids, scored = np.asarray(example["input_ids"]), np.flatnonzero(np.asarray(example["labels"]) != IGNORE)
+    if not len(scored) or scored[-1] - scored[0] + 1 != len(scored):
+        return None
+    return reference_key(ids[: scored[0]].tolist(), ids[scored[0] : scored[-1] + 1].tolist())
 
 
 def reference_logps(
-    module: torch.nn.Module, data: TokenizedData, pad_id: int, cfg: DPOConfig, d: loop.Dist, cache_root: Path | None = None
-) -> tuple[np.ndarray, bool]:
-    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model; (array, from_cache).
+    module: torch.nn.Module,
+    data: TokenizedData,
+    pad_id: int,
+    cfg: DPOConfig,
+    d: loop.Dist,
+    cache_root: Path | None = None,
+    given: dict[str, float] | None = None,
+) -> tuple[np.ndarray, bool, int]:
+    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model; (array, from_cache, taken from ``given``).
 
     Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
-    and starting model reads them instead of running the reference forward passes again.
+    and starting model reads them instead of running the reference forward passes again. ``given``
+    (:func:`sampler_reference`): log-probs already measured, by sequence; only the other sequences run.
     """
     mismatched = cfg.dpo.loss_type == "kto"
     key = hashlib.sha256(
@@ -297,17 +340,26 @@ def reference_logps(
     path = root / key / "logps.npy"
     # Rank 0 decides and everyone follows: a process must not skip the barrier below on its own.
     if loop.all_reduce_sum(float(path.exists()) if d.main else 0.0, d) > 0:
-        return np.load(path), True
+        return np.load(path), True, 0
     n = len(data) // 2
     columns = 3 if mismatched else 2
+    taken = 0
     if d.main:
-        # Every sequence of the data set packed at once (best fit, longest first), then run a training
-        # forward's worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
         examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
-        rows = best_fit_decreasing([len(ex["input_ids"]) for ex in examples], max(len(ex["input_ids"]) for ex in examples))
-        per_forward = columns * cfg.train.micro_batch_size
-        by_column = np.zeros((columns, n), dtype=np.float64)
+        by_column = np.full((columns, n), np.nan, dtype=np.float64)
         flat = by_column.reshape(-1)  # a view: flat[j·n + i] is by_column[j, i]
+        if given:
+            for j, ex in enumerate(examples):
+                key = _sequence_key(ex)
+                if key is not None and key in given:
+                    flat[j] = given[key]
+        todo = np.flatnonzero(np.isnan(flat)).tolist()
+        taken = len(flat) - len(todo)
+        # The sequences still to score packed at once (best fit, longest first), then run a training
+        # forward's worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
+        lengths = [len(examples[i]["input_ids"]) for i in todo]
+        rows = [[todo[i] for i in row] for row in best_fit_decreasing(lengths, max(lengths))] if todo else []
+        per_forward = columns * cfg.train.micro_batch_size
         with torch.no_grad():
             for k in range(0, len(rows), per_forward):
                 group = rows[k : k + per_forward]
@@ -326,7 +378,7 @@ def reference_logps(
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     loop.barrier(d)
-    return np.load(path), False
+    return np.load(path), False, taken
 
 
 @dataclass
@@ -337,6 +389,7 @@ class DPOResult:
     losses: list[float]
     accuracies: list[float]
     reference_from_cache: bool | None
+    reference_from_sampler: int = 0  # sequences whose reference log-prob the sampler had recorded
 
 
 def train(config: DPOConfig) -> DPOResult:
@@ -380,21 +433,24 @@ def train(config: DPOConfig) -> DPOResult:
     plan = loop.Plan([[i] for i in train_pairs], per_step, steps_per_epoch, total)
 
     # -- model, reference, optimizer ------------------------------------------------------------------
-    model = apply_adapter(load_model(cfg.model, d.device), cfg.adapter)
+    model = load_model(cfg.model, d.device)
+    use_sampler = kind.needs_reference and cfg.dpo.reference == "precompute" and cfg.dpo.sampler_reference and d.main
+    given = sampler_reference(cfg, model) if use_sampler else {}
+    model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
     logps_module = SequenceLogps(model, one_by_one=d.device.type == "cpu")
     needs_reference = kind.needs_reference
     ref_table = ref_eval_table = None
     ref_model: torch.nn.Module | None = None
-    ref_cached = None
+    ref_cached, from_sampler = None, 0
     checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
     if needs_reference and cfg.dpo.reference == "precompute":
         # Before any update (and before loading a checkpoint): the reference is the initial model.
         model.eval()
-        ref_table, ref_cached = reference_logps(logps_module, data, pad_id, cfg, d)
+        ref_table, ref_cached, from_sampler = reference_logps(logps_module, data, pad_id, cfg, d, given=given)
         if eval_pairs and eval_data is not data:
-            ref_eval_table, _ = reference_logps(logps_module, eval_data, pad_id, cfg, d)
+            ref_eval_table, _, _ = reference_logps(logps_module, eval_data, pad_id, cfg, d, given=given)
         else:
             ref_eval_table = ref_table
     elif needs_reference and cfg.dpo.reference == "model":
@@ -505,11 +561,12 @@ def train(config: DPOConfig) -> DPOResult:
     if d.main:
         save_final(model, tokenizer, final)
         loop.plot_losses(run_dir, f"DPO ({kind.value}) of {cfg.model.name}")
+        reference_stats = {"from_cache": ref_cached, "from_sampler": from_sampler}
         (run_dir / "data_stats.json").write_text(
-            json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs}, indent=1)
+            json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs, "reference": reference_stats}, indent=1)
         )
     loop.barrier(d)
-    return DPOResult(run_dir, final, total, losses, accuracies, ref_cached)
+    return DPOResult(run_dir, final, total, losses, accuracies, ref_cached, from_sampler)
 
 
 def evaluate(
