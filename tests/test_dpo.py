@@ -204,3 +204,17 @@ def test_bad_dpo_configs_are_refused_together(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(dpo_config(tmp_path, dpo={"loss_type": "robust", "reference": "adapter"}), cls=dpo.DPOConfig)
     assert "label_smoothing" in str(err.value) and "adapter.kind" in str(err.value)
+
+
+def test_heap_trimmer_trims_first_and_then_only_past_its_growth_bound(monkeypatch):
+    """Trimming after every micro-batch costs page faults; the trimmer trims once, then only when the heap has grown."""
+    trims, resident = [], [3.0e9]
+    monkeypatch.setattr(dpo, "release_freed_memory", lambda device: trims.append(resident[0]))
+    monkeypatch.setattr(dpo, "_resident_bytes", lambda: resident[0])
+    trim = dpo.HeapTrimmer(torch.device("cpu"), growth=1.15)
+    for size in (3.0e9, 3.2e9, 3.4e9, 3.3e9, 3.6e9, 3.1e9):
+        resident[0] = size
+        trim()
+    assert trims == [3.0e9, 3.6e9] and trim.trims == 2
+    dpo.HeapTrimmer(torch.device("meta"))()  # off CPU: nothing to trim
+    assert len(trims) == 2

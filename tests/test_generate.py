@@ -495,7 +495,7 @@ def test_logprobs_are_what_a_forward_pass_scores(tiny, fast_decoder):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, batch_size=6, fast=fast_decoder)
     items = chats(10)
-    params = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, n=2, seed=3)
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0.8, "top_k": 20, "n": 2, "seed": 3}
     plain = engine.generate(items, SamplingParams(**params), progress=False)
     scored = engine.generate(items, SamplingParams(**params, logprobs=True), progress=False)
     assert [[c.token_ids for c in cs] for cs in scored] == [[c.token_ids for c in cs] for cs in plain], "asking for log-probs changes no token"
