@@ -601,6 +601,7 @@ def train(config: DPOConfig) -> DPOResult:
             )
     progress.stop()
     metrics.close()
+    release_freed_memory(d.device)  # what the steps' heap kept, back for whatever runs next in this process (the demo's next stages)
     final = run_dir / "final"
     if d.main:
         save_final(model, tokenizer, final)
