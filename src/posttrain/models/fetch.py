@@ -166,8 +166,8 @@ def _gguf_parsed_once() -> Iterator[None]:
     transformers (5.x) opens the file with a new ``GGUFReader`` in each of its loaders (the config's, the
     weights', the tokenizer's twice), and each parse of SmolLM2's file (its 49k-token vocabulary and 49k
     merges read element by element) takes seconds; it also builds gguf's tensor-name map once per module
-    of the model (397 times). Converting SmolLM2 took 40 s that way and 14 s with this, to the same
-    weights and tokenizer files. Both are looked up on the ``gguf`` module when called, so replacing
+    of the model (397 times). With one parse, ``posttrain models fetch smollm2-135m-instruct`` into an
+    empty cache took 31 s here instead of 68 s, and wrote byte-identical files. Both are looked up on the ``gguf`` module when called, so replacing
     them there for the duration is enough; a reader is only read from, so sharing one is safe.
     """
     import gguf

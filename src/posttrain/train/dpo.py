@@ -203,8 +203,9 @@ def _page_size() -> int:
 class HeapTrimmer:
     """:func:`release_freed_memory` when resident memory has grown past ``growth`` × its size at the first call.
 
-    Trimming gives the freed pages back, and the next micro-batch faults them in again (on the demo's
-    fp32 pairs, trimming after every micro-batch and optimizer step made the steps about a tenth slower).
+    Trimming gives the freed pages back, and the next micro-batch faults them in again: trimming after
+    every micro-batch and optimizer step made the demo's fp32 DPO steps slower (timed outside the repo's
+    benchmarks; no figure is claimed here).
     The first call measures the resident size a micro-batch leaves (model, optimizer and the heap its
     activations used) and trims; later calls trim only once the heap has grown past that by ``growth``,
     which bounds the climb the trimming was there for. Without /proc (resident size unknown), every call
