@@ -21,9 +21,15 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    name: str = Field(description="Zoo name (tiny-llama), fetched name (smollm2-135m-instruct), local directory or hub id.")
+    name: str = Field(description="Zoo name (tiny-llama), fetched name (smollm2-135m-instruct), local directory or hub id (Qwen/Qwen2.5-7B-Instruct).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of a hub id (default: main).")
+    trust_remote_code: bool = Field(False, description="Let transformers run the model repository's own Python code (needed by some hub models).")
     gguf_file: str | None = Field(None, description="GGUF file inside `name` to load through transformers' GGUF support.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights' dtype. float32 master weights + bf16 autocast is the fast, safe path.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Weights' dtype. float32 master weights + bf16 autocast is the fast, safe path; bfloat16 weights halve the memory of weights, "
+        "gradients and AdamW's state (full fine-tuning of large models), at bf16's precision for the updates.",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -34,20 +40,43 @@ class AdapterConfig(Strict):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    quantize: Literal["4bit"] | None = Field(
+        None, description="4bit: QLoRA, the frozen base in bitsandbytes NF4 (double quantization, bf16 compute); needs CUDA and adapter kind lora or dora."
+    )
+
+    @model_validator(mode="after")
+    def _quantize_needs_an_adapter(self) -> AdapterConfig:
+        if self.quantize and self.kind == "full":
+            raise ValueError("adapter.quantize 4bit freezes the base model in 4 bits: it needs adapter.kind lora or dora, not full")
+        return self
 
 
 class DataConfig(Strict):
-    path: str = Field(description="Training data: a file, a dataset directory or a hub id.")
+    path: str = Field(description="Training data: a file, a dataset directory or a hub dataset id (HuggingFaceH4/ultrachat_200k).")
     format: Literal["alpaca", "sharegpt", "messages", "prompt_completion"] | None = None
-    split: str | None = None
+    split: str | None = Field(None, description="The split to read (default: train; a dataset without one must name it).")
+    subset: str | None = Field(None, description="A hub dataset's subset (its configuration name), where it has several.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of a hub dataset (default: main).")
     template: str | None = Field(None, description="Chat template: the tokenizer's own (default), chatml, alpaca, or a .jinja path.")
     train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
-    max_length: int = Field(1024, ge=8, description="Longest example in tokens; also the packed row width.")
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens (longer ones are truncated or dropped, see overlong).")
+    pack_length: int | None = Field(None, ge=8, description="Width of a packed row in tokens (default: max_length); at least max_length.")
     overlong: Literal["truncate", "drop"] = "truncate"
     on_error: Literal["stop", "skip"] = "stop"
     eval_path: str | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out share of the training data for eval loss, when no eval_path.")
-    packing: bool = Field(True, description="Padding-free packing (rows of max_length). False: padded batches grouped by length.")
+    packing: bool = Field(True, description="Padding-free packing (rows of pack_length). False: padded batches grouped by length.")
+
+    @model_validator(mode="after")
+    def _rows_hold_an_example(self) -> DataConfig:
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(f"data.pack_length ({self.pack_length}) must be at least data.max_length ({self.max_length}): a packed row holds whole examples")
+        return self
+
+    @property
+    def row_width(self) -> int:
+        """Tokens in a packed row: ``pack_length``, or ``max_length`` when it is not set."""
+        return self.pack_length or self.max_length
 
 
 def native_bf16(device: Any = None) -> bool:
@@ -107,7 +136,13 @@ class TrainConfig(Strict):
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun, cuda:LOCAL_RANK).")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps a whole copy of the model on every process; fsdp (FSDP2) shards weights, gradients and "
+        "optimizer state over the processes (each decoder layer gathered for its forward and backward, then freed).",
+    )
+    dist_timeout_s: float = Field(1800, gt=0, description="How long a process waits for the others at a collective before the run fails.")
 
     @model_validator(mode="before")
     @classmethod
@@ -215,9 +250,11 @@ class RewardConfig(Strict):
 class PromptDataConfig(Strict):
     """Prompts to sample from: any record with a prompt (prompt/completion, preference, IFEval); other fields are ignored."""
 
-    path: str = Field(description="Prompts: a file, a dataset directory or a hub id.")
+    path: str = Field(description="Prompts: a file, a dataset directory or a hub dataset id.")
     format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "preference", "ifeval"] | None = None
-    split: str | None = None
+    split: str | None = Field(None, description="The split to read (default: train; a dataset without one must name it).")
+    subset: str | None = Field(None, description="A hub dataset's subset (its configuration name), where it has several.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of a hub dataset (default: main).")
     template: str | None = Field(None, description="Chat template: the tokenizer's own (default), chatml, alpaca, or a .jinja path.")
     max_prompt_length: int = Field(512, ge=1, description="Prompts longer than this many tokens are dropped (and counted).")
     on_error: Literal["stop", "skip"] = "stop"
@@ -376,6 +413,14 @@ def check_resources(raw: dict[str, Any]) -> list[str]:
         problem = model_problem(name, model.get("gguf_file"))
         if problem:
             problems.append(f"model.name: {problem}")
+    adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
+    if adapter.get("quantize"):
+        from posttrain.models.load import quantize_problem
+
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        problem = quantize_problem(adapter["quantize"], train.get("device"))
+        if problem:
+            problems.append(f"adapter.quantize: {problem}")
     return problems
 
 

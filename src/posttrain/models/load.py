@@ -42,22 +42,58 @@ def load_tokenizer(name: str) -> Any:
         raise FileNotFoundError(f"cannot load a tokenizer from {name!r}: not a usable {where} ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
 
 
-def load_model(cfg: Any, device: Any) -> Any:
+def load_model(cfg: Any, device: Any, quantize: str | None = None) -> Any:
     """A causal LM from a ``ModelConfig``: weights in ``cfg.dtype``, attention as configured, on ``device``.
 
     ``use_cache`` is turned off in the config: training never uses it, and with it on transformers
-    ignores packed sequences' boundaries.
+    ignores packed sequences' boundaries. ``quantize="4bit"`` loads the weights as bitsandbytes NF4
+    (QLoRA's base: double quantization, bf16 compute) straight onto ``device``, which must be a GPU.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve(cfg.name)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
+    if getattr(cfg, "revision", None):
+        kwargs["revision"] = cfg.revision
+    if getattr(cfg, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
+    if quantize:
+        kwargs.update(quantization_config=nf4_config(), device_map={"": torch.device(device)})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    return model.to(device)
+    return model if quantize else model.to(device)
+
+
+def quantize_problem(quantize: str | None, device: Any = None) -> str | None:
+    """Why ``adapter.quantize`` cannot run here (no CUDA, or no bitsandbytes), or None."""
+    if not quantize:
+        return None
+    import importlib.util
+
+    import torch
+
+    if (device is not None and str(device).split(":")[0] != "cuda") or not torch.cuda.is_available():
+        where = f"train.device is {device}" if device is not None and str(device).split(":")[0] != "cuda" else "this machine has no CUDA GPU"
+        return (
+            f"{quantize} (QLoRA) keeps the base in NF4, which runs on bitsandbytes' CUDA kernels, and {where}; "
+            "leave adapter.quantize unset (plain LoRA) or run on a GPU"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{quantize} (QLoRA) needs bitsandbytes: pip install 'posttrain[qlora]' (or pip install bitsandbytes)"
+    return None
+
+
+def nf4_config() -> Any:
+    """QLoRA's quantization (Dettmers et al., 2023): 4-bit NormalFloat, double quantization, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
 
 
 def cache_kwarg(module: Any) -> str:
