@@ -98,9 +98,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ (so POSTTRAIN_CACHE is shared with the test session) plus ``extra``; src importable."""
+    """os.environ (so POSTTRAIN_CACHE is shared with the test session) plus ``extra``; src and tests/ importable."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # The tests' own modules (reward functions such as test_ppo:vowel_reward) import in the subprocess too.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -115,17 +117,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(subcommand: str, config_file: Path, *args: str) -> None:
-    """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each."""
+def torchrun(subcommand: str, config_file: Path, *args: str, probe: Path | None = None, nproc: int = 2, timeout: int = 300) -> None:
+    """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each.
+
+    ``probe``: run through ``tests/collective_probe.py`` instead, which writes each rank's collectives to
+    ``probe/rank-N.json`` (see :func:`probed_collectives`).
+    """
     import subprocess
 
+    entry = [str(Path(__file__).parent / "collective_probe.py")] if probe is not None else ["-m", "posttrain.cli"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "posttrain.cli", subcommand, "--config", str(config_file), *args,
+        *entry, subcommand, "--config", str(config_file), *args,
     ]  # fmt: skip
-    proc = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    extra = {"OMP_NUM_THREADS": "1"}
+    if probe is not None:
+        probe.mkdir(parents=True, exist_ok=True)
+        extra["POSTTRAIN_PROBE_DIR"] = str(probe)
+    proc = subprocess.run(command, env=subprocess_env(**extra), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def probed_collectives(probe: Path, nproc: int = 2) -> list[list[list[str | None]]]:
+    """Each rank's recorded collectives, after asserting that every rank made the same calls in the same
+    order and that every tensor lived on the group's device."""
+    ranks = [json.loads((probe / f"rank-{r}.json").read_text()) for r in range(nproc)]
+    calls = [r["calls"] for r in ranks]
+    assert all(c == calls[0] for c in calls), "the ranks made different sequences of collectives: " + ", ".join(
+        f"rank {r}: {len(c)} calls" for r, c in enumerate(calls)
+    )
+    device = ranks[0]["group_device"]
+    wrong = [(name, where) for name, where in calls[0] if where is not None and where != device]
+    assert not wrong, f"collectives with tensors off the group's device ({device}): {wrong[:5]}"
+    assert calls[0], "no collective was recorded"
+    return calls
 
 
 @contextmanager

@@ -225,7 +225,8 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     from posttrain.data.cache import prepare
     from posttrain.data.chat import RenderOptions
     from posttrain.models.load import load_model
-    from posttrain.train import dpo, loop
+    from posttrain.train import dpo
+    from posttrain.train.runtime import Runtime
 
     out = tmp_path / "pairs.jsonl"
     summary = label_file(
@@ -248,8 +249,8 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     data = prepare(out, tokenizer, RenderOptions(max_length=128), format="preference")
     module = dpo.SequenceLogps(model, one_by_one=True)
     pad = tokenizer.pad_token_id
-    taken_table, _, taken = dpo.reference_logps(module, data, pad, cfg, loop.Dist(), cache_root=tmp_path / "a", given=given)
-    computed, _, none = dpo.reference_logps(module, data, pad, cfg, loop.Dist(), cache_root=tmp_path / "b")
+    taken_table, _, taken = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "a", given=given)
+    computed, _, none = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "b")
     assert none == 0 and 0 < taken <= len(data)
     np.testing.assert_allclose(taken_table, computed, rtol=1e-4, atol=1e-4)
 

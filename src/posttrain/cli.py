@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from contextlib import contextmanager
@@ -394,6 +395,8 @@ def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, 
             result = train_fn(cfg)
         except TrainingError as e:
             fail(str(e))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun the main process alone reports
     if not result.losses:
         out.print(f"nothing to train: the run in {escape(str(result.run_dir))} had already finished ({result.steps} steps)")
     elif summary is not None:
@@ -404,7 +407,7 @@ def _run_training(config, set_, output_dir, max_steps, save_every, resume, cls, 
 
 @app.command()
 def sft(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, max_steps: MaxStepsOpt = None, save_every: SaveEveryOpt = None, resume: ResumeOpt = False) -> None:
-    """Supervised fine-tuning: full, LoRA or DoRA, with exact resume. Also runs under torchrun for DDP."""
+    """Supervised fine-tuning: full, LoRA, DoRA or QLoRA, with exact resume. Runs under torchrun: train.distributed ddp (default) or fsdp."""
     from posttrain.config import SFTConfig
     from posttrain.train.sft import train
 
@@ -416,7 +419,8 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt 
     """Preference optimisation on (prompt, chosen, rejected) data: dpo.loss_type sigmoid, hinge, ipo, robust, simpo, orpo or kto.
 
     The reference model's log-probs are computed once and cached (dpo.reference precompute), taken from
-    the LoRA model with its adapter disabled (adapter), or from a frozen copy (model).
+    the LoRA model with its adapter disabled (adapter), or from a frozen copy (model). Runs under torchrun:
+    train.distributed ddp (default) or fsdp.
     """
     from posttrain.config import DPOConfig
     from posttrain.train.dpo import train
@@ -433,6 +437,7 @@ def rm_train(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDi
     """Train a reward model: the LM plus a scalar head on the last token, Bradley–Terry loss on (prompt, chosen, rejected); full, LoRA or DoRA.
 
     Logs loss, pair accuracy and margin per step, and held-out pair accuracy (data.eval_path or data.eval_fraction).
+    Runs under torchrun: train.distributed ddp (default) or fsdp.
     """
     from posttrain.config import RewardConfig
     from posttrain.train.reward import train
@@ -461,6 +466,7 @@ def ppo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt 
     """RLHF with PPO (InstructGPT): sample from the policy, score with an `rm` run (or python:module:function), per-token KL penalty to the initial policy, GAE, clipped PPO updates.
 
     --max-steps counts PPO steps (rollouts, then ppo.epochs of updates). Under LoRA/DoRA the reference is the policy with its adapter disabled.
+    Runs under torchrun (DDP: each process samples its share of ppo.prompts_per_step).
     """
     from posttrain.config import PPOConfig
     from posttrain.train.ppo import train
@@ -473,7 +479,7 @@ def grpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt
     """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, clipped updates with a KL to the initial model.
 
     Rewards: the IFEval verifiers on IFEval-format prompts (grpo.reward verifiers:loose | verifiers:strict), or a Python
-    function (grpo.reward package.module:function, called as function(prompt, completion, record) -> float). Runs under torchrun.
+    function (grpo.reward package.module:function, called as function(prompt, completion, record) -> float). Runs under torchrun (DDP).
     """
     from posttrain.config import GRPOConfig
     from posttrain.train.grpo import train

@@ -144,6 +144,12 @@ class TrainConfig(Strict):
     )
     dist_timeout_s: float = Field(1800, gt=0, description="How long a process waits for the others at a collective before the run fails.")
 
+    @model_validator(mode="after")
+    def _compile_alone(self) -> TrainConfig:
+        if self.compile and self.distributed == "fsdp":
+            raise ValueError("train.compile is not supported with train.distributed fsdp yet; leave one of them off")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _resolve_bf16(cls, data: Any) -> Any:
@@ -151,6 +157,12 @@ class TrainConfig(Strict):
         if isinstance(data, dict):
             data = {**data, "bf16": resolve_bf16(data.get("bf16"), data.get("device"))}
         return data
+
+
+def _sharding_problems(adapter: AdapterConfig, train: TrainConfig) -> list[str]:
+    if adapter.quantize and train.distributed == "fsdp":
+        return ["adapter.quantize 4bit with train.distributed fsdp: bitsandbytes' 4-bit weights cannot be sharded by FSDP2 here; use ddp (each GPU holds the whole 4-bit base)"]
+    return []
 
 
 class SFTConfig(Strict):
@@ -162,9 +174,12 @@ class SFTConfig(Strict):
     resume: bool | Literal["auto"] = False
 
     @model_validator(mode="after")
-    def _eval_needs_data(self) -> SFTConfig:
+    def _consistent(self) -> SFTConfig:
+        problems = _sharding_problems(self.adapter, self.train)
         if self.train.eval_every and not (self.data.eval_path or self.data.eval_fraction > 0):
-            raise ValueError("train.eval_every needs data.eval_path or data.eval_fraction > 0")
+            problems.append("train.eval_every needs data.eval_path or data.eval_fraction > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -208,7 +223,9 @@ class DPOConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DPOConfig:
-        problems = []
+        problems = _sharding_problems(self.adapter, self.train)
+        if self.dpo.reference == "model" and self.train.distributed == "fsdp":
+            problems.append("dpo.reference model keeps a whole frozen copy on every process; with train.distributed fsdp use precompute (the default) or adapter")
         if self.dpo.loss_type == "robust" and self.dpo.label_smoothing == 0:
             problems.append("dpo.loss_type robust needs dpo.label_smoothing > 0")
         if self.dpo.reference == "adapter" and self.adapter.kind == "full":
@@ -235,7 +252,7 @@ class RewardConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:
-        problems = []
+        problems = _sharding_problems(self.adapter, self.train)
         if self.data.packing:
             problems.append("data.packing: a reward model scores each sequence at its last token, so pairs are padded, not packed (set it false)")
         if self.train.neftune_alpha:
@@ -295,6 +312,8 @@ class PPOConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
         problems = []
+        if self.train.distributed == "fsdp":
+            problems.append("train.distributed fsdp: PPO samples its rollouts from the whole policy on every process; use ddp")
         if not Path(self.reward).exists() and not re.fullmatch(REWARD_FUNCTION_PATTERN, self.reward):
             problems.append(f"reward: expected an rm run directory or package.module:function, found {self.reward!r} (no such directory)")
         rollouts = self.ppo.prompts_per_step * self.ppo.samples_per_prompt
@@ -359,6 +378,8 @@ class GRPOConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
         problems = []
+        if self.train.distributed == "fsdp":
+            problems.append("train.distributed fsdp: GRPO samples from the whole policy on every process; use ddp")
         if self.grpo.reward.startswith("verifiers:") and self.data.format not in (None, "ifeval"):
             problems.append(f"grpo.reward {self.grpo.reward} needs IFEval-format prompts (data.format ifeval), not {self.data.format}")
         if self.train.grad_accum != 1:

@@ -8,8 +8,14 @@ mean something else.
 
 In one process, records are rendered (Python and Jinja) and tokenized in chunks of ``CHUNK`` records, one
 batch call per chunk, which the Rust tokenizer spreads over the cores. With ``num_proc > 1`` and more than one
-chunk, a process pool renders *and* tokenizes smaller chunks, and sends back flat arrays. Our own code, small,
-on numpy arrays.
+chunk, a process pool renders *and* tokenizes smaller chunks, and sends back flat arrays. In a run of several
+processes (torchrun), each tokenizes its own share of the records and the main process joins the shares
+into one entry (:func:`prepare`'s ``group``), so the cache directory must be one every process can read.
+
+An entry is three flat ``.npy`` arrays, read back memory-mapped: examples are paged in as a batch needs
+them, and processes on one machine share one copy in the page cache instead of each holding the data set.
+They are written a chunk at a time into the final file, so making an entry holds the tokens once, not twice.
+Our own code, small, on numpy arrays.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,24 +95,56 @@ class TokenizedData:
         return cls(flat("input_ids"), flat("labels"), offsets, stats)
 
     def save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        np.save(path / "input_ids.npy", self.input_ids)
-        np.save(path / "labels.npy", self.labels)
-        np.save(path / "offsets.npy", self.offsets)
-        (path / "stats.json").write_text(json.dumps({"render": self.stats.to_dict(), "read": self.read}, indent=1))
+        write_entry(path, [Chunk(self.input_ids, self.labels, self.lengths(), self.stats)], self.stats, self.read)
 
     @classmethod
     def load(cls, path: Path) -> TokenizedData:
+        """An entry, its token arrays memory-mapped read-only (offsets, one number an example, in memory)."""
         meta = json.loads((path / "stats.json").read_text())
         return cls(
-            np.load(path / "input_ids.npy"),
-            np.load(path / "labels.npy"),
+            np.load(path / "input_ids.npy", mmap_mode="r"),
+            np.load(path / "labels.npy", mmap_mode="r"),
             np.load(path / "offsets.npy"),
             RenderStats.from_dict(meta["render"]),
             from_cache=True,
             key=path.name,
             read=meta.get("read", {}),
         )
+
+
+def write_entry(path: Path, parts: list[Any], stats: RenderStats, read: dict[str, Any]) -> None:
+    """Write ``parts`` (each with ``input_ids``, ``labels`` and per-example ``lengths`` arrays: :class:`Chunk` objects,
+    or entries read back with lengths) end to end as one entry in ``path``, a part at a time into the
+    final files (nothing is concatenated in memory)."""
+    from numpy.lib.format import open_memmap
+
+    path.mkdir(parents=True, exist_ok=True)
+    lengths = np.concatenate([np.asarray(p.lengths, dtype=np.int64) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    for name in ("input_ids", "labels"):
+        out = open_memmap(path / f"{name}.npy", mode="w+", dtype=np.int32, shape=(total,))
+        at = 0
+        for part in parts:
+            values = getattr(part, name)
+            out[at : at + len(values)] = values
+            at += len(values)
+        out.flush()
+        del out
+    np.save(path / "offsets.npy", offsets)
+    (path / "stats.json").write_text(json.dumps({"render": stats.to_dict(), "read": read}, indent=1))
+
+
+class Group(Protocol):
+    """The processes of one run preparing data together (:class:`posttrain.train.runtime.Runtime` is one)."""
+
+    rank: int
+    world: int
+
+    def barrier(self) -> None: ...
+
+    def any(self, flag: bool) -> bool: ...
 
 
 def hash_source(source: str | Path) -> str:
@@ -252,33 +290,98 @@ def prepare(
     num_proc: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     report: ReadReport | None = None,
+    group: Group | None = None,
 ) -> TokenizedData:
     """Read, validate, render and tokenize ``source`` for training, through the content-hashed cache.
 
     Only conversation and prompt/completion data trains this way. ``progress(done, total)`` is called as
     chunks finish. ``report``, when given, is filled with what reading found (rejected records included)
     whenever the source is read, that is, unless the result comes from the cache.
+
+    ``group`` (several processes of one run, every one of which calls this): each process reads and checks
+    every record, tokenizes its contiguous share of them (one process each, no pool) and writes it aside;
+    the main process joins the shares, in order, into the entry, which everyone then reads. The result is
+    the same entry one process would have made. Whether the entry already exists is the main process's
+    decision, which all follow, so no process waits at a barrier the others skip.
     """
     renderer = ChatRenderer(tokenizer, options)
     root = Path(cache) if cache is not None else zoo.cache_dir() / "tokenized"
     key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split)
     path = root / key
-    if (path / "stats.json").exists():
-        return TokenizedData.load(path)
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    cached = (path / "stats.json").exists()
+    if world > 1:
+        cached = group.any(cached and rank == 0)
+    if cached:
+        return _load_shared(path, rank)
     report = report if report is not None else ReadReport(str(source))
     records = read_records(source, format=format, on_error=on_error, split=split, report=report)
     total = len(records)
-    chunks = tokenize_chunks(records, renderer, num_proc=num_proc, progress=(lambda n: progress(n, total)) if progress else None)
-    data = TokenizedData.from_chunks(chunks)
-    data.key = key
-    data.read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
+    mine = records[rank * total // world : (rank + 1) * total // world]
+    chunks = tokenize_chunks(
+        mine, renderer, num_proc=num_proc if world == 1 else 1, progress=(lambda n: progress(n, total)) if progress and rank == 0 else None
+    )
+    read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
     root.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        stats = RenderStats()
+        for c in chunks:
+            stats.merge(c.stats)
+        _publish(root, key, lambda tmp: write_entry(tmp, chunks, stats, read))
+    else:
+        parts = root / f".parts-{key}"
+        mine_dir = parts / f"{rank:05d}"
+        shutil.rmtree(mine_dir, ignore_errors=True)
+        stats = RenderStats()
+        for c in chunks:
+            stats.merge(c.stats)
+        write_entry(mine_dir, chunks, stats, read)
+        del chunks
+        group.barrier()
+        if rank == 0:
+            _publish(root, key, lambda tmp: _join_parts(tmp, [parts / f"{r:05d}" for r in range(world)], read))
+            shutil.rmtree(parts, ignore_errors=True)
+        group.barrier()
+    data = _load_shared(path, rank)
+    data.from_cache = False
+    return data
+
+
+def _publish(root: Path, key: str, write: Callable[[Path], None]) -> None:
+    """Write an entry into a temporary directory and rename it into place whole."""
+    path = root / key
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    data.save(tmp)
+    write(tmp)
     if path.exists():  # an entry without stats.json is incomplete (entries are renamed into place whole)
         shutil.rmtree(path, ignore_errors=True)
     try:
         tmp.rename(path)
     except OSError:  # written meanwhile by another process with the same key: same content
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _join_parts(out: Path, part_dirs: list[Path], read: dict[str, Any]) -> None:
+    """The processes' shares (entries written by :func:`write_entry`) joined in order into one entry at ``out``."""
+    stats = RenderStats()
+    parts = []
+    for d in part_dirs:
+        if not (d / "stats.json").exists():
+            raise FileNotFoundError(
+                f"{d}: another process's share of the tokenized data is not there; under torchrun the cache directory "
+                "($POSTTRAIN_CACHE) must be on a filesystem every process (every node) can read and write"
+            )
+        part = TokenizedData.load(d)
+        stats.merge(part.stats)
+        parts.append(Chunk(part.input_ids, part.labels, part.lengths(), part.stats))
+    write_entry(out, parts, stats, read)
+
+
+def _load_shared(path: Path, rank: int) -> TokenizedData:
+    if not (path / "stats.json").exists():
+        raise FileNotFoundError(
+            f"rank {rank}: the tokenized data the main process wrote is not in {path}; under torchrun the cache directory "
+            "($POSTTRAIN_CACHE) must be on a filesystem every process (every node) can read"
+        )
+    data = TokenizedData.load(path)
+    data.key = path.name
     return data

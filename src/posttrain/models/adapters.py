@@ -1,7 +1,8 @@
-"""Adapters: full fine-tuning, or LoRA / DoRA through peft; saving and merging.
+"""Adapters: full fine-tuning, or LoRA / DoRA (on a 4-bit NF4 base: QLoRA) through peft; saving and merging.
 
-peft does the adapter work (``LoraConfig``, ``get_peft_model``, ``merge_and_unload``); this module only
-maps our config onto it and keeps the run directory's ``final/`` loadable by plain transformers or peft.
+peft does the adapter work (``LoraConfig``, ``get_peft_model``, ``prepare_model_for_kbit_training``,
+``merge_and_unload``) and bitsandbytes the 4-bit base; this module only maps our config onto them and
+keeps the run directory's ``final/`` loadable by plain transformers or peft.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if cfg.quantize:
+        # QLoRA: the NF4 base stays frozen; peft casts the layers left in 16 bits (norms, embeddings) to
+        # fp32 for stable training. Gradient checkpointing is switched on apart, when configured.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -40,12 +45,22 @@ def enable_gradient_checkpointing(model: torch.nn.Module, adapter_kind: str) -> 
         model.enable_input_require_grads()
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
-    """``final/``: a model directory (full) or an adapter directory (LoRA/DoRA), with the tokenizer."""
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``final/``: a model directory (full) or an adapter directory (LoRA/DoRA), with the tokenizer.
+
+    ``state_dict``: the weights to write when the model's own are shards (FSDP: gathered on this process
+    by :meth:`~posttrain.train.runtime.Runtime.gathered_state`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     config.use_cache = True  # off while training (packing needs it off); generation wants it on
-    model.save_pretrained(out)
+    extra = {}
+    if state_dict is not None:
+        # A gathered state has a copy under every name of a tied weight (lm_head = embeddings); keep the
+        # first name, as the model's own state would, so the file holds the weight once.
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        extra["state_dict"] = {k: v for k, v in state_dict.items() if k not in tied}
+    model.save_pretrained(out, **extra)
     tokenizer.save_pretrained(out)
 
 

@@ -13,8 +13,11 @@ The precompute packs the whole data set at once (best fit, longest first), so it
 padding. Pairs labelled by ``posttrain label --reference-logps`` from this same model carry the
 log-probs the sampler measured while generating them (``meta["reference"]``); the precompute takes those
 (``dpo.sampler_reference``) for every sequence it renders to exactly the tokens they were measured on,
-in the same precision, and computes only the rest (:func:`sampler_reference`).
-Plumbing (checkpoints, exact resume, metrics, DDP) is :mod:`posttrain.train.loop`'s, as for SFT.
+in the same precision, and computes only the rest (:func:`sampler_reference`); under torchrun the
+processes split the precompute between them. KTO's reference point z₀ is estimated over each step's
+mismatched sequences on every process, in a pass without gradients before the step's update.
+Plumbing (checkpoints, exact resume, metrics) is :mod:`posttrain.train.loop`'s and processes (DDP,
+FSDP2) :mod:`posttrain.train.runtime`'s, as for SFT.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +46,12 @@ from posttrain.models import zoo
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer, weights_fingerprint
 from posttrain.train import loop
+from posttrain.train.runtime import Runtime
 from posttrain.train.losses import (
     PreferenceLoss,
     dpo_loss,
     hinge_loss,
     ipo_loss,
-    kto_kl_estimate,
     kto_loss,
     orpo_loss,
     simpo_loss,
@@ -366,63 +368,75 @@ def reference_logps(
     data: TokenizedData,
     pad_id: int,
     cfg: DPOConfig,
-    d: loop.Dist,
+    rt: Runtime,
     cache_root: Path | None = None,
     given: dict[str, float] | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[np.ndarray, bool, int]:
     """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model; (array, from_cache, taken from ``given``).
 
     Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
     and starting model reads them instead of running the reference forward passes again. ``given``
     (:func:`sampler_reference`): log-probs already measured, by sequence; only the other sequences run.
+    ``fingerprint``: :func:`weights_fingerprint` of ``module``, taken before it was sharded (FSDP).
+
+    Several processes split the work: the sequences still to score are packed once (the same rows on
+    every process), each process runs a contiguous share of the forward passes, and one sum over the
+    processes gives everyone the whole table (no process waits idle while another scores everything).
     """
     mismatched = cfg.dpo.loss_type == "kto"
     key = hashlib.sha256(
-        json.dumps([data.key, weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()
+        json.dumps([data.key, fingerprint or weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()
     ).hexdigest()[:24]
     root = cache_root or zoo.cache_dir() / "reference"
     path = root / key / "logps.npy"
-    # Rank 0 decides and everyone follows: a process must not skip the barrier below on its own.
-    if loop.all_reduce_sum(float(path.exists()) if d.main else 0.0, d) > 0:
+    # Rank 0 decides and everyone follows: a process must not skip the collectives below on its own.
+    if rt.any(rt.main and path.exists()):
         return np.load(path), True, 0
     n = len(data) // 2
     columns = 3 if mismatched else 2
-    taken = 0
-    if d.main:
-        examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
-        by_column = np.full((columns, n), np.nan, dtype=np.float64)
-        flat = by_column.reshape(-1)  # a view: flat[j·n + i] is by_column[j, i]
-        if given:
-            for j, ex in enumerate(examples):
-                key = _sequence_key(ex)
-                if key is not None and key in given:
-                    flat[j] = given[key]
-        todo = np.flatnonzero(np.isnan(flat)).tolist()
-        taken = len(flat) - len(todo)
-        # The sequences still to score packed at once (best fit, longest first), then run a training
-        # forward's worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
-        lengths = [len(examples[i]["input_ids"]) for i in todo]
-        rows = [[todo[i] for i in row] for row in best_fit_decreasing(lengths, max(lengths))] if todo else []
-        per_forward = columns * cfg.train.micro_batch_size
-        with torch.no_grad():
-            for k in range(0, len(rows), per_forward):
-                group = rows[k : k + per_forward]
-                members = [i for row in group for i in row]
-                local = {i: place for place, i in enumerate(members)}
-                batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
-                with loop.autocast(d.device, cfg.train.bf16):
-                    sums, _ = run_logps(module, batch, d.device)
-                flat[members] = sums.double().cpu().numpy()
-        release_freed_memory(d.device)
+    examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
+    by_column = np.full((columns, n), np.nan, dtype=np.float64)
+    flat = by_column.reshape(-1)  # a view: flat[j·n + i] is by_column[j, i]
+    if given:
+        for j, ex in enumerate(examples):
+            seq = _sequence_key(ex)
+            if seq is not None and seq in given:
+                flat[j] = given[seq]
+    todo = np.flatnonzero(np.isnan(flat)).tolist()
+    taken = len(flat) - len(todo)
+    # The sequences still to score packed at once (best fit, longest first), then a training forward's
+    # worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
+    lengths = [len(examples[i]["input_ids"]) for i in todo]
+    rows = [[todo[i] for i in row] for row in best_fit_decreasing(lengths, max(lengths))] if todo else []
+    per_forward = columns * cfg.train.micro_batch_size
+    groups = [rows[k : k + per_forward] for k in range(0, len(rows), per_forward)]
+    mine = list(rt.share(groups))
+    # Sharded weights: every process runs as many forwards as the busiest (a repeat's result is unused).
+    work = rt.balance(mine, filler=groups[0]) if rt.sharded and groups else [(g, 1.0) for g in mine]
+    scored = np.zeros(len(flat), dtype=np.float64)
+    with torch.no_grad():
+        for group, weight in work:
+            members = [i for row in group for i in row]
+            local = {i: place for place, i in enumerate(members)}
+            batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
+            with rt.autocast():
+                sums, _ = run_logps(module, batch, rt.device)
+            if weight:
+                scored[members] = sums.double().cpu().numpy()
+    if todo:
+        flat[todo] = rt.sum_array(scored)[todo]  # each sequence was scored by exactly one process
+    release_freed_memory(rt.device)
+    table = np.ascontiguousarray(by_column.T)
+    if rt.main:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        np.save(tmp / "logps.npy", np.ascontiguousarray(by_column.T))
+        np.save(tmp / "logps.npy", table)
         try:
             tmp.rename(path.parent)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    loop.barrier(d)
-    return np.load(path), False, taken
+    return table, False, taken
 
 
 @dataclass
@@ -438,27 +452,19 @@ class DPOResult:
 
 def train(config: DPOConfig) -> DPOResult:
     cfg = config
-    d = loop.init_distributed(cfg.train.device)
+    rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     loop.seed_everything(cfg.train.seed)
     kind = PreferenceLoss(cfg.dpo.loss_type)
+    kto = kind is PreferenceLoss.KTO
 
     # -- data: two examples per pair (chosen, rejected), each with only its response scored ----------
     tokenizer = load_tokenizer(cfg.model.name)
     options = RenderOptions(
         train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
     )
-    prep = {
-        "format": cfg.data.format or "preference",
-        "on_error": cfg.data.on_error,
-        "split": cfg.data.split,
-        "num_proc": None if d.world == 1 else 1,
-    }
-    if d.main:
-        data = prepare(cfg.data.path, tokenizer, options, **prep)
-    loop.barrier(d)
-    if not d.main:
-        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    prep = {"format": cfg.data.format or "preference", "on_error": cfg.data.on_error, "split": cfg.data.split, "group": rt if rt.group else None}
+    data = prepare(cfg.data.path, tokenizer, options, **prep)
     n_pairs = len(data) // 2
     if cfg.data.eval_path:
         eval_data = prepare(cfg.data.eval_path, tokenizer, options, **prep)
@@ -467,107 +473,114 @@ def train(config: DPOConfig) -> DPOResult:
         train_pairs, eval_pairs = loop.split_eval(n_pairs, cfg.data.eval_fraction, cfg.train.seed)
         eval_data = data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world
     if len(train_pairs) < per_step:
         raise loop.TrainingError(
             f"{len(train_pairs)} training pairs, but one step needs {per_step} (micro_batch_size × grad_accum × processes)"
         )
-    steps_per_epoch = loop.steps_per_epoch(len(train_pairs), per_step, d.world)
+    steps_per_epoch = loop.steps_per_epoch(len(train_pairs), per_step, rt.world)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan([[i] for i in train_pairs], per_step, steps_per_epoch, total)
 
     # -- model, reference, optimizer ------------------------------------------------------------------
-    model = load_model(cfg.model, d.device)
-    use_sampler = kind.needs_reference and cfg.dpo.reference == "precompute" and cfg.dpo.sampler_reference and d.main
+    model = load_model(cfg.model, rt.load_device, quantize=cfg.adapter.quantize)
+    use_sampler = kind.needs_reference and cfg.dpo.reference == "precompute" and cfg.dpo.sampler_reference
     given = sampler_reference(cfg, model) if use_sampler else {}
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    logps_module = SequenceLogps(model, one_by_one=d.device.type == "cpu")
+    logps_module = SequenceLogps(model, one_by_one=rt.device.type == "cpu")
     needs_reference = kind.needs_reference
-    ref_table = ref_eval_table = None
+    precompute = needs_reference and cfg.dpo.reference == "precompute"
+    fingerprint = weights_fingerprint(logps_module) if precompute else None  # of the whole initial weights, before any sharding
     ref_model: torch.nn.Module | None = None
+    if needs_reference and cfg.dpo.reference == "model":
+        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_by_one=rt.device.type == "cpu").to(rt.device)
+    step_module = rt.wrap(logps_module, model)  # under FSDP logps_module itself is now sharded
+    ref_table = ref_eval_table = None
     ref_cached, from_sampler = None, 0
-    checkpoint = loop.resume_checkpoint(run_dir, cfg.resume)
-    if needs_reference and cfg.dpo.reference == "precompute":
+    if precompute:
         # Before any update (and before loading a checkpoint): the reference is the initial model.
         model.eval()
-        ref_table, ref_cached, from_sampler = reference_logps(logps_module, data, pad_id, cfg, d, given=given)
+        ref_table, ref_cached, from_sampler = reference_logps(logps_module, data, pad_id, cfg, rt, given=given, fingerprint=fingerprint)
         if eval_pairs and eval_data is not data:
-            ref_eval_table, _, _ = reference_logps(logps_module, eval_data, pad_id, cfg, d, given=given)
+            ref_eval_table, _, _ = reference_logps(logps_module, eval_data, pad_id, cfg, rt, given=given, fingerprint=fingerprint)
         else:
             ref_eval_table = ref_table
-    elif needs_reference and cfg.dpo.reference == "model":
-        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_by_one=d.device.type == "cpu")
     model.train()
-
-    step_module: torch.nn.Module = logps_module
-    if d.world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(
-            logps_module, device_ids=[d.device.index] if d.device.type == "cuda" else None
-        )
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
-    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
+    identity = loop.run_identity(cfg, data=data.key, batch=per_step)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
 
-    def reference(pairs: list[int], batch: Batch, table) -> tuple[torch.Tensor, ...] | None:
-        """Reference log-probs of the batch's blocks: (chosen, rejected[, mismatched])."""
+    def reference(pairs: list[int], batch: Batch, table, column: int | None = None) -> tuple[torch.Tensor, ...] | None:
+        """Reference log-probs of the batch's blocks: (chosen, rejected[, mismatched]), or of ``column`` alone."""
         if not needs_reference:
             return None
         if table is not None:
-            rows = torch.as_tensor(table[pairs], dtype=torch.float32, device=d.device)
-            return tuple(rows[:, j] for j in range(rows.shape[1]))
-        with torch.no_grad(), loop.autocast(d.device, cfg.train.bf16):
+            rows = torch.as_tensor(table[pairs], dtype=torch.float32, device=rt.device)
+            return tuple(rows[:, j] for j in ([column] if column is not None else range(rows.shape[1])))
+        with torch.no_grad(), rt.autocast():
             if ref_model is not None:
-                sums, _ = run_logps(ref_model, batch, d.device)
+                sums, _ = run_logps(ref_model, batch, rt.device)
             else:
                 with model.disable_adapter():
-                    sums, _ = run_logps(logps_module, batch, d.device)
+                    sums, _ = run_logps(rt.unwrap(step_module), batch, rt.device)
         return tuple(sums.float().reshape(-1, len(pairs)))
 
-    def z0(logps: torch.Tensor, ref: tuple[torch.Tensor, ...], m: int) -> torch.Tensor | None:
-        """KTO's reference point from the mismatched block, averaged over processes (None for other losses)."""
-        if kind is not PreferenceLoss.KTO:
-            return None
-        local = kto_kl_estimate(logps[2 * m :].detach(), ref[2])
-        return torch.tensor(loop.all_reduce_sum(local.item(), d) / d.world, device=logps.device)
+    def z0(chunks: list[list[int]], source: TokenizedData, table, filler: list[int]) -> torch.Tensor:
+        """KTO's reference point: mean(log π − log π_ref) over the mismatched sequences of ``chunks`` on
+        every process, clamped at 0, before any gradient (it is never differentiated). Over the whole step,
+        so micro-batching and the process count do not change it."""
+        module = rt.unwrap(step_module)
+        kl = count = 0.0
+        with torch.no_grad():
+            for pairs, weight in rt.balance(chunks, filler=filler):
+                batch = pack([splice(source[2 * i], source[2 * ((i + 1) % (len(source) // 2))]) for i in pairs], pad_id)
+                with rt.autocast():
+                    policy, _ = run_logps(module, batch, rt.device)
+                (ref,) = reference(pairs, batch, table, column=2)
+                kl += weight * float((policy.float() - ref).sum())
+                count += weight * len(pairs)
+        kl, count = rt.sum(kl, count)
+        return torch.tensor(max(kl / max(count, 1.0), 0.0), device=rt.device)
 
     # -- the loop -------------------------------------------------------------------------------------
     losses: list[float] = []
     accuracies: list[float] = []
     progress = loop.progress_bar(
-        d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}  margin {task.fields[margin]:.3f}"
+        rt.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}  margin {task.fields[margin]:.3f}"
     )
     task = progress.add_task("dpo", total=total, completed=start, loss=float("nan"), acc=0.0, margin=0.0)
-    trim = HeapTrimmer(d.device)
+    trim = HeapTrimmer(rt.device)
     progress.start()
     for step in range(start, total):
         t0 = time.perf_counter()
         step_pairs = [u[0] for u in plan.step_rows(step, cfg.train.seed)]
-        mine = step_pairs[d.rank * len(step_pairs) // d.world : (d.rank + 1) * len(step_pairs) // d.world]
+        mine = rt.share(step_pairs)
+        chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
+        kl = z0(chunks, data, ref_table, step_pairs[:1]) if kto else None
         sums = {k: 0.0 for k in ("loss", "acc", "rc", "rr", "logps_c", "logps_r")}
-        for k in range(0, len(mine), cfg.train.micro_batch_size):
-            pairs = mine[k : k + cfg.train.micro_batch_size]
+        # Every process runs as many micro-batches as the busiest; a repeat has weight 0.
+        balanced = rt.balance(chunks)
+        for k, (pairs, weight) in enumerate(balanced):
             m = len(pairs)
-            batch = pair_batch(data, pairs, pad_id, kind is PreferenceLoss.KTO)
+            batch = pair_batch(data, pairs, pad_id)
             ref = reference(pairs, batch, ref_table)
-            last = k + cfg.train.micro_batch_size >= len(mine)
-            with step_module.no_sync() if d.world > 1 and not last else nullcontext(), loop.autocast(d.device, cfg.train.bf16):
-                logps, counts = run_logps(step_module, batch, d.device)
-                per_pair, chosen_r, rejected_r = preference_loss(
-                    cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, z0(logps, ref, m)
-                )
-                # The step's loss is the mean over all its pairs (× world: DDP averages over processes).
-                (per_pair.sum() * (d.world / len(step_pairs))).backward()
-            sums["loss"] += per_pair.sum().item()
-            sums["acc"] += preferred(chosen_r, rejected_r)
-            sums["rc"] += chosen_r.sum().item()
-            sums["rr"] += rejected_r.sum().item()
-            sums["logps_c"] += logps[:m].detach().sum().item()
-            sums["logps_r"] += logps[m : 2 * m].detach().sum().item()
+            with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
+                logps, counts = run_logps(step_module, batch, rt.device)
+                per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
+                # The step's loss is the mean over all its pairs, on every process.
+                (per_pair.sum() * (weight * rt.gradient_scale / len(step_pairs))).backward()
+            sums["loss"] += weight * per_pair.sum().item()
+            sums["acc"] += weight * preferred(chosen_r, rejected_r)
+            sums["rc"] += weight * chosen_r.sum().item()
+            sums["rr"] += weight * rejected_r.sum().item()
+            sums["logps_c"] += weight * logps[:m].detach().sum().item()
+            sums["logps_r"] += weight * logps[m : 2 * m].detach().sum().item()
             trim()
-        totals = {k: loop.all_reduce_sum(v, d) / len(step_pairs) for k, v in sums.items()}
-        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, totals["loss"], cfg.train.max_grad_norm, step, run_dir)
+        totals = {k: v / len(step_pairs) for k, v in zip(sums, rt.sum(*sums.values()))}
+        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, totals["loss"], cfg.train.max_grad_norm, step, run_dir, rt)
         trim()
         done = step + 1
         record = {
@@ -583,57 +596,65 @@ def train(config: DPOConfig) -> DPOResult:
             "grad_norm": grad_norm,
             "pairs_per_s": len(step_pairs) / (time.perf_counter() - t0),
         }
+        if kl is not None:
+            record["kto_z0"] = float(kl)
         if cfg.train.eval_every and eval_pairs and (done % cfg.train.eval_every == 0 or done == total):
-            record.update(evaluate(step_module, eval_data, eval_pairs, cfg, d, pad_id, reference, ref_eval_table))
+            record.update(evaluate(step_module, eval_data, eval_pairs, cfg, rt, pad_id, reference, ref_eval_table, z0))
         losses.append(record["loss"])
         accuracies.append(record["accuracy"])
         if done % cfg.train.log_every == 0 or done == total or "eval_accuracy" in record:
             metrics.log(record)
         progress.update(task, completed=done, loss=record["loss"], acc=record["accuracy"], margin=record["margin"])
-        if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+        if rt.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
             # No live bar in logs and pipes: a plain line every 5% instead.
             progress.console.print(
                 f"dpo step {done}/{total}  loss {record['loss']:.4f}  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}",
                 highlight=False,
             )
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            loop.save_checkpoint(
-                run_dir, done, model, optimizer, scheduler, {"epoch": step // steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d
-            )
+            state = {"epoch": step // steps_per_epoch, "total_steps": total, "identity": identity}
+            loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.train.keep_last, rt)
     progress.stop()
     metrics.close()
-    release_freed_memory(d.device)  # what the steps' heap kept, back for whatever runs next in this process (the demo's next stages)
+    release_freed_memory(rt.device)  # what the steps' heap kept, back for whatever runs next in this process (the demo's next stages)
     final = run_dir / "final"
-    if d.main:
-        save_final(model, tokenizer, final)
+    gathered = rt.gathered_state(model, trainable_only=cfg.adapter.kind != "full")
+    if rt.main:
+        save_final(model, tokenizer, final, gathered)
         loop.plot_losses(run_dir, f"DPO ({kind.value}) of {cfg.model.name}")
         reference_stats = {"from_cache": ref_cached, "from_sampler": from_sampler}
         (run_dir / "data_stats.json").write_text(
             json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs, "reference": reference_stats}, indent=1)
         )
-    loop.barrier(d)
+    rt.barrier()
+    rt.close()
     return DPOResult(run_dir, final, total, losses, accuracies, ref_cached, from_sampler)
 
 
 def evaluate(
-    step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig, d: loop.Dist, pad_id: int, reference, table
+    step_module, data: TokenizedData, pairs: list[int], cfg: DPOConfig, rt: Runtime, pad_id: int, reference, table, z0
 ) -> dict[str, float]:
-    """Held-out preference loss and accuracy (each process takes a share)."""
-    step_module.eval()
+    """Held-out preference loss and accuracy (each process takes a share; KTO's z₀ over the whole held-out set).
+
+    On the module inside DDP's wrapper; under FSDP every process runs as many batches as the busiest.
+    """
+    module = rt.unwrap(step_module)
+    module.eval()
     loss = acc = 0.0
-    mine = pairs[d.rank :: d.world]
+    mine = pairs[rt.rank :: rt.world]
+    chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
+    kl = z0(chunks, data, table, pairs[:1]) if cfg.dpo.loss_type == "kto" else None
     with torch.no_grad():
-        for k in range(0, len(mine), cfg.train.micro_batch_size):
-            chunk = mine[k : k + cfg.train.micro_batch_size]
+        for chunk, weight in rt.balance(chunks, filler=pairs[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
             m = len(chunk)
-            batch = pair_batch(data, chunk, pad_id, cfg.dpo.loss_type == "kto")
+            batch = pair_batch(data, chunk, pad_id)
             ref = reference(chunk, batch, table)
-            with loop.autocast(d.device, cfg.train.bf16):
-                logps, counts = run_logps(step_module, batch, d.device)
-                kl = kto_kl_estimate(logps[2 * m :], ref[2]) if cfg.dpo.loss_type == "kto" else None
+            with rt.autocast():
+                logps, counts = run_logps(module, batch, rt.device)
                 per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
-            loss += per_pair.sum().item()
-            acc += preferred(cr, rr)
-    step_module.train()
-    n = max(loop.all_reduce_sum(len(mine), d), 1)
-    return {"eval_loss": loop.all_reduce_sum(loss, d) / n, "eval_accuracy": loop.all_reduce_sum(acc, d) / n}
+            loss += weight * per_pair.sum().item()
+            acc += weight * preferred(cr, rr)
+    module.train()
+    loss, acc = rt.sum(loss, acc)
+    n = max(len(pairs), 1)
+    return {"eval_loss": loss / n, "eval_accuracy": acc / n}

@@ -34,7 +34,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.synth.label import Prompt, read_prompts
 from posttrain.train import loop
+from posttrain.train.runtime import Runtime
 from posttrain.train.losses import IGNORE, group_advantages, grpo_loss, token_logps
 from posttrain.verify.scoring import score_response
 
@@ -189,7 +189,7 @@ class RunResult:
 def train(config: GRPOConfig) -> RunResult:
     """Run GRPO as configured; returns where the run is and the per-step losses and mean rewards."""
     cfg, g = config, config.grpo
-    d = loop.init_distributed(cfg.train.device)
+    rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     reward_fn = load_reward(g.reward)  # a bad reward spec fails before any model loads
     loop.seed_everything(cfg.train.seed)
@@ -206,8 +206,8 @@ def train(config: GRPOConfig) -> RunResult:
     keep = [i for i, ids in enumerate(prompt_ids) if cfg.data.max_prompt_length is None or len(ids) <= cfg.data.max_prompt_length]
     dropped_long = len(prompts) - len(keep)
     prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
-    if g.prompts_per_step % d.world:
-        raise loop.TrainingError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of processes ({d.world})")
+    if g.prompts_per_step < rt.world:
+        raise loop.TrainingError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be at least the number of processes ({rt.world})")
     if len(prompts) < g.prompts_per_step:
         raise loop.TrainingError(
             f"{cfg.data.path}: {len(prompts)} usable prompts but one step needs grpo.prompts_per_step = {g.prompts_per_step}"
@@ -218,38 +218,35 @@ def train(config: GRPOConfig) -> RunResult:
     instruction_types = sorted({t for p in prompts if p.verifiable for t in p.verifiable.instruction_id_list})
 
     # -- model, reference, optimizer, schedule --------------------------------------------------
-    model = load_model(cfg.model, d.device)
+    model = load_model(cfg.model, rt.device)
     model = apply_adapter(model, cfg.adapter)
     reference = make_reference(model, g.beta, cfg.adapter.kind)  # the initial model, before any resume
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    step_module: torch.nn.Module = TokenLogps(model)
-    if d.world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None
-        )
+    step_module = rt.wrap(TokenLogps(model), model)
     engine = Engine(model, tokenizer, batch_size=g.generation_batch_size, template=cfg.data.template)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     updates = total * g.updates_per_batch
     scheduler = loop.make_scheduler(optimizer, cfg.train, updates)
-
-    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
+    identity = loop.run_identity(cfg, data=_prompts_key(prompt_ids), batch=g.prompts_per_step)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
     pad_id = engine.pad_token_id
     mb = cfg.train.micro_batch_size
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
     rewards_log: list[float] = []
-    progress = loop.progress_bar(d.main, total, start, checkpoint, "reward {task.fields[reward]:.3f}  loss {task.fields[loss]:.4f}")
+    progress = loop.progress_bar(rt.main, total, start, checkpoint, "reward {task.fields[reward]:.3f}  loss {task.fields[loss]:.4f}")
     model.train()
     with progress:
         task = progress.add_task("grpo", total=total, completed=start, loss=float("nan"), reward=float("nan"))
         for step in range(start, total):
             t0 = time.perf_counter()
             rows = plan.step_rows(step, cfg.train.seed)
-            mine = [row[0] for row in rows[d.rank * len(rows) // d.world : (d.rank + 1) * len(rows) // d.world]]
+            mine = [row[0] for row in rt.share(rows)]  # shares may differ by a prompt: the step's loss is weighted over all of them
 
-            # 1. sample G completions of each prompt with the current policy
+            # 1. sample G completions of each prompt with the current policy (a prompt's samples do not
+            #    depend on which process draws them, nor on the other prompts in the batch)
             params = SamplingParams(
                 n=g.group_size, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                 seed=generation_seed(cfg.train.seed, step), bf16=cfg.train.bf16,
@@ -259,49 +256,52 @@ def train(config: GRPOConfig) -> RunResult:
 
             # 2. rewards and group advantages
             scored = [[reward_fn(prompts[i], c.text) for c in completions] for i, completions in zip(mine, outputs)]
-            rewards = torch.tensor([[s.reward for s in group] for group in scored], dtype=torch.float32)
-            advantages = group_advantages(rewards).flatten().to(d.device)
+            rewards = torch.tensor([[s.reward for s in group] for group in scored], dtype=torch.float32).reshape(len(mine), g.group_size)
+            advantages = group_advantages(rewards).flatten().to(rt.device)
             samples = [c for completions in outputs for c in completions]
             micro = [
                 collate(
                     [c.prompt_token_ids + c.token_ids for c in samples[k : k + mb]],
                     [len(c.prompt_token_ids) for c in samples[k : k + mb]],
                     pad_id,
-                    d.device,
+                    rt.device,
                 )
                 for k in range(0, len(samples), mb)
             ]
-            share = [len(samples[k : k + mb]) / len(samples) for k in range(0, len(samples), mb)]
+            # Each micro-batch's loss is a mean over its sequences; weighted by its share of the whole
+            # step's sequences (every process's), the step's loss is the mean over all of them.
+            share = [ids.shape[0] / (len(rows) * g.group_size) for ids, _ in micro]
 
             # 3. what stays fixed over the μ updates: the reference's and (μ > 1) the sampling policy's log-probs
-            with loop.autocast(d.device, cfg.train.bf16):
+            with rt.autocast():
                 ref = [reference.logps(ids, targets) for ids, targets in micro]
                 old = None
                 if g.updates_per_batch > 1:
                     with torch.no_grad():
-                        old = [step_module(ids, targets) for ids, targets in micro]
+                        old = [rt.unwrap(step_module)(ids, targets) for ids, targets in micro]
 
-            # 4. μ clipped policy updates on the same samples
+            # 4. μ clipped policy updates on the same samples; every process runs as many micro-batches as
+            #    the busiest (a repeat has weight 0)
             loss_sum = kl_sum = 0.0
             clipped = scored_tokens = 0
+            balanced = rt.balance(list(range(len(micro))))
             for _ in range(g.updates_per_batch):
-                for k, (ids, targets) in enumerate(micro):
+                for j, (k, weight) in enumerate(balanced):
+                    ids, targets = micro[k]
                     adv = advantages[k * mb : k * mb + ids.shape[0]]
                     mask = targets != IGNORE
-                    sync = k == len(micro) - 1 or d.world == 1
-                    with step_module.no_sync() if not sync else nullcontext():
-                        with loop.autocast(d.device, cfg.train.bf16):
+                    with rt.no_sync(step_module, last=j == len(balanced) - 1):
+                        with rt.autocast():
                             logps = step_module(ids, targets)
                         old_k = old[k] if old is not None else logps.detach()
                         loss, kl = grpo_loss(logps, old_k, ref[k], adv, mask, clip=g.clip, beta=g.beta)
-                        # Each process's loss is the mean over its sequences; DDP averages the processes.
-                        (loss * share[k]).backward()
-                    loss_sum += loss.item() * share[k] / g.updates_per_batch
-                    kl_sum += kl.item() * share[k] / g.updates_per_batch
-                    clipped += clipped_tokens(logps, old_k, adv, mask, g.clip)
-                    scored_tokens += int(mask.sum())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
-                if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
+                        (loss * (weight * share[k] * rt.gradient_scale)).backward()
+                    loss_sum += weight * loss.item() * share[k] / g.updates_per_batch
+                    kl_sum += weight * kl.item() * share[k] / g.updates_per_batch
+                    clipped += int(weight) * clipped_tokens(logps, old_k, adv, mask, g.clip)
+                    scored_tokens += int(weight) * int(mask.sum())
+                grad_norm = rt.clip_grad_norm(model.parameters(), cfg.train.max_grad_norm)
+                if not math.isfinite(grad_norm) or not math.isfinite(rt.total(loss_sum)):
                     raise loop.TrainingError(
                         _stop(f"the loss or gradient norm became non-finite (grad norm {grad_norm})", step, run_dir)
                     )
@@ -310,32 +310,37 @@ def train(config: GRPOConfig) -> RunResult:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            # 5. log
+            # 5. log (every process reduces the same numbers, in the same order)
             done = step + 1
             flat = rewards.flatten()
-            n = loop.all_reduce_sum(flat.numel(), d)
-            mean = loop.all_reduce_sum(float(flat.sum()), d) / n
-            var = loop.all_reduce_sum(float(((flat - mean) ** 2).sum()), d) / n
+            n, reward_sum = rt.sum(flat.numel(), float(flat.sum()))
+            mean = reward_sum / n
             lengths = [c.num_tokens for c in samples]
+            var, loss_all, kl_all, clipped_all, scored_all, length_all, truncated_all, signal = rt.sum(
+                float(((flat - mean) ** 2).sum()), loss_sum, kl_sum, clipped, scored_tokens, sum(lengths),
+                sum(c.finish_reason == "length" for c in samples), int((rewards.std(dim=1) > 0).sum()),
+            )  # fmt: skip
             record: dict[str, Any] = {
                 "step": done,
-                "loss": loop.all_reduce_sum(loss_sum, d) / d.world,
+                "loss": loss_all,
                 "reward_mean": mean,
-                "reward_std": math.sqrt(var),
-                "kl": loop.all_reduce_sum(kl_sum, d) / d.world,
-                "clip_fraction": loop.all_reduce_sum(clipped, d) / max(loop.all_reduce_sum(scored_tokens, d), 1),
-                "completion_length": loop.all_reduce_sum(sum(lengths), d) / n,
-                "truncated": loop.all_reduce_sum(sum(c.finish_reason == "length" for c in samples), d) / n,
-                "groups_with_signal": loop.all_reduce_sum(int((rewards.std(dim=1) > 0).sum()), d) / len(rows),
+                "reward_std": math.sqrt(var / n),
+                "kl": kl_all,
+                "clip_fraction": clipped_all / max(scored_all, 1),
+                "completion_length": length_all / n,
+                "truncated": truncated_all / n,
+                "groups_with_signal": signal / len(rows),
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - t0,
                 "generation_seconds": t_gen,
             }
+            per_type = []
             for t in instruction_types:  # every process reduces every type, in the same order
                 verdicts = [ok for group in scored for s in group for tid, ok in s.instructions if tid == t]
-                count = loop.all_reduce_sum(len(verdicts), d)
-                followed = loop.all_reduce_sum(sum(verdicts), d)
+                per_type += [len(verdicts), sum(verdicts)]
+            per_type = list(rt.sum(*per_type)) if per_type else []
+            for t, count, followed in zip(instruction_types, per_type[0::2], per_type[1::2]):
                 if count:
                     record[f"pass_rate/{t}"] = followed / count
             losses.append(record["loss"])
@@ -343,16 +348,17 @@ def train(config: GRPOConfig) -> RunResult:
             if done % cfg.train.log_every == 0 or done == total:
                 metrics.log(record)
             progress.update(task, completed=done, loss=record["loss"], reward=mean)
-            if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+            if rt.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
                 progress.console.print(
                     f"step {done}/{total}  reward {mean:.3f} ± {record['reward_std']:.3f}  kl {record['kl']:.4f}  loss {record['loss']:.4f}",
                     highlight=False,
                 )
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"total_steps": total}, cfg.train.keep_last, d)
+                state = {"total_steps": total, "identity": identity}
+                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.train.keep_last, rt)
     metrics.close()
     final = run_dir / "final"
-    if d.main:
+    if rt.main:
         save_final(model, tokenizer, final)
         loop.plot_losses(run_dir, f"GRPO of {cfg.model.name}")
         plot_rewards(run_dir, f"GRPO of {cfg.model.name}: reward ({g.reward})")
@@ -365,8 +371,16 @@ def train(config: GRPOConfig) -> RunResult:
             "steps_per_epoch": steps_per_epoch,
         }
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
-    loop.barrier(d)
+    rt.barrier()
+    rt.close()
     return RunResult(run_dir, final, total, losses, rewards_log, reference.kind)
+
+
+def _prompts_key(prompt_ids: list[list[int]]) -> str:
+    """A content hash of the encoded prompts, for the resume guard."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:24]
 
 
 def plot_rewards(run_dir: Path, title: str) -> Path | None:

@@ -1,9 +1,10 @@
 """Shared plumbing for the training loops: functions the loops call, never a base class they inherit.
 
-Seeds and RNG state, processes (torchrun / accelerate launch set the environment; we only read it),
-optimizer and schedule, atomic checkpoints with everything needed for an exact resume, metrics
-(JSONL, TensorBoard when installed, a loss-curve PNG) and NEFTune. Our own code: each piece is short,
-and exact resume depends on owning all of it.
+Seeds and RNG state, optimizer and schedule, atomic checkpoints with everything needed for an exact
+resume (and the guard that refuses a resume that could not be exact), metrics (JSONL, TensorBoard when
+installed, a loss-curve PNG) and NEFTune. Processes, devices and collectives are
+:mod:`posttrain.train.runtime`'s. Our own code: each piece is short, and exact resume depends on owning
+all of it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import random
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.train.runtime import Runtime
+
 import numpy as np
 import torch
-import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoints"
+SHARDED_DIR = "sharded"  # a checkpoint's torch.distributed.checkpoint files, under FSDP
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -32,7 +35,7 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, no data for a step); the message says what to do."""
 
 
-# -- seeds and processes ------------------------------------------------------------------------
+# -- seeds and RNG -----------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -54,52 +57,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place among the processes of a run (rank 0 of 1 when not launched by torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None = None) -> Dist:
-    """Read torchrun's environment; start the process group (gloo on CPU, nccl on CUDA) when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
-
-
-def all_reduce_sum(value: float | int, d: Dist) -> float:
-    if d.world == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast for matmuls on CPU and CUDA; a no-op context when off."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def compile_layers(model: torch.nn.Module) -> int:
@@ -206,16 +163,26 @@ def stop_message(what: str, step: int, run_dir: Path, advice: str = "Lower train
     )
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss: float, max_grad_norm: float | None, step: int, run_dir: Path) -> tuple[float, float]:
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: float,
+    max_grad_norm: float | None,
+    step: int,
+    run_dir: Path,
+    rt: Runtime | None = None,
+) -> tuple[float, float]:
     """Check, clip, step: returns (gradient norm before clipping, learning rate used).
 
     Stops (TrainingError naming the last good checkpoint) on a non-finite loss or gradient norm, before the
     update: the norm is computed even without clipping, as a finite loss can still give non-finite
-    gradients, and stepping on them would write NaN weights into the next checkpoint.
+    gradients, and stepping on them would write NaN weights into the next checkpoint. Under FSDP the norm
+    is that of the whole gradient (every process's shard).
     """
     if not math.isfinite(loss):
         raise TrainingError(stop_message(f"loss became {loss}", step, run_dir))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+    grad_norm = (rt or Runtime()).clip_grad_norm(model.parameters(), max_grad_norm)
     if not math.isfinite(grad_norm):
         raise TrainingError(stop_message(f"the gradient norm became {grad_norm}", step, run_dir))
     optimizer.step()
@@ -252,6 +219,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable weights' and the optimizer's state as this process's shards, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": optim}
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -260,39 +235,49 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
-    d: Dist = Dist(),
+    rt: Runtime | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: into a hidden temporary directory, then one rename.
 
     Every process calls this: each writes its own RNG state (``rng-<rank>.pt``; ranks draw different
-    noise, e.g. NEFTune's), and the main process writes the rest. A directory named ``step-N`` is
-    therefore always whole; a run killed mid-write leaves only a ``.tmp-step-N`` that
-    :func:`latest_checkpoint` never looks at (and the next save removes).
+    noise, e.g. NEFTune's). Replicated weights (one process, DDP): the main process writes
+    ``trainable.safetensors`` and ``optimizer.pt``. Sharded weights (FSDP): every process writes its
+    shards of both through ``torch.distributed.checkpoint`` into ``sharded/``, which can be read back by
+    any number of processes. A directory named ``step-N`` is therefore always whole; a run killed
+    mid-write leaves only a ``.tmp-step-N`` that :func:`latest_checkpoint` never looks at (and the next
+    save removes).
     """
     from safetensors.torch import save_file
 
+    rt = rt or Runtime()
     root = run_dir / CHECKPOINT_DIR
     tmp = root / f".tmp-step-{step}"
-    if d.main:
+    if rt.main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    barrier(d)
-    torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
-    barrier(d)
+    rt.barrier()
+    torch.save(rng_state(), tmp / f"rng-{rt.rank}.pt")
+    if rt.sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))
+    rt.barrier()
     final = root / f"step-{step}"
-    if d.main:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if rt.main:
+        if not rt.sharded:
+            save_file(trainable_state(model), tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world": d.world}, indent=1))
+        layout = "sharded" if rt.sharded else "replicated"
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world": rt.world, "layout": layout}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoint_steps(run_dir)[:-keep_last]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
-    barrier(d)
+    rt.barrier()
     return final
 
 
@@ -316,42 +301,143 @@ def resume_checkpoint(run_dir: Path, resume: bool | str) -> Path | None:
     return checkpoint
 
 
-def start_run(run_dir: Path, cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist) -> tuple[int, Path | None, Metrics]:
+# Settings that do not change what a run computes, so a resume may change them: where and how often it
+# writes, logs and evaluates, the device, the timeout; micro-batching and gradient accumulation only
+# change float rounding (a step's loss is normalised over the whole step) — the step's size is checked
+# apart, as ``batch``.
+_FREE_SETTINGS = {
+    "output_dir", "resume",
+    "train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.device", "train.dist_timeout_s",
+    "train.micro_batch_size", "train.grad_accum", "train.compile", "data.eval_path",
+}  # fmt: skip
+
+
+def run_identity(cfg: Any, *, data: str, batch: int) -> dict[str, Any]:
+    """What a checkpoint must match for a resume to continue the same run: the data's content key, the
+    units (rows, pairs, prompts) a step takes over all processes, and every setting that changes the
+    computation (all but :data:`_FREE_SETTINGS`)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif prefix not in _FREE_SETTINGS:
+            flat[prefix] = value
+
+    walk("", cfg.model_dump(mode="json"))
+    return {"data": data, "batch": batch, "settings": flat}
+
+
+def identity_problems(saved: dict[str, Any], now: dict[str, Any], saved_world: int, world: int) -> tuple[list[str], str | None]:
+    """(why a checkpoint written as ``saved`` cannot be resumed as ``now``, a note on what a resume changes)."""
+    problems = []
+    before, after = saved.get("settings", {}), now["settings"]
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            problems.append(f"{key}: {before.get(key)!r} in the checkpoint, {after.get(key)!r} now")
+    if saved.get("data") != now["data"]:
+        problems.append(
+            f"the training data or its rendering (tokenizer, template, max_length, ...) changed: content key {saved.get('data')} "
+            f"in the checkpoint, {now['data']} now"
+        )
+    note = None
+    if saved.get("batch") != now["batch"]:
+        problems.append(
+            f"a step took {saved.get('batch')} units (rows or pairs: micro_batch_size × grad_accum × processes, {saved_world} processes) "
+            f"in the checkpoint and would take {now['batch']} now ({world} processes); set train.micro_batch_size and train.grad_accum "
+            f"so that their product times {world} is {saved.get('batch')} to continue the same run"
+        )
+    elif saved_world != world:
+        note = (
+            f"resuming with {world} processes (the checkpoint was written by {saved_world}): each step still takes the same "
+            f"{now['batch']} units in the same order, so the run continues as it would have, up to float rounding"
+            + ("; processes without a saved RNG state start from rank 0's (only NEFTune's noise draws from it)" if world > saved_world else "")
+        )
+    return problems, note
+
+
+def start_run(
+    run_dir: Path,
+    cfg: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rt: Runtime,
+    identity: dict[str, Any] | None = None,
+) -> tuple[int, Path | None, Metrics]:
     """Resume if asked (weights, optimizer, schedule, RNG), save the resolved config, open the metrics.
 
-    Returns (the step to start from, the checkpoint resumed from or None, the metrics writer).
+    A checkpoint is resumed only when ``identity`` (:func:`run_identity`) matches the one it was written
+    with, or differs only in the number of processes with the same step size; otherwise the run stops
+    with every difference named. Returns (the step to start from, the checkpoint resumed from or None,
+    the metrics writer).
     """
     from posttrain.config import dump_config
 
     checkpoint = resume_checkpoint(run_dir, cfg.resume)
-    start = load_checkpoint(checkpoint, model, optimizer, scheduler, d)["step"] if checkpoint is not None else 0
-    if d.main:
+    start = 0
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        if identity is not None and "identity" in saved:
+            problems, note = identity_problems(saved["identity"], identity, int(saved.get("world", 1)), rt.world)
+            if problems:
+                raise TrainingError(
+                    f"--resume: {checkpoint} belongs to a different run, so resuming it could not continue that run exactly:\n"
+                    + "\n".join(f"  - {p}" for p in problems)
+                    + "\nUndo these changes to resume, or start a new run in another output directory."
+                )
+            if note and rt.main:
+                print(note, flush=True)
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler, rt)["step"]
+    if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    return start, checkpoint, Metrics(run_dir, enabled=d.main, resume_step=start if checkpoint else None)
+    return start, checkpoint, Metrics(run_dir, enabled=rt.main, resume_step=start if checkpoint else None)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist = Dist()) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rt: Runtime | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this process's RNG from ``path``; returns the saved loop state.
 
-    A run resumed with more processes than it was saved with gives the new ranks rank 0's RNG state.
+    A sharded checkpoint is read back through ``torch.distributed.checkpoint``, which reshards it for
+    however many processes read it. A run resumed with more processes than it was saved with gives the
+    new ranks rank 0's RNG state.
     """
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
-    if missing or unknown:
-        raise TrainingError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}); was the config changed?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    rt = rt or Runtime()
+    state = json.loads((path / "state.json").read_text())
+    layout = state.get("layout", "replicated")
+    if (layout == "sharded") != rt.sharded:
+        raise TrainingError(
+            f"{path} holds {layout} weights (train.distributed {'fsdp' if layout == 'sharded' else 'ddp or one process'}); "
+            f"this run is {'sharded (fsdp)' if rt.sharded else 'not sharded'}: resume it the way it was written"
+        )
+    if rt.sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        current = _sharded_state(model, optimizer)
+        dcp.load(current, checkpoint_id=str(path / SHARDED_DIR))
+        set_state_dict(
+            model, optimizer, model_state_dict=current["model"], optim_state_dict=current["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )  # fmt: skip
+    else:
+        weights = load_file(path / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        unknown = [n for n in weights if n not in params]
+        if missing or unknown:
+            raise TrainingError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}); was the config changed?")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    own = path / f"rng-{d.rank}.pt"
+    own = path / f"rng-{rt.rank}.pt"
     set_rng_state(torch.load(own if own.exists() else path / "rng-0.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -32,7 +32,11 @@ Metrics per step (``metrics.jsonl``): reward (mean score), kl (per sequence, sum
 entropy, policy and value loss, clip fraction, response length and more, plotted in ``reward.png``; a
 few samples per step go to ``samples.jsonl``. A checkpoint holds the policy (or adapter), the value head, optimizer, schedule and
 RNG; sampling seeds and minibatch order are functions of the step, so a resumed run repeats an
-uninterrupted one. One process for now.
+uninterrupted one.
+
+Under torchrun (DDP), ``ppo.prompts_per_step`` counts prompts over all processes and each samples its
+share; an optimizer step takes ``micro_batch_size × grad_accum`` of each process's rollouts, and the
+token means and the advantages' whitening are taken over all processes' rollouts, as one process would.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record
 from posttrain.synth.label import prompt_of
 from posttrain.train import loop
+from posttrain.train.runtime import Runtime
 from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
 from posttrain.train.reward import decoder_hidden, hidden_size, import_reward_function, load_reward_model, pad_id_of
 
@@ -228,16 +233,16 @@ def in_micro_batches(fn: Callable[..., Any], rollouts: Rollouts, micro: int) -> 
     return outs
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over the masked positions; 0 elsewhere."""
-    values = x[mask]
-    if values.numel() < 2:
+def whiten(x: torch.Tensor, mask: torch.Tensor, rt: Runtime | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (of every process's ``x``, when ``rt`` is several); 0 elsewhere."""
+    rt = rt or Runtime()
+    values = x[mask].double()
+    n, total = rt.sum(values.numel(), float(values.sum()))
+    if n < 2:
         return torch.zeros_like(x)
-    return torch.where(mask, (x - values.mean()) / (values.std() + 1e-8), 0.0)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+    mean = total / n
+    std = math.sqrt(rt.total(float(((values - mean) ** 2).sum())) / (n - 1))  # unbiased, as torch.std
+    return torch.where(mask, (x - mean) / (std + 1e-8), 0.0)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -263,11 +268,18 @@ class RunResult:
 def train(config: PPOConfig) -> RunResult:
     """Run PPO as configured; returns where the run is and this invocation's per-step metrics."""
     cfg, ppo = config, config.ppo
-    d = loop.init_distributed(cfg.train.device)
-    if d.world > 1:
-        raise loop.TrainingError("posttrain ppo runs in one process for now; start it without torchrun")
+    rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     loop.seed_everything(cfg.train.seed)
+    if ppo.prompts_per_step % rt.world:
+        raise loop.TrainingError(f"ppo.prompts_per_step ({ppo.prompts_per_step}) must be a multiple of the number of processes ({rt.world})")
+    local_rollouts = ppo.prompts_per_step // rt.world * ppo.samples_per_prompt
+    minibatch = cfg.train.micro_batch_size * cfg.train.grad_accum
+    if local_rollouts % minibatch:
+        raise loop.TrainingError(
+            f"each of the {rt.world} processes samples {local_rollouts} rollouts a step (ppo.prompts_per_step × ppo.samples_per_prompt / processes), "
+            f"not a multiple of train.micro_batch_size × train.grad_accum ({minibatch})"
+        )
 
     # -- prompts --------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.name)
@@ -276,8 +288,9 @@ def train(config: PPOConfig) -> RunResult:
     all_prompts = [prompt_of(r).prompt for r in records]  # the data layer's notion of a record's prompt, as label uses
 
     # -- models, optimizer, schedule ------------------------------------------------------------
-    models = build_models(cfg, d.device)
+    models = build_models(cfg, rt.device)
     policy = models.policy
+    step_module = rt.wrap(policy, policy.lm)
     engine = Engine(policy.lm, tokenizer, batch_size=ppo.generation_batch_size, template=cfg.data.template)
     # A text prompt goes to the model as it is (as prompt/completion training renders it); chats get the template.
     encoded = engine.encode([{"prompt": p, "completion": ""} if isinstance(p, str) else p for p in all_prompts])
@@ -291,18 +304,17 @@ def train(config: PPOConfig) -> RunResult:
     steps_per_epoch = len(prompts) // ppo.prompts_per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan([[i] for i in range(len(prompts))], ppo.prompts_per_step, steps_per_epoch, total)
-    reward_fn = load_reward(cfg.reward, d.device, cfg.train.micro_batch_size)
+    reward_fn = load_reward(cfg.reward, rt.device, cfg.train.micro_batch_size)
 
-    n_rollouts = ppo.prompts_per_step * ppo.samples_per_prompt
-    minibatch = cfg.train.micro_batch_size * cfg.train.grad_accum
-    updates_per_step = ppo.epochs * (n_rollouts // minibatch)
+    updates_per_step = ppo.epochs * (local_rollouts // minibatch)
     optimizer = loop.make_optimizer(policy, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     total_updates = total * updates_per_step
     scheduler = loop.make_scheduler(optimizer, cfg.train, total_updates)
-
-    start, checkpoint, metrics = loop.start_run(run_dir, cfg, policy, optimizer, scheduler, d)
+    identity = loop.run_identity(cfg, data=_prompts_key(prompt_ids), batch=minibatch * rt.world)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, policy, optimizer, scheduler, rt, identity)
     samples_path = run_dir / "samples.jsonl"
-    _truncate_samples(samples_path, start if checkpoint else 0)
+    if rt.main:
+        _truncate_samples(samples_path, start if checkpoint else 0)
     pad_id = pad_id_of(tokenizer)
     micro = cfg.train.micro_batch_size
 
@@ -312,8 +324,9 @@ def train(config: PPOConfig) -> RunResult:
     for step in range(start, total):
         t0 = time.perf_counter()
 
-        # 1. rollouts: sample, score, and the per-token quantities PPO needs, without gradients
-        chosen = [row[0] for row in plan.step_rows(step, cfg.train.seed)]
+        # 1. rollouts: sample (each process its share of the prompts), score, and the per-token
+        #    quantities PPO needs, without gradients
+        chosen = list(rt.share([row[0] for row in plan.step_rows(step, cfg.train.seed)]))
         params = SamplingParams(
             max_new_tokens=ppo.max_new_tokens,
             temperature=ppo.temperature,
@@ -326,24 +339,25 @@ def train(config: PPOConfig) -> RunResult:
         completions = [c for group in engine.generate_ids([prompt_ids[i] for i in chosen], params, progress=False) for c in group]
         owners = [prompts[i] for i in chosen for _ in range(ppo.samples_per_prompt)]
         responses = [c.text for c in completions]
-        raw_scores = torch.tensor(reward_fn(owners, responses), dtype=torch.float32, device=d.device)
-        truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=d.device)
+        raw_scores = torch.tensor(reward_fn(owners, responses), dtype=torch.float32, device=rt.device)
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=rt.device)
         scores = raw_scores - (ppo.missing_eos_penalty or 0.0) * truncated.float()
-        batch = make_rollouts(completions, pad_id, d.device)
+        batch = make_rollouts(completions, pad_id, rt.device)
         mask = batch.mask
-        with loop.autocast(d.device, cfg.train.bf16):
+        with rt.autocast():
             old_logps, old_values, entropy = in_micro_batches(policy.rollout_stats, batch, micro)
             (ref_logps,) = in_micro_batches(models.reference_logps, batch, micro)
         rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=ppo.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         if ppo.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, rt)
         kl_per_seq = kl.sum(dim=1)
-        if not torch.isfinite(kl_per_seq).all() or not torch.isfinite(scores).all():
+        if not rt.all_finite(kl_per_seq, scores):
             raise loop.TrainingError(_stop("the KL or the reward became non-finite", step, run_dir))
 
-        # 2. PPO epochs over the rollouts: shuffled minibatches, one optimizer step each
-        order_rng = random.Random((cfg.train.seed * 1_000_003 + step) * 7919)
+        # 2. PPO epochs over the rollouts: shuffled minibatches, one optimizer step each (every process
+        #    takes the same number of its own rollouts per update)
+        order_rng = random.Random((cfg.train.seed * 1_000_003 + step) * 7919 + rt.rank)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
         grad_norms = []
         total_tokens = 0.0
@@ -353,27 +367,27 @@ def train(config: PPOConfig) -> RunResult:
             order_rng.shuffle(order)
             for b in range(0, len(order), minibatch):
                 rows = order[b : b + minibatch]
-                mb_tokens = float(mask[rows].sum())
-                for k in range(0, len(rows), micro):
-                    part = rows[k : k + micro]
+                mb_tokens = rt.total(float(mask[rows].sum()))  # over every process's part of this update
+                parts = [rows[k : k + micro] for k in range(0, len(rows), micro)]
+                for k, part in enumerate(parts):
                     ids, attn, targets, width = batch.rows(part)
                     m = mask[part, :width]
-                    with loop.autocast(d.device, cfg.train.bf16):
-                        logps, values = policy(ids, attn, targets)
-                    pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
-                    vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
-                    # Both losses are token means over the micro-batch: weight by its share of the minibatch's tokens.
-                    tokens = float(m.sum())
-                    ((pg_loss + ppo.vf_coef * vf_loss) * (tokens / max(mb_tokens, 1.0))).backward()
+                    with rt.no_sync(step_module, last=k == len(parts) - 1), rt.autocast():
+                        logps, values = step_module(ids, attn, targets)
+                        pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
+                        vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
+                        # Both losses are token means over the micro-batch: weight by its share of the update's tokens.
+                        tokens = float(m.sum())
+                        ((pg_loss + ppo.vf_coef * vf_loss) * (tokens * rt.gradient_scale / max(mb_tokens, 1.0))).backward()
                     sums["policy_loss"] += float(pg_loss.detach()) * tokens
                     sums["value_loss"] += float(vf_loss.detach()) * tokens
                     sums["clip_fraction"] += float(clip_fraction) * tokens
                     sums["approx_kl"] += float(((old_logps[part, :width] - logps.detach()) * m).sum())
                     total_tokens += tokens
-                loss_now = sums["policy_loss"] + sums["value_loss"]
+                loss_now = rt.total(sums["policy_loss"] + sums["value_loss"])
                 if not math.isfinite(loss_now):
                     raise loop.TrainingError(_stop("the PPO loss became non-finite", step, run_dir))
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or math.inf))
+                grad_norm = rt.clip_grad_norm(policy.parameters(), cfg.train.max_grad_norm)
                 if not math.isfinite(grad_norm):
                     raise loop.TrainingError(_stop(f"the gradient norm became {grad_norm}", step, run_dir))
                 grad_norms.append(grad_norm)
@@ -381,25 +395,36 @@ def train(config: PPOConfig) -> RunResult:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 3. log
+        # 3. log (means over every process's rollouts)
         done = step + 1
-        per_token = {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
+        totals = dict(zip(sums, rt.sum(*sums.values())))
+        total_tokens = rt.total(total_tokens)
+        per_token = {k: v / max(total_tokens, 1.0) for k, v in totals.items()}
+        n, score_sum, score_sq, kl_sum, ret_sum, trunc, length_sum = rt.sum(
+            len(raw_scores), float(raw_scores.sum()), float((raw_scores.double() ** 2).sum()), float(kl_per_seq.sum()),
+            float((scores - ppo.kl_coef * kl_per_seq).sum()), float(truncated.float().sum()), float(mask.sum()),
+        )  # fmt: skip
+        entropy_sum, value_sum, adv_n, adv_sum, adv_sq = rt.sum(
+            float((entropy * mask).sum()), float((old_values * mask).sum()), int(mask.sum()), float(advantages[mask].double().sum()),
+            float((advantages[mask].double() ** 2).sum()),
+        )  # fmt: skip
+        reward_mean = score_sum / n
         record = {
             "step": done,
-            "reward": float(raw_scores.mean()),
-            "reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
-            "kl": float(kl_per_seq.mean()),
-            "return": float((scores - ppo.kl_coef * kl_per_seq).mean()),
-            "entropy": masked_mean(entropy, mask),
+            "reward": reward_mean,
+            "reward_std": _std(n, score_sum, score_sq),
+            "kl": kl_sum / n,
+            "return": ret_sum / n,
+            "entropy": entropy_sum / max(adv_n, 1),
             "policy_loss": per_token["policy_loss"],
             "value_loss": per_token["value_loss"],
             "loss": per_token["policy_loss"] + ppo.vf_coef * per_token["value_loss"],
             "clip_fraction": per_token["clip_fraction"],
             "approx_kl": per_token["approx_kl"],
-            "value_mean": masked_mean(old_values, mask),
-            "advantage_std": float(advantages[mask].std()) if int(mask.sum()) > 1 else 0.0,
-            "response_length": float(mask.sum(dim=1).float().mean()),
-            "truncated": float(truncated.float().mean()),
+            "value_mean": value_sum / max(adv_n, 1),
+            "advantage_std": _std(adv_n, adv_sum, adv_sq),
+            "response_length": length_sum / n,
+            "truncated": trunc / n,
             "lr": lr,
             "grad_norm": max(grad_norms),
             "seconds": time.perf_counter() - t0,
@@ -407,28 +432,48 @@ def train(config: PPOConfig) -> RunResult:
         logged.append(record)
         if done % cfg.train.log_every == 0 or done == total:
             metrics.log(record)
-            with samples_path.open("a") as f:
-                for p, r, s in list(zip(owners, responses, raw_scores.tolist()))[:SAMPLES_PER_STEP]:
-                    f.write(json.dumps({"step": done, "prompt": p, "response": r, "score": s}) + "\n")
+            if rt.main:
+                with samples_path.open("a") as f:
+                    for p, r, s in list(zip(owners, responses, raw_scores.tolist()))[:SAMPLES_PER_STEP]:
+                        f.write(json.dumps({"step": done, "prompt": p, "response": r, "score": s}) + "\n")
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            loop.save_checkpoint(run_dir, done, policy, optimizer, scheduler, {"total_steps": total}, cfg.train.keep_last, d)
+            state = {"total_steps": total, "identity": identity}
+            loop.save_checkpoint(run_dir, done, policy, optimizer, scheduler, state, cfg.train.keep_last, rt)
     metrics.close()
     final = run_dir / "final"
-    save_policy(policy, tokenizer, engine.prompts.renderer.template, cfg, final)
-    plot_rewards(run_dir, f"PPO of {cfg.model.name}")
-    (run_dir / "data_stats.json").write_text(
-        json.dumps(
-            {
-                "read": report.read,
-                "rejected": len(report.rejected),
-                "prompts": len(prompts),
-                "dropped_long_prompts": len(all_prompts) - len(prompts),
-                "steps_per_epoch": steps_per_epoch,
-            },
-            indent=1,
+    if rt.main:
+        save_policy(policy, tokenizer, engine.prompts.renderer.template, cfg, final)
+        plot_rewards(run_dir, f"PPO of {cfg.model.name}")
+        (run_dir / "data_stats.json").write_text(
+            json.dumps(
+                {
+                    "read": report.read,
+                    "rejected": len(report.rejected),
+                    "prompts": len(prompts),
+                    "dropped_long_prompts": len(all_prompts) - len(prompts),
+                    "steps_per_epoch": steps_per_epoch,
+                },
+                indent=1,
+            )
         )
-    )
+    rt.barrier()
+    rt.close()
     return RunResult(run_dir, final, total, logged)
+
+
+def _std(n: float, total: float, squares: float) -> float:
+    """The unbiased standard deviation of ``n`` values from their sum and sum of squares (0 for fewer than 2)."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    return math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1))
+
+
+def _prompts_key(prompt_ids: list[list[int]]) -> str:
+    """A content hash of the encoded prompts, for the resume guard."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:24]
 
 
 def plot_rewards(run_dir: Path, title: str) -> Path | None:

@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of, write_jsonl
 from posttrain.train import loop
+from posttrain.train.runtime import Runtime
 from posttrain.train.losses import bradley_terry_loss
 
 SCORE_HEAD = "score_head.safetensors"
@@ -147,9 +149,7 @@ class RunResult:
 def train(config: RewardConfig) -> RunResult:
     """Train a reward model as configured; returns where the run is, this invocation's losses and the held-out accuracy."""
     cfg = config
-    d = loop.init_distributed(cfg.train.device)
-    if d.world > 1:
-        raise loop.TrainingError("posttrain rm runs in one process for now; start it without torchrun")
+    rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     loop.seed_everything(cfg.train.seed)
 
@@ -171,28 +171,29 @@ def train(config: RewardConfig) -> RunResult:
         train_idx, eval_idx = loop.split_eval(len(pairs), cfg.data.eval_fraction, cfg.train.seed)
         eval_pairs = [pairs[i] for i in eval_idx]
     pad_id = pad_id_of(tokenizer)
-    pairs_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    pairs_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world
     if len(train_idx) < pairs_per_step:
         raise loop.TrainingError(
             f"the data gives {len(train_idx)} training pairs but one step needs {pairs_per_step} "
-            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum}); lower them or add data"
+            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × {rt.world} processes); lower them or add data"
         )
     steps_per_epoch = len(train_idx) // pairs_per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan([[i] for i in train_idx], pairs_per_step, steps_per_epoch, total)
 
     # -- model, optimizer, schedule -------------------------------------------------------------
-    lm = load_model(cfg.model, d.device)
+    lm = load_model(cfg.model, rt.load_device, quantize=cfg.adapter.quantize)
     lm = apply_adapter(lm, cfg.adapter)
     if cfg.adapter.kind == "full":
         freeze_unused_output_head(lm)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.adapter.kind)
     model = RewardModel(lm)
+    step_module = rt.wrap(model, lm)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
-
-    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
+    identity = loop.run_identity(cfg, data=_pairs_key(pairs, train_idx), batch=pairs_per_step)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
@@ -202,19 +203,22 @@ def train(config: RewardConfig) -> RunResult:
     for step in range(start, total):
         t0 = time.perf_counter()
         batch = [pairs[row[0]] for row in plan.step_rows(step, cfg.train.seed)]
+        mine = rt.share(batch)
+        chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
         loss_sum = correct = margin = 0.0
-        for k in range(0, len(batch), cfg.train.micro_batch_size):
-            micro = batch[k : k + cfg.train.micro_batch_size]
-            with loop.autocast(d.device, cfg.train.bf16):
-                chosen, rejected = pair_scores(model, micro, pad_id, d.device)
+        balanced = rt.balance(chunks)
+        for k, (micro, weight) in enumerate(balanced):
+            with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
+                chosen, rejected = pair_scores(step_module, micro, pad_id, rt.device)
             loss, accuracy = bradley_terry_loss(chosen, rejected)
-            # The step's loss is the mean over all its pairs, whatever the micro-batching.
-            (loss.sum() / len(batch)).backward()
-            loss_sum += float(loss.detach().sum())
-            correct += float(accuracy.sum())
-            margin += float((chosen - rejected).detach().sum())
+            # The step's loss is the mean over all its pairs, whatever the micro-batching and process count.
+            (loss.sum() * (weight * rt.gradient_scale / len(batch))).backward()
+            loss_sum += weight * float(loss.detach().sum())
+            correct += weight * float(accuracy.sum())
+            margin += weight * float((chosen - rejected).detach().sum())
+        loss_sum, correct, margin = rt.sum(loss_sum, correct, margin)
         loss = loss_sum / len(batch)
-        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir)
+        grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir, rt)
         done = step + 1
         record = {
             "step": done,
@@ -226,7 +230,7 @@ def train(config: RewardConfig) -> RunResult:
             "seconds": time.perf_counter() - t0,
         }
         if eval_pairs and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total):
-            result = evaluate(model, eval_pairs, cfg.train.micro_batch_size, pad_id, d.device, cfg.train.bf16)
+            result = evaluate(rt.unwrap(step_module), eval_pairs, cfg.train.micro_batch_size, pad_id, rt.device, cfg.train.bf16, rt)
             record |= {f"eval_{k}": v for k, v in result.items()}
             eval_accuracy = result["accuracy"]
         losses.append(loss)
@@ -234,35 +238,41 @@ def train(config: RewardConfig) -> RunResult:
             metrics.log(record)
             logged.append(record)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            loop.save_checkpoint(
-                run_dir,
-                done,
-                model,
-                optimizer,
-                scheduler,
-                {"epoch": step // plan.steps_per_epoch, "total_steps": total},
-                cfg.train.keep_last,
-                d,
-            )
+            state = {"epoch": step // plan.steps_per_epoch, "total_steps": total, "identity": identity}
+            loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.train.keep_last, rt)
     metrics.close()
     final = run_dir / "final"
-    save_reward_model(model, tokenizer, renderer.template, cfg, final)
-    loop.plot_losses(run_dir, f"Reward model on {cfg.model.name}")
-    (run_dir / "data_stats.json").write_text(
-        json.dumps(
-            {
-                "render": stats.to_dict(),
-                "read": report.read,
-                "rejected": len(report.rejected),
-                "pairs": len(pairs),
-                "train_pairs": len(train_idx),
-                "eval_pairs": len(eval_pairs),
-                "steps_per_epoch": steps_per_epoch,
-            },
-            indent=1,
+    gathered = rt.gathered_state(model, trainable_only=cfg.adapter.kind != "full")
+    if rt.main:
+        save_reward_model(model, tokenizer, renderer.template, cfg, final, gathered)
+        loop.plot_losses(run_dir, f"Reward model on {cfg.model.name}")
+        (run_dir / "data_stats.json").write_text(
+            json.dumps(
+                {
+                    "render": stats.to_dict(),
+                    "read": report.read,
+                    "rejected": len(report.rejected),
+                    "pairs": len(pairs),
+                    "train_pairs": len(train_idx),
+                    "eval_pairs": len(eval_pairs),
+                    "steps_per_epoch": steps_per_epoch,
+                },
+                indent=1,
+            )
         )
-    )
+    rt.barrier()
+    rt.close()
     return RunResult(run_dir, final, total, losses, eval_accuracy, logged)
+
+
+def _pairs_key(pairs: list[Pair], train_idx: list[int]) -> str:
+    """A content hash of the training pairs' tokens, for the resume guard."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in train_idx:
+        h.update(json.dumps(pairs[i]).encode())
+    return h.hexdigest()[:24]
 
 
 def freeze_unused_output_head(lm: torch.nn.Module) -> None:
@@ -272,20 +282,29 @@ def freeze_unused_output_head(lm: torch.nn.Module) -> None:
         head.weight.requires_grad_(False)
 
 
-def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device, bf16: bool) -> dict[str, float]:
-    """Held-out loss, pair accuracy (chosen scored strictly above rejected) and mean margin."""
+def evaluate(
+    model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device, bf16: bool, rt: Runtime | None = None
+) -> dict[str, float]:
+    """Held-out loss, pair accuracy (chosen scored strictly above rejected) and mean margin.
+
+    With several processes each scores a share of the pairs (as many batches as the busiest under FSDP).
+    """
+    rt = rt or Runtime()
     was_training = model.training
     model.eval()
     loss = correct = margin = 0.0
+    mine = pairs[rt.rank :: rt.world]
+    chunks = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
     with torch.no_grad():
-        for k in range(0, len(pairs), batch_size):
-            with loop.autocast(device, bf16):
-                chosen, rejected = pair_scores(model, pairs[k : k + batch_size], pad_id, device)
+        for chunk, weight in rt.balance(chunks, filler=pairs[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                chosen, rejected = pair_scores(model, chunk, pad_id, device)
             batch_loss, accuracy = bradley_terry_loss(chosen, rejected)
-            loss += float(batch_loss.sum())
-            correct += float(accuracy.sum())
-            margin += float((chosen - rejected).sum())
+            loss += weight * float(batch_loss.sum())
+            correct += weight * float(accuracy.sum())
+            margin += weight * float((chosen - rejected).sum())
     model.train(was_training)
+    loss, correct, margin = rt.sum(loss, correct, margin)
     n = len(pairs)
     return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n}
 
@@ -293,13 +312,20 @@ def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int
 # -- saving and loading -------------------------------------------------------------------------
 
 
-def save_reward_model(model: RewardModel, tokenizer: Any, template: str, cfg: RewardConfig, out: Path) -> None:
-    """``final/``: the LM or adapter, the tokenizer carrying the template used, the head, and what it is."""
+def save_reward_model(
+    model: RewardModel, tokenizer: Any, template: str, cfg: RewardConfig, out: Path, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``final/``: the LM or adapter, the tokenizer carrying the template used, the head, and what it is.
+
+    ``gathered``: the whole state of ``model`` when its own tensors are FSDP shards (``lm.*`` and ``head.*``).
+    """
     from safetensors.torch import save_file
 
     tokenizer.chat_template = template  # scoring must render exactly as training did
-    save_final(model.lm, tokenizer, out)
-    save_file({k: v.detach().float().contiguous() for k, v in model.head.state_dict().items()}, out / SCORE_HEAD)
+    lm_state = {k.removeprefix("lm."): v for k, v in gathered.items() if k.startswith("lm.")} if gathered is not None else None
+    head_state = {k.removeprefix("head."): v for k, v in gathered.items() if k.startswith("head.")} if gathered is not None else model.head.state_dict()
+    save_final(model.lm, tokenizer, out, lm_state)
+    save_file({k: v.detach().float().contiguous() for k, v in head_state.items()}, out / SCORE_HEAD)
     info = {
         "kind": "reward_model",
         "head": SCORE_HEAD,

@@ -13,7 +13,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
 from posttrain.train.losses import token_nll_sum
-from posttrain.train.packed_attention import packed_attention
+from posttrain.train.runtime import Runtime
 
 
 class NLLSum(torch.nn.Module):
@@ -77,19 +76,15 @@ class RunResult:
 def train(config: SFTConfig) -> RunResult:
     """Run SFT as configured; returns where the run is and the per-step losses of this invocation."""
     cfg = config
-    d = loop.init_distributed(cfg.train.device)
+    rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     loop.seed_everything(cfg.train.seed)
 
-    # -- data ---------------------------------------------------------------------------------
+    # -- data: every process tokenizes a share, once; all read the one cache entry --------------
     tokenizer = load_tokenizer(cfg.model.name)
     options = RenderOptions(train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
-    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, num_proc=None if d.world == 1 else 1)
-    if d.main:  # one process tokenizes and fills the cache; the others read it
-        data = prepare(cfg.data.path, tokenizer, options, **prep)
-    loop.barrier(d)
-    if not d.main:
-        data = prepare(cfg.data.path, tokenizer, options, **prep)
+    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, group=rt if rt.group else None)
+    data = prepare(cfg.data.path, tokenizer, options, **prep)
     if cfg.data.eval_path:
         train_idx, eval_data = list(range(len(data))), prepare(cfg.data.eval_path, tokenizer, options, **prep)
         eval_idx = list(range(len(eval_data)))
@@ -97,98 +92,105 @@ def train(config: SFTConfig) -> RunResult:
         train_idx, eval_idx = loop.split_eval(len(data), cfg.data.eval_fraction, cfg.train.seed)
         eval_data = data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = make_rows(data, train_idx, cfg.data.packing, cfg.data.max_length)
-    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world
+    rows = make_rows(data, train_idx, cfg.data.packing, cfg.data.row_width)
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world
     if len(rows) < rows_per_step:
         raise loop.TrainingError(
             f"the data gives {len(rows)} {'packed rows' if cfg.data.packing else 'examples'} but one step needs {rows_per_step} "
-            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × {d.world} processes); lower them or add data"
+            f"(micro_batch_size {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × {rt.world} processes); lower them or add data"
         )
-    steps_per_epoch = loop.steps_per_epoch(len(rows), rows_per_step, d.world)
+    steps_per_epoch = loop.steps_per_epoch(len(rows), rows_per_step, rt.world)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     plan = loop.Plan(rows, rows_per_step, steps_per_epoch, total)
-    eval_rows = make_rows(eval_data, eval_idx, cfg.data.packing, cfg.data.max_length) if eval_idx else []
+    eval_rows = make_rows(eval_data, eval_idx, cfg.data.packing, cfg.data.row_width) if eval_idx else []
 
     # -- model, optimizer, schedule -------------------------------------------------------------
-    model = load_model(cfg.model, d.device)
+    model = load_model(cfg.model, rt.load_device, quantize=cfg.adapter.quantize)
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    width = None  # packed rows as wide as their longest; under compile always max_length wide (one shape, one compilation)
+    width = None  # packed rows as wide as their longest; under compile always row_width wide (one shape, one compilation)
     if cfg.train.compile:
         loop.compile_layers(model)
-        width = cfg.data.max_length
-    step_module: torch.nn.Module = NLLSum(model)
-    if d.world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        width = cfg.data.row_width
+    step_module = rt.wrap(NLLSum(model), model)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
-
-    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, d)
+    identity = loop.run_identity(cfg, data=data.key, batch=rows_per_step)
+    start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
 
     # -- the loop -------------------------------------------------------------------------------
     losses: list[float] = []
-    progress = loop.progress_bar(d.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s")
+    progress = loop.progress_bar(rt.main, total, start, checkpoint, "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s")
     model.train()
-    # Packed rows on CPU: causal attention per example instead of sdpa over the whole row with a block mask.
-    attention = packed_attention(model, enabled=cfg.data.packing and d.device.type == "cpu" and cfg.model.attn_implementation == "sdpa")
+    attention = rt.packed_attention(model, cfg.data.packing, cfg.model.attn_implementation)
     with loop.neftune(model, cfg.train.neftune_alpha), attention, progress:
         task = progress.add_task("sft", total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(start, total):
             t0 = time.perf_counter()
-            step_rows = plan.step_rows(step, cfg.train.seed)
-            mine = step_rows[d.rank * len(step_rows) // d.world : (d.rank + 1) * len(step_rows) // d.world]
+            mine = rt.share(plan.step_rows(step, cfg.train.seed))
             micro = [collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id, width) for k in range(0, len(mine), cfg.train.micro_batch_size)]
-            step_tokens = loop.all_reduce_sum(sum(b.trained_tokens for b in micro), d)
+            step_tokens, real = rt.sum(sum(b.trained_tokens for b in micro), sum(b.real_tokens for b in micro))
             loss_sum = 0.0
-            for k, batch in enumerate(micro):
-                batch = batch.to(d.device)
-                sync = k == len(micro) - 1 or d.world == 1
-                with (step_module.no_sync() if not sync else nullcontext()), loop.autocast(d.device, cfg.train.bf16):
+            # Every process runs as many micro-batches as the busiest (a short last step splits unevenly);
+            # a repeat has weight 0 and only keeps the processes' collectives in step.
+            balanced = rt.balance(micro)
+            for k, (batch, weight) in enumerate(balanced):
+                batch = batch.to(rt.device)
+                with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
                     nll = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
-                    # DDP averages gradients over processes; × world makes it a sum over the whole step.
-                    (nll * (d.world / step_tokens)).backward()
-                loss_sum += nll.item()
-            loss = loop.all_reduce_sum(loss_sum, d) / step_tokens
-            grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir)
+                    # The step's loss is the token mean over the whole step, on every process.
+                    (nll * (weight * rt.gradient_scale / step_tokens)).backward()
+                loss_sum += weight * nll.item()
+            loss = rt.total(loss_sum) / step_tokens
+            grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir, rt)
             done = step + 1
             seconds = time.perf_counter() - t0
-            real = loop.all_reduce_sum(sum(b.real_tokens for b in micro), d)
             record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds, "grad_norm": grad_norm}
             if cfg.train.eval_every and eval_rows and (done % cfg.train.eval_every == 0 or done == total):
-                record["eval_loss"] = evaluate(step_module, eval_data, eval_rows, cfg, d, pad_id)
+                record["eval_loss"] = evaluate(step_module, eval_data, eval_rows, cfg, rt, pad_id)
             losses.append(loss)
             if done % cfg.train.log_every == 0 or done == total or "eval_loss" in record:
                 metrics.log(record)
             progress.update(task, completed=done, loss=loss, lr=lr, tps=record["tokens_per_s"])
-            if d.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
+            if rt.main and not progress.console.is_terminal and (done % max(1, total // 20) == 0 or done == total or step == start):
                 # No live bar in logs and pipes: a plain line every 5% instead.
                 progress.console.print(f"step {done}/{total}  loss {loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s", highlight=False)
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, {"epoch": step // plan.steps_per_epoch, "total_steps": total}, cfg.train.keep_last, d)
+                state = {"epoch": step // plan.steps_per_epoch, "total_steps": total, "identity": identity}
+                loop.save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.train.keep_last, rt)
     metrics.close()
     final = run_dir / "final"
-    if d.main:
-        save_final(model, tokenizer, final)
+    gathered = rt.gathered_state(model, trainable_only=cfg.adapter.kind != "full")
+    if rt.main:
+        save_final(model, tokenizer, final, gathered)
         loop.plot_losses(run_dir, f"SFT of {cfg.model.name}")
         (run_dir / "data_stats.json").write_text(json.dumps({"render": data.stats.to_dict(), "read": data.read, "rows": len(rows), "steps_per_epoch": steps_per_epoch}, indent=1))
-    loop.barrier(d)
+    rt.barrier()
+    rt.close()
     return RunResult(run_dir, final, total, losses)
 
 
-def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[int]], cfg: SFTConfig, d: loop.Dist, pad_id: int) -> float:
-    """Mean NLL per trained token on the held-out rows (each process takes a share)."""
-    step_module.eval()
+def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[int]], cfg: SFTConfig, rt: Runtime, pad_id: int) -> float:
+    """Mean NLL per trained token on the held-out rows (each process takes a share).
+
+    On the module inside DDP's wrapper (no gradient hooks, no collectives in its forward); under FSDP the
+    module's forward gathers each layer, so every process runs as many batches as the busiest.
+    """
+    module = rt.unwrap(step_module)
+    module.eval()
     total = count = 0.0
     with torch.no_grad():
-        mine = rows[d.rank :: d.world]
-        for k in range(0, len(mine), cfg.train.micro_batch_size):
-            batch = collate(data, mine[k : k + cfg.train.micro_batch_size], cfg.data.packing, pad_id).to(d.device)
-            with loop.autocast(d.device, cfg.train.bf16):
-                total += float(step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))
-            count += batch.trained_tokens
-    step_module.train()
-    return loop.all_reduce_sum(total, d) / max(loop.all_reduce_sum(count, d), 1)
+        mine = rows[rt.rank :: rt.world]
+        chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
+        for chunk, weight in rt.balance(chunks, filler=rows[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
+            batch = collate(data, chunk, cfg.data.packing, pad_id).to(rt.device)
+            with rt.autocast():
+                total += weight * float(module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))
+            count += weight * batch.trained_tokens
+    module.train()
+    total, count = rt.sum(total, count)
+    return total / max(count, 1)
 
 
 def export(run_dir: str | Path, output: str | Path, *, merge: bool = True) -> Path:
