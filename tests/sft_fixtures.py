@@ -117,11 +117,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(subcommand: str, config_file: Path, *args: str, probe: Path | None = None, nproc: int = 2, timeout: int = 300) -> None:
+def torchrun(
+    subcommand: str, config_file: Path, *args: str, probe: Path | None = None, cache: Path | None = None, nproc: int = 2, timeout: int = 300
+) -> None:
     """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each.
 
     ``probe``: run through ``tests/collective_probe.py`` instead, which writes each rank's collectives to
-    ``probe/rank-N.json`` (see :func:`probed_collectives`).
+    ``probe/rank-N.json`` (see :func:`probed_collectives`). ``cache``: a cache directory of its own
+    (``$POSTTRAIN_CACHE``), so the processes tokenize (and precompute) themselves instead of reading
+    what an earlier run in the test session made.
     """
     import subprocess
 
@@ -132,6 +136,8 @@ def torchrun(subcommand: str, config_file: Path, *args: str, probe: Path | None 
         *entry, subcommand, "--config", str(config_file), *args,
     ]  # fmt: skip
     extra = {"OMP_NUM_THREADS": "1"}
+    if cache is not None:
+        extra["POSTTRAIN_CACHE"] = str(cache)
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
         extra["POSTTRAIN_PROBE_DIR"] = str(probe)

@@ -68,6 +68,24 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_reruns_it_and_what_follows
     assert rerun == {"dpo", "eval-dpo"}, stages
 
 
+def test_an_upgrade_of_the_code_runs_every_stage_again(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    calls = []
+    stages = pipeline.Stages(tmp_path, Console(quiet=True))
+    stages("one", {"x": 1}, (), lambda out: calls.append("one"))
+    pipeline.Stages(tmp_path, Console(quiet=True))("one", {"x": 1}, (), lambda out: calls.append("one"))
+    assert calls == ["one"], "unchanged code and inputs: reused"
+    upgraded = {**pipeline.code_versions(), "transformers": "99.0"}
+    monkeypatch.setattr(pipeline, "code_versions", lambda: upgraded)
+    console = Console(record=True, width=200)
+    pipeline.Stages(tmp_path, console)("one", {"x": 1}, (), lambda out: calls.append("one"))
+    assert calls == ["one", "one"], "another transformers: run again"
+    printed = console.export_text()
+    assert "runs again: the code changed" in printed and "transformers" in printed and "99.0" in printed
+    assert json.loads((tmp_path / "one" / "stage.json").read_text())["code"]["transformers"] == "99.0"
+
+
 def test_interrupted_stage_runs_again(quick_run, tmp_path):
     out, _ = quick_run
     copy = tmp_path / "copy"

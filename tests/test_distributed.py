@@ -6,8 +6,11 @@ get different numbers of prompts), reward models and PPO (which used to refuse t
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sft_fixtures import probed_collectives, read_metrics, sft_config, torch_threads, torchrun, write_color_data, write_yaml
 from test_dpo import write_pairs
@@ -39,12 +42,19 @@ def test_sft_short_last_step_and_odd_eval_split_match_one_process(tmp_path):
         sft_train(load_config(single))
     ddp = sft_config(data, tmp_path / "ddp", **common)
     ddp["train"]["grad_accum"] = 2
-    torchrun("sft", write_yaml(ddp, tmp_path / "ddp.yaml"), probe=tmp_path / "probe")
+    # A cache of its own: the two processes tokenize half the records each, and rank 0 joins the halves.
+    torchrun("sft", write_yaml(ddp, tmp_path / "ddp.yaml"), probe=tmp_path / "probe", cache=tmp_path / "ddp-cache")
     one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert one[-1]["trained_tokens"] < one[0]["trained_tokens"], "the last step should be the short one"
     assert_same_run(one, two, ("loss", "grad_norm", "trained_tokens", "eval_loss"))
     calls = probed_collectives(tmp_path / "probe")
     assert sum(name == "all_reduce" for name, _ in calls[0]) >= 7 * 2, "each step reduces its token count and its loss"
+    stats = json.loads((tmp_path / "ddp" / "data_stats.json").read_text())
+    assert stats["read"]["tokenized_by_process"] == [15, 15]
+    (joined,) = (tmp_path / "ddp-cache" / "tokenized").iterdir()
+    alone = Path(os.environ["POSTTRAIN_CACHE"]) / "tokenized" / joined.name
+    for name in ("input_ids.npy", "labels.npy", "offsets.npy"):
+        assert np.array_equal(np.load(joined / name), np.load(alone / name)), f"the joined shares differ from one process's {name}"
 
 
 def test_dpo_kto_uneven_split_matches_one_process(tmp_path):
@@ -61,11 +71,18 @@ def test_dpo_kto_uneven_split_matches_one_process(tmp_path):
     with torch_threads(1):
         dpo.train(load_config(single, cls=dpo.DPOConfig))
     double = {**base, "train": {**base["train"], "grad_accum": 2}, "output_dir": str(tmp_path / "ddp")}
-    torchrun("dpo", write_yaml(double, tmp_path / "ddp.yaml"), probe=tmp_path / "probe")
+    torchrun("dpo", write_yaml(double, tmp_path / "ddp.yaml"), probe=tmp_path / "probe", cache=tmp_path / "ddp-cache")
     one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert_same_run(one, two, ("loss", "grad_norm", "kto_z0", "accuracy", "eval_loss", "eval_accuracy"))
     assert max(r["kto_z0"] for r in one) > 0, "z0 should move off 0 as the policy moves, for the test to mean something"
     probed_collectives(tmp_path / "probe")
+    # The reference precompute was split: each process scored some of the 90 sequences (chosen, rejected,
+    # mismatched of 30 pairs), and the summed table equals one process's.
+    shares = json.loads((tmp_path / "ddp" / "data_stats.json").read_text())["reference"]["scored_by_process"]
+    assert len(shares) == 2 and min(shares) > 0 and sum(shares) == 90, shares
+    (split,) = (tmp_path / "ddp-cache" / "reference").iterdir()
+    alone = np.load(Path(os.environ["POSTTRAIN_CACHE"]) / "reference" / split.name / "logps.npy")
+    assert np.allclose(np.load(split / "logps.npy"), alone, rtol=0, atol=1e-6)
 
 
 def test_grpo_uneven_prompts_match_one_process(tmp_path):

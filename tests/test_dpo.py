@@ -137,7 +137,7 @@ def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):
     n = len(data) // 2
     for loss_type in ("sigmoid", "kto"):
         cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": loss_type}, train={"micro_batch_size": 2, "bf16": False}), cls=dpo.DPOConfig)
-        table, cached, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / f"ref-{loss_type}")
+        table, cached, _, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / f"ref-{loss_type}")
         assert not cached and table.shape == (n, 3 if loss_type == "kto" else 2)
         with torch.no_grad():
             for i in range(n):

@@ -249,8 +249,8 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     data = prepare(out, tokenizer, RenderOptions(max_length=128), format="preference")
     module = dpo.SequenceLogps(model, one_by_one=True)
     pad = tokenizer.pad_token_id
-    taken_table, _, taken = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "a", given=given)
-    computed, _, none = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "b")
+    taken_table, _, taken, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "a", given=given)
+    computed, _, none, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "b")
     assert none == 0 and 0 < taken <= len(data)
     np.testing.assert_allclose(taken_table, computed, rtol=1e-4, atol=1e-4)
 

@@ -322,6 +322,8 @@ def prepare(
         mine, renderer, num_proc=num_proc if world == 1 else 1, progress=(lambda n: progress(n, total)) if progress and rank == 0 else None
     )
     read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
+    if world > 1:
+        read["tokenized_by_process"] = [(r + 1) * total // world - r * total // world for r in range(world)]  # records each tokenized
     root.mkdir(parents=True, exist_ok=True)
     if world == 1:
         stats = RenderStats()

@@ -15,8 +15,9 @@ One pipeline, read top to bottom in :func:`run`::
 The steps are posttrain's own pieces (the generation engine, the verifiers, :func:`posttrain.synth.label.label_prompts`,
 the SFT and DPO loops, IFEval scoring); this module only wires them and caches their artifacts. Each stage
 writes into ``OUTPUT_DIR/<stage>/`` and finishes by writing ``stage.json`` with a key: a hash of the
-stage's own settings, the run ids of the stages it reads and (for the starting model) a fingerprint of the
-model's files. A re-run reuses every stage whose key is unchanged and whose ``stage.json`` exists, so
+stage's own settings, the run ids of the stages it reads, (for the starting model) a fingerprint of the
+model's files, and the versions of posttrain, torch, transformers and peft (an upgrade may make any stage
+come out differently, so it runs them again). A re-run reuses every stage whose key is unchanged and whose ``stage.json`` exists, so
 changing the DPO settings re-runs ``dpo``, ``eval-dpo`` and ``report`` only. A stage killed halfway has
 no ``stage.json`` and runs again from scratch, and so does every stage after it that reads it.
 
@@ -184,6 +185,19 @@ def model_fingerprint(name: str) -> str:
     return key_of([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
+def code_versions() -> dict[str, str]:
+    """The installed versions of the code a stage's output depends on: posttrain and the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("posttrain", "torch", "transformers", "peft"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
 class Stages:
     """Runs stages in order, reusing a stage whose key matches its finished ``stage.json``."""
 
@@ -196,7 +210,7 @@ class Stages:
     def __call__(self, name: str, inputs: dict[str, Any], after: tuple[str, ...], work: Callable[[Path], dict[str, Any] | None]) -> Path:
         # A stage's key covers its inputs and the *runs* of the stages it reads: a stage that ran again
         # (even with the same inputs: sampling on another machine may differ) makes its readers run again.
-        key = key_of({"stage": name, "version": STAGE_VERSION, "inputs": inputs, "after": [self.runs[a] for a in after]})
+        key = key_of({"stage": name, "version": STAGE_VERSION, "code": code_versions(), "inputs": inputs, "after": [self.runs[a] for a in after]})
         out = self.root / name
         marker = out / "stage.json"
         done = json.loads(marker.read_text()) if marker.exists() else {}
@@ -205,6 +219,9 @@ class Stages:
             self.runs[name] = done["run"]
             self.timings[name] = {"seconds": done.get("seconds", 0.0), "reused": True}
             return out
+        changed = [f"{k} {done['code'].get(k)} → {v}" for k, v in code_versions().items() if done.get("code") and done["code"].get(k) != v]
+        if changed:
+            self.console.print(f"[bold]{name}[/]: runs again: the code changed since its last run ({', '.join(changed)})")
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -219,6 +236,7 @@ class Stages:
             "inputs": inputs,
             "seconds": seconds,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "code": code_versions(),
             **info,
         }
         marker.write_text(json.dumps(record, indent=1, default=str))

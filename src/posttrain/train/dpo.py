@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -363,6 +364,13 @@ def _sequence_key(example: dict) -> str | None:
     return reference_key(ids[: scored[0]].tolist(), ids[scored[0] : scored[-1] + 1].tolist())
 
 
+class ReferenceTable(NamedTuple):
+    table: np.ndarray  # [pairs, 2 or 3] summed log-probs
+    from_cache: bool
+    taken: int  # sequences whose log-prob the sampler had recorded (``given``)
+    shares: list[int]  # sequences each process scored
+
+
 def reference_logps(
     module: torch.nn.Module,
     data: TokenizedData,
@@ -372,8 +380,8 @@ def reference_logps(
     cache_root: Path | None = None,
     given: dict[str, float] | None = None,
     fingerprint: str | None = None,
-) -> tuple[np.ndarray, bool, int]:
-    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model; (array, from_cache, taken from ``given``).
+) -> ReferenceTable:
+    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model, with where they came from.
 
     Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
     and starting model reads them instead of running the reference forward passes again. ``given``
@@ -392,7 +400,7 @@ def reference_logps(
     path = root / key / "logps.npy"
     # Rank 0 decides and everyone follows: a process must not skip the collectives below on its own.
     if rt.any(rt.main and path.exists()):
-        return np.load(path), True, 0
+        return ReferenceTable(np.load(path), True, 0, [0] * rt.world)
     n = len(data) // 2
     columns = 3 if mismatched else 2
     examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
@@ -405,6 +413,7 @@ def reference_logps(
                 flat[j] = given[seq]
     todo = np.flatnonzero(np.isnan(flat)).tolist()
     taken = len(flat) - len(todo)
+    shares = [0] * rt.world
     # The sequences still to score packed at once (best fit, longest first), then a training forward's
     # worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
     lengths = [len(examples[i]["input_ids"]) for i in todo]
@@ -414,7 +423,7 @@ def reference_logps(
     mine = list(rt.share(groups))
     # Sharded weights: every process runs as many forwards as the busiest (a repeat's result is unused).
     work = rt.balance(mine, filler=groups[0]) if rt.sharded and groups else [(g, 1.0) for g in mine]
-    scored = np.zeros(len(flat), dtype=np.float64)
+    scored = np.zeros(len(flat) + rt.world, dtype=np.float64)  # the log-probs, then how many each process scored
     with torch.no_grad():
         for group, weight in work:
             members = [i for row in group for i in row]
@@ -424,8 +433,11 @@ def reference_logps(
                 sums, _ = run_logps(module, batch, rt.device)
             if weight:
                 scored[members] = sums.double().cpu().numpy()
+                scored[len(flat) + rt.rank] += len(members)
     if todo:
-        flat[todo] = rt.sum_array(scored)[todo]  # each sequence was scored by exactly one process
+        summed = rt.sum_array(scored)  # each sequence was scored by exactly one process
+        flat[todo] = summed[todo]
+        shares = [int(n) for n in summed[len(flat) :]]
     release_freed_memory(rt.device)
     table = np.ascontiguousarray(by_column.T)
     if rt.main:
@@ -436,7 +448,7 @@ def reference_logps(
             tmp.rename(path.parent)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    return table, False, taken
+    return ReferenceTable(table, False, taken, shares)
 
 
 @dataclass
@@ -498,13 +510,13 @@ def train(config: DPOConfig) -> DPOResult:
         ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_by_one=rt.device.type == "cpu").to(rt.device)
     step_module = rt.wrap(logps_module, model)  # under FSDP logps_module itself is now sharded
     ref_table = ref_eval_table = None
-    ref_cached, from_sampler = None, 0
+    ref_cached, from_sampler, ref_shares = None, 0, None
     if precompute:
         # Before any update (and before loading a checkpoint): the reference is the initial model.
         model.eval()
-        ref_table, ref_cached, from_sampler = reference_logps(logps_module, data, pad_id, cfg, rt, given=given, fingerprint=fingerprint)
+        ref_table, ref_cached, from_sampler, ref_shares = reference_logps(logps_module, data, pad_id, cfg, rt, given=given, fingerprint=fingerprint)
         if eval_pairs and eval_data is not data:
-            ref_eval_table, _, _ = reference_logps(logps_module, eval_data, pad_id, cfg, rt, given=given, fingerprint=fingerprint)
+            ref_eval_table = reference_logps(logps_module, eval_data, pad_id, cfg, rt, given=given, fingerprint=fingerprint).table
         else:
             ref_eval_table = ref_table
     model.train()
@@ -622,7 +634,7 @@ def train(config: DPOConfig) -> DPOResult:
     if rt.main:
         save_final(model, tokenizer, final, gathered)
         loop.plot_losses(run_dir, f"DPO ({kind.value}) of {cfg.model.name}")
-        reference_stats = {"from_cache": ref_cached, "from_sampler": from_sampler}
+        reference_stats = {"from_cache": ref_cached, "from_sampler": from_sampler, "scored_by_process": ref_shares}
         (run_dir / "data_stats.json").write_text(
             json.dumps({"render": data.stats.to_dict(), "read": data.read, "pairs": n_pairs, "reference": reference_stats}, indent=1)
         )

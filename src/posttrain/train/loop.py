@@ -343,10 +343,16 @@ def identity_problems(saved: dict[str, Any], now: dict[str, Any], saved_world: i
         )
     note = None
     if saved.get("batch") != now["batch"]:
+        was = saved.get("batch") or 0
+        processes = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
+        fix = (
+            f"set train.micro_batch_size × train.grad_accum to {was // world} to continue the same run"
+            if was % world == 0
+            else f"{was} does not split over {processes(world)}: resume with a process count that divides it"
+        )
         problems.append(
-            f"a step took {saved.get('batch')} units (rows or pairs: micro_batch_size × grad_accum × processes, {saved_world} processes) "
-            f"in the checkpoint and would take {now['batch']} now ({world} processes); set train.micro_batch_size and train.grad_accum "
-            f"so that their product times {world} is {saved.get('batch')} to continue the same run"
+            f"a step took {was} units (rows, pairs or prompts) over {processes(saved_world)} in the checkpoint "
+            f"and would take {now['batch']} now over {processes(world)}; {fix}"
         )
     elif saved_world != world:
         note = (
