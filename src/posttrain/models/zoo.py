@@ -1,7 +1,7 @@
 """Named models: tiny random models for tests and examples, built on the fly with no download.
 
-A tiny model is a real architecture's config (Llama or Qwen2) at toy size, with random weights from a
-fixed seed, and a byte-level BPE tokenizer trained in a fraction of a second on a built-in English
+A tiny model is a real architecture's config (Llama or Qwen2) at toy size (``small-llama``: 12 layers of
+width 512, ~38M parameters, for memory and throughput checks), with random weights from a fixed seed, and a byte-level BPE tokenizer trained in a fraction of a second on a built-in English
 corpus, with a chat template and its special tokens. They are saved once under the cache directory
 (``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``) and then load like any Hugging Face model directory.
 """
@@ -83,9 +83,15 @@ def _chatml_template() -> str:
     return resources.files("posttrain.data.templates").joinpath("chatml.jinja").read_text(encoding="utf-8")
 
 
-def _tiny_config(arch: str, vocab_size: int, eos_id: int) -> Any:
+def _tiny_config(arch: str, vocab_size: int, eos_id: int, size: str = "tiny") -> Any:
     from transformers import LlamaConfig, Qwen2Config
 
+    if size == "small":  # ~38M parameters: big enough for memory and throughput figures, small enough for a CPU
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=512, intermediate_size=1376, num_hidden_layers=12, num_attention_heads=8,
+            num_key_value_heads=8, max_position_embeddings=2048, eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=None,
+            tie_word_embeddings=True,
+        )  # fmt: skip
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -109,16 +115,17 @@ def _tiny_config(arch: str, vocab_size: int, eos_id: int) -> Any:
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-TINY = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+TINY = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "small-llama": "llama"}
+SIZES = {"small-llama": "small"}  # the rest are tiny: 2 layers of width 64
 
 
-def build_tiny(arch: str = "llama", *, seed: int = 0, chat_template: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer): a tiny random model of architecture ``arch`` and its trained tokenizer."""
+def build_tiny(arch: str = "llama", *, seed: int = 0, chat_template: str | None = None, size: str = "tiny") -> tuple[Any, Any]:
+    """(model, tokenizer): a random model of architecture ``arch`` (``size`` tiny, or small: ~38M) and its trained tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = train_tokenizer(chat_template or _chatml_template())
-    config = _tiny_config(arch, len(tokenizer), tokenizer.eos_token_id)
+    config = _tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, size)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model, tokenizer
@@ -131,7 +138,7 @@ def zoo_path(name: str) -> Path:
     target = cache_dir() / "zoo" / f"{name}-v{ZOO_VERSION}"
     if (target / "config.json").exists():
         return target
-    model, tokenizer = build_tiny(TINY[name])
+    model, tokenizer = build_tiny(TINY[name], size=SIZES.get(name, "tiny"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     model.save_pretrained(tmp)
