@@ -444,7 +444,7 @@ def train(config: DPOConfig) -> DPOResult:
     kind = PreferenceLoss(cfg.dpo.loss_type)
 
     # -- data: two examples per pair (chosen, rejected), each with only its response scored ----------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(
         train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
     )

@@ -270,7 +270,7 @@ def train(config: PPOConfig) -> RunResult:
     loop.seed_everything(cfg.train.seed)
 
     # -- prompts --------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     report = ReadReport(cfg.data.path)
     records = read_records(cfg.data.path, format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, report=report)
     all_prompts = [prompt_of(r).prompt for r in records]  # the data layer's notion of a record's prompt, as label uses

@@ -154,7 +154,7 @@ def train(config: RewardConfig) -> RunResult:
     loop.seed_everything(cfg.train.seed)
 
     # -- data ---------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(
         train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
     )
