@@ -7,14 +7,18 @@ it out (``tests/hub_fixtures.py``); nothing is mocked but where that cache is.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
-from hub_fixtures import COMMIT_A, COMMIT_B, add_dataset, add_model, offline_hub
-from sft_fixtures import write_color_data
+from hub_fixtures import COMMIT_A, COMMIT_B, add_dataset, add_model, offline_hub, set_ref
+from sft_fixtures import cli, read_metrics, sft_config, subprocess_env, write_color_data, write_yaml
 
 from posttrain import hub
 from posttrain.config import ConfigError, ModelConfig, SFTConfig, load_config, model_problem
+from posttrain.data.cache import hash_source
+from posttrain.data.formats import read_records
+from posttrain.data.sources import read_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +110,86 @@ def test_tokenizer_follows_the_model_config_revision(colors_hub):
     assert load_tokenizer(ModelConfig(name="Org/Name-0.5B-Instruct")).model_max_length == 1234
     assert load_tokenizer(ModelConfig(name="Org/Name-0.5B-Instruct", revision=COMMIT_A)).model_max_length != 1234
     assert load_tokenizer("Org/Name-0.5B-Instruct", revision=COMMIT_A).model_max_length != 1234
+
+
+def test_sft_cli_trains_a_hub_model_on_a_hub_dataset_offline(colors_hub, tmp_path):
+    """`posttrain sft` in a fresh process (the environment says where the cache is and that it is offline)."""
+    run_dir = tmp_path / "run"
+    cfg = sft_config(Path("unused"), run_dir, train={"max_steps": 3})
+    cfg["model"] = {"name": "Org/Name-0.5B-Instruct"}
+    cfg["data"]["path"] = "org/colors.v2"
+    proc = subprocess.run(cli("sft", "--config", str(write_yaml(cfg, tmp_path / "sft.yaml"))), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [row["step"] for row in read_metrics(run_dir) if "loss" in row] == [1, 2, 3]
+    assert (run_dir / "final" / "config.json").exists() and (run_dir / "final" / "tokenizer.json").exists()
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["read"]["read"] == 24  # the train split, not the test one
+
+
+def test_split_names_the_file_read(colors_hub):
+    _, train, test = colors_hub
+    as_records = lambda text: [json.loads(line) for line in text.splitlines()]  # noqa: E731
+    assert read_records("org/colors.v2") == as_records(train)
+    assert read_records("org/colors.v2", split="test") == as_records(test)
+    first = next(iter(read_raw("org/colors.v2", split="test")))
+    assert first.location.source.endswith(f"datasets--org--colors.v2/snapshots/{COMMIT_A}/data/test.jsonl") and first.location.line == 1
+    with pytest.raises(FileNotFoundError, match=r"no split 'validation'; it has test, train"):
+        read_records("org/colors.v2", split="validation")
+
+
+def test_a_dataset_without_a_train_split_must_name_one(tmp_path, monkeypatch):
+    cache = offline_hub(tmp_path, monkeypatch)
+    add_dataset(cache, "org/only-test", {"test.jsonl": _colors(tmp_path, "t", 3, 0), "validation.jsonl": _colors(tmp_path, "v", 2, 1)})
+    with pytest.raises(FileNotFoundError, match=r"org/only-test has no train split; name the split to read \(data.split, or --split\): it has test, validation"):
+        read_records("org/only-test")
+    assert len(read_records("org/only-test", split="test")) == 3
+
+
+def test_subset_picks_a_readme_config_or_a_folder(tmp_path, monkeypatch):
+    cache = offline_hub(tmp_path, monkeypatch)
+    readme = (
+        "---\nconfigs:\n"
+        "- config_name: short\n  data_files:\n  - split: train\n    path: short/*.jsonl\n"
+        "- config_name: long\n  data_files:\n  - split: train\n    path: long/*.jsonl\n"
+        "---\n# two subsets\n"
+    )
+    short, long = _colors(tmp_path, "short", 2, 0), _colors(tmp_path, "long", 5, 1)
+    add_dataset(cache, "org/colors.multi", {"README.md": readme, "short/part-0.jsonl": short, "long/part-0.jsonl": long})
+    assert len(read_records("org/colors.multi", subset="long")) == 5
+    assert len(read_records("org/colors.multi", subset="short")) == 2
+    with pytest.raises(FileNotFoundError, match="has several subsets; name one \\(data.subset\\): long, short"):
+        read_records("org/colors.multi")
+    with pytest.raises(FileNotFoundError, match="no subset 'medium'; its README lists long, short"):
+        read_records("org/colors.multi", subset="medium")
+    # No configs: in the README: a subset is a top-level folder.
+    add_dataset(cache, "org/colors.lang", {"en/train.jsonl": short, "fr/train.jsonl": long})
+    assert len(read_records("org/colors.lang", subset="fr")) == 5
+    with pytest.raises(FileNotFoundError, match="no subset 'de'.*folders: en, fr"):
+        read_records("org/colors.lang", subset="de")
+
+
+def test_revision_reads_that_commit(colors_hub, tmp_path):
+    cache, train, _ = colors_hub
+    add_dataset(cache, "org/colors.v2", {"data/train.jsonl": _colors(tmp_path, "newer", 4, 2)}, commit=COMMIT_B)  # refs/main -> B
+    assert len(read_records("org/colors.v2")) == 4
+    assert len(read_records("org/colors.v2", revision=COMMIT_A)) == 24
+
+
+def test_hub_dataset_cache_key_is_its_commit(colors_hub, tmp_path):
+    cache, _, _ = colors_hub
+    before = hash_source("org/colors.v2")
+    assert hash_source("org/colors.v2") == before
+    assert len({before, hash_source("org/colors.v2", split="test"), hash_source("org/colors.v2", subset="x"), hash_source("org/colors.v2", revision=COMMIT_A)}) == 4
+    add_dataset(cache, "org/colors.v2", {"data/train.jsonl": _colors(tmp_path, "newer", 4, 2)}, commit=COMMIT_B)
+    assert hash_source("org/colors.v2") != before
+    set_ref(cache, "datasets", "org/colors.v2", COMMIT_A)
+    assert hash_source("org/colors.v2") == before
+
+
+def test_reading_a_hub_dataset_not_cached_says_so_by_name(colors_hub):
+    cache, _, _ = colors_hub
+    message = rf"org/missing.v1 is not in the local hub cache \({cache}\) and the hub cannot be reached \(HF_HUB_OFFLINE=1\)"
+    with pytest.raises(FileNotFoundError, match=message):
+        read_records("org/missing.v1")
+    with pytest.raises(FileNotFoundError, match=message):
+        hash_source("org/missing.v1")  # the tokenized cache's key: it cannot be keyed by a name

@@ -451,7 +451,7 @@ def train(config: DPOConfig) -> DPOResult:
     prep = {
         "format": cfg.data.format or "preference",
         "on_error": cfg.data.on_error,
-        "split": cfg.data.split,
+        "split": cfg.data.split, "subset": cfg.data.subset, "revision": cfg.data.revision,
         "num_proc": None if d.world == 1 else 1,
     }
     if d.main:

@@ -84,7 +84,7 @@ def train(config: SFTConfig) -> RunResult:
     # -- data ---------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
-    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, num_proc=None if d.world == 1 else 1)
+    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, num_proc=None if d.world == 1 else 1)
     if d.main:  # one process tokenizes and fills the cache; the others read it
         data = prepare(cfg.data.path, tokenizer, options, **prep)
     loop.barrier(d)
