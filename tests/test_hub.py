@@ -193,3 +193,14 @@ def test_reading_a_hub_dataset_not_cached_says_so_by_name(colors_hub):
         read_records("org/missing.v1")
     with pytest.raises(FileNotFoundError, match=message):
         hash_source("org/missing.v1")  # the tokenized cache's key: it cannot be keyed by a name
+
+
+def test_pipeline_fingerprint_is_the_hub_commit(colors_hub):
+    from posttrain.demo.pipeline import model_fingerprint
+
+    cache, _, _ = colors_hub
+    assert model_fingerprint("Org/Name-0.5B-Instruct") == f"Org/Name-0.5B-Instruct@{COMMIT_A}"
+    add_model(cache, "Org/Name-0.5B-Instruct", COMMIT_B)  # a new commit on main
+    assert model_fingerprint("Org/Name-0.5B-Instruct") == f"Org/Name-0.5B-Instruct@{COMMIT_B}"
+    assert hub.resolved_commit("Org/Name-0.5B-Instruct", revision=COMMIT_A) == COMMIT_A
+    assert model_fingerprint("Org/Not-Cached") == "Org/Not-Cached"  # the commit cannot be known: the name alone
