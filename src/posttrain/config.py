@@ -411,7 +411,7 @@ def check_resources(raw: dict[str, Any]) -> list[str]:
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     for key in ("path", "eval_path"):
         value = data.get(key)
-        if not isinstance(value, str) or Path(value).expanduser().exists():
+        if not isinstance(value, str) or Path(value).exists():
             continue
         if not hub.is_hub_id(value):
             problems.append(f"data.{key}: no such file or directory: {value}")

@@ -40,7 +40,7 @@ def is_hub_id(name: str) -> bool:
     dots included (``Qwen/Qwen2.5-0.5B-Instruct``, ``org/colors.v2``, ``gpt2``). Zoo and fetched names
     (``tiny-llama``) have a repo id's shape too: callers resolve them first.
     """
-    if not name or Path(name).expanduser().exists():
+    if not name or Path(name).exists():
         return False
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
         return False
