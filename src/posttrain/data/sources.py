@@ -2,8 +2,9 @@
 
 Reads JSON (an array of objects, or an object holding one such array), JSONL, Parquet, a local Hugging
 Face dataset directory (``save_to_disk`` output, or a folder of data files), or a hub id through
-``datasets`` (from its snapshot in the local hub cache when the hub cannot be reached). Undecodable bytes and unparsable lines do not stop reading: they come out as problems
-at their line, so validation can list every problem in a file at once.
+``datasets`` (or, when the hub cannot be reached, from its snapshot in the local hub cache). Undecodable
+bytes and unparsable lines do not stop reading: they come out as problems at their line, so validation
+can list every problem in a file at once.
 
 Our own code for JSON/JSONL (rather than ``datasets.load_dataset("json")``) because people need line
 numbers in errors, and Arrow's JSON reader neither reports them nor accepts records of differing shape.
@@ -266,7 +267,7 @@ def read_cached_hub_dataset(
             raise FileNotFoundError(f"{name} has several subsets; name one (data.subset): {', '.join(sorted(configs))}")
         if chosen not in configs:
             raise FileNotFoundError(f"{name}: no subset {chosen!r}; its README lists {', '.join(sorted(configs))}")
-        base = snapshot / configs[chosen].get("data_dir", "")
+        base = snapshot / (configs[chosen].get("data_dir") or "")
         if configs[chosen].get("data_files"):
             patterns = sanitize_patterns(configs[chosen]["data_files"])
     elif subset:
