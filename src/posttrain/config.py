@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain import hub
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -421,17 +423,26 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
 
 
 def check_resources(raw: dict[str, Any]) -> list[str]:
-    """Problems only the machine can tell: missing data files, models that do not resolve."""
+    """Problems only the machine can tell: missing data files, models that do not resolve, hub repos out of reach.
+
+    A name is a local path or a hub id by :func:`posttrain.hub.is_hub_id`. A hub dataset is checked only
+    offline (is it in the local hub cache?); online, the hub is asked when the data is read.
+    """
     problems = []
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     for key in ("path", "eval_path"):
         value = data.get(key)
-        if isinstance(value, str) and _looks_local(value) and not Path(value).exists():
+        if not isinstance(value, str) or Path(value).exists():
+            continue
+        if not hub.is_hub_id(value):
             problems.append(f"data.{key}: no such file or directory: {value}")
+        elif hub.offline():
+            problem = hub.unavailable(value, repo_type="dataset", revision=data.get("revision"))
+            if problem:
+                problems.append(f"data.{key}: {problem}")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    name = model.get("name")
-    if isinstance(name, str):
-        problem = model_problem(name, model.get("gguf_file"))
+    if isinstance(model.get("name"), str):
+        problem = model_problem(model)
         if problem:
             problems.append(f"model.name: {problem}")
     adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
@@ -445,14 +456,17 @@ def check_resources(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).suffix != "" or value.count("/") != 1
+def model_problem(model: str | dict[str, Any]) -> str | None:
+    """Why a model cannot be loaded, or None. Reads only the model's config, never its weights.
 
-
-def model_problem(name: str, gguf_file: str | None = None) -> str | None:
-    """Why ``name`` cannot be loaded, or None. Reads only the model's config, never its weights."""
+    ``model`` is a name, or a model section (``name``, and ``revision``, ``trust_remote_code``,
+    ``gguf_file`` where set), whose revision and remote-code setting reach ``AutoConfig`` as they will
+    reach the loaders. A hub id that is neither in the local hub cache nor reachable says so, by name.
+    """
     from posttrain.models.load import resolve
 
+    section = {"name": model} if isinstance(model, str) else model
+    name, revision, gguf_file = section["name"], section.get("revision"), section.get("gguf_file")
     try:
         path = resolve(name)
     except (KeyError, FileNotFoundError) as e:
@@ -462,14 +476,21 @@ def model_problem(name: str, gguf_file: str | None = None) -> str | None:
         if gguf_file:
             return None if (local / gguf_file).exists() else f"no GGUF file {gguf_file} in {path}"
         return None if (local / "config.json").exists() else f"{path} has no config.json (not a Hugging Face model directory)"
-    if _looks_local(name):
+    if not hub.is_hub_id(name):
         return f"no such model directory: {name}"
+    if hub.offline():
+        problem = hub.unavailable(name, revision=revision)
+        if problem:
+            return problem
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if section.get("trust_remote_code"):
+        kwargs["trust_remote_code"] = True
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
-        return f"cannot find model {name!r} locally or on the hub ({e.__class__.__name__})"
+        return hub.unavailable(name, revision=revision, error=e) or f"cannot load the config of hub model {name!r}{f' at {revision}' if revision else ''} ({hub.describe(e)})"
     return None
 
 

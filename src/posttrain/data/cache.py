@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from posttrain import hub
 from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
 from posttrain.data.formats import ReadReport, read_records
 from posttrain.models import zoo
@@ -147,16 +148,28 @@ class Group(Protocol):
     def any(self, flag: bool) -> bool: ...
 
 
-def hash_source(source: str | Path) -> str:
-    """Content hash of a file, of every file under a directory, or of a hub dataset's fingerprint."""
+def hash_source(source: str | Path, *, subset: str | None = None, split: str | None = None, revision: str | None = None) -> str:
+    """Content hash of a file, of every file under a directory, or of what a hub dataset id is at.
+
+    A hub dataset (:func:`posttrain.hub.is_hub_id`) is keyed by the commit its ``revision`` resolves to
+    (asking the hub, or the local hub cache offline), with ``subset``, ``split`` and ``revision``: a new
+    commit of the dataset is new data, without reading any of it here. A hub dataset whose commit cannot
+    be known (not cached, hub out of reach) raises FileNotFoundError: it could not be read either.
+    """
     h = hashlib.sha256()
     path = Path(source)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    if not files:
-        import datasets
-
-        ds = datasets.load_dataset(str(source))
-        h.update(json.dumps({k: v._fingerprint for k, v in ds.items()} if isinstance(ds, dict) else ds._fingerprint).encode())
+    if not path.exists():
+        if not hub.is_hub_id(str(source)):
+            raise FileNotFoundError(f"{source}: no such file or directory")
+        commit = hub.resolved_commit(str(source), repo_type="dataset", revision=revision)
+        if commit is None:
+            raise FileNotFoundError(
+                hub.unavailable(str(source), repo_type="dataset", revision=revision)
+                or f"{source} is not in the local hub cache ({hub.cache_dir()}) and the hub did not say which commit it is at (no connection, or no such dataset or revision)"
+            )
+        h.update(json.dumps({"hub dataset": str(source), "commit": commit, "subset": subset, "split": split, "revision": revision}, sort_keys=True).encode())
+        return h.hexdigest()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with f.open("rb") as fh:
@@ -171,15 +184,27 @@ def hash_tokenizer(tokenizer: Any) -> str:
     return hashlib.sha256((backend + special + type(tokenizer).__name__).encode()).hexdigest()
 
 
-def cache_key(source: str | Path, tokenizer: Any, renderer: ChatRenderer, *, format: str | None, on_error: str, split: str | None = None) -> str:
+def cache_key(
+    source: str | Path,
+    tokenizer: Any,
+    renderer: ChatRenderer,
+    *,
+    format: str | None,
+    on_error: str,
+    split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
+) -> str:
     parts = {
-        "data": hash_source(source),
+        "data": hash_source(source, subset=subset, split=split, revision=revision),
         "tokenizer": hash_tokenizer(tokenizer),
         "template": hashlib.sha256(renderer.template.encode()).hexdigest(),
         "options": [renderer.options.train_on, renderer.options.max_length, renderer.options.overlong],
         "format": format,
         "on_error": on_error,
         "split": split,
+        "subset": subset,
+        "revision": revision,
         "version": TRANSFORM_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -286,6 +311,8 @@ def prepare(
     format: str | None = None,
     on_error: str = "stop",
     split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
     cache: str | Path | None = None,
     num_proc: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -294,9 +321,11 @@ def prepare(
 ) -> TokenizedData:
     """Read, validate, render and tokenize ``source`` for training, through the content-hashed cache.
 
-    Only conversation and prompt/completion data trains this way. ``progress(done, total)`` is called as
-    chunks finish. ``report``, when given, is filled with what reading found (rejected records included)
-    whenever the source is read, that is, unless the result comes from the cache.
+    Only conversation and prompt/completion data trains this way. ``split``, ``subset`` and ``revision``
+    choose what of a dataset is read (see :func:`posttrain.data.sources.read_dataset`), and are part of
+    the key. ``progress(done, total)`` is called as chunks finish. ``report``, when given, is filled with
+    what reading found (rejected records included) whenever the source is read, that is, unless the
+    result comes from the cache.
 
     ``group`` (several processes of one run, every one of which calls this): each process reads and checks
     every record, tokenizes its contiguous share of them (one process each, no pool) and writes it aside;
@@ -306,7 +335,7 @@ def prepare(
     """
     renderer = ChatRenderer(tokenizer, options)
     root = Path(cache) if cache is not None else zoo.cache_dir() / "tokenized"
-    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split)
+    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split, subset=subset, revision=revision)
     path = root / key
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     cached = (path / "stats.json").exists()
@@ -315,7 +344,7 @@ def prepare(
     if cached:
         return _load_shared(path, rank)
     report = report if report is not None else ReadReport(str(source))
-    records = read_records(source, format=format, on_error=on_error, split=split, report=report)
+    records = read_records(source, format=format, on_error=on_error, split=split, subset=subset, revision=revision, report=report)
     total = len(records)
     mine = records[rank * total // world : (rank + 1) * total // world]
     chunks = tokenize_chunks(

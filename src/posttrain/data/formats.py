@@ -473,9 +473,11 @@ def iter_records(
     format: str | None = None,
     on_error: str = "stop",
     split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
     report: ReadReport | None = None,
 ) -> Iterator[Record]:
-    """Canonical records from ``source``.
+    """Canonical records from ``source`` (a hub dataset's ``split``, ``subset`` and ``revision`` as :func:`read_raw` takes them).
 
     ``on_error="stop"`` reads the whole source, then raises :class:`DataError` listing the problems
     if any record was bad (so one run shows them all). ``"skip"`` yields only good records and
@@ -488,7 +490,7 @@ def iter_records(
     report = report if report is not None else ReadReport(str(source))
     report.format = format
     good: list[Record] = []
-    for item in read_raw(source, split=split):
+    for item in read_raw(source, split=split, subset=subset, revision=revision):
         report.read += 1
         problems: list[Problem]
         if item.problem is not None:

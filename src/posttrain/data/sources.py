@@ -2,8 +2,9 @@
 
 Reads JSON (an array of objects, or an object holding one such array), JSONL, Parquet, a local Hugging
 Face dataset directory (``save_to_disk`` output, or a folder of data files), or a hub id through
-``datasets``. Undecodable bytes and unparsable lines do not stop reading: they come out as problems
-at their line, so validation can list every problem in a file at once.
+``datasets`` (or, when the hub cannot be reached, from its snapshot in the local hub cache). Undecodable
+bytes and unparsable lines do not stop reading: they come out as problems at their line, so validation
+can list every problem in a file at once.
 
 Our own code for JSON/JSONL (rather than ``datasets.load_dataset("json")``) because people need line
 numbers in errors, and Arrow's JSON reader neither reports them nor accepts records of differing shape.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain import hub
 from posttrain.records import Location
 
 
@@ -186,28 +188,119 @@ def read_parquet(path: Path) -> Iterator[RawItem]:
             row += 1
 
 
-def read_dataset(name: str, split: str | None = None) -> Iterator[RawItem]:
-    """A local Hugging Face dataset directory or a hub id, through ``datasets``."""
+def read_dataset(name: str, split: str | None = None, *, subset: str | None = None, revision: str | None = None) -> Iterator[RawItem]:
+    """A local Hugging Face dataset directory, or a hub dataset id, through ``datasets``.
+
+    ``subset`` is the dataset's configuration name, ``revision`` a hub branch, tag or commit. With no
+    ``split``, the ``train`` split; a dataset without one is refused with the list of its splits (never
+    silently its first). When the hub cannot be reached (offline mode, or no connection), a hub dataset
+    is read from its snapshot in the local hub cache (:func:`read_cached_hub_dataset`).
+    """
     import datasets
 
     path = Path(name)
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(str(path))
+    if path.is_dir():
+        if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            if subset:
+                raise ValueError(f"{name}: a save_to_disk directory has no subsets (found subset {subset!r})")
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(path), subset)
+    elif hub.offline():  # datasets would refuse (OfflineModeIsEnabled) even with the repo in the hub cache
+        yield from read_cached_hub_dataset(name, split, subset=subset, revision=revision)
+        return
     else:
-        ds = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
+        try:
+            ds = datasets.load_dataset(name, subset, split=split, revision=revision) if split else datasets.load_dataset(name, subset, revision=revision)
+        except ConnectionError as err:  # the hub is out of reach: its cached snapshot, if any
+            yield from read_cached_hub_dataset(name, split, subset=subset, revision=revision, error=err)
+            return
     if isinstance(ds, datasets.DatasetDict):
-        chosen = split or ("train" if "train" in ds else next(iter(ds)))
-        if chosen not in ds:
-            raise FileNotFoundError(f"{name}: no split {chosen!r}; it has {sorted(ds)}")
+        chosen = choose_split(name, list(ds), split)
         ds, source = ds[chosen], f"{name}[{chosen}]"
     else:
-        source = name
+        source = f"{name}[{split}]" if split else name
     for row, value in enumerate(ds):
         yield RawItem(Location(source, row=row), value=value)
 
 
-def read_raw(source: str | Path, split: str | None = None) -> Iterator[RawItem]:
-    """Raw items from any supported source, chosen by suffix (``.json``, ``.jsonl``, ``.parquet``) or kind."""
+def choose_split(name: str, splits: list[str], split: str | None) -> str:
+    """``split``, or ``train`` when none is named; FileNotFoundError listing ``splits`` when it is not among them."""
+    if split is None:
+        if "train" in splits:
+            return "train"
+        raise FileNotFoundError(f"{name} has no train split; name the split to read (data.split, or --split): it has {', '.join(sorted(splits))}")
+    if split not in splits:
+        raise FileNotFoundError(f"{name}: no split {split!r}; it has {', '.join(sorted(splits))}")
+    return split
+
+
+#: Data files the cached-snapshot reader reads (with our readers, which give line numbers).
+CACHED_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq")
+
+
+def read_cached_hub_dataset(
+    name: str, split: str | None = None, *, subset: str | None = None, revision: str | None = None, error: BaseException | None = None
+) -> Iterator[RawItem]:
+    """A hub dataset's split from its snapshot in the local hub cache, without the hub.
+
+    Splits map to data files as ``datasets`` maps them (``get_data_patterns``: ``train*``, ``test*``,
+    ``data/train-*`` ...), through its ``DataFilesDict``. ``subset`` is a configuration of the README's
+    ``configs:`` YAML (its ``data_files`` and ``data_dir``; with none named, the default one) or, in a repo
+    without ``configs:``, a top-level folder of that name. The files are read by this module's JSONL,
+    JSON and Parquet readers, so problems name file and line; other file types are refused by name.
+    ``error`` is what made the hub unreachable, for the message when the dataset is not cached either.
+    """
+    from datasets.data_files import DataFilesDict, get_data_patterns, sanitize_patterns
+
+    snapshot = hub.cached_snapshot(name, repo_type="dataset", revision=revision)
+    if snapshot is None:
+        raise FileNotFoundError(
+            hub.unavailable(name, repo_type="dataset", revision=revision, error=error)
+            or f"{name}: the hub cannot be reached and the dataset is not in the local hub cache ({hub.cache_dir()})"
+        )
+    base, patterns = snapshot, None
+    configs = _readme_configs(snapshot)
+    if configs:
+        chosen = subset or configs.get_default_config_name()
+        if chosen is None:
+            raise FileNotFoundError(f"{name} has several subsets; name one (data.subset): {', '.join(sorted(configs))}")
+        if chosen not in configs:
+            raise FileNotFoundError(f"{name}: no subset {chosen!r}; its README lists {', '.join(sorted(configs))}")
+        base = snapshot / (configs[chosen].get("data_dir") or "")
+        if configs[chosen].get("data_files"):
+            patterns = sanitize_patterns(configs[chosen]["data_files"])
+    elif subset:
+        base = snapshot / subset
+        if not base.is_dir():
+            folders = sorted(p.name for p in snapshot.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise FileNotFoundError(f"{name}: no subset {subset!r} (its README has no configs: and it has no folder {subset}/; folders: {', '.join(folders) or 'none'})")
+    if patterns is None:
+        patterns = get_data_patterns(str(base))
+    files = {str(key): list(value) for key, value in DataFilesDict.from_patterns(patterns, base_path=str(base)).items()}
+    chosen_split = choose_split(name, list(files), split)
+    unreadable = [f for f in files[chosen_split] if not f.lower().endswith(CACHED_DATA_SUFFIXES)]
+    if unreadable:
+        raise ValueError(
+            f"{name}: reading from the local hub cache takes {', '.join(CACHED_DATA_SUFFIXES)} files; split {chosen_split!r} has {', '.join(unreadable[:3])}"
+            " (read it online, where datasets converts it, or convert it to JSONL)"
+        )
+    for file in files[chosen_split]:
+        yield from read_raw(file)
+
+
+def _readme_configs(snapshot: Path) -> Any:
+    """The ``configs:`` of a dataset repo's README YAML, as ``datasets`` reads them (empty when there are none)."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    readme = snapshot / "README.md"
+    return MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data if readme.is_file() else DatasetCardData())
+
+
+def read_raw(source: str | Path, split: str | None = None, *, subset: str | None = None, revision: str | None = None) -> Iterator[RawItem]:
+    """Raw items from any supported source: a file by suffix (``.json``, ``.jsonl``, ``.parquet``), a dataset
+    directory, or a hub dataset id (:func:`posttrain.hub.is_hub_id`) with its ``split``, ``subset`` and ``revision``."""
     path = Path(source)
     suffix = "".join(path.suffixes[-1:]).lower()
     if path.is_file():
@@ -219,7 +312,7 @@ def read_raw(source: str | Path, split: str | None = None) -> Iterator[RawItem]:
             return read_parquet(path)
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .json, .jsonl or .parquet")
     if path.is_dir():
-        return read_dataset(str(path), split)
-    if path.suffix or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        return read_dataset(str(path), split, subset=subset)
+    if not hub.is_hub_id(str(source)):
         raise FileNotFoundError(f"{source}: no such file or directory")
-    return read_dataset(str(source), split)  # a hub id such as "tatsu-lab/alpaca"
+    return read_dataset(str(source), split, subset=subset, revision=revision)  # a hub id such as "tatsu-lab/alpaca"

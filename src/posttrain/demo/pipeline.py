@@ -16,10 +16,11 @@ The steps are posttrain's own pieces (the generation engine, the verifiers, :fun
 the SFT and DPO loops, IFEval scoring); this module only wires them and caches their artifacts. Each stage
 writes into ``OUTPUT_DIR/<stage>/`` and finishes by writing ``stage.json`` with a key: a hash of the
 stage's own settings, the run ids of the stages it reads, (for the starting model) a fingerprint of the
-model's files, and the versions of posttrain, torch, transformers and peft (an upgrade may make any stage
-come out differently, so it runs them again). A re-run reuses every stage whose key is unchanged and whose ``stage.json`` exists, so
-changing the DPO settings re-runs ``dpo``, ``eval-dpo`` and ``report`` only. A stage killed halfway has
-no ``stage.json`` and runs again from scratch, and so does every stage after it that reads it.
+model's files or a hub model's commit, and the versions of posttrain, torch, transformers and peft (an
+upgrade may make any stage come out differently, so it runs them again). A re-run reuses every stage
+whose key is unchanged and whose ``stage.json`` exists, so changing the DPO settings re-runs ``dpo``,
+``eval-dpo`` and ``report`` only. A stage killed halfway has no ``stage.json`` and runs again from
+scratch, and so does every stage after it that reads it.
 
 Pipelines are YAML files validated by :class:`PipelineConfig` (every problem listed before any model
 loads); ``posttrain demo`` is ``examples/demo_smollm2.yaml`` built in (:func:`demo_config`).
@@ -37,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from posttrain import hub
 from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config, resolve_bf16
 from posttrain.records import write_jsonl
 
@@ -175,12 +177,20 @@ def key_of(obj: Any) -> str:
 
 
 def model_fingerprint(name: str) -> str:
-    """Sizes and modification times of a local model's files (cheap; a rewritten checkpoint changes it)."""
+    """What the starting model is, for the stage keys: a changed model re-runs every stage.
+
+    A local model (zoo, fetched, a directory): the sizes and modification times of its files (cheap; a
+    rewritten checkpoint changes it). A hub id: ``name@commit``, the commit its main branch resolves to
+    (the hub says, or offline the local hub cache's ``refs/main``), so a new commit on the hub is a new
+    model. Only when that commit cannot be known (neither the hub nor the cache answers) is it the name
+    alone, which cannot tell one commit from another.
+    """
     from posttrain.models.load import resolve
 
     path = Path(resolve(name))
     if not path.is_dir():
-        return name  # a hub id: its name is all we know without the network
+        commit = hub.resolved_commit(name) if hub.is_hub_id(name) else None
+        return f"{name}@{commit}" if commit else name
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return key_of([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 

@@ -1,7 +1,9 @@
 """Resolving a model name to files, and loading tokenizers.
 
 A name is a zoo model (``tiny-llama``), a fetched model (``smollm2-135m-instruct``, after
-``posttrain models fetch``), a local directory, or a hub id; all but the last never touch the network.
+``posttrain models fetch``), a local directory, or a hub id (:func:`posttrain.hub.is_hub_id`); all but
+the last never touch the network, and a hub id does not either when it is in the local hub cache and
+``HF_HUB_OFFLINE=1``. ``revision`` and ``trust_remote_code`` reach transformers' loaders as configured.
 Loading goes through transformers' Auto classes.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from posttrain import hub
 from posttrain.models import fetch, zoo
 
 
@@ -31,15 +34,27 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str) -> Any:
+def load_tokenizer(model: str | Any, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of ``model``: a name, or a ``ModelConfig`` (whose ``revision`` and ``trust_remote_code`` are used).
+
+    A hub id that is neither in the local hub cache nor reachable raises FileNotFoundError saying so.
+    """
     from transformers import AutoTokenizer
 
-    path = resolve(name)
+    if not isinstance(model, str):
+        model, revision, trust_remote_code = model.name, model.revision, model.trust_remote_code
+    path = resolve(model)
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as err:
+        problem = hub.unavailable(path, revision=revision, error=err) if hub.is_hub_id(path) else None
+        if problem:
+            raise FileNotFoundError(f"cannot load a tokenizer: {problem}") from err
         where = "directory" if Path(path).exists() else "model (a local directory, a zoo name such as tiny-llama, or a hub id)"
-        raise FileNotFoundError(f"cannot load a tokenizer from {name!r}: not a usable {where} ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+        raise FileNotFoundError(f"cannot load a tokenizer from {model!r}: not a usable {where} ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
 
 
 def load_model(cfg: Any, device: Any, quantize: str | None = None) -> Any:

@@ -107,24 +107,33 @@ def prompt_of(record: Record) -> Prompt:
 
 
 def read_prompts(
-    source: str | Path, *, format: str | None = None, split: str | None = None, on_error: str = "stop", report: ReadReport | None = None
+    source: str | Path,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
+    on_error: str = "stop",
+    report: ReadReport | None = None,
 ) -> list[Prompt]:
     """Prompts from ``source`` in any canonical format, or the ``prompts`` format (``{"prompt": text | messages}``).
 
     ``format`` None detects it from the first record (a record with only a ``prompt`` is the prompts
     format). IFEval-format prompts also have their instruction ids and kwargs checked, every bad record
     listed at once. ``report`` collects counts and, with ``on_error="skip"``, the rejected records.
+    ``split``, ``subset`` and ``revision`` choose what of a dataset is read.
     """
     report = report if report is not None else ReadReport(str(source))
+    where = {"split": split, "subset": subset, "revision": revision}
     if format is None:
-        first = next(iter(read_raw(source, split=split)), None)
+        first = next(iter(read_raw(source, **where)), None)
         value = first.value if first is not None else None
         if isinstance(value, dict) and detect_format(value) is None and "prompt" in value:
             format = "prompts"
     if format == "prompts":
-        records = _read_prompt_lines(source, split, on_error, report)
+        records = _read_prompt_lines(source, where, on_error, report)
     else:
-        records = list(iter_records(source, format=format, on_error=on_error, split=split, report=report))
+        records = list(iter_records(source, format=format, on_error=on_error, report=report, **where))
     prompts, problems = [], []
     for row, record in enumerate(records):
         where = Location(str(source), row=row)  # records are already canonical: their place is their index
@@ -149,14 +158,14 @@ def read_prompts(
     return prompts
 
 
-def _read_prompt_lines(source: str | Path, split: str | None, on_error: str, report: ReadReport) -> list[Record]:
+def _read_prompt_lines(source: str | Path, where: dict[str, str | None], on_error: str, report: ReadReport) -> list[Record]:
     """The prompts format: objects with a ``prompt`` (non-empty text, or messages ending in a user or tool turn).
 
     Other keys are kept in the record (a reward function gets the whole record).
     """
     report.format = "prompts"
     good, problems = [], []
-    for item in read_raw(source, split=split):
+    for item in read_raw(source, **where):
         report.read += 1
         found = [item.problem] if item.problem is not None else _prompt_problems(item.value, item.location)
         if found:

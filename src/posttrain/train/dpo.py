@@ -471,11 +471,16 @@ def train(config: DPOConfig) -> DPOResult:
     kto = kind is PreferenceLoss.KTO
 
     # -- data: two examples per pair (chosen, rejected), each with only its response scored ----------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(
         train_on="all_assistant", max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
     )
-    prep = {"format": cfg.data.format or "preference", "on_error": cfg.data.on_error, "split": cfg.data.split, "group": rt if rt.group else None}
+    prep = {
+        "format": cfg.data.format or "preference",
+        "on_error": cfg.data.on_error,
+        "split": cfg.data.split, "subset": cfg.data.subset, "revision": cfg.data.revision,
+        "group": rt if rt.group else None,
+    }  # fmt: skip
     data = prepare(cfg.data.path, tokenizer, options, **prep)
     n_pairs = len(data) // 2
     if cfg.data.eval_path:

@@ -195,9 +195,9 @@ def train(config: GRPOConfig) -> RunResult:
     loop.seed_everything(cfg.train.seed)
 
     # -- prompts --------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     report = ReadReport(cfg.data.path)
-    prompts = read_prompts(cfg.data.path, format=cfg.data.format, split=cfg.data.split, on_error=cfg.data.on_error, report=report)
+    prompts = read_prompts(cfg.data.path, format=cfg.data.format, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, on_error=cfg.data.on_error, report=report)
     if g.reward.startswith("verifiers:") and any(p.verifiable is None for p in prompts):
         raise loop.TrainingError(
             f"{cfg.data.path}: grpo.reward {g.reward} needs IFEval-format prompts (instruction_id_list, kwargs); use a reward function for other prompts"

@@ -282,9 +282,9 @@ def train(config: PPOConfig) -> RunResult:
         )
 
     # -- prompts --------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     report = ReadReport(cfg.data.path)
-    records = read_records(cfg.data.path, format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, report=report)
+    records = read_records(cfg.data.path, format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, report=report)
     all_prompts = [prompt_of(r).prompt for r in records]  # the data layer's notion of a record's prompt, as label uses
 
     # -- models, optimizer, schedule ------------------------------------------------------------

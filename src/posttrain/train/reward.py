@@ -154,17 +154,17 @@ def train(config: RewardConfig) -> RunResult:
     loop.seed_everything(cfg.train.seed)
 
     # -- data ---------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(
         train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template
     )
     renderer = ChatRenderer(tokenizer, options)
     report = ReadReport(cfg.data.path)
-    records = read_records(cfg.data.path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, report=report)
+    records = read_records(cfg.data.path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, report=report)
     pairs, stats = render_pairs(renderer, records)
     if cfg.data.eval_path:
         eval_pairs, _ = render_pairs(
-            renderer, read_records(cfg.data.eval_path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split)
+            renderer, read_records(cfg.data.eval_path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision)
         )
         train_idx = list(range(len(pairs)))
     else:

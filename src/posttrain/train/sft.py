@@ -81,9 +81,9 @@ def train(config: SFTConfig) -> RunResult:
     loop.seed_everything(cfg.train.seed)
 
     # -- data: every process tokenizes a share, once; all read the one cache entry --------------
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
-    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, group=rt if rt.group else None)
+    prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, group=rt if rt.group else None)
     data = prepare(cfg.data.path, tokenizer, options, **prep)
     if cfg.data.eval_path:
         train_idx, eval_data = list(range(len(data))), prepare(cfg.data.eval_path, tokenizer, options, **prep)
