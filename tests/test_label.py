@@ -264,4 +264,4 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     result = dpo.train(cfg)
     assert result.reference_from_sampler == taken and not result.reference_from_cache
     stats = json.loads((result.run_dir / "data_stats.json").read_text())
-    assert stats["reference"] == {"from_cache": False, "from_sampler": taken}
+    assert stats["reference"] == {"from_cache": False, "from_sampler": taken, "scored_by_process": [len(data) - taken]}

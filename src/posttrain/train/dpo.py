@@ -612,6 +612,7 @@ def train(config: DPOConfig) -> DPOResult:
             "logps_rejected": totals["logps_r"],
             "grad_norm": grad_norm,
             "pairs_per_s": len(step_pairs) / (time.perf_counter() - t0),
+            "peak_memory_gb": rt.peak_memory_gb(),
         }
         if kl is not None:
             record["kto_z0"] = float(kl)

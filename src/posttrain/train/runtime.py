@@ -239,6 +239,14 @@ class Runtime:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(model, options=options)
 
+    def peak_memory_gb(self) -> float:
+        """This process's peak memory so far, GB: tensors allocated on its GPU, or its peak resident set on a CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
     def autocast(self):
         """bf16 autocast for matmuls on CPU and CUDA when ``train.bf16``; a no-op context otherwise."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()

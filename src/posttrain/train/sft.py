@@ -146,7 +146,10 @@ def train(config: SFTConfig) -> RunResult:
             grad_norm, lr = loop.optimizer_step(model, optimizer, scheduler, loss, cfg.train.max_grad_norm, step, run_dir, rt)
             done = step + 1
             seconds = time.perf_counter() - t0
-            record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds, "grad_norm": grad_norm}
+            record = {
+                "step": done, "loss": loss, "lr": lr, "tokens_per_s": real / seconds, "trained_tokens": int(step_tokens), "seconds": seconds,
+                "grad_norm": grad_norm, "peak_memory_gb": rt.peak_memory_gb(),
+            }  # fmt: skip
             if cfg.train.eval_every and eval_rows and (done % cfg.train.eval_every == 0 or done == total):
                 record["eval_loss"] = evaluate(step_module, eval_data, eval_rows, cfg, rt, pad_id)
             losses.append(loss)
