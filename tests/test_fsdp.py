@@ -151,3 +151,45 @@ def test_fsdp_lora_in_bf16_trains(tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_fsdp_dpo_kto_matches_one_process_and_resumes_after_an_eval(tmp_path):
+    """DPO under FSDP: the reference precompute runs sharded (split over the processes), evaluation and
+    KTO's z0 pass run without a backward, and a checkpoint written right after an eval resumes exactly
+    (FSDP2 keeps the root gathered after a forward without backward: those passes must free it again, or
+    the optimizer and the checkpoint would hold the gathered tensors instead of the shards)."""
+    from test_dpo import write_pairs
+
+    from posttrain.train import dpo
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=30)
+    base = {
+        "model": {"name": "tiny-llama"},
+        "data": {"path": str(pairs), "max_length": 128, "eval_fraction": 0.1},
+        "adapter": {"kind": "full"},
+        "train": {"lr": 2e-3, "max_steps": 7, "micro_batch_size": 1, "eval_every": 3, "save_every": 3, "keep_last": 5, "seed": 0, "device": "cpu", "bf16": False, "schedule": "constant"},
+        "dpo": {"beta": 0.1, "loss_type": "kto"},
+    }
+    with torch_threads(1):
+        dpo.train(load_config({**base, "train": {**base["train"], "grad_accum": 4}, "output_dir": str(tmp_path / "single")}, cls=dpo.DPOConfig))
+    sharded = {**base, "train": {**base["train"], "grad_accum": 2, "distributed": "fsdp"}, "output_dir": str(tmp_path / "fsdp")}
+    config_file = write_yaml(sharded, tmp_path / "fsdp.yaml")
+    torchrun("dpo", config_file, cache=tmp_path / "fsdp-cache")
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    for key in ("loss", "grad_norm", "kto_z0", "eval_loss"):
+        got = [(a[key], b[key]) for a, b in zip(one, two) if key in a]
+        assert len(got) >= 2 and max(abs(a - b) for a, b in got) <= 1e-5 * max(1.0, max(abs(a) for a, _ in got)), (key, got)
+    import json
+
+    assert json.loads((tmp_path / "fsdp" / "data_stats.json").read_text())["reference"]["scored_by_process"] == [45, 45]
+
+    # Back to the step-3 checkpoint (written right after step 3's eval), then resume under torchrun.
+    import shutil
+
+    for name in ("step-6", "step-7"):
+        shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "fsdp" / "final")
+    torchrun("dpo", config_file, "--resume", cache=tmp_path / "fsdp-cache")
+    resumed = read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, two)) <= 1e-6, ([r["loss"] for r in resumed], [r["loss"] for r in two])

@@ -166,6 +166,15 @@ def test_subset_picks_a_readme_config_or_a_folder(tmp_path, monkeypatch):
     assert len(read_records("org/colors.lang", subset="fr")) == 5
     with pytest.raises(FileNotFoundError, match="no subset 'de'.*folders: en, fr"):
         read_records("org/colors.lang", subset="de")
+    # The data commands take the same choice.
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    result = CliRunner().invoke(app, ["data", "validate", "org/colors.multi", "--subset", "long"])
+    assert result.exit_code == 0 and "5 records read" in result.output, result.output
+    result = CliRunner().invoke(app, ["data", "validate", "org/colors.lang", "--subset", "fr", "--revision", "main"])
+    assert result.exit_code == 0 and "5 records read" in result.output, result.output
 
 
 def test_revision_reads_that_commit(colors_hub, tmp_path):

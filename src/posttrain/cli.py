@@ -65,6 +65,8 @@ FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="For
 OnErrorOpt = Annotated[OnError, typer.Option("--on-error", help="stop: list problems and fail. skip: drop bad records, write them with reasons to a rejects file.")]
 RejectsOpt = Annotated[Optional[Path], typer.Option("--rejects", help="Where --on-error skip writes bad records \\[default: FILE.rejects.jsonl beside the output, or in the current directory].")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a dataset directory or hub dataset \\[default: train].")]
+SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="A hub dataset's subset (its configuration name), where it has several.")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of a hub dataset \\[default: main].")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Tokenizer to use: a local model directory, a zoo name (tiny-llama, tiny-qwen2) or a hub id.")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: the tokenizer's own [default], a built-in name (chatml, alpaca) or a .jinja file.")]
 TrainOnOpt = Annotated[TrainOn, typer.Option("--train-on", help="Which tokens are trained: every assistant turn, the last one only, or all tokens.")]
@@ -104,20 +106,23 @@ def _report_rejects(report, rejects: Path | None) -> None:
         err.print(f"[yellow]skipped {len(report.rejected)} bad record(s) of {report.read}[/]; they and their reasons are in {escape(str(path))}")
 
 
-def _read(file: str, format: Format | None, on_error: OnError, rejects: Path | None, split: str | None):
+def _read(file: str, format: Format | None, on_error: OnError, rejects: Path | None, split: str | None, subset: str | None = None, revision: str | None = None):
     from posttrain.data.formats import ReadReport, read_records
 
     report = ReadReport(file)
-    records = read_records(file, format=format.value if format else None, on_error=on_error.value, split=split, report=report)
+    records = read_records(file, format=format.value if format else None, on_error=on_error.value, split=split, subset=subset, revision=revision, report=report)
     _report_rejects(report, rejects)
     return records, report
 
 
 @data_app.command()
-def validate(file: FileArg, format: FormatOpt = None, on_error: OnErrorOpt = OnError.stop, rejects: RejectsOpt = None, split: SplitOpt = None) -> None:
+def validate(
+    file: FileArg, format: FormatOpt = None, on_error: OnErrorOpt = OnError.stop, rejects: RejectsOpt = None, split: SplitOpt = None,
+    subset: SubsetOpt = None, revision: RevisionOpt = None,
+) -> None:  # fmt: skip
     """Check every record of FILE and report each problem with its line, field, what was expected and what was found."""
     with user_errors():
-        records, report = _read(file, format, on_error, rejects, split)
+        records, report = _read(file, format, on_error, rejects, split, subset, revision)
     out.print(f"{escape(file)}: {report.read} records read, format [bold]{report.format}[/], {report.kept} valid, {len(report.rejected)} rejected")
 
 
@@ -130,13 +135,15 @@ def convert(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    revision: RevisionOpt = None,
 ) -> None:
     """Convert FILE to another format (e.g. ShareGPT to OpenAI-style messages), one JSON object a line."""
     from posttrain.data.formats import to_format
     from posttrain.records import write_jsonl
 
     with user_errors():
-        records, report = _read(file, format, on_error, rejects, split)
+        records, report = _read(file, format, on_error, rejects, split, subset, revision)
         converted = [to_format(r, to.value) for r in records]
         n = write_jsonl(output, converted)
     out.print(f"wrote {n} {to.value} records to {escape(str(output))} (read {report.read} {report.format} records, rejected {len(report.rejected)})")
@@ -146,7 +153,7 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True)
 
 
-def _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir):
+def _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset=None, revision=None):
     from posttrain.data.cache import prepare
     from posttrain.data.chat import RenderOptions
     from posttrain.data.formats import ReadReport
@@ -164,13 +171,15 @@ def _prepare(file, model, template, train_on, max_length, overlong, format, on_e
             format=format.value if format else None,
             on_error=on_error.value,
             split=split,
+            subset=subset,
+            revision=revision,
             cache=cache_dir,
             num_proc=num_proc,
             progress=lambda done, total: bar.update(task, advance=done, total=total),
             report=report,
         )
     if data.from_cache and data.read.get("rejected"):
-        _read(file, format, on_error, rejects, split)  # cached tokens, but the rejects file is still wanted
+        _read(file, format, on_error, rejects, split, subset, revision)  # cached tokens, but the rejects file is still wanted
     else:
         _report_rejects(report, rejects)
     return tokenizer, options, data
@@ -225,12 +234,14 @@ def inspect(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    revision: RevisionOpt = None,
     num_proc: NumProcOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Show FILE as the model will see it: rendered examples with the trained tokens highlighted, and statistics."""
     with user_errors():
-        tokenizer, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir)
+        tokenizer, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset, revision)
     for i in range(min(n, len(data))):
         ex = data[i]
         out.rule(f"example {i}: {len(ex['input_ids'])} tokens, {(ex['labels'] != -100).sum()} trained")
@@ -252,12 +263,14 @@ def render(
     on_error: OnErrorOpt = OnError.stop,
     rejects: RejectsOpt = None,
     split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    revision: RevisionOpt = None,
     num_proc: NumProcOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Tokenize FILE and write token ids with labels (the token where trained, -100 where not; unshifted)."""
     with user_errors():
-        _, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir)
+        _, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset, revision)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as f:
         for i in range(len(data)):

@@ -434,6 +434,7 @@ def reference_logps(
             if weight:
                 scored[members] = sums.double().cpu().numpy()
                 scored[len(flat) + rt.rank] += len(members)
+    rt.reshard(module)
     if todo:
         summed = rt.sum_array(scored)  # each sequence was scored by exactly one process
         flat[todo] = summed[todo]
@@ -559,6 +560,7 @@ def train(config: DPOConfig) -> DPOResult:
                 (ref,) = reference(pairs, batch, table, column=2)
                 kl += weight * float((policy.float() - ref).sum())
                 count += weight * len(pairs)
+        rt.reshard(module)
         kl, count = rt.sum(kl, count)
         return torch.tensor(max(kl / max(count, 1.0), 0.0), device=rt.device)
 
@@ -672,6 +674,7 @@ def evaluate(
                 per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
             loss += weight * per_pair.sum().item()
             acc += weight * preferred(cr, rr)
+    rt.reshard(module)
     module.train()
     loss, acc = rt.sum(loss, acc)
     n = max(len(pairs), 1)

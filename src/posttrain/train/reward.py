@@ -303,6 +303,7 @@ def evaluate(
             loss += weight * float(batch_loss.sum())
             correct += weight * float(accuracy.sum())
             margin += weight * float((chosen - rejected).sum())
+    rt.reshard(model)
     model.train(was_training)
     loss, correct, margin = rt.sum(loss, correct, margin)
     n = len(pairs)

@@ -207,6 +207,19 @@ class Runtime:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
+    def reshard(self, module: torch.nn.Module) -> None:
+        """Under FSDP, free every gathered layer of ``module`` again, after passes without a backward
+        (evaluation, a reference precompute): FSDP2 keeps the root's parameters gathered after a forward
+        until a backward frees them, and a checkpoint or an optimizer built meanwhile would see the
+        gathered tensors instead of the shards."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     @staticmethod
     def unwrap(module: torch.nn.Module) -> torch.nn.Module:
         """The module inside a DDP wrapper (evaluation runs on it, so it makes no gradient collectives)."""

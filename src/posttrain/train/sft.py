@@ -191,6 +191,7 @@ def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[
             with rt.autocast():
                 total += weight * float(module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))
             count += weight * batch.trained_tokens
+    rt.reshard(module)
     module.train()
     total, count = rt.sum(total, count)
     return total / max(count, 1)
