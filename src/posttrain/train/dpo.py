@@ -16,8 +16,9 @@ log-probs the sampler measured while generating them (``meta["reference"]``); th
 in the same precision, and computes only the rest (:func:`sampler_reference`); under torchrun the
 processes split the precompute between them. KTO's reference point z₀ is estimated over each step's
 mismatched sequences on every process, in a pass without gradients before the step's update.
-Plumbing (checkpoints, exact resume, metrics) is :mod:`posttrain.train.loop`'s and processes (DDP,
-FSDP2) :mod:`posttrain.train.runtime`'s, as for SFT.
+The packed forward pass is :mod:`posttrain.train.sequences`', the reference precompute
+:mod:`posttrain.train.reference`'s. Plumbing (checkpoints, exact resume, metrics) is
+:mod:`posttrain.train.loop`'s and processes (DDP, FSDP2) :mod:`posttrain.train.runtime`'s, as for SFT.
 """
 
 from __future__ import annotations
@@ -25,29 +26,25 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
-import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData, prepare
-from posttrain.data.chat import IGNORE, RenderOptions
-from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
-from posttrain.models import zoo
+from posttrain.data.chat import RenderOptions
+from posttrain.data.packing import Batch
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer, weights_fingerprint
 from posttrain.train import loop
+from posttrain.train.reference import ReferenceTable, reference_logps, sampler_reference  # noqa: F401 - part of dpo's interface
 from posttrain.train.runtime import Runtime
+from posttrain.train.sequences import SHAPE_QUANTUM, SequenceLogps, example_ids, pack, pair_batch, pair_examples, run_logps, splice  # noqa: F401
 from posttrain.train.losses import (
     PreferenceLoss,
     dpo_loss,
@@ -56,115 +53,7 @@ from posttrain.train.losses import (
     kto_loss,
     orpo_loss,
     simpo_loss,
-    token_logps,
 )
-
-REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
-SHAPE_QUANTUM = 32  # SequenceLogps(one_by_one=True) pads each sequence to a multiple of this many tokens
-
-
-class SequenceLogps(torch.nn.Module):
-    """(summed log-prob, scored-token count) of each sequence's response; the module DDP wraps.
-
-    Takes a packed batch: ``example_ids`` [R,T] says which sequence each position belongs to (-1 for
-    padding) and ``spans[j]`` = (row, start, end) where sequence j lies; the result has one entry per
-    sequence, in ``spans``' order.
-
-    ``one_by_one`` runs the decoder on each sequence alone instead of on the rows (the default on CPU).
-    On CPU, scaled-dot-product attention costs rows × width² whatever the mask (causal or
-    block-diagonal: fully masked blocks are still computed), so a 512-wide row holding two 256-token
-    sequences costs twice what the two cost apart, and matmuls need no big batch to run at full speed:
-    on the DPO benchmark's data, forward+backward took 8% (bf16) to 14% (fp32) less CPU time this way,
-    4 pairs per pass. A pair's chosen and rejected sequences start with the same prompt: it runs once, and
-    both responses run on its keys and values (:meth:`_one_by_one`). Each sequence run alone, and each
-    group's responses, are right-padded to a multiple of ``SHAPE_QUANTUM`` tokens (causal
-    attention: the padding changes nothing before it) because bf16 matmuls on CPU go through oneDNN,
-    which keeps compiled kernels for every shape it meets: with exact lengths, resident memory grew by
-    ~6 MB per new length, 1.3 GB to 2.1 GB over one epoch. On GPUs one call over the rows keeps them busy.
-    """
-
-    def __init__(self, model: torch.nn.Module, one_by_one: bool = False):
-        from posttrain.models.load import plain_cache
-
-        super().__init__()
-        self.model = model
-        self.one_by_one = one_by_one
-        self.plain_cache = one_by_one and plain_cache(model.config)  # whether _one_by_one may share prompts
-
-    def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, spans: list[tuple[int, int, int]]):
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if self.one_by_one:
-            if attention_mask is not None:
-                raise ValueError("one_by_one takes packed rows (no attention mask)")
-            # Each sequence's hidden states (padding cut off again), end to end in one row: the LM head
-            # then runs once for the whole batch.
-            pieces = self._one_by_one(decoder, input_ids, target_ids, spans)
-            hidden = torch.cat(pieces, dim=1)
-            target_ids = torch.cat([target_ids[row, start:end] for row, start, end in spans])[None]
-            example_ids = torch.cat([torch.full((end - start,), j, device=hidden.device) for j, (_, start, end) in enumerate(spans)])[None]
-        else:
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
-        per_token = token_logps(hidden, target_ids, head)  # 0 where not scored
-        where = example_ids.clamp(min=0).flatten()  # padding adds its 0 to sequence 0
-        sums = per_token.new_zeros(len(spans)).index_add(0, where, per_token.flatten())
-        counts = torch.zeros(len(spans), dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
-        return sums, counts
-
-    def _one_by_one(self, decoder: torch.nn.Module, input_ids, target_ids, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """Hidden states [1, n, H] of each span, each sequence run alone; a prompt its sequences share runs once.
-
-        Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
-        responses after their prompt; KTO's mismatched sequence too) form a group: the decoder runs that
-        prefix once, keeping its keys and values, then every member's continuation in one call on top of
-        them (gradients reach the prefix through the cache). What it saves is the prompt's share of the
-        compute, less on a CPU where the prompts are short: the shorter runs use its matmuls less well (the
-        demo's pairs, whose prompts are short, gain little). Not under gradient
-        checkpointing, which runs the decoder without a cache, nor for caches other than plain attention
-        layers (sliding windows). A shared prompt runs at its exact length (padding it would put the
-        padding inside the cache).
-        """
-        from transformers import DynamicCache
-
-        from posttrain.models.load import cache_kwarg
-
-        share = self.plain_cache and not (decoder.training and getattr(decoder, "gradient_checkpointing", False))
-        groups: dict[tuple[int, ...], list[int]] = {}
-        prefix_of: list[int] = []
-        for j, (row, start, end) in enumerate(spans):
-            scored = (target_ids[row, start:end] != IGNORE).nonzero()
-            p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
-            prefix_of.append(p)
-            key = (p, *input_ids[row, start : start + p].tolist()) if share else (j,)
-            groups.setdefault(key, []).append(j)
-        pieces: list[torch.Tensor | None] = [None] * len(spans)
-        for members in groups.values():
-            if len(members) == 1:
-                row, start, end = spans[members[0]]
-                n = end - start
-                width = -(-n // SHAPE_QUANTUM) * SHAPE_QUANTUM
-                ids = torch.nn.functional.pad(input_ids[row, start:end], (0, width - n))[None]
-                positions = torch.arange(width, device=ids.device)[None]
-                pieces[members[0]] = decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :n]
-                continue
-            row, start, _ = spans[members[0]]
-            p = prefix_of[members[0]]
-            cache = DynamicCache(config=decoder.config)
-            ids = input_ids[row, start : start + p][None]
-            shared = decoder(input_ids=ids, position_ids=torch.arange(p, device=ids.device)[None], use_cache=True, **{cache_kwarg(decoder): cache})[0]
-            rest = [spans[j][2] - spans[j][1] - p for j in members]
-            width = -(-max(rest) // SHAPE_QUANTUM) * SHAPE_QUANTUM
-            after = shared
-            if width:
-                ids = torch.stack([torch.nn.functional.pad(input_ids[r, s + p : e], (0, width - (e - s - p))) for r, s, e in (spans[j] for j in members)])
-                positions = torch.arange(p, p + width, device=ids.device).expand(len(members), -1)
-                expanded = DynamicCache(config=decoder.config)
-                for layer, cached in enumerate(cache.layers):
-                    expanded.update(cached.keys.expand(len(members), -1, -1, -1), cached.values.expand(len(members), -1, -1, -1), layer)
-                after = decoder(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg(decoder): expanded})[0]
-            for k, j in enumerate(members):
-                pieces[j] = torch.cat([shared, after[k : k + 1, : rest[k]]], dim=1) if rest[k] else shared
-        return pieces  # type: ignore[return-value]
-
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -232,60 +121,6 @@ class HeapTrimmer:
         self.trims += 1
 
 
-def pack(examples: list[dict], pad_id: int) -> Batch:
-    """The sequences packed into rows as wide as the longest (best fit, longest first): no padding between them.
-
-    Each position attends only within its own sequence (position ids restart at 0 and the model gets no
-    attention mask; see :mod:`posttrain.data.packing`). ``segments[k].index`` is the sequence's place in
-    ``examples``.
-    """
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    return collate_packed(examples, best_fit_decreasing(lengths, max(lengths)), pad_id)
-
-
-def example_ids(batch: Batch) -> torch.Tensor:
-    """[R,T]: the place in the packed list of the sequence each position belongs to; -1 for padding."""
-    ids = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
-    for s in batch.segments:
-        ids[s.row, s.start : s.end] = s.index
-    return ids
-
-
-def run_logps(module: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums, counts) of every sequence of a packed batch, in the order they were packed (``segments[k].index``)."""
-    b = batch.to(device)
-    spans = [(s.row, s.start, s.end) for s in sorted(batch.segments, key=lambda s: s.index)]
-    return module(b.input_ids, b.position_ids, b.attention_mask, b.target_ids, example_ids(batch).to(device), spans)
-
-
-def pair_examples(data: TokenizedData, pairs: list[int], mismatched: bool = False) -> list[dict]:
-    """``[chosen of each pair..., rejected of each pair...]`` (pair i is examples 2i and 2i+1).
-
-    With ``mismatched`` (KTO), a third block: pair i's prompt followed by pair (i+1)'s chosen response,
-    spliced at the token level where the response starts. The partner is fixed (i+1 modulo the number of
-    pairs), not drawn per batch, so the reference log-probs of these rows can be precomputed too.
-    """
-    chosen = [data[2 * i] for i in pairs]
-    rejected = [data[2 * i + 1] for i in pairs]
-    extra = [splice(data[2 * i], data[2 * ((i + 1) % (len(data) // 2))]) for i in pairs] if mismatched else []
-    return chosen + rejected + extra
-
-
-def pair_batch(data: TokenizedData, pairs: list[int], pad_id: int, mismatched: bool = False) -> Batch:
-    """The pairs' sequences (:func:`pair_examples`' order) packed into rows for one forward pass."""
-    return pack(pair_examples(data, pairs, mismatched), pad_id)
-
-
-def splice(prompt_of: dict, response_of: dict) -> dict:
-    """``prompt_of``'s tokens before its first scored token, then ``response_of``'s tokens from its first scored one."""
-    a = int(np.flatnonzero(np.asarray(prompt_of["labels"]) != IGNORE)[0])
-    b = int(np.flatnonzero(np.asarray(response_of["labels"]) != IGNORE)[0])
-    return {
-        "input_ids": np.concatenate([np.asarray(prompt_of["input_ids"][:a]), np.asarray(response_of["input_ids"][b:])]),
-        "labels": np.concatenate([np.full(a, IGNORE), np.asarray(response_of["labels"][b:])]),
-    }
-
-
 def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch.Tensor, ...] | None, kl: torch.Tensor | None = None):
     """The configured variant on one micro-batch: (per-pair loss, chosen rewards, rejected rewards).
 
@@ -319,137 +154,6 @@ def preference_loss(cfg: DPOConfig, pc, pr, counts_c, counts_r, ref: tuple[torch
 def preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
     """How many pairs the policy prefers the right way; a tie (as at step 0, policy = reference) counts half."""
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).sum().item()
-
-
-def sampler_reference(cfg: DPOConfig, model: torch.nn.Module) -> dict[str, float]:
-    """{:func:`~posttrain.synth.label.reference_key`: summed log-prob} recorded in the pairs' ``meta["reference"]`` by ``model``.
-
-    Only entries measured on these very weights (their fingerprint) in this run's precision count: fp32
-    sampling for an fp32 reference (bf16 sampling casts the weights, bf16 training autocasts, and the two
-    round differently). Read from a local JSON Lines file (what ``posttrain label`` writes); other sources
-    give none. The fingerprint is computed only if some record carries log-probs.
-    """
-    path = Path(cfg.data.path)
-    if cfg.train.bf16 or cfg.model.dtype != "float32" or not path.is_file() or path.suffix != ".jsonl":
-        return {}
-    recorded = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                meta = json.loads(line).get("meta") if line.strip() else None
-            except (json.JSONDecodeError, AttributeError):
-                continue  # reading the data proper reports it
-            ref = meta.get("reference") if isinstance(meta, dict) else None
-            if isinstance(ref, dict) and ref.get("precision") == "float32":
-                recorded.append(ref)
-    if not recorded:
-        return {}
-    fingerprint = weights_fingerprint(model)
-    given = {}
-    for ref in (r for r in recorded if r.get("model") == fingerprint):
-        for side in ("chosen", "rejected"):
-            entry = ref.get(side)
-            if isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("logp"), (int, float)):
-                given[entry["key"]] = float(entry["logp"])
-    return given
-
-
-def _sequence_key(example: dict) -> str | None:
-    """:func:`~posttrain.synth.label.reference_key` of an example: its tokens before the scored run, and the run; None if not one run."""
-    from posttrain.synth.label import reference_key
-
-    ids, scored = np.asarray(example["input_ids"]), np.flatnonzero(np.asarray(example["labels"]) != IGNORE)
-    if not len(scored) or scored[-1] - scored[0] + 1 != len(scored):
-        return None
-    return reference_key(ids[: scored[0]].tolist(), ids[scored[0] : scored[-1] + 1].tolist())
-
-
-class ReferenceTable(NamedTuple):
-    table: np.ndarray  # [pairs, 2 or 3] summed log-probs
-    from_cache: bool
-    taken: int  # sequences whose log-prob the sampler had recorded (``given``)
-    shares: list[int]  # sequences each process scored
-
-
-def reference_logps(
-    module: torch.nn.Module,
-    data: TokenizedData,
-    pad_id: int,
-    cfg: DPOConfig,
-    rt: Runtime,
-    cache_root: Path | None = None,
-    given: dict[str, float] | None = None,
-    fingerprint: str | None = None,
-) -> ReferenceTable:
-    """[pairs, 2] summed reference log-probs (chosen, rejected; and mismatched for KTO) of the initial model, with where they came from.
-
-    Cached under sha256(tokenized pairs, weights, precision, version): a second run with the same data
-    and starting model reads them instead of running the reference forward passes again. ``given``
-    (:func:`sampler_reference`): log-probs already measured, by sequence; only the other sequences run.
-    ``fingerprint``: :func:`weights_fingerprint` of ``module``, taken before it was sharded (FSDP).
-
-    Several processes split the work: the sequences still to score are packed once (the same rows on
-    every process), each process runs a contiguous share of the forward passes, and one sum over the
-    processes gives everyone the whole table (no process waits idle while another scores everything).
-    """
-    mismatched = cfg.dpo.loss_type == "kto"
-    key = hashlib.sha256(
-        json.dumps([data.key, fingerprint or weights_fingerprint(module), cfg.train.bf16, cfg.model.dtype, mismatched, REFERENCE_VERSION]).encode()
-    ).hexdigest()[:24]
-    root = cache_root or zoo.cache_dir() / "reference"
-    path = root / key / "logps.npy"
-    # Rank 0 decides and everyone follows: a process must not skip the collectives below on its own.
-    if rt.any(rt.main and path.exists()):
-        return ReferenceTable(np.load(path), True, 0, [0] * rt.world)
-    n = len(data) // 2
-    columns = 3 if mismatched else 2
-    examples = pair_examples(data, list(range(n)), mismatched)  # column j of pair i is example j·n + i
-    by_column = np.full((columns, n), np.nan, dtype=np.float64)
-    flat = by_column.reshape(-1)  # a view: flat[j·n + i] is by_column[j, i]
-    if given:
-        for j, ex in enumerate(examples):
-            seq = _sequence_key(ex)
-            if seq is not None and seq in given:
-                flat[j] = given[seq]
-    todo = np.flatnonzero(np.isnan(flat)).tolist()
-    taken = len(flat) - len(todo)
-    shares = [0] * rt.world
-    # The sequences still to score packed at once (best fit, longest first), then a training forward's
-    # worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
-    lengths = [len(examples[i]["input_ids"]) for i in todo]
-    rows = [[todo[i] for i in row] for row in best_fit_decreasing(lengths, max(lengths))] if todo else []
-    per_forward = columns * cfg.train.micro_batch_size
-    groups = [rows[k : k + per_forward] for k in range(0, len(rows), per_forward)]
-    mine = list(rt.share(groups))
-    # Sharded weights: every process runs as many forwards as the busiest (a repeat's result is unused).
-    work = rt.balance(mine, filler=groups[0]) if rt.sharded and groups else [(g, 1.0) for g in mine]
-    scored = np.zeros(len(flat) + rt.world, dtype=np.float64)  # the log-probs, then how many each process scored
-    with torch.no_grad():
-        for group, weight in work:
-            members = [i for row in group for i in row]
-            local = {i: place for place, i in enumerate(members)}
-            batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
-            with rt.autocast():
-                sums, _ = run_logps(module, batch, rt.device)
-            if weight:
-                scored[members] = sums.double().cpu().numpy()
-                scored[len(flat) + rt.rank] += len(members)
-    rt.reshard(module)
-    if todo:
-        summed = rt.sum_array(scored)  # each sequence was scored by exactly one process
-        flat[todo] = summed[todo]
-        shares = [int(n) for n in summed[len(flat) :]]
-    release_freed_memory(rt.device)
-    table = np.ascontiguousarray(by_column.T)
-    if rt.main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        np.save(tmp / "logps.npy", table)
-        try:
-            tmp.rename(path.parent)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ReferenceTable(table, False, taken, shares)
 
 
 @dataclass
@@ -525,6 +229,7 @@ def train(config: DPOConfig) -> DPOResult:
             ref_eval_table = reference_logps(logps_module, eval_data, pad_id, cfg, rt, given=given, fingerprint=fingerprint).table
         else:
             ref_eval_table = ref_table
+        release_freed_memory(rt.device)
     model.train()
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)

@@ -228,7 +228,7 @@ def train(config: GRPOConfig) -> RunResult:
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     updates = total * g.updates_per_batch
     scheduler = loop.make_scheduler(optimizer, cfg.train, updates)
-    identity = loop.run_identity(cfg, data=_prompts_key(prompt_ids), batch=g.prompts_per_step)
+    identity = loop.run_identity(cfg, data=loop.content_key(prompt_ids), batch=g.prompts_per_step)
     start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
     pad_id = engine.pad_token_id
     mb = cfg.train.micro_batch_size
@@ -374,13 +374,6 @@ def train(config: GRPOConfig) -> RunResult:
     rt.barrier()
     rt.close()
     return RunResult(run_dir, final, total, losses, rewards_log, reference.kind)
-
-
-def _prompts_key(prompt_ids: list[list[int]]) -> str:
-    """A content hash of the encoded prompts, for the resume guard."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:24]
 
 
 def plot_rewards(run_dir: Path, title: str) -> Path | None:

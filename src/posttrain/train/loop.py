@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.train.runtime import Runtime
-
 import numpy as np
 import torch
+
+from posttrain.train.runtime import Runtime
 
 CHECKPOINT_DIR = "checkpoints"
 SHARDED_DIR = "sharded"  # a checkpoint's torch.distributed.checkpoint files, under FSDP
@@ -310,6 +310,13 @@ _FREE_SETTINGS = {
     "train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.device", "train.dist_timeout_s",
     "train.micro_batch_size", "train.grad_accum", "train.compile", "data.eval_path",
 }  # fmt: skip
+
+
+def content_key(obj: Any) -> str:
+    """A short content hash of JSON-able ``obj`` (prompt token ids, pairs): the data key of loops that do not tokenize through the cache."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:24]
 
 
 def run_identity(cfg: Any, *, data: str, batch: int) -> dict[str, Any]:

@@ -310,7 +310,7 @@ def train(config: PPOConfig) -> RunResult:
     optimizer = loop.make_optimizer(policy, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     total_updates = total * updates_per_step
     scheduler = loop.make_scheduler(optimizer, cfg.train, total_updates)
-    identity = loop.run_identity(cfg, data=_prompts_key(prompt_ids), batch=minibatch * rt.world)
+    identity = loop.run_identity(cfg, data=loop.content_key(prompt_ids), batch=minibatch * rt.world)
     start, checkpoint, metrics = loop.start_run(run_dir, cfg, policy, optimizer, scheduler, rt, identity)
     samples_path = run_dir / "samples.jsonl"
     if rt.main:
@@ -467,13 +467,6 @@ def _std(n: float, total: float, squares: float) -> float:
         return 0.0
     mean = total / n
     return math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1))
-
-
-def _prompts_key(prompt_ids: list[list[int]]) -> str:
-    """A content hash of the encoded prompts, for the resume guard."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:24]
 
 
 def plot_rewards(run_dir: Path, title: str) -> Path | None:

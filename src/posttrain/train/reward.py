@@ -192,7 +192,7 @@ def train(config: RewardConfig) -> RunResult:
     step_module = rt.wrap(model, lm)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
-    identity = loop.run_identity(cfg, data=_pairs_key(pairs, train_idx), batch=pairs_per_step)
+    identity = loop.run_identity(cfg, data=loop.content_key([pairs[i] for i in train_idx]), batch=pairs_per_step)
     start, checkpoint, metrics = loop.start_run(run_dir, cfg, model, optimizer, scheduler, rt, identity)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -263,16 +263,6 @@ def train(config: RewardConfig) -> RunResult:
     rt.barrier()
     rt.close()
     return RunResult(run_dir, final, total, losses, eval_accuracy, logged)
-
-
-def _pairs_key(pairs: list[Pair], train_idx: list[int]) -> str:
-    """A content hash of the training pairs' tokens, for the resume guard."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for i in train_idx:
-        h.update(json.dumps(pairs[i]).encode())
-    return h.hexdigest()[:24]
 
 
 def freeze_unused_output_head(lm: torch.nn.Module) -> None:
