@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from hub_fixtures import COMMIT_A, COMMIT_B, add_dataset, add_model, offline_hub, set_ref
 from sft_fixtures import cli, read_metrics, sft_config, subprocess_env, write_color_data, write_yaml
 
@@ -77,6 +78,17 @@ def test_gpu_examples_pass_full_validation_against_a_hub_cache(tmp_path, monkeyp
     add_model(cache, "Qwen/Qwen2.5-0.5B-Instruct")
     cfg = load_config(sft, cls=SFTConfig)
     assert cfg.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.adapter.kind == "lora"
+    # The 7B examples: FSDP full fine-tuning passes; QLoRA is refused here only for want of CUDA.
+    add_model(cache, "Qwen/Qwen2.5-7B-Instruct")
+    fsdp = load_config(ROOT / "examples" / "sft_qwen2.5_7b_fsdp.yaml", cls=SFTConfig)
+    assert fsdp.train.distributed == "fsdp" and fsdp.data.row_width == 4096
+    qlora = ROOT / "examples" / "sft_qwen2.5_7b_qlora.yaml"
+    if torch.cuda.is_available():
+        assert load_config(qlora, cls=SFTConfig).adapter.quantize == "4bit"
+    else:
+        with pytest.raises(ConfigError) as err:
+            load_config(qlora, cls=SFTConfig)
+        assert err.value.problems == [p for p in err.value.problems if p.startswith("adapter.quantize:") and "CUDA" in p] and err.value.problems
     # `posttrain run` validates a pipeline with its loader, then its model, before any stage.
     pipeline = load_pipeline(ROOT / "examples" / "pipeline_qwen2.5_0.5b.yaml")
     assert pipeline.model == "Qwen/Qwen2.5-0.5B-Instruct" and model_problem(pipeline.model) is None
