@@ -67,8 +67,6 @@ class Runtime:
         ``train`` is a ``TrainConfig`` (``device``, ``bf16``, ``distributed``, ``dist_timeout_s``); None
         means defaults (the best device, fp32, DDP).
         """
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         wanted = getattr(train, "device", None)
         if wanted in (None, "cuda") and torch.cuda.is_available():
@@ -86,8 +84,8 @@ class Runtime:
             owns = True
         group = dist.is_available() and dist.is_initialized()
         return cls(
-            rank=rank if group else 0,
-            world=world if group else 1,
+            rank=dist.get_rank() if group else 0,  # the group's own numbering (a group started elsewhere too)
+            world=dist.get_world_size() if group else 1,
             local_rank=local,
             device=device,
             bf16=bool(getattr(train, "bf16", False)),
