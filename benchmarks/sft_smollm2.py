@@ -19,7 +19,8 @@ from datetime import date
 from pathlib import Path
 
 from posttrain.config import load_config
-from posttrain.data.formats import read_records, to_format
+from posttrain.data.convert import to_format
+from posttrain.data.formats import read_records
 from posttrain.models.fetch import fetch
 from posttrain.records import write_jsonl
 from posttrain.train import sft

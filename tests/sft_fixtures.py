@@ -120,7 +120,8 @@ def free_port() -> int:
 def torchrun(
     subcommand: str, config_file: Path, *args: str, probe: Path | None = None, cache: Path | None = None, nproc: int = 2, timeout: int = 300
 ) -> None:
-    """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each.
+    """``torchrun --nproc_per_node 2 -m posttrain.cli SUBCOMMAND --config FILE ARGS`` on CPU (gloo), one thread each
+    (``SUBCOMMAND`` may be two words: ``"rm train"``).
 
     ``probe``: run through ``tests/collective_probe.py`` instead, which writes each rank's collectives to
     ``probe/rank-N.json`` (see :func:`probed_collectives`). ``cache``: a cache directory of its own
@@ -133,7 +134,7 @@ def torchrun(
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        *entry, subcommand, "--config", str(config_file), *args,
+        *entry, *subcommand.split(), "--config", str(config_file), *args,
     ]  # fmt: skip
     extra = {"OMP_NUM_THREADS": "1"}
     if cache is not None:
@@ -158,6 +159,35 @@ def probed_collectives(probe: Path, nproc: int = 2) -> list[list[list[str | None
     assert not wrong, f"collectives with tensors off the group's device ({device}): {wrong[:5]}"
     assert calls[0], "no collective was recorded"
     return calls
+
+
+def kill_at_step(proc: Any, run_dir: Path, step: int, *, group: bool = False, log: Path | None = None, timeout: float = 120) -> None:
+    """SIGKILL the training process ``proc`` (its whole process group with ``group``: torchrun and its ranks)
+    as soon as ``run_dir``'s metrics reach ``step``; fail the test if it ends or stalls first. Waits for it."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    kill = (lambda: os.killpg(proc.pid, signal.SIGKILL)) if group else (lambda: os.kill(proc.pid, signal.SIGKILL))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            rows = read_metrics(run_dir)
+            if rows and rows[-1]["step"] >= step:
+                kill()
+                return
+            if proc.poll() is not None:
+                shown = f"; log:\n{log.read_text()[-3000:]}" if log is not None and log.exists() else ""
+                pytest.fail(f"the run ended (rc {proc.returncode}) before step {step} was seen{shown}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"step {step} not logged within {timeout:.0f} s")
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            kill()
+        proc.wait()
 
 
 @contextmanager

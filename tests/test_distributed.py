@@ -113,28 +113,11 @@ def test_reward_model_under_torchrun_matches_one_process(tmp_path):
     }
     with torch_threads(1):
         reward.train(load_config({**base, "train": {**base["train"], "grad_accum": 2}, "output_dir": str(tmp_path / "single")}, cls=RewardConfig))
-    torchrun_rm(write_yaml({**base, "output_dir": str(tmp_path / "ddp")}, tmp_path / "ddp.yaml"), tmp_path / "probe")
+    torchrun("rm train", write_yaml({**base, "output_dir": str(tmp_path / "ddp")}, tmp_path / "ddp.yaml"), probe=tmp_path / "probe")
     one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert_same_run(one, two, ("loss", "grad_norm", "accuracy", "eval_loss", "eval_accuracy"))
     assert (tmp_path / "ddp" / "final" / reward.SCORE_HEAD).exists()
     probed_collectives(tmp_path / "probe")
-
-
-def torchrun_rm(config_file: Path, probe: Path) -> None:
-    """``posttrain rm train`` under torchrun (its subcommand is two words)."""
-    import subprocess
-    import sys
-
-    from sft_fixtures import free_port, subprocess_env
-
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(Path(__file__).parent / "collective_probe.py"), "rm", "train", "--config", str(config_file),
-    ]  # fmt: skip
-    probe.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1", POSTTRAIN_PROBE_DIR=str(probe)), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def test_ppo_runs_under_torchrun(tmp_path):

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import time
 
-import pytest
 from test_dpo import dpo_config, write_pairs
 from typer.testing import CliRunner
 
 from posttrain.cli import app
 from posttrain.config import load_config
 from posttrain.train import dpo, loop
-from sft_fixtures import cli, read_metrics, subprocess_env, torch_threads, torchrun, write_yaml
+from sft_fixtures import cli, kill_at_step, read_metrics, subprocess_env, torch_threads, torchrun, write_yaml
 
 STEPS = 24
 
@@ -44,20 +41,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
     run = tmp_path / "run"
     config_file = write_yaml({**base, "output_dir": str(run)}, tmp_path / "dpo.yaml")
     proc = subprocess.Popen(cli("dpo", "--config", str(config_file)), env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            rows = read_metrics(run)
-            if rows and rows[-1]["step"] >= 6:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the run ended or stalled before step 6 (rc {proc.returncode})")
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    kill_at_step(proc, run, 6)
     assert proc.returncode == -signal.SIGKILL
     assert loop.latest_checkpoint(run).name == "step-4"
     result = CliRunner().invoke(app, ["dpo", "--config", str(config_file), "--resume"])

@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from chat_fixtures import assistant, system, user
-from posttrain.data.formats import (
-    ConvertError,
-    DataError,
-    ReadReport,
-    convert_records,
-    detect_format,
-    read_records,
-    to_format,
-)
+from posttrain.data.convert import ConvertError, convert_records, to_format
+from posttrain.data.formats import DataError, ReadReport, detect_format, read_records
 from posttrain.records import kind_of
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "data"

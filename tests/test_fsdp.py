@@ -10,11 +10,8 @@ from its sharded checkpoint to the uninterrupted run's losses.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from safetensors.torch import load_file
 from sft_fixtures import (
     PROMPTS,
     free_port,
+    kill_at_step,
     probed_collectives,
     read_metrics,
     sft_config,
@@ -118,20 +116,7 @@ def test_fsdp_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
     run = tmp_path / "run"
     config_file = write_yaml(sft_config(data, run, **base), tmp_path / "run.yaml")
     proc = launch(config_file)
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            rows = read_metrics(run)
-            if rows and rows[-1]["step"] >= 6:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the run ended or stalled before step 6 (rc {proc.returncode})")
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_at_step(proc, run, 6, group=True, timeout=240)  # torchrun and both ranks, mid-run
     latest = loop.latest_checkpoint(run)
     assert latest is not None and int(latest.name.split("-")[1]) < 16, "the kill should land before the run's end"
     torchrun("sft", config_file, "--resume")

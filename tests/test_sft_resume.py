@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from posttrain.cli import app
 from posttrain.config import load_config
 from posttrain.train import loop
 from posttrain.train.sft import train
-from sft_fixtures import cli, read_metrics, sft_config, subprocess_env, torch_threads, write_color_data, write_yaml
+from sft_fixtures import cli, kill_at_step, read_metrics, sft_config, subprocess_env, torch_threads, write_color_data, write_yaml
 
 runner = CliRunner()
 
@@ -75,23 +74,9 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
     log = (tmp_path / "killed.log").open("w")
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cli("sft", "--config", str(config_file)), env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            rows = read_metrics(run)
-            if rows and rows[-1]["step"] >= KILL_AT:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            if proc.poll() is not None:
-                output = (tmp_path / "killed.log").read_text()[-3000:]
-                pytest.fail(f"the run ended (rc {proc.returncode}) before step {KILL_AT} was seen; log:\n{output}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"step {KILL_AT} not logged within 120 s")
-            time.sleep(0.002)
+        kill_at_step(proc, run, KILL_AT, log=tmp_path / "killed.log")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL, f"the run finished before it could be killed (rc {proc.returncode}); make it slower"
 

@@ -353,19 +353,16 @@ def prepare(
     read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
     if world > 1:
         read["tokenized_by_process"] = [(r + 1) * total // world - r * total // world for r in range(world)]  # records each tokenized
+    stats = RenderStats()
+    for c in chunks:
+        stats.merge(c.stats)
     root.mkdir(parents=True, exist_ok=True)
     if world == 1:
-        stats = RenderStats()
-        for c in chunks:
-            stats.merge(c.stats)
         _publish(root, key, lambda tmp: write_entry(tmp, chunks, stats, read))
     else:
         parts = root / f".parts-{key}"
         mine_dir = parts / f"{rank:05d}"
         shutil.rmtree(mine_dir, ignore_errors=True)
-        stats = RenderStats()
-        for c in chunks:
-            stats.merge(c.stats)
         write_entry(mine_dir, chunks, stats, read)
         del chunks
         group.barrier()

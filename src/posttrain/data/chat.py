@@ -169,7 +169,7 @@ class ChatRenderer:
         """A canonical record as text plus the character spans to train."""
         kind = kind_of(record)
         if kind == "conversation":
-            return self._conversation(record["messages"], record.get("tools"), 0)
+            return self.conversation_record(record["messages"], record.get("tools"), 0)
         if kind == "prompt_completion":
             return self._pair(record["prompt"], record["completion"], record.get("tools"))
         if kind == "preference":
@@ -181,9 +181,9 @@ class ChatRenderer:
             text = prompt + completion
             spans = [(0, len(text))] if self.options.train_on == "all" else [(len(prompt), len(text))]
             return Rendered(text, spans, add_special_tokens=True, append_eos=True)
-        return self._conversation(prompt + completion, tools, len(prompt))
+        return self.conversation_record(prompt + completion, tools, len(prompt))
 
-    def _conversation(self, messages: list[dict], tools: list | None, trainable_from: int) -> Rendered:
+    def conversation_record(self, messages: list[dict], tools: list | None, trainable_from: int) -> Rendered:
         if self.options.train_on == "all":
             full = self.render_chat(messages, tools)
             return Rendered(full, [(0, len(full))])

@@ -1,4 +1,4 @@
-"""Instruction-data formats: detect, validate, convert to canonical records, and convert back out.
+"""Instruction-data formats: detect, validate and convert to canonical records (back out: :mod:`posttrain.data.convert`).
 
 Readers: Alpaca, ShareGPT (``from``/``value``), OpenAI-style messages (with ``tool_calls`` and
 ``tools``), prompt/completion (text or messages; ``response`` is accepted for ``completion``, as in
@@ -14,13 +14,13 @@ formats are small, and no library validates them with errors a person can act on
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.data.sources import Problem, RawItem, describe, read_raw
-from posttrain.records import ROLES, Location, Record, kind_of, write_jsonl
+from posttrain.records import ROLES, Location, Record, write_jsonl
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "preference", "ifeval")
 
@@ -218,7 +218,7 @@ def _tools(c: _Checker, record: dict, key: str = "tools") -> list | None:
     return tools
 
 
-def _conversation(messages: list[dict], tools: list | None) -> Record:
+def conversation_record(messages: list[dict], tools: list | None) -> Record:
     return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
@@ -233,7 +233,7 @@ def from_messages(record: dict, location: Location) -> Record:
         messages = check_messages(c, messages, "messages")
     tools = _tools(c, record)
     c.done()
-    return _conversation(messages, tools)
+    return conversation_record(messages, tools)
 
 
 def from_sharegpt(record: dict, location: Location) -> Record:
@@ -277,7 +277,7 @@ def from_sharegpt(record: dict, location: Location) -> Record:
     if c.problems:  # re-point message paths at the ShareGPT fields the user wrote
         c.problems = [_sharegpt_path(p, origin) for p in c.problems]
     c.done()
-    return _conversation(checked, tools)
+    return conversation_record(checked, tools)
 
 
 def _parse_calls(c: _Checker, value: Any, path: str) -> list:
@@ -537,76 +537,3 @@ def write_rejects(path: str | Path, report: ReadReport) -> int:
             for item, problems in report.rejected
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing out: canonical record -> another format
-
-
-class ConvertError(ValueError):
-    pass
-
-
-def to_format(record: Record, target: str) -> dict:
-    """Convert a canonical record to ``target`` (one of :data:`FORMATS`); raises ConvertError when it cannot."""
-    kind = kind_of(record)
-    if target == "ifeval":
-        if kind != "verifiable":
-            raise ConvertError(f"a {kind} record has no instructions to check; only ifeval records convert to ifeval")
-        return record
-    if target == "preference":
-        if kind != "preference":
-            raise ConvertError(f"a {kind} record has no rejected response; only preference records convert to preference")
-        return record
-    if kind in ("preference", "verifiable"):
-        raise ConvertError(f"a {kind} record converts only to {'preference' if kind == 'preference' else 'ifeval'}")
-    if kind == "prompt_completion":
-        if isinstance(record["prompt"], str):
-            if target in ("prompt_completion",):
-                return record
-            messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-        else:
-            messages = record["prompt"] + record["completion"]
-        record = _conversation(messages, record.get("tools"))
-    messages = record["messages"]
-    if target == "messages":
-        return record
-    if target == "prompt_completion":
-        final = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        if final != len(messages) - 1:
-            raise ConvertError(f"the conversation ends with a {messages[-1]['role']} turn after its last assistant turn; prompt/completion would lose it")
-        cut = max(i for i, m in enumerate(messages[:final]) if m["role"] in ("user", "tool"))
-        out = {"prompt": messages[: cut + 1], "completion": messages[cut + 1 :]}
-        if record.get("tools"):
-            out["tools"] = record["tools"]
-        return out
-    if target == "sharegpt":
-        inverse = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
-        turns = []
-        for m in messages:
-            if m.get("tool_calls"):
-                if m["content"]:
-                    turns.append({"from": "gpt", "value": m["content"]})
-                calls = [call["function"] for call in m["tool_calls"]]
-                turns.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
-            else:
-                turns.append({"from": inverse[m["role"]], "value": m["content"]})
-        out = {"conversations": turns}
-        if record.get("tools"):
-            out["tools"] = json.dumps(record["tools"], ensure_ascii=False)
-        return out
-    if target == "alpaca":
-        body = [m for m in messages if m["role"] != "system"]
-        if len(body) != 2 or body[0]["role"] != "user" or body[1]["role"] != "assistant" or body[1].get("tool_calls"):
-            raise ConvertError("only a single user→assistant exchange converts to alpaca; this conversation has roles " + str([m["role"] for m in messages]))
-        out = {"instruction": body[0]["content"], "input": "", "output": body[1]["content"]}
-        system = [m["content"] for m in messages if m["role"] == "system"]
-        if system:
-            out["system"] = system[0]
-        return out
-    raise ConvertError(f"unknown target format {target!r}; choose one of {', '.join(FORMATS)}")
-
-
-def convert_records(records: Iterable[Record], target: str) -> Iterator[dict]:
-    for record in records:
-        yield to_format(record, target)

@@ -370,7 +370,7 @@ def evaluate(
     chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
     kl = z0(chunks, data, table, pairs[:1]) if cfg.dpo.loss_type == "kto" else None
     with torch.no_grad():
-        for chunk, weight in rt.balance(chunks, filler=pairs[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
+        for chunk, weight in rt.forwards(chunks, filler=pairs[:1]):
             m = len(chunk)
             batch = pair_batch(data, chunk, pad_id)
             ref = reference(chunk, batch, table)

@@ -400,12 +400,10 @@ def train(config: PPOConfig) -> RunResult:
         totals = dict(zip(sums, rt.sum(*sums.values())))
         total_tokens = rt.total(total_tokens)
         per_token = {k: v / max(total_tokens, 1.0) for k, v in totals.items()}
-        n, score_sum, score_sq, kl_sum, ret_sum, trunc, length_sum = rt.sum(
+        n, score_sum, score_sq, kl_sum, ret_sum, trunc, response_tokens, entropy_sum, value_sum, adv_sum, adv_sq = rt.sum(
             len(raw_scores), float(raw_scores.sum()), float((raw_scores.double() ** 2).sum()), float(kl_per_seq.sum()),
             float((scores - ppo.kl_coef * kl_per_seq).sum()), float(truncated.float().sum()), float(mask.sum()),
-        )  # fmt: skip
-        entropy_sum, value_sum, adv_n, adv_sum, adv_sq = rt.sum(
-            float((entropy * mask).sum()), float((old_values * mask).sum()), int(mask.sum()), float(advantages[mask].double().sum()),
+            float((entropy * mask).sum()), float((old_values * mask).sum()), float(advantages[mask].double().sum()),
             float((advantages[mask].double() ** 2).sum()),
         )  # fmt: skip
         reward_mean = score_sum / n
@@ -415,15 +413,15 @@ def train(config: PPOConfig) -> RunResult:
             "reward_std": _std(n, score_sum, score_sq),
             "kl": kl_sum / n,
             "return": ret_sum / n,
-            "entropy": entropy_sum / max(adv_n, 1),
+            "entropy": entropy_sum / max(response_tokens, 1),
             "policy_loss": per_token["policy_loss"],
             "value_loss": per_token["value_loss"],
             "loss": per_token["policy_loss"] + ppo.vf_coef * per_token["value_loss"],
             "clip_fraction": per_token["clip_fraction"],
             "approx_kl": per_token["approx_kl"],
-            "value_mean": value_sum / max(adv_n, 1),
-            "advantage_std": _std(adv_n, adv_sum, adv_sq),
-            "response_length": length_sum / n,
+            "value_mean": value_sum / max(response_tokens, 1),
+            "advantage_std": _std(response_tokens, adv_sum, adv_sq),
+            "response_length": response_tokens / n,
             "truncated": trunc / n,
             "lr": lr,
             "grad_norm": max(grad_norms),

@@ -130,7 +130,7 @@ def reference_logps(
     groups = [rows[k : k + per_forward] for k in range(0, len(rows), per_forward)]
     mine = list(rt.share(groups))
     # Sharded weights: every process runs as many forwards as the busiest (a repeat's result is unused).
-    work = rt.balance(mine, filler=groups[0]) if rt.sharded and groups else [(g, 1.0) for g in mine]
+    work = rt.forwards(mine, filler=groups[0] if groups else None)
     scored = np.zeros(len(flat) + rt.world, dtype=np.float64)  # the log-probs, then how many each process scored
     with torch.no_grad():
         for group, weight in work:

@@ -286,7 +286,7 @@ def evaluate(
     mine = pairs[rt.rank :: rt.world]
     chunks = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
     with torch.no_grad():
-        for chunk, weight in rt.balance(chunks, filler=pairs[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
+        for chunk, weight in rt.forwards(chunks, filler=pairs[:1]):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
                 chosen, rejected = pair_scores(model, chunk, pad_id, device)
             batch_loss, accuracy = bradley_terry_loss(chosen, rejected)

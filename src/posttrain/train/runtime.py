@@ -186,6 +186,11 @@ class Runtime:
         spare = batches[0] if batches else filler
         return [(batches[k], 1.0) if k < len(batches) else (spare, 0.0) for k in range(n)]  # type: ignore[misc]
 
+    def forwards(self, batches: Sequence[T], filler: T | None = None) -> list[tuple[T, float]]:
+        """:meth:`balance` where the forward pass itself is a collective (FSDP gathers each layer); elsewhere the
+        batches as they are, each with weight 1 (passes without a backward, e.g. evaluation)."""
+        return self.balance(batches, filler) if self.sharded else [(b, 1.0) for b in batches]
+
     # -- the model -------------------------------------------------------------------------------
 
     def wrap(self, module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:

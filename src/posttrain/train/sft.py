@@ -186,7 +186,7 @@ def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[
     with torch.no_grad():
         mine = rows[rt.rank :: rt.world]
         chunks = [mine[k : k + cfg.train.micro_batch_size] for k in range(0, len(mine), cfg.train.micro_batch_size)]
-        for chunk, weight in rt.balance(chunks, filler=rows[:1]) if rt.sharded else [(c, 1.0) for c in chunks]:
+        for chunk, weight in rt.forwards(chunks, filler=rows[:1]):
             batch = collate(data, chunk, cfg.data.packing, pad_id).to(rt.device)
             with rt.autocast():
                 total += weight * float(module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))

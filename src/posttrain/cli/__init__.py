@@ -1,22 +1,22 @@
-"""`posttrain <stage>`: parse, validate, call the stage. No logic of its own beyond presenting results."""
+"""`posttrain <stage>`: parse, validate, call the stage. No logic of its own beyond presenting results.
+
+The data commands are :mod:`posttrain.cli.data`'s; what the commands share, :mod:`posttrain.cli.common`'s.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
+
+from posttrain.cli.common import TemplateOpt, err, fail, out, user_errors
+from posttrain.cli.data import data_app
 
 app = typer.Typer(
     help="posttrain: instruction tuning, end to end — data, SFT, preference learning, evaluation.",
@@ -24,259 +24,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-data_app = typer.Typer(help="Read, check, convert and tokenize instruction data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-out = Console()
-err = Console(stderr=True)
-
-
-class Format(str, Enum):
-    alpaca = "alpaca"
-    sharegpt = "sharegpt"
-    messages = "messages"
-    prompt_completion = "prompt_completion"
-    preference = "preference"
-    ifeval = "ifeval"
-
-
-class OnError(str, Enum):
-    stop = "stop"
-    skip = "skip"
-
-
-class TrainOn(str, Enum):
-    all_assistant = "all_assistant"
-    last_assistant = "last_assistant"
-    all = "all"
-
-
-class Overlong(str, Enum):
-    truncate = "truncate"
-    drop = "drop"
-
-
-FileArg = Annotated[str, typer.Argument(help="A .json, .jsonl or .parquet file, a local Hugging Face dataset directory, or a hub id.")]
-FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Force the input format instead of detecting it from the first record.")]
-OnErrorOpt = Annotated[OnError, typer.Option("--on-error", help="stop: list problems and fail. skip: drop bad records, write them with reasons to a rejects file.")]
-RejectsOpt = Annotated[Optional[Path], typer.Option("--rejects", help="Where --on-error skip writes bad records \\[default: FILE.rejects.jsonl beside the output, or in the current directory].")]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a dataset directory or hub dataset \\[default: train].")]
-SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="A hub dataset's subset (its configuration name), where it has several.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of a hub dataset \\[default: main].")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Tokenizer to use: a local model directory, a zoo name (tiny-llama, tiny-qwen2) or a hub id.")]
-TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: the tokenizer's own [default], a built-in name (chatml, alpaca) or a .jinja file.")]
-TrainOnOpt = Annotated[TrainOn, typer.Option("--train-on", help="Which tokens are trained: every assistant turn, the last one only, or all tokens.")]
-MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", help="Longest example in tokens; longer ones are handled by --overlong.", min=2)]
-NumProcOpt = Annotated[Optional[int], typer.Option(help="Processes for rendering \\[default: cores, up to 8].")]
-CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Tokenized-data cache \\[default: ~/.cache/posttrain/tokenized].")]
-OverlongOpt = Annotated[Overlong, typer.Option("--overlong", help="truncate: cut to --max-length (dropped if nothing trained remains). drop: drop the example.")]
-
-
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the errors people cause (bad data, bad paths, bad templates) into messages, not tracebacks."""
-    from posttrain.data.chat import TemplateError
-    from posttrain.data.formats import ConvertError, DataError
-
-    try:
-        yield
-    except (DataError, TemplateError, ConvertError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-
-
-def _rejects_path(file: str, rejects: Path | None) -> Path:
-    return rejects or Path(Path(file).name + ".rejects.jsonl")
-
-
-def _report_rejects(report, rejects: Path | None) -> None:
-    from posttrain.data.formats import write_rejects
-
-    if report.rejected:
-        path = _rejects_path(report.source, rejects)
-        write_rejects(path, report)
-        err.print(f"[yellow]skipped {len(report.rejected)} bad record(s) of {report.read}[/]; they and their reasons are in {escape(str(path))}")
-
-
-def _read(file: str, format: Format | None, on_error: OnError, rejects: Path | None, split: str | None, subset: str | None = None, revision: str | None = None):
-    from posttrain.data.formats import ReadReport, read_records
-
-    report = ReadReport(file)
-    records = read_records(file, format=format.value if format else None, on_error=on_error.value, split=split, subset=subset, revision=revision, report=report)
-    _report_rejects(report, rejects)
-    return records, report
-
-
-@data_app.command()
-def validate(
-    file: FileArg, format: FormatOpt = None, on_error: OnErrorOpt = OnError.stop, rejects: RejectsOpt = None, split: SplitOpt = None,
-    subset: SubsetOpt = None, revision: RevisionOpt = None,
-) -> None:  # fmt: skip
-    """Check every record of FILE and report each problem with its line, field, what was expected and what was found."""
-    with user_errors():
-        records, report = _read(file, format, on_error, rejects, split, subset, revision)
-    out.print(f"{escape(file)}: {report.read} records read, format [bold]{report.format}[/], {report.kept} valid, {len(report.rejected)} rejected")
-
-
-@data_app.command()
-def convert(
-    file: FileArg,
-    to: Annotated[Format, typer.Option("--to", help="Output format.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl file.")],
-    format: FormatOpt = None,
-    on_error: OnErrorOpt = OnError.stop,
-    rejects: RejectsOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    revision: RevisionOpt = None,
-) -> None:
-    """Convert FILE to another format (e.g. ShareGPT to OpenAI-style messages), one JSON object a line."""
-    from posttrain.data.formats import to_format
-    from posttrain.records import write_jsonl
-
-    with user_errors():
-        records, report = _read(file, format, on_error, rejects, split, subset, revision)
-        converted = [to_format(r, to.value) for r in records]
-        n = write_jsonl(output, converted)
-    out.print(f"wrote {n} {to.value} records to {escape(str(output))} (read {report.read} {report.format} records, rejected {len(report.rejected)})")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True)
-
-
-def _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset=None, revision=None):
-    from posttrain.data.cache import prepare
-    from posttrain.data.chat import RenderOptions
-    from posttrain.data.formats import ReadReport
-    from posttrain.models.load import load_tokenizer
-
-    options = RenderOptions(train_on=train_on.value, max_length=max_length, overlong=overlong.value, template=template)
-    tokenizer = load_tokenizer(model)
-    report = ReadReport(file)
-    with _progress() as bar:
-        task = bar.add_task("tokenizing", total=None)
-        data = prepare(
-            file,
-            tokenizer,
-            options,
-            format=format.value if format else None,
-            on_error=on_error.value,
-            split=split,
-            subset=subset,
-            revision=revision,
-            cache=cache_dir,
-            num_proc=num_proc,
-            progress=lambda done, total: bar.update(task, advance=done, total=total),
-            report=report,
-        )
-    if data.from_cache and data.read.get("rejected"):
-        _read(file, format, on_error, rejects, split, subset, revision)  # cached tokens, but the rejects file is still wanted
-    else:
-        _report_rejects(report, rejects)
-    return tokenizer, options, data
-
-
-def _stats_table(data, title: str) -> Table:
-    s = data.stats
-    lengths = data.lengths().tolist() or [0]
-    table = Table(title=title, show_header=False)
-    table.add_row("records read", str(data.read.get("read", "?")) + (f" ({data.read.get('rejected')} rejected)" if data.read.get("rejected") else ""))
-    table.add_row("format", str(data.read.get("format")))
-    table.add_row("examples kept", f"{s.kept} of {s.examples}")
-    table.add_row("tokens: total / mean / median / max", f"{s.tokens:,} / {statistics.fmean(lengths):.1f} / {statistics.median(lengths):.0f} / {max(lengths)}")
-    table.add_row("trained tokens", f"{s.trained_tokens:,} ({s.trained_tokens / max(s.tokens, 1):.1%} of all)")
-    table.add_row("over --max-length: truncated", str(s.truncated))
-    table.add_row("over --max-length: dropped", str(s.dropped_overlong))
-    table.add_row("dropped, nothing left to train", str(s.dropped_nothing_trained))
-    ends = ", ".join(f"{tok!r} ×{n}" for tok, n in s.turn_end_tokens.most_common(4))
-    table.add_row("trained turns end with", escape(ends) or "-")
-    table.add_row("cache", ("reused " if data.from_cache else "written ") + data.key)
-    return table
-
-
-def highlight(tokenizer, input_ids, labels) -> Text:
-    """The example as text, trained tokens on a green background, special tokens in bold.
-
-    Runs of tokens with the same style are decoded together, so characters split across byte-level
-    tokens come out whole.
-    """
-    text = Text()
-    special = set(tokenizer.all_special_ids)
-    styles = [("black on green" if int(label) != -100 else "dim") + (" bold" if int(t) in special else "") for t, label in zip(input_ids, labels)]
-    start = 0
-    for k in range(1, len(styles) + 1):
-        if k == len(styles) or styles[k] != styles[start]:
-            piece = tokenizer.decode([int(t) for t in input_ids[start:k]], clean_up_tokenization_spaces=False)
-            text.append(piece, style=styles[start])
-            start = k
-    return text
-
-
-@data_app.command()
-def inspect(
-    file: FileArg,
-    model: ModelOpt,
-    n: Annotated[int, typer.Option("--n", "-n", help="How many rendered examples to show.")] = 2,
-    template: TemplateOpt = None,
-    train_on: TrainOnOpt = TrainOn.all_assistant,
-    max_length: MaxLenOpt = None,
-    overlong: OverlongOpt = Overlong.truncate,
-    format: FormatOpt = None,
-    on_error: OnErrorOpt = OnError.stop,
-    rejects: RejectsOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    revision: RevisionOpt = None,
-    num_proc: NumProcOpt = None,
-    cache_dir: CacheDirOpt = None,
-) -> None:
-    """Show FILE as the model will see it: rendered examples with the trained tokens highlighted, and statistics."""
-    with user_errors():
-        tokenizer, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset, revision)
-    for i in range(min(n, len(data))):
-        ex = data[i]
-        out.rule(f"example {i}: {len(ex['input_ids'])} tokens, {(ex['labels'] != -100).sum()} trained")
-        out.print(highlight(tokenizer, ex["input_ids"], ex["labels"]))
-    out.print(Text.assemble(("trained", "black on green"), " = in the loss;  ", ("dim", "dim"), " = context only"))
-    out.print(_stats_table(data, f"{escape(file)} with {escape(model)} ({options.train_on})"))
-
-
-@data_app.command()
-def render(
-    file: FileArg,
-    model: ModelOpt,
-    output: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl: one {\"input_ids\", \"labels\"} object per example.")],
-    template: TemplateOpt = None,
-    train_on: TrainOnOpt = TrainOn.all_assistant,
-    max_length: MaxLenOpt = None,
-    overlong: OverlongOpt = Overlong.truncate,
-    format: FormatOpt = None,
-    on_error: OnErrorOpt = OnError.stop,
-    rejects: RejectsOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    revision: RevisionOpt = None,
-    num_proc: NumProcOpt = None,
-    cache_dir: CacheDirOpt = None,
-) -> None:
-    """Tokenize FILE and write token ids with labels (the token where trained, -100 where not; unshifted)."""
-    with user_errors():
-        _, options, data = _prepare(file, model, template, train_on, max_length, overlong, format, on_error, rejects, split, num_proc, cache_dir, subset, revision)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as f:
-        for i in range(len(data)):
-            ex = data[i]
-            f.write(json.dumps({"input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist()}) + "\n")
-    err.print(_stats_table(data, f"{escape(file)} → {escape(str(output))}"))
 
 
 @models_app.command("fetch")
@@ -628,5 +380,3 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
