@@ -14,7 +14,7 @@ reported. Then:
 * the vocabulary projection and the MLP's gate/up projection as ``h @ W.T`` (``F.linear``) and as
   ``W @ h.T`` (what FastDecoder does for the vocabulary);
 * drawing one token per row at the largest row count: ``torch.multinomial`` row by row (the engine's
-  earlier sampler) vs the engine's inverse-CDF draw (``engine._choose``).
+  earlier sampler) vs the engine's inverse-CDF draw (``sampling.choose``).
 
 The last line is ``ratio=<forward ms / fast ms per step at the largest row count>``. Not a test.
 """
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from posttrain.config import ModelConfig
 from posttrain.generate import SamplingParams
-from posttrain.generate.engine import _choose
 from posttrain.generate.fast import FastDecoder
+from posttrain.generate.sampling import choose
 from posttrain.models.fetch import is_fetched
 from posttrain.models.load import load_model
 
@@ -139,7 +139,7 @@ def samplers(vocab: int, rows: int) -> None:
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
     def inverse_cdf():
-        return _choose(logits, params, [torch.Generator().manual_seed(i) for i in range(rows)])
+        return choose(logits, [params] * rows, [torch.Generator().manual_seed(i) for i in range(rows)])
 
     print(
         f"  one draw for {rows} rows of {vocab:,} tokens: torch.multinomial row by row {ms(multinomial, 5):.1f} ms, inverse CDF {ms(inverse_cdf, 5):.1f} ms"

@@ -19,7 +19,9 @@ from chat_fixtures import family_tokenizer
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.generate import Engine, SamplingParams, VLLMEngine, fast, vllm_available
-from posttrain.generate.engine import PromptEncoder, _choose, _groups
+from posttrain.generate.engine import _groups
+from posttrain.generate.prompts import PromptEncoder
+from posttrain.generate.sampling import choose
 from posttrain.models.zoo import build_tiny
 
 MAX_NEW = 16
@@ -354,10 +356,10 @@ def test_draws_follow_the_distribution_and_skip_filtered_tokens():
     """The inverse-CDF draw: frequencies match the softmax; tokens cut by top-k never come out."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]]).expand(4000, -1)
     generators = [torch.Generator().manual_seed(i) for i in range(len(logits))]
-    picked = _choose(logits, SamplingParams(temperature=1.0), generators)
+    picked = choose(logits, [SamplingParams(temperature=1.0)] * len(logits), generators)
     freq = torch.bincount(picked, minlength=6).double() / len(picked)
     torch.testing.assert_close(freq, logits[0].double().softmax(-1), atol=0.025, rtol=0)
-    top3 = _choose(logits, SamplingParams(temperature=1.0, top_k=3), [torch.Generator().manual_seed(i) for i in range(len(logits))])
+    top3 = choose(logits, [SamplingParams(temperature=1.0, top_k=3)] * len(logits), [torch.Generator().manual_seed(i) for i in range(len(logits))])
     assert set(top3.tolist()) == {0, 1, 4}
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from posttrain.cli.common import TemplateOpt, err, fail, out, user_errors
 from posttrain.cli.data import data_app
+from posttrain.cli.serve import register as register_serving
 
 app = typer.Typer(
     help="posttrain: instruction tuning, end to end — data, SFT, preference learning, evaluation.",
@@ -29,6 +30,7 @@ eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-
 app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+register_serving(app)
 
 
 @models_app.command("fetch")

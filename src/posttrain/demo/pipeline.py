@@ -367,7 +367,7 @@ def _engine(model: str, cfg: PipelineConfig) -> Any:
 def evaluate_model(model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """Greedy responses to the held-out and IFEval prompts, scored strict and loose: ``scores.json`` and per-item files."""
     from posttrain.eval import ifeval
-    from posttrain.generate.engine import SamplingParams
+    from posttrain.generate.params import SamplingParams
     from posttrain.verify.scoring import read_prompt_records
 
     sets = {
@@ -406,7 +406,7 @@ def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dic
     prompt, distinct texts, highest strict pass rate first. ``samples.jsonl``: every sample with its
     verdicts, so what was kept and why can be read back.
     """
-    from posttrain.generate.engine import SamplingParams
+    from posttrain.generate.params import SamplingParams
     from posttrain.verify.scoring import read_prompt_records, score_response
 
     s = cfg.sample

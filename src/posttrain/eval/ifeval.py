@@ -109,7 +109,8 @@ def score(records: list[PromptRecord], responses: list[str]) -> IFEvalResult:
 
 def generate_responses(records: list[PromptRecord], model: str, *, max_new_tokens: int, batch_size: int, bf16: bool, progress: bool = True) -> list[str]:
     """Greedy responses of ``model`` to each prompt, with its chat template (lm-eval's IFEval setting)."""
-    from posttrain.generate.engine import Engine, SamplingParams
+    from posttrain.generate.engine import Engine
+    from posttrain.generate.params import SamplingParams
 
     engine = Engine.from_name(model, batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, bf16=bf16)

@@ -1,9 +1,10 @@
-"""Batched generation for Hugging Face causal LMs: prompts in, completions out, in the caller's order.
+"""Batched generation for Hugging Face causal LMs in this process: prompts in, completions out, in the caller's order.
 
-One interface, two backends. :class:`Engine` runs a transformers model in this process with our own
-decode loop; :class:`VLLMEngine` hands the same prompts and :class:`SamplingParams` to vLLM when it is
-installed. Both render chats with :class:`~posttrain.data.chat.ChatRenderer` (the one renderer), so a
-prompt is the same tokens whichever backend generates it and whatever trained the model.
+:class:`Engine` runs a transformers model with our own decode loop. The same interface is on vLLM
+(:mod:`posttrain.generate.vllm`) and on any OpenAI-compatible endpoint (:mod:`posttrain.generate.client`);
+:mod:`posttrain.generate.scheduler` feeds this loop requests as they arrive (the server). Chats are
+rendered by :class:`~posttrain.generate.prompts.PromptEncoder` (the training renderer), so a prompt is
+the same tokens whichever backend generates it and whatever trained the model.
 
 Why our own decode loop instead of ``model.generate``
 ------------------------------------------------------
@@ -42,7 +43,8 @@ one padded prefill per batch and no shared prefix.
 The decode steps of Llama, Mistral and Qwen2 models run on :class:`~posttrain.generate.fast.FastDecoder`
 (a preallocated cache written in place; see that module for why and what it measured), which also lets
 finished rows take new sequences (continuous batching); every other model, and any model with hooks or
-adapter layers, steps through its own forward (``Engine(fast=False)`` forces that).
+adapter layers, steps through its own forward (``Engine(fast=False)`` forces that), except that an
+engine built with ``adapters`` (the server's) decodes LoRA/DoRA adapters' rows on the fast decoder too.
 
 Batching
 --------
@@ -85,193 +87,96 @@ So with the same model, device and dtype:
 * not guaranteed across backends or devices: vLLM and CUDA use other kernels and other random
   streams (vLLM gets one seed per prompt and draws its ``n`` samples from it).
 
-Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus: the smallest set
-of tokens whose probability reaches ``top_p``, always at least one); the token is then drawn by inverse
-CDF from one uniform number of the sequence's generator (what a seed gives changed with this, in
-December 2026: earlier versions drew with ``torch.multinomial``).
+Sampling (temperature, top-k, top-p, an inverse-CDF draw from each sequence's generator) is
+:mod:`posttrain.generate.sampling`; each sequence carries its own :class:`SamplingParams`, so the rows
+of one batch may differ (the server's requests do). What a seed gives changed in December 2026, when
+draws moved from ``torch.multinomial`` to the inverse CDF.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from posttrain.generate.fast import FastDecoder
 from posttrain.generate.fast import supports as fast_supports
+from posttrain.generate.params import Completion, FinishReason, SamplingParams
+from posttrain.generate.prompts import PromptEncoder, sample_seed
+from posttrain.generate.sampling import generator, pick
 from posttrain.models.load import cache_kwarg, plain_cache
 
-FinishReason = Literal["stop", "length", "eos"]
+
+class Stops(NamedTuple):
+    """What ends a sequence besides the end tokens: stop strings matched in the text, and stop token ids."""
+
+    texts: tuple[str, ...] = ()
+    ids: frozenset[int] = frozenset()
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate. Validated on construction, every problem listed at once.
+@dataclass(eq=False)
+class DecodeSequence:
+    """One sequence being generated: a (prompt, sample) with its own parameters, stops, adapter and random stream.
 
-    ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1 switch those filters off. ``n`` samples per
-    prompt. ``stop``: strings that end a completion (cut from its text); ``stop_token_ids``: token ids
-    that do. ``bf16``: run the forwards in bf16 (the fast path on CPUs with bf16 matmul); float32 weights
-    are cast for the call and restored exactly afterwards. ``logprobs``: also return each generated
-    token's log-probability under the model itself (:attr:`Completion.logprobs`).
+    ``listener`` (the server's streaming) is called after each token is appended; ``cancelled`` (set from
+    another thread when a client goes away) ends the sequence at the next step, as if it had reached its
+    length limit, and frees its row.
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    bf16: bool = False
-    logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        # accept lists (and a lone string) from callers and configs, store tuples so params stay hashable
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 is greedy), not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 is off), not {self.top_k}")
-        if self.n < 1:
-            problems.append(f"n must be at least 1, not {self.n}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append(f"stop must be non-empty strings, not {list(self.stop)!r}")
-        if problems:
-            raise ValueError("invalid sampling parameters: " + "; ".join(problems))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass
-class Completion:
-    """One generated continuation of one prompt.
-
-    ``text``: the decoded new tokens, special tokens skipped, cut before a stop string, without the end or
-    stop token. ``token_ids``: every generated token (the final end/stop token included).
-    ``num_tokens == len(token_ids)``. ``prompt_token_ids``: the prompt as the model saw it.
-    ``logprobs`` (when asked for): the log-probability of each of ``token_ids`` under the model's own
-    distribution, as a forward pass over prompt and completion scores it (temperature 1, no top-k or
-    top-p: what a DPO reference model measures), whatever temperature the tokens were drawn at.
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    num_tokens: int
-    prompt_token_ids: list[int] = field(repr=False)
-    logprobs: list[float] | None = field(default=None, repr=False)
-
-
-# -- prompts ------------------------------------------------------------------------------------
-
-
-class PromptEncoder:
-    """Prompts to token ids, and the token ids that end a turn, for one tokenizer.
-
-    Chats go through :meth:`ChatRenderer.render_prompt` (the generation prompt appended) and are tokenized
-    without added special tokens, since the template writes its own (as in training). Raw text
-    (``apply_chat_template=False``) is tokenized with the tokenizer's special tokens (a BOS, if it has one),
-    as the plain-text training path does.
-    """
-
-    def __init__(self, tokenizer: Any, template: str | None = None):
-        self.tokenizer = tokenizer
-        self.template = template
-        self._renderer: Any = None
-
-    @property
-    def renderer(self) -> Any:
-        if self._renderer is None:
-            from posttrain.data.chat import ChatRenderer, RenderOptions
-
-            self._renderer = ChatRenderer(self.tokenizer, RenderOptions(template=self.template))
-        return self._renderer
-
-    def render(self, prompt: Any) -> str:
-        return self.renderer.render_prompt(prompt)
-
-    def encode(self, prompts: Sequence[Any], *, apply_chat_template: bool = True) -> list[list[int]]:
-        if apply_chat_template:
-            texts = [self.render(p) for p in prompts]
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"apply_chat_template=False takes plain strings; prompt(s) {bad[:5]} are {type(prompts[bad[0]]).__name__}")
-        return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-
-    def end_token_ids(self, model_eos: Any = None) -> set[int]:
-        """Ids that end a completion: the tokenizer's EOS, ``model_eos`` (an id or ids), the template's end of turn."""
-        ids = set()
-        for value in (self.tokenizer.eos_token_id, model_eos):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(int(v) for v in value)
-        turn_end = self.turn_end_token()
-        if turn_end is not None:
-            ids.add(self.tokenizer.convert_tokens_to_ids(turn_end))
-        return ids
-
-    def turn_end_token(self) -> str | None:
-        """The special token the chat template closes an assistant turn with, or None (no template, or none)."""
-        from posttrain.data.chat import TemplateError
-
-        try:
-            rendered = self.renderer.to_text(
-                {"messages": [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."}]}
-            )
-        except (TemplateError, ValueError, TypeError):
-            return None
-        start, end = rendered.spans[-1]
-        trained = rendered.text[start:end]
-        return next((t for t in self.renderer.special_tokens if trained.endswith(t)), None)
-
-    def special_stop_ids(self, stop: Sequence[str]) -> tuple[list[str], set[int]]:
-        """Split stop strings into (text stops, token ids): a special token is matched as its id."""
-        specials = set(self.tokenizer.all_special_tokens) | {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
-        texts = [s for s in stop if s not in specials]
-        ids = {self.tokenizer.convert_tokens_to_ids(s) for s in stop if s in specials}
-        return texts, ids
-
-
-def sample_seed(seed: int, prompt_ids: Sequence[int], copy: int, sample: int) -> int:
-    """The seed of one sequence's random stream: fixed by the prompt's tokens, not its place in a batch."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{seed}:{copy}:{sample}:".encode())
-    h.update(",".join(map(str, prompt_ids)).encode())
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
-
-
-@dataclass
-class _Sequence:
-    prompt: int  # index into the caller's prompts
+    prompt: int  # index into the caller's prompts (or the server's request id)
     sample: int
     prompt_ids: list[int]
     seed: int
+    params: SamplingParams
+    stops: Stops = Stops()
+    adapter: int = 0  # 0: the base model; i: the engine's adapters[i - 1]
+    generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: FinishReason | None = None
     cut: int | None = None  # where a stop string starts in the decoded text
+    listener: Callable[[DecodeSequence], None] | None = None
+    cancelled: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.tokens)
 
 
-def _plan(prompt_ids: list[list[int]], params: SamplingParams) -> list[_Sequence]:
+class Feed(Protocol):
+    """Where the decode loop takes its sequences from: a fixed list (:meth:`Engine.generate`) or the server's queue."""
+
+    def waiting(self) -> bool:
+        """Whether :meth:`take` would return something now."""
+        ...
+
+    def take(self, k: int) -> list[DecodeSequence]:
+        """Up to ``k`` waiting sequences, all of one adapter."""
+        ...
+
+
+class ListFeed:
+    """The sequences of one call, in order (longest prompt first, as :func:`plan` sorts them)."""
+
+    def __init__(self, seqs: list[DecodeSequence]):
+        self.seqs, self.next = seqs, 0
+
+    def waiting(self) -> bool:
+        return self.next < len(self.seqs)
+
+    def take(self, k: int) -> list[DecodeSequence]:
+        batch = self.seqs[self.next : self.next + k]
+        self.next += len(batch)
+        return batch
+
+
+def plan(prompt_ids: list[list[int]], params: SamplingParams, stops: Stops, adapter: int = 0) -> list[DecodeSequence]:
     """Every (prompt, sample) as a sequence, longest prompt first (stable: a prompt's samples stay together)."""
     copies: dict[tuple[int, ...], int] = {}
     seqs = []
@@ -279,7 +184,7 @@ def _plan(prompt_ids: list[list[int]], params: SamplingParams) -> list[_Sequence
         key = tuple(ids)
         copy = copies.get(key, 0)
         copies[key] = copy + 1
-        seqs += [_Sequence(i, j, ids, sample_seed(params.seed, ids, copy, j)) for j in range(params.n)]
+        seqs += [DecodeSequence(i, j, ids, sample_seed(params.seed, ids, copy, j), params, stops, adapter) for j in range(params.n)]
     return sorted(seqs, key=lambda s: -len(s.prompt_ids))
 
 
@@ -384,19 +289,27 @@ def _advance(bar: Any, done_prompts: int, tokens: int, started: float) -> None:
         bar.update(bar.task_ids[0], advance=done_prompts, rate=f"{rate:,.0f} tok/s")
 
 
-# -- transformers backend -----------------------------------------------------------------------
-
-
 class Engine:
     """Batched generation with a loaded transformers causal LM (and its tokenizer), on the model's device.
 
     ``batch_size``: sequences decoded together (a prompt with ``n`` samples counts ``n``). ``template``:
     the chat template, as in :class:`~posttrain.data.chat.RenderOptions` (None: the tokenizer's own).
-    The model is put in eval mode for a call and given back in the mode it came in; the cache is always
-    used, whatever ``model.config.use_cache`` says (training switches it off).
+    ``adapters``: names of LoRA/DoRA adapters loaded into ``model`` (a peft model) that a call may pick
+    with ``adapter=``; their rows share the fast decoder's steps with the base model's. The model is put
+    in eval mode for a call and given back in the mode it came in; the cache is always used, whatever
+    ``model.config.use_cache`` says (training switches it off).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, template: str | None = None, fast: bool = True):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        template: str | None = None,
+        fast: bool = True,
+        adapters: Sequence[str] = (),
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.model = model
@@ -409,6 +322,7 @@ class Engine:
         self.pad_token_id = int(pad) if pad is not None else 0
         self._plain: bool | None = None
         self.fast = fast
+        self.adapters = list(adapters)
 
     @classmethod
     def from_name(
@@ -430,6 +344,18 @@ class Engine:
         """The token ids each prompt is generated from."""
         return self.prompts.encode(prompts, apply_chat_template=apply_chat_template)
 
+    def stops(self, params: SamplingParams) -> Stops:
+        """``params``' stop strings and ids, a stop string that is one special token taken as its id."""
+        texts, special = self.prompts.special_stop_ids(params.stop)
+        return Stops(tuple(texts), frozenset(set(params.stop_token_ids) | special))
+
+    def adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return 0
+        if adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; this engine has {self.adapters or 'none'}")
+        return self.adapters.index(adapter) + 1
+
     def generate(
         self,
         prompts: Sequence[Any],
@@ -438,14 +364,20 @@ class Engine:
         apply_chat_template: bool = True,
         progress: bool = True,
         batch_size: int | None = None,
+        adapter: str | None = None,
     ) -> list[list[Completion]]:
         """``params.n`` completions for each prompt, in the prompts' order.
 
         A prompt is a string (one user message), a list of chat messages, or a canonical record (its
-        prompt); with ``apply_chat_template=False``, a string given to the model as it is.
+        prompt); with ``apply_chat_template=False``, a string given to the model as it is. ``adapter``:
+        one of the engine's adapters (None: the model as it is).
         """
         return self.generate_ids(
-            self.encode(prompts, apply_chat_template=apply_chat_template), params, progress=progress, batch_size=batch_size
+            self.encode(prompts, apply_chat_template=apply_chat_template),
+            params,
+            progress=progress,
+            batch_size=batch_size,
+            adapter=adapter,
         )
 
     def generate_ids(
@@ -455,6 +387,7 @@ class Engine:
         *,
         progress: bool = True,
         batch_size: int | None = None,
+        adapter: str | None = None,
     ) -> list[list[Completion]]:
         """As :meth:`generate`, from prompts already tokenized."""
         params = params or SamplingParams()
@@ -464,46 +397,75 @@ class Engine:
         width = batch_size or self.batch_size
         if width < 1:
             raise ValueError(f"batch_size must be at least 1, not {width}")
-        text_stops, special_stops = self.prompts.special_stop_ids(params.stop)
-        stop_ids = set(params.stop_token_ids) | special_stops
-        seqs = _plan(prompt_ids, params)
+        seqs = plan(prompt_ids, params, self.stops(params), self.adapter_index(adapter))
         left = [params.n] * len(prompt_ids)  # samples still to finish per prompt, for the progress bar
         bar = _progress_bar(progress, len(prompt_ids))
         started, generated = time.perf_counter(), 0
+
+        def finished(s: DecodeSequence) -> None:
+            nonlocal generated
+            generated += len(s.tokens)
+            left[s.prompt] -= 1
+            _advance(bar, int(left[s.prompt] == 0), generated, started)
+
+        with bar or nullcontext(), self.session(params.bf16) as decoder:
+            with self._using(seqs[0].adapter):
+                prefix = self._prefix(prompt_ids)
+            self.run(ListFeed(seqs), min(width, len(seqs)), finished, prefix=prefix, decoder=decoder)
+        out: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
+        for s in seqs:
+            out[s.prompt][s.sample] = self.completion(s)
+        return out  # type: ignore[return-value]
+
+    @contextmanager
+    def session(self, bf16: bool = False) -> Iterator[FastDecoder | None]:
+        """Eval mode, inference mode and the bf16 cast for a stretch of generation; yields the fast decoder
+        (its weights joined inside the cast) or None when the model steps through its own forward."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with bar or nullcontext(), torch.inference_mode(), _bf16(self.model, params.bf16, self.device):
-                prefix = self._prefix(prompt_ids)
-                decoder = FastDecoder(self.model) if self.fast and self._plain_cache() and fast_supports(self.model) else None
-
-                def finished(s: _Sequence) -> None:
-                    nonlocal generated
-                    generated += len(s.tokens)
-                    left[s.prompt] -= 1
-                    _advance(bar, int(left[s.prompt] == 0), generated, started)
-
-                if decoder is not None:
-                    self._stream(seqs, width, prefix, params, text_stops, stop_ids, decoder, finished)
-                else:
-                    for b in range(0, len(seqs), width):
-                        batch = seqs[b : b + width]
-                        self._decode(batch, prefix, params, text_stops, stop_ids)
-                        for s in batch:
-                            finished(s)
+            with torch.inference_mode(), _bf16(self.model, bf16, self.device):
+                yield self._decoder()
         finally:
             self.model.train(was_training)
-        out: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
-        for s in seqs:
-            out[s.prompt][s.sample] = self._completion(s, params.logprobs)
-        return out  # type: ignore[return-value]
+
+    def _decoder(self) -> FastDecoder | None:
+        if not (self.fast and self._plain_cache() and fast_supports(self.model, adapters=bool(self.adapters))):
+            return None
+        return FastDecoder(self.model, self.adapters)
+
+    def run(
+        self,
+        feed: Feed,
+        width: int,
+        finished: Callable[[DecodeSequence], None],
+        *,
+        prefix: _Prefix | None = None,
+        decoder: FastDecoder | None = None,
+        eager: bool = False,
+    ) -> None:
+        """Generate every sequence ``feed`` gives until it has none waiting and none is running (inside :meth:`session`).
+
+        With a fast decoder, sequences join the batch as rows free up (:meth:`_stream`; ``eager``: as soon as
+        one row is free, for the server's time to first token); otherwise the model's forward decodes them
+        ``width`` at a time, each batch to its end.
+        """
+        if decoder is not None:
+            self._stream(feed, width, prefix, decoder, finished, eager)
+            return
+        while feed.waiting():
+            batch = feed.take(width)
+            if not batch:
+                return
+            self._decode(batch, prefix, finished)
 
     # -- prefill --------------------------------------------------------------------------------
 
     @functools.cached_property
     def _cache_kwarg(self) -> str:
         """The forward's name for the cache: ``cache`` (transformers 5.24 on; ``past_key_values`` is deprecated) or ``past_key_values``."""
-        return cache_kwarg(self.model)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft passes it on
+        return cache_kwarg(base)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -590,327 +552,189 @@ class Engine:
 
     # -- the decode loop ------------------------------------------------------------------------
 
-    def _prefill_rows(self, batch: list[_Sequence], prefix: _Prefix | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_prefill` for a batch of sequences: each distinct prompt once, its rows copied for its samples."""
-        distinct: dict[tuple[int, ...], int] = {}
-        rows = [distinct.setdefault(tuple(s.prompt_ids), len(distinct)) for s in batch]
-        cache, mask, next_position, logits = self._prefill([list(p) for p in distinct], prefix)
-        if len(distinct) < len(batch):  # n samples (or repeated prompts): copy the prefilled rows
+    def _prefill_rows(
+        self, batch: list[DecodeSequence], prefix: _Prefix | None
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_prefill` for a batch of sequences of one adapter: each distinct prompt once (longest first),
+        its rows copied for its samples and put back in the batch's order. Seeds each sampled sequence's generator."""
+        distinct = sorted({tuple(s.prompt_ids) for s in batch}, key=lambda p: -len(p))
+        place = {p: i for i, p in enumerate(distinct)}
+        rows = [place[tuple(s.prompt_ids)] for s in batch]
+        with self._using(batch[0].adapter):
+            cache, mask, next_position, logits = self._prefill([list(p) for p in distinct], prefix)
+        if rows != list(range(len(distinct))):  # n samples, repeated prompts or another order: pick the rows
             index = torch.tensor(rows, device=self.device)
             cache.batch_select_indices(index)
             logits, mask, next_position = logits[index], mask[index], next_position[index]
+        for s in batch:
+            if not s.params.greedy and s.generator is None:
+                s.generator = generator(s.seed, self.device)
         return cache, mask, next_position, logits
 
-    def _decode(
-        self, batch: list[_Sequence], prefix: _Prefix | None, params: SamplingParams, text_stops: list[str], stop_ids: set[int]
-    ) -> None:
-        """Generate ``batch`` to completion in place with the model's forward: prefill, then one token a step."""
+    # -- the decode loops -----------------------------------------------------------------------
+
+    def _decode(self, batch: list[DecodeSequence], prefix: _Prefix | None, finished: Callable[[DecodeSequence], None]) -> None:
+        """Generate ``batch`` (one adapter) to completion with the model's forward: prefill, then one token a step."""
         device = self.device
         cache, mask, next_position, logits = self._prefill_rows(batch, prefix)
-        generators = None if params.greedy else [self._generator(s.seed, device) for s in batch]
         active = list(batch)
-        for _ in range(params.max_new_tokens):
-            tokens, logprobs = _pick(logits, params, generators)
-            if logprobs is not None:
-                for s, lp in zip(active, logprobs.tolist()):
-                    s.logprobs.append(lp)
-            keep = [k for k, (s, t) in enumerate(zip(active, tokens.tolist())) if not self._step(s, t, params, text_stops, stop_ids)]
-            if not keep:
-                break
-            if len(keep) < len(active):  # finished sequences leave the batch and the cache
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                tokens, mask, next_position = tokens[index], mask[index], next_position[index]
-                active = [active[k] for k in keep]
-                if generators is not None:
-                    generators = [generators[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_position[:, None],
-                **{self._cache_kwarg: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            next_position = next_position + 1
+        with self._using(batch[0].adapter):
+            for _ in range(max(s.params.max_new_tokens for s in batch)):
+                self._cancel(active, finished)
+                self._advance_rows(active, logits, finished)
+                keep = [k for k, s in enumerate(active) if s.finish is None]
+                if not keep:
+                    break
+                tokens = torch.tensor([s.tokens[-1] for s in active], device=device)
+                if len(keep) < len(active):  # finished sequences leave the batch and the cache
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    tokens, mask, next_position = tokens[index], mask[index], next_position[index]
+                    active = [active[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                logits = self.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=next_position[:, None],
+                    **{self._cache_kwarg: cache},
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                next_position = next_position + 1
 
     def _stream(
         self,
-        seqs: list[_Sequence],
+        feed: Feed,
         width: int,
         prefix: _Prefix | None,
-        params: SamplingParams,
-        text_stops: list[str],
-        stop_ids: set[int],
         decoder: FastDecoder,
-        finished: Any,
+        finished: Callable[[DecodeSequence], None],
+        eager: bool,
     ) -> None:
-        """Every sequence through a :class:`FastDecoder` of ``width`` rows, refilled as sequences finish.
+        """Every sequence of ``feed`` through a :class:`FastDecoder` of up to ``width`` rows, refilled as sequences finish.
 
-        Continuous batching: when an eighth of the rows have finished and sequences are waiting, the next
-        ones are prefilled and take those rows, so the batch stays wide (a decode step costs little more at
-        128 rows than at 64 on a CPU). Sequences come longest prompt first, so a newcomer's prompt always
-        fits left of the current column. Once nothing waits, finished rows leave the buffers in batches
-        (an eighth of the rows at a time): moving them costs more than letting a few ride along a few steps.
-        ``finished(seq)`` is called as each sequence ends.
+        Continuous batching: when an eighth of the rows are free (``eager``: any row) and sequences are
+        waiting, the next ones are prefilled and take those rows, so the batch stays wide (a decode step
+        costs little more at 128 rows than at 64 on a CPU). A newcomer's prompt is placed left of the
+        current column (the decoder moves the columns when it is longer). Once nothing waits, finished rows
+        leave the buffers in batches (an eighth of the rows at a time): moving them costs more than letting
+        a few ride along a few steps. ``finished(seq)`` is called as each sequence ends.
         """
         device = self.device
-        rows: list[_Sequence] = seqs[:width]
-        waiting = width
-        cache, mask, next_position, logits = self._prefill_rows(rows, prefix)
-        decoder.start(cache, mask, params.max_new_tokens)
+        rows = feed.take(width)
+        if not rows:
+            return
+        cache, mask, positions, logits = self._prefill_rows(rows, prefix)
+        decoder.start(cache, mask, max(s.remaining for s in rows), capacity=width, adapter=rows[0].adapter)
         del cache
-        generators = None if params.greedy else [self._generator(s.seed, device) for s in rows]
-        tokens, logprobs = _pick(logits, params, generators)
-        self._advance_rows(rows, tokens, logprobs, params, text_stops, stop_ids, finished)
+        tokens = self._advance_rows(rows, logits, finished)
         while True:
-            free = [r for r, s in enumerate(rows) if s.finish is not None]
-            if waiting < len(seqs) and len(free) * COMPACT_AT >= len(rows):
-                new = seqs[waiting : waiting + len(free)]
-                waiting += len(new)
-                at = free[: len(new)]
-                cache, mask, new_positions, new_logits = self._prefill_rows(new, prefix)
-                index = torch.tensor(at, device=device)
-                decoder.admit(index, cache, mask, params.max_new_tokens, keep=[r for r, s in enumerate(rows) if s.finish is None])
-                del cache
-                new_generators = None if params.greedy else [self._generator(s.seed, device) for s in new]
-                first, logprobs = _pick(new_logits, params, new_generators)
-                self._advance_rows(new, first, logprobs, params, text_stops, stop_ids, finished)
-                tokens[index], next_position[index] = first, new_positions
-                for r, s in zip(at, new):
-                    rows[r] = s
-                if generators is not None and new_generators is not None:
-                    for r, g in zip(at, new_generators):
-                        generators[r] = g
-                continue  # newcomers may have finished on their first token: look again
+            self._cancel(rows, finished)
             live = [r for r, s in enumerate(rows) if s.finish is None]
+            spare = [r for r, s in enumerate(rows) if s.finish is not None] + list(range(len(rows), width))
+            if spare and feed.waiting() and (eager or not live or len(spare) * COMPACT_AT >= width):
+                new = feed.take(len(spare))
+                if new:
+                    at = spare[: len(new)]
+                    cache, mask, new_positions, new_logits = self._prefill_rows(new, prefix)
+                    room = max(s.remaining for s in new + [rows[r] for r in live])
+                    decoder.admit(at, cache, mask, room, keep=live, adapter=new[0].adapter)
+                    del cache
+                    grow = max(at) + 1 - len(rows)
+                    if grow > 0:
+                        rows += new[len(new) - grow :]
+                        tokens = torch.cat([tokens, tokens.new_zeros(grow)])
+                        positions = torch.cat([positions, positions.new_zeros(grow)])
+                    for r, s in zip(at, new):
+                        rows[r] = s
+                    index = torch.tensor(at, device=device)
+                    tokens[index] = self._advance_rows(new, new_logits, finished)
+                    positions[index] = new_positions
+                    continue  # newcomers may have finished on their first token: look again
             if not live:
-                if waiting < len(seqs):
+                if feed.waiting():
                     continue
                 return
-            if waiting >= len(seqs) and (len(rows) - len(live)) * COMPACT_AT >= len(rows):
+            if not feed.waiting() and (len(rows) - len(live)) * COMPACT_AT >= len(rows):
                 order = decoder.compact(live)
                 index = torch.tensor(order, device=device)
-                tokens, next_position = tokens[index], next_position[index]
+                tokens, positions = tokens[index], positions[index]
                 rows = [rows[r] for r in order]
-                if generators is not None:
-                    generators = [generators[r] for r in order]
-            logits = decoder.step(tokens, next_position)
-            next_position = next_position + 1
-            tokens, logprobs = _pick(logits, params, generators)
-            self._advance_rows(rows, tokens, logprobs, params, text_stops, stop_ids, finished)
+            logits = decoder.step(tokens, positions)
+            positions = positions + 1
+            tokens = self._advance_rows(rows, logits, finished)
 
-    def _advance_rows(
-        self,
-        rows: list[_Sequence],
-        tokens: torch.Tensor,
-        logprobs: torch.Tensor | None,
-        params: SamplingParams,
-        text_stops: list[str],
-        stop_ids: set[int],
-        finished: Any,
-    ) -> None:
-        """Append each row's token (and its log-prob) to its sequence, if it has not finished; report the sequences that finish."""
-        lps = logprobs.tolist() if logprobs is not None else None
-        for r, (s, t) in enumerate(zip(rows, tokens.tolist())):
+    def _advance_rows(self, rows: list[DecodeSequence], logits: torch.Tensor, finished: Callable[[DecodeSequence], None]) -> torch.Tensor:
+        """Pick each row's next token and append it (with its scores) to the row's sequence, if it has not
+        finished; report the sequences that finish. Returns the tokens picked."""
+        picked = pick(logits, [s.params for s in rows], [s.generator if s.finish is None else None for s in rows])
+        lps = picked.logprobs.tolist() if picked.logprobs is not None else None
+        top = (picked.top[0].tolist(), picked.top[1].tolist()) if picked.top is not None else None
+        for r, (s, t) in enumerate(zip(rows, picked.tokens.tolist())):
             if s.finish is not None:
                 continue
-            if lps is not None:
+            if lps is not None and s.params.logprobs:
                 s.logprobs.append(lps[r])
-            if self._step(s, t, params, text_stops, stop_ids):
+            if top is not None and s.params.top_logprobs:
+                k = s.params.top_logprobs
+                s.top_logprobs.append(list(zip(top[0][r][:k], top[1][r][:k])))
+            done = self._step(s, t)
+            if s.listener is not None:
+                s.listener(s)
+            if done:
                 finished(s)
+        return picked.tokens
 
     @staticmethod
-    def _generator(seed: int, device: torch.device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        return g
+    def _cancel(rows: list[DecodeSequence], finished: Callable[[DecodeSequence], None]) -> None:
+        """End the sequences whose callers have gone: their rows are free from this step on."""
+        for s in rows:
+            if s.cancelled and s.finish is None:
+                s.finish = "length"
+                finished(s)
 
-    def _step(self, s: _Sequence, token: int, params: SamplingParams, text_stops: list[str], stop_ids: set[int]) -> bool:
+    def _step(self, s: DecodeSequence, token: int) -> bool:
         """Append ``token`` to ``s``; True when ``s`` has finished."""
         s.tokens.append(token)
         if token in self.end_token_ids:
             s.finish = "eos"
-        elif token in stop_ids:
+        elif token in s.stops.ids:
             s.finish = "stop"
-        elif text_stops:
+        elif s.stops.texts:
             text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
-            hits = [i for i in (text.find(stop) for stop in text_stops) if i >= 0]
+            hits = [i for i in (text.find(stop) for stop in s.stops.texts) if i >= 0]
             if hits:
                 s.finish, s.cut = "stop", min(hits)
-        if s.finish is None and len(s.tokens) >= params.max_new_tokens:
+        if s.finish is None and len(s.tokens) >= s.params.max_new_tokens:
             s.finish = "length"
         return s.finish is not None
 
-    def _completion(self, s: _Sequence, logprobs: bool) -> Completion:
+    def text(self, s: DecodeSequence) -> str:
+        """The text of ``s`` so far (or in full once it has finished): end or stop token left out, cut before a stop string."""
         ended_by_token = s.finish in ("eos", "stop") and s.cut is None
         text = self.tokenizer.decode(s.tokens[:-1] if ended_by_token else s.tokens, skip_special_tokens=True)
-        if s.cut is not None:
-            text = text[: s.cut]
-        return Completion(text, s.tokens, s.finish or "length", len(s.tokens), s.prompt_ids, s.logprobs if logprobs else None)
+        return text[: s.cut] if s.cut is not None else text
 
+    def completion(self, s: DecodeSequence) -> Completion:
+        return Completion(
+            self.text(s),
+            s.tokens,
+            s.finish or "length",
+            len(s.tokens),
+            s.prompt_ids,
+            s.logprobs if s.params.logprobs else None,
+            s.top_logprobs if s.params.top_logprobs else None,
+        )
 
-def _pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(next token of each row, its log-prob under the model at temperature 1, when ``params.logprobs``; else None)."""
-    scores = logits.float()
-    tokens = _choose(scores, params, generators)
-    if not params.logprobs:
-        return tokens, None
-    return tokens, scores.gather(-1, tokens[:, None])[:, 0] - scores.logsumexp(-1)
-
-
-def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """The next token of each row of ``logits`` (rows, vocab): argmax, or a draw from each row's generator."""
-    if generators is None:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p; the first always stays
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Inverse-CDF draw: one uniform number from each row's generator, then one batched cumulative sum and
-    # search. For 128 rows of SmolLM2's 49k-token vocabulary torch.multinomial row by row (it rebuilds each
-    # row's distribution) took 207-238 ms, this 21-40 ms (benchmarks/decode_step.py, two runs). float64 keeps the CDF exact.
-    cdf = logits.softmax(-1).double().cumsum_(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(cdf.device)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return picked.clamp_(max=logits.shape[-1] - 1)
-
-
-# -- vLLM backend -------------------------------------------------------------------------------
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class VLLMEngine:
-    """The same interface on vLLM's offline ``LLM.generate(prompts, SamplingParams)``.
-
-    Prompts are rendered and tokenized by posttrain (the same :class:`PromptEncoder` as :class:`Engine`)
-    and passed as token ids, so both backends see identical prompts. End-of-turn tokens are passed as
-    ``stop_token_ids``. Each prompt's request gets its own seed (:func:`sample_seed`), so its samples do
-    not depend on the batch; vLLM draws the ``n`` samples of a request from that one seed. ``bf16`` is
-    not a per-call switch in vLLM: choose the dtype when building the engine (``dtype="bfloat16"``).
-    """
-
-    def __init__(self, name: str, *, template: str | None = None, **llm_kwargs: Any):
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError("the vLLM backend needs vllm (`pip install vllm`, CUDA machines); use Engine for transformers") from err
-        from posttrain.models.load import load_tokenizer, resolve
-
-        path = resolve(name)
-        self.tokenizer = load_tokenizer(name)
-        self.prompts = PromptEncoder(self.tokenizer, template)
-        self.llm = LLM(model=path, **llm_kwargs)
-        self.end_token_ids = self.prompts.end_token_ids(_generation_eos(path))
-
-    def encode(self, prompts: Sequence[Any], *, apply_chat_template: bool = True) -> list[list[int]]:
-        return self.prompts.encode(prompts, apply_chat_template=apply_chat_template)
-
-    def generate(
-        self,
-        prompts: Sequence[Any],
-        params: SamplingParams | None = None,
-        *,
-        apply_chat_template: bool = True,
-        progress: bool = True,
-        batch_size: int | None = None,
-    ) -> list[list[Completion]]:
-        """As :meth:`Engine.generate`; ``batch_size`` is ignored (vLLM schedules its own batches)."""
-        return self.generate_ids(self.encode(prompts, apply_chat_template=apply_chat_template), params, progress=progress)
-
-    def generate_ids(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        params: SamplingParams | None = None,
-        *,
-        progress: bool = True,
-        batch_size: int | None = None,
-    ) -> list[list[Completion]]:
-        from vllm import SamplingParams as VLLMSamplingParams
-
-        params = params or SamplingParams()
-        if params.logprobs:
-            raise ValueError("logprobs=True is not supported by the vLLM backend here; use the transformers Engine")
-        prompt_ids = [list(p) for p in prompt_ids]
-        text_stops, special_stops = self.prompts.special_stop_ids(params.stop)
-        user_stop_ids = set(params.stop_token_ids) | special_stops
-        copies: dict[tuple[int, ...], int] = {}
-        requests, sampling = [], []
-        for ids in prompt_ids:
-            copy = copies.get(tuple(ids), 0)
-            copies[tuple(ids)] = copy + 1
-            requests.append({"prompt_token_ids": ids})
-            sampling.append(
-                VLLMSamplingParams(
-                    n=params.n,
-                    max_tokens=params.max_new_tokens,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    top_k=params.top_k or -1,  # -1 is "off" in every vLLM release (0 only in recent ones)
-                    seed=None if params.greedy else sample_seed(params.seed, ids, copy, 0),
-                    stop=list(text_stops) or None,
-                    stop_token_ids=sorted(user_stop_ids | self.end_token_ids) or None,
-                    skip_special_tokens=True,
-                )
-            )
-        outputs = self.llm.generate(requests, sampling, use_tqdm=progress)
-        results = []
-        for ids, request in zip(prompt_ids, outputs):
-            ordered = sorted(request.outputs, key=lambda o: o.index)
-            results.append([self._completion(o, ids, user_stop_ids, text_stops) for o in ordered])
-        return results
-
-    def _completion(self, out: Any, prompt_ids: list[int], user_stop_ids: set[int], text_stops: list[str]) -> Completion:
-        # vLLM says "stop" for EOS, stop tokens and stop strings alike; stop_reason tells them apart
-        # (None: EOS; an int: that stop token id; a str: that stop string).
-        reason: FinishReason
-        if out.finish_reason == "length":
-            reason = "length"
-        elif isinstance(out.stop_reason, str) or (isinstance(out.stop_reason, int) and out.stop_reason in user_stop_ids):
-            reason = "stop"
-        else:
-            reason = "eos"
-        token_ids = list(out.token_ids)
-        return Completion(out.text, token_ids, reason, len(token_ids), prompt_ids)
-
-
-def _generation_eos(path: str) -> Any:
-    """The EOS id(s) in a model's generation_config.json, if it has one."""
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(path).eos_token_id
-    except OSError:
-        return None
-
-
-Backend = Literal["auto", "transformers", "vllm"]
-
-
-def load_engine(
-    name: str,
-    *,
-    backend: Backend = "auto",
-    dtype: str = "float32",
-    device: str | None = None,
-    batch_size: int = 32,
-    template: str | None = None,
-) -> Engine | VLLMEngine:
-    """An engine for model ``name``: vLLM when asked, or for ``auto`` when it is installed and CUDA is up; else transformers."""
-    if backend == "vllm" or (backend == "auto" and vllm_available() and torch.cuda.is_available()):
-        return VLLMEngine(name, template=template, dtype=dtype)
-    return Engine.from_name(name, dtype=dtype, device=device, batch_size=batch_size, template=template)
+    @contextmanager
+    def _using(self, adapter: int) -> Iterator[None]:
+        """Forwards of the model with adapter ``adapter`` (0: the base model, adapters off) for an engine with adapters."""
+        if not self.adapters:
+            yield
+            return
+        if adapter == 0:
+            with self.model.disable_adapter():
+                yield
+            return
+        self.model.set_adapter(self.adapters[adapter - 1])
+        yield

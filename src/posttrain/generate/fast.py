@@ -52,13 +52,19 @@ HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (s
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
 
 
-def supports(model: Any) -> bool:
-    """Whether ``model`` can be decoded by :class:`FastDecoder` as the same computation as its forward."""
-    config = getattr(model, "config", None)
+def supports(model: Any, *, adapters: bool = False) -> bool:
+    """Whether ``model`` can be decoded by :class:`FastDecoder` as the same computation as its forward.
+
+    ``adapters``: also take a peft model whose projections are LoRA or DoRA layers over plain linears
+    (the server decodes its adapters' rows in one batch with the base's); without it, an adapted model
+    goes through its own forward (training's rollouts: a LoRA policy being trained).
+    """
+    inner_model = _base_model(model) if adapters else model
+    config = getattr(inner_model, "config", None)
     layer_class = SUPPORTED.get(getattr(config, "model_type", None))
-    inner = getattr(model, "model", None)
+    inner = getattr(inner_model, "model", None)
     layers = getattr(inner, "layers", None)
-    if layer_class is None or layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+    if layer_class is None or layers is None or not isinstance(getattr(inner_model, "lm_head", None), nn.Linear):
         return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
@@ -71,29 +77,117 @@ def supports(model: Any) -> bool:
             return False
         attn, mlp = layer.self_attn, layer.mlp
         projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(p) is not nn.Linear for p in projections) or mlp.down_proj.bias is not None or attn.o_proj.bias is not None:
+        if adapters:
+            if not all(type(p) is nn.Linear or _is_lora(p) for p in projections):
+                return False
+            projections = [_linear(p) for p in projections]
+        if any(type(p) is not nn.Linear for p in projections) or projections[-1].bias is not None or projections[3].bias is not None:
             return False
-        if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+        if projections[4].bias is not None or projections[5].bias is not None:
             return False
     return True
 
 
+def _base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _is_lora(module: Any) -> bool:
+    """A peft LoRA/DoRA linear over a plain ``nn.Linear``, unmerged, with nothing but A, B (and DoRA's magnitude)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return False
+    if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear or module.merged:
+        return False
+    return not getattr(module, "lora_bias", {}) or not any(module.lora_bias.values())
+
+
+def _linear(module: Any) -> nn.Linear:
+    return module.base_layer if _is_lora(module) else module
+
+
+class _Delta:
+    """One adapter's low-rank update of a joined projection (q, k and v; or gate and up; or o; or down).
+
+    ``a`` (rank total, in) stacks the parts' A matrices; ``b`` (out total, rank total) holds each part's
+    B, scaled by its LoRA scaling, on the block diagonal (zeros for a part the adapter leaves alone), so
+    the update is two matmuls. ``magnitude`` (out total,) is DoRA's m / ||W + sBA|| per output feature
+    (1 where a part is plain LoRA or not adapted), or None when no part is DoRA. With bias b, DoRA's output
+    is magnitude * (W x + s B A x) + b (peft's DoraLinearLayer), which the step computes in that order.
+    """
+
+    def __init__(self, parts: list[Any], name: str):
+        a_parts, b_parts, scales = [], [], []
+        outs = [_linear(p).weight.shape[0] for p in parts]
+        ranks = []
+        for p, out in zip(parts, outs):
+            if _is_lora(p) and name in p.lora_A:
+                dtype = p.base_layer.weight.dtype  # adapters load in float32 over a bf16 base: compute in the base's dtype
+                a, b = p.lora_A[name].weight.float(), p.lora_B[name].weight.float() * p.scaling[name]
+                a_parts.append(a)
+                b_parts.append(b)
+                ranks.append(a.shape[0])
+                if p.use_dora.get(name):
+                    norm = (p.base_layer.weight.float() + b @ a).norm(p=2, dim=1)
+                    scales.append((p.lora_magnitude_vector[name].weight.float() / norm).to(dtype))
+                else:
+                    scales.append(None)
+                a_parts[-1], b_parts[-1] = a.to(dtype), b.to(dtype)
+            else:
+                ranks.append(0)
+                b_parts.append(None)
+                scales.append(None)
+        self.empty = not a_parts
+        if self.empty:
+            return
+        ref = a_parts[0]
+        self.a = torch.cat(a_parts)
+        self.b = ref.new_zeros((sum(outs), sum(ranks)))
+        row = col = 0
+        for out, rank, b in zip(outs, ranks, b_parts):
+            if b is not None:
+                self.b[row : row + out, col : col + rank] = b
+            row, col = row + out, col + rank
+        self.magnitude = None
+        if any(m is not None for m in scales):
+            self.magnitude = torch.cat([m if m is not None else ref.new_ones(out) for m, out in zip(scales, outs)])
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out`` (rows, out) is W x for rows ``x`` (rows, in); returns the adapted output (before any bias)."""
+        delta = (x @ self.a.T) @ self.b.T
+        if self.magnitude is None:
+            return out + delta
+        return self.magnitude * (out + delta)
+
+
 class _Layer:
-    def __init__(self, layer: Any):
+    def __init__(self, layer: Any, adapters: list[str]):
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1, self.norm2, self.act = layer.input_layernorm, layer.post_attention_layernorm, mlp.act_fn
-        weights, biases = (
-            (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-            (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
-        )
+        q, k, v, o = (_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        gate, up, down = (_linear(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        weights, biases = (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias)
         self.qkv = torch.cat(weights)
         self.qkv_bias = None  # Qwen2 has biases on q, k and v; a model with some of them gets zeros for the rest
         if any(b is not None for b in biases):
             self.qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        self.o = attn.o_proj.weight
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.down = mlp.down_proj.weight
+        self.o = o.weight
+        self.gate_up = torch.cat([gate.weight, up.weight])
+        self.down = down.weight
         self.scaling = attn.scaling
+        # per adapter (index i + 1 in the decoder's rows), its updates of the four joined projections
+        self.deltas = [
+            {
+                "qkv": _Delta([attn.q_proj, attn.k_proj, attn.v_proj], name),
+                "o": _Delta([attn.o_proj], name),
+                "gate_up": _Delta([mlp.gate_proj, mlp.up_proj], name),
+                "down": _Delta([mlp.down_proj], name),
+            }
+            for name in adapters
+        ]
 
 
 class FastDecoder:
@@ -101,92 +195,119 @@ class FastDecoder:
 
     Built once per ``generate`` call (inside any dtype cast, so the joined weights have the forward's
     dtype). :meth:`start` takes a batch's prefilled ``DynamicCache`` and attention mask; :meth:`step`
-    feeds one token per row and returns the next logits; :meth:`compact` keeps some rows.
+    feeds one token per row and returns the next logits; :meth:`admit` puts new sequences into free rows
+    (or rows past the current ones, up to the capacity given to :meth:`start`); :meth:`compact` keeps
+    some rows.
+
+    ``adapters``: names of LoRA/DoRA adapters loaded into a peft ``model``; a row decoded with adapter
+    ``i + 1`` (0 is the base model) adds that adapter's low-rank update to each projection, so rows of
+    different adapters share one step (the base weights are read once for all of them).
     """
 
-    def __init__(self, model: Any):
-        config = model.config
+    def __init__(self, model: Any, adapters: list[str] | tuple[str, ...] = ()):
+        base = _base_model(model)
+        config = base.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.embed = model.model.embed_tokens
-        self.rotary = model.model.rotary_emb
-        self.final_norm = model.model.norm
-        self.lm_head = model.lm_head.weight
-        self.lm_bias = model.lm_head.bias
-        self.layers = [_Layer(layer) for layer in model.model.layers]
+        self.embed = base.model.embed_tokens
+        self.rotary = base.model.rotary_emb
+        self.final_norm = base.model.norm
+        self.lm_head = base.lm_head.weight
+        self.lm_bias = base.lm_head.bias
+        self.adapters = list(adapters)
+        self.layers = [_Layer(layer, self.adapters) for layer in base.model.layers]
+        self.rows = 0
+        self.adapter_of: list[int] = []  # each row's adapter index (0: the base model)
 
-    def start(self, cache: Any, mask: torch.Tensor, max_new_tokens: int) -> None:
+    def start(self, cache: Any, mask: torch.Tensor, max_new_tokens: int, *, capacity: int = 0, adapter: int = 0) -> None:
         """Copy a prefilled cache (rows, kv heads, width, head dim per layer) into buffers with room to grow.
 
         Room for ``2 * max_new_tokens`` more columns, so that sequences admitted while the first ones are
-        still going (:meth:`admit`) seldom need the buffers moved. Memory: rows x columns x layers x 2 x
-        kv heads x head dim floats (SmolLM2-135M in fp32: 46 KB a row and column; 2.8 GB for 128 rows of
-        150-token prompts and 160 new tokens).
+        still going (:meth:`admit`) seldom need the buffers moved, and for ``capacity`` rows (at least the
+        cache's). Memory: rows x columns x layers x 2 x kv heads x head dim floats (SmolLM2-135M in fp32:
+        46 KB a row and column; 2.8 GB for 128 rows of 150-token prompts and 160 new tokens).
         """
         rows, width = mask.shape
-        capacity = width + 2 * max_new_tokens
+        capacity = max(capacity, rows)
+        columns = width + 2 * max_new_tokens
         self.keys, self.values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values
-            kb = k.new_empty((rows, self.kv_heads, capacity, self.head_dim))
-            vb = v.new_empty((rows, self.kv_heads, capacity, self.head_dim))
-            kb[:, :, :width], vb[:, :, :width] = k, v
+            kb = k.new_zeros((capacity, self.kv_heads, columns, self.head_dim))
+            vb = v.new_zeros((capacity, self.kv_heads, columns, self.head_dim))
+            kb[:rows, :, :width], vb[:rows, :, :width] = k, v
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
-        bias = torch.zeros((rows, capacity), dtype=torch.float32, device=mask.device)
-        bias[:, :width].masked_fill_(mask == 0, float("-inf"))
+        bias = torch.zeros((capacity, columns), dtype=torch.float32, device=mask.device)
+        bias[:rows, :width].masked_fill_(mask == 0, float("-inf"))
         self.bias = bias
         self.length = width
+        self.rows = rows
+        self.adapter_of = [adapter] * rows
 
-    def admit(self, rows: torch.Tensor, cache: Any, mask: torch.Tensor, max_new_tokens: int, keep: list[int]) -> None:
-        """Put prefilled sequences into ``rows`` (whose sequences have finished): their cache ends at the current column.
+    @property
+    def capacity(self) -> int:
+        """Rows the buffers hold."""
+        return self.bias.shape[0]
+
+    def admit(
+        self, rows: list[int], cache: Any, mask: torch.Tensor, max_new_tokens: int, keep: list[int], *, adapter: int = 0
+    ) -> None:
+        """Put prefilled sequences into ``rows``: finished rows, or rows past the current ones (within the capacity).
 
         Every row writes the same column at each step, so a newcomer's prompt is placed right before it,
-        everything left of it masked. ``keep``: the rows still generating, whose columns must be kept.
+        everything left of it masked; a prompt longer than the current column moves the kept rows' columns
+        right first. ``keep``: the rows still generating, whose columns must be kept.
         """
         width = mask.shape[1]
+        if max(rows) >= self.capacity:
+            raise ValueError(f"row {max(rows)} is past the decoder's {self.capacity} rows")
         self._make_room(width, max_new_tokens, keep)
         t = self.length
+        index = torch.tensor(rows, device=self.bias.device)
         for layer, kb, vb in zip(cache.layers, self.keys, self.values):
-            kb[rows, :, t - width : t] = layer.keys
-            vb[rows, :, t - width : t] = layer.values
+            kb[index, :, t - width : t] = layer.keys
+            vb[index, :, t - width : t] = layer.values
         bias = torch.full((len(rows), self.bias.shape[1]), float("-inf"), device=self.bias.device)
         bias[:, t - width : t].masked_fill_(mask == 1, 0.0)
         bias[:, t:] = 0.0
-        self.bias[rows] = bias
+        self.bias[index] = bias
+        self.rows = max(self.rows, max(rows) + 1)
+        self.adapter_of += [0] * (self.rows - len(self.adapter_of))
+        for r in rows:
+            self.adapter_of[r] = adapter
 
     def _make_room(self, width: int, max_new_tokens: int, keep: list[int]) -> None:
         """Make sure ``max_new_tokens`` more columns fit after the current one, with ``width`` before it.
 
         Columns that no kept row uses any more (left of every kept row's first token) are dropped by moving
-        the rest left; the buffers grow only if that is not enough.
+        the rest left; when ``width`` is more than the current column, the rest moves right; the buffers
+        grow only if that is not enough.
         """
-        t, capacity = self.length, self.bias.shape[1]
-        if t + max_new_tokens <= capacity:
+        t, columns = self.length, self.bias.shape[1]
+        if width <= t and t + max_new_tokens <= columns:
             return
         first = int((self.bias[keep] == 0).float().argmax(-1).min()) if keep else t
-        shift = max(0, min(first, t - width))
-        length = t - shift
-        grown = max(capacity, length + 2 * max_new_tokens)
+        used = t - first  # the kept rows' columns [first, t)
+        length = max(used, width)
+        grown = max(columns, length + 2 * max_new_tokens)
+        bias = self.bias.new_zeros((self.capacity, grown))
+        bias[:, : length - used] = float("-inf")
+        bias[:, length - used : length] = self.bias[:, first:t]
         for buffers in (self.keys, self.values):
             for i, b in enumerate(buffers):
-                if grown > capacity:
-                    moved = b.new_empty((b.shape[0], b.shape[1], grown, b.shape[3]))
-                    moved[:, :, :length] = b[:, :, shift:t]
-                    buffers[i] = moved
-                else:
-                    b[:, :, :length] = b[:, :, shift:t].clone()
-        bias = self.bias.new_zeros((self.bias.shape[0], grown))
-        bias[:, :length] = self.bias[:, shift:t]
+                moved = b.new_zeros((b.shape[0], b.shape[1], grown, b.shape[3])) if grown > columns else b
+                moved[:, :, length - used : length] = b[:, :, first:t].clone()
+                buffers[i] = moved
         self.bias, self.length = bias, length
 
     def compact(self, live: list[int]) -> list[int]:
         """Keep only the rows in ``live``; returns the old row of each row kept, in its new place.
 
         A live row past the first ``len(live)`` rows moves into a finished row's place before them, and the
-        buffers become views of their first ``len(live)`` rows: only the movers are copied, not every kept row.
+        decoder steps only its first ``len(live)`` rows: only the movers are copied, not every kept row.
         """
         n = len(live)
         order = list(range(n))
@@ -201,24 +322,41 @@ class FastDecoder:
             self.bias[dst] = self.bias[src]
             for hole, mover in zip(holes, movers):
                 order[hole] = mover
-        self.keys = [k[:n] for k in self.keys]
-        self.values = [v[:n] for v in self.values]
-        self.bias = self.bias[:n]
+                self.adapter_of[hole] = self.adapter_of[mover]
+        self.rows = n
+        self.adapter_of = self.adapter_of[:n]
         return order
+
+    def _project(self, weight: torch.Tensor, x: torch.Tensor, layer: _Layer, part: str) -> torch.Tensor:
+        """``W @ x.T``, transposed back to (rows, out), with each adapted row's update."""
+        out = torch.mm(weight, x.T).T
+        if not self.adapters or not any(self.adapter_of):
+            return out
+        out = out.contiguous()
+        for a in set(self.adapter_of) - {0}:
+            delta = layer.deltas[a - 1][part]
+            if delta.empty:
+                continue
+            index = torch.tensor([r for r, i in enumerate(self.adapter_of) if i == a], device=out.device)
+            out[index] = delta.apply(out[index], x[index])
+        return out
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,)."""
         t = self.length
         rows = tokens.shape[0]
+        if rows != self.rows:
+            raise ValueError(f"{rows} tokens for {self.rows} rows")
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         group = h // kv
         x = self.embed(tokens)  # (rows, hidden)
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head dim)
-        bias = self.bias[:, None, None, : t + 1]
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
+        bias = self.bias[:rows, None, None, : t + 1]
+        for layer, all_keys, all_values in zip(self.layers, self.keys, self.values):
+            keys, values = all_keys[:rows], all_values[:rows]
             # x is (rows, hidden) with its features contiguous per column (the transpose of W @ x.T): see the module docstring
-            qkv = torch.mm(layer.qkv, layer.norm1(x).T).T
+            qkv = self._project(layer.qkv, layer.norm1(x), layer, "qkv")
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
             q = qkv[:, : h * d].reshape(rows, kv, group, d)
@@ -231,9 +369,9 @@ class FastDecoder:
             scores = torch.matmul(q, keys[:, :, : t + 1].transpose(-1, -2)) * layer.scaling  # (rows, kv, group, t+1)
             probs = (scores.float() + bias).softmax(-1).to(q.dtype)
             attn = torch.matmul(probs, values[:, :, : t + 1]).reshape(rows, h * d)
-            x = x + torch.mm(layer.o, attn.T).T
-            gate, up = torch.mm(layer.gate_up, layer.norm2(x).T).chunk(2)  # (intermediate, rows) each
-            x = x + torch.mm(layer.down, layer.act(gate) * up).T
+            x = x + self._project(layer.o, attn, layer, "o")
+            gate, up = self._project(layer.gate_up, layer.norm2(x), layer, "gate_up").T.chunk(2)  # (intermediate, rows) each
+            x = x + self._project(layer.down, (layer.act(gate) * up).T, layer, "down")
         self.length = t + 1
         hidden = self.final_norm(x).T  # (hidden, rows), contiguous
         # W @ h.T a slice of the vocabulary at a time, each slice's transpose written while it is in cache

@@ -309,7 +309,7 @@ def label_prompts(
     records (prompts order) and the summary. ``reference_logps``: record the sampling model's log-probs
     of each pair's responses in ``meta["reference"]`` (transformers engine only; see the module docstring).
     """
-    from posttrain.generate.engine import SamplingParams
+    from posttrain.generate.params import SamplingParams
 
     if k < 2:
         raise ValueError(f"k must be at least 2 (a pair needs two responses), not {k}")
@@ -405,7 +405,7 @@ def label_file(
     ``by="verifiers"`` needs IFEval-format prompts; ``by="reward-model"`` needs ``reward_model`` (a run
     directory of ``posttrain rm``) or a ``scorer``.
     """
-    from posttrain.generate.engine import load_engine
+    from posttrain.generate.load import load_engine
 
     if by not in ("verifiers", "reward-model"):
         raise ValueError(f"by must be 'verifiers' or 'reward-model', not {by!r}")

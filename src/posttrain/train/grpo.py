@@ -42,7 +42,9 @@ import torch
 
 from posttrain.config import GRPOConfig
 from posttrain.data.formats import ReadReport
-from posttrain.generate.engine import Completion, Engine, PromptEncoder, SamplingParams
+from posttrain.generate.engine import Engine
+from posttrain.generate.params import Completion, SamplingParams
+from posttrain.generate.prompts import PromptEncoder
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.synth.label import Prompt, read_prompts

@@ -55,7 +55,8 @@ import torch
 
 from posttrain.config import PPOConfig
 from posttrain.data.formats import ReadReport, read_records
-from posttrain.generate.engine import Completion, Engine, SamplingParams
+from posttrain.generate.engine import Engine
+from posttrain.generate.params import Completion, SamplingParams
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record
