@@ -267,3 +267,55 @@ def test_serve_refuses_another_address_without_a_key():
 
     result = CliRunner().invoke(app, ["serve", MODEL, "--host", "0.0.0.0"])
     assert result.exit_code == 1 and "without an API key" in result.output
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_any_run_directory_can_be_served(tmp_path, kind):
+    """A posttrain run (its final/ an adapter over config.yaml's base, or a whole model) served by name."""
+    from peft import PeftModel
+    from sft_fixtures import sft_config, write_color_data
+
+    from posttrain.config import SFTConfig
+    from posttrain.generate.served import Models
+    from posttrain.train.sft import train
+
+    adapter = {"kind": "lora", "r": 4, "alpha": 8} if kind == "lora" else {"kind": "full"}
+    cfg = sft_config(write_color_data(tmp_path / "data.jsonl", n=8), tmp_path / "run", adapter=adapter, train={"max_steps": 2})
+    train(SFTConfig(**cfg))
+    run = tmp_path / "run"
+    models = Models(dtype="float32", width=4)
+    try:
+        served_run = models.add("run", str(run))
+        assert (served_run.adapter is not None) == (kind == "lora")
+        if kind == "lora":
+            assert served_run.base == MODEL and set(models.names) == {MODEL, "run"}
+            reference = PeftModel.from_pretrained(_base(), str(run / "final")).eval()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+        engine = served_run.engine
+        params = SamplingParams(max_new_tokens=8)
+        ids = engine.encode(CHATS[:2])
+        got = [served_run.scheduler.generate(p, params, adapter=served_run.adapter, timeout=60)[0].token_ids for p in ids]
+        want = [c[0].token_ids for c in Engine(reference, engine.tokenizer, fast=False).generate(CHATS[:2], params, progress=False)]
+        assert got == want
+    finally:
+        models.close()
+
+
+def test_terminal_chat_streams_replies_and_keeps_history():
+    import subprocess
+    import sys
+
+    from sft_fixtures import subprocess_env
+
+    engine = Engine(_base(), load_tokenizer(MODEL))
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    want = engine.generate([first], SamplingParams(max_new_tokens=12), progress=False)[0][0].text
+    script = "hello\n/reset\n/system\nhi again\n/exit\n"
+    cmd = [sys.executable, "-m", "posttrain.cli", "chat", MODEL, "--system", "Be brief.", "--temperature", "0", "--max-tokens", "12", "--dtype", "float32"]
+    done = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=180, env=subprocess_env(COLUMNS="400"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("assistant") == 2 and "history cleared" in done.stdout and "system message removed" in done.stdout
+    assert want.strip() and want in done.stdout
