@@ -200,6 +200,29 @@ class _Prefix:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, (1, kv heads, length, head dim)
 
 
+class PrefixCache:
+    """One fixed run of tokens (the chat template's preamble: its default system prompt) prefilled once per adapter.
+
+    For the server, whose batches are whatever requests are waiting: a batch whose prompts all start with
+    ``tokens`` (and have a token of their own after them) gets the cached keys and values; any other
+    batch is prefilled whole. Built inside the engine's session, so the cache has the session's dtype.
+    """
+
+    def __init__(self, engine: Engine, tokens: list[int]):
+        self.engine, self.tokens = engine, list(tokens)
+        self._cached: dict[int, _Prefix | None] = {}
+
+    def get(self, batch: list[DecodeSequence]) -> _Prefix | None:
+        n = len(self.tokens)
+        if n < MIN_SHARED_PREFIX or any(len(s.prompt_ids) <= n or s.prompt_ids[:n] != self.tokens for s in batch):
+            return None
+        adapter = batch[0].adapter
+        if adapter not in self._cached:
+            with self.engine._using(adapter):
+                self._cached[adapter] = self.engine._prefix([self.tokens + [0]])
+        return self._cached[adapter]
+
+
 def _groups(lengths: list[int]) -> list[tuple[int, int]]:
     """Split lengths sorted longest first into runs ``[lo, hi)`` worth prefilling together.
 
@@ -440,7 +463,7 @@ class Engine:
         width: int,
         finished: Callable[[DecodeSequence], None],
         *,
-        prefix: _Prefix | None = None,
+        prefix: _Prefix | PrefixCache | None = None,
         decoder: FastDecoder | None = None,
         eager: bool = False,
     ) -> None:
@@ -553,10 +576,12 @@ class Engine:
     # -- the decode loop ------------------------------------------------------------------------
 
     def _prefill_rows(
-        self, batch: list[DecodeSequence], prefix: _Prefix | None
+        self, batch: list[DecodeSequence], prefix: _Prefix | PrefixCache | None
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_prefill` for a batch of sequences of one adapter: each distinct prompt once (longest first),
         its rows copied for its samples and put back in the batch's order. Seeds each sampled sequence's generator."""
+        if isinstance(prefix, PrefixCache):
+            prefix = prefix.get(batch)
         distinct = sorted({tuple(s.prompt_ids) for s in batch}, key=lambda p: -len(p))
         place = {p: i for i, p in enumerate(distinct)}
         rows = [place[tuple(s.prompt_ids)] for s in batch]
@@ -573,7 +598,7 @@ class Engine:
 
     # -- the decode loops -----------------------------------------------------------------------
 
-    def _decode(self, batch: list[DecodeSequence], prefix: _Prefix | None, finished: Callable[[DecodeSequence], None]) -> None:
+    def _decode(self, batch: list[DecodeSequence], prefix: _Prefix | PrefixCache | None, finished: Callable[[DecodeSequence], None]) -> None:
         """Generate ``batch`` (one adapter) to completion with the model's forward: prefill, then one token a step."""
         device = self.device
         cache, mask, next_position, logits = self._prefill_rows(batch, prefix)
@@ -606,7 +631,7 @@ class Engine:
         self,
         feed: Feed,
         width: int,
-        prefix: _Prefix | None,
+        prefix: _Prefix | PrefixCache | None,
         decoder: FastDecoder,
         finished: Callable[[DecodeSequence], None],
         eager: bool,

@@ -45,6 +45,15 @@ class PromptEncoder:
             raise TypeError(f"apply_chat_template=False takes plain strings; prompt(s) {bad[:5]} are {type(prompts[bad[0]]).__name__}")
         return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
+    def preamble(self) -> list[int]:
+        """The tokens every chat this template renders starts with (its default system prompt, if any), or []."""
+        try:
+            a, b = (self.encode([[{"role": "user", "content": text}]])[0] for text in ("Hello.", "Why is the sky blue?"))
+        except Exception:  # noqa: BLE001 — a template that cannot render a one-message chat has no preamble to share
+            return []
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
     def end_token_ids(self, model_eos: Any = None) -> set[int]:
         """Ids that end a completion: the tokenizer's EOS, ``model_eos`` (an id or ids), the template's end of turn."""
         ids = set()

@@ -13,6 +13,9 @@ the handle's ``on_done`` are called in that thread, and must only hand the news 
 to its event loop). The queue is bounded in sequences: :class:`QueueFull` when it is full, so that a
 server answers 429 instead of taking work it cannot do in time.
 
+Chats that start with the template's preamble (its default system prompt) share its prefilled keys
+and values (:class:`~posttrain.generate.engine.PrefixCache`), as the engine shares a call's common prefix.
+
 Work that needs the model to itself (loading an adapter) is queued with :meth:`Scheduler.call`: new
 sequences wait, the running ones finish, the work runs, and decoding resumes with a new decoder.
 """
@@ -27,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.generate.engine import DecodeSequence, Engine
+from posttrain.generate.engine import DecodeSequence, Engine, PrefixCache
 from posttrain.generate.params import Completion, SamplingParams
 from posttrain.generate.prompts import sample_seed
 
@@ -88,6 +91,7 @@ class Scheduler:
         self._running = 0  # sequences in the decode batch
         self.last_error: BaseException | None = None  # the decode loop's last failure (its requests failed with it)
         self.tokens_generated = 0
+        self._prefix = PrefixCache(engine, engine.prompts.preamble()) if engine._plain_cache() else None
         self._thread = threading.Thread(target=self._loop, name="posttrain-scheduler", daemon=True)
         self._thread.start()
 
@@ -183,7 +187,7 @@ class Scheduler:
                                 return
                             if self._calls:
                                 break
-                        self.engine.run(self, self.width, self._finished, decoder=decoder, eager=True)
+                        self.engine.run(self, self.width, self._finished, prefix=self._prefix, decoder=decoder, eager=True)
                 # the session ended for work that wants the model to itself; a new one builds a new decoder
                 self._run_calls()
             except Exception as err:  # noqa: BLE001 — fail the requests, not silently the thread
