@@ -105,7 +105,7 @@ class Later:
 
 def test_a_longer_prompt_moves_the_columns_right():
     """A newcomer whose prompt is longer than the current column: the running rows' columns move, nothing changes for them."""
-    from posttrain.generate.engine import plan
+    from posttrain.generate.sequences import plan
 
     model, tokenizer = build_tiny("llama")
     model.eval()

@@ -56,13 +56,13 @@ def test_concurrent_requests_equal_the_engine_alone_and_share_the_preamble(engin
 
 
 def test_cancel_frees_rows_and_a_full_queue_refuses(engine):
-    scheduler = Scheduler(engine, width=2, max_waiting=3)
+    scheduler = Scheduler(engine, width=2, max_waiting=4)
     try:
         long = SamplingParams(max_new_tokens=600, temperature=1.0, seed=1)
         first = scheduler.submit(engine.encode(CHATS[:1])[0], long)
         second = scheduler.submit(engine.encode(CHATS[1:2])[0], SamplingParams(max_new_tokens=600, temperature=1.0, seed=2, n=3))
         with pytest.raises(QueueFull) as full:
-            scheduler.submit(engine.encode(CHATS[2:3])[0], SamplingParams(max_new_tokens=4, n=2))
+            scheduler.submit(engine.encode(CHATS[2:3])[0], SamplingParams(max_new_tokens=4, n=3))  # at least 2 of 4 wait: 2 + 3 > 4
         assert full.value.retry_after >= 1
         first.cancel()
         second.cancel()

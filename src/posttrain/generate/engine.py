@@ -99,105 +99,20 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 
 from posttrain.generate.fast import FastDecoder
 from posttrain.generate.fast import supports as fast_supports
-from posttrain.generate.params import Completion, FinishReason, SamplingParams
-from posttrain.generate.prompts import PromptEncoder, sample_seed
+from posttrain.generate.params import Completion, SamplingParams
+from posttrain.generate.prefill import MIN_SHARED_PREFIX, Prefix, last_index, pad_middle, prefill_groups
+from posttrain.generate.prompts import PromptEncoder
 from posttrain.generate.sampling import generator, pick
+from posttrain.generate.sequences import DecodeSequence, Feed, ListFeed, Stops, plan
 from posttrain.models.load import cache_kwarg, plain_cache
 
-
-class Stops(NamedTuple):
-    """What ends a sequence besides the end tokens: stop strings matched in the text, and stop token ids."""
-
-    texts: tuple[str, ...] = ()
-    ids: frozenset[int] = frozenset()
-
-
-@dataclass(eq=False)
-class DecodeSequence:
-    """One sequence being generated: a (prompt, sample) with its own parameters, stops, adapter and random stream.
-
-    ``listener`` (the server's streaming) is called after each token is appended; ``cancelled`` (set from
-    another thread when a client goes away) ends the sequence at the next step, as if it had reached its
-    length limit, and frees its row.
-    """
-
-    prompt: int  # index into the caller's prompts (or the server's request id)
-    sample: int
-    prompt_ids: list[int]
-    seed: int
-    params: SamplingParams
-    stops: Stops = Stops()
-    adapter: int = 0  # 0: the base model; i: the engine's adapters[i - 1]
-    generator: torch.Generator | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish: FinishReason | None = None
-    cut: int | None = None  # where a stop string starts in the decoded text
-    listener: Callable[[DecodeSequence], None] | None = None
-    cancelled: bool = False
-
-    @property
-    def remaining(self) -> int:
-        return self.params.max_new_tokens - len(self.tokens)
-
-
-class Feed(Protocol):
-    """Where the decode loop takes its sequences from: a fixed list (:meth:`Engine.generate`) or the server's queue."""
-
-    def waiting(self) -> bool:
-        """Whether :meth:`take` would return something now."""
-        ...
-
-    def take(self, k: int) -> list[DecodeSequence]:
-        """Up to ``k`` waiting sequences, all of one adapter."""
-        ...
-
-
-class ListFeed:
-    """The sequences of one call, in order (longest prompt first, as :func:`plan` sorts them)."""
-
-    def __init__(self, seqs: list[DecodeSequence]):
-        self.seqs, self.next = seqs, 0
-
-    def waiting(self) -> bool:
-        return self.next < len(self.seqs)
-
-    def take(self, k: int) -> list[DecodeSequence]:
-        batch = self.seqs[self.next : self.next + k]
-        self.next += len(batch)
-        return batch
-
-
-def plan(prompt_ids: list[list[int]], params: SamplingParams, stops: Stops, adapter: int = 0) -> list[DecodeSequence]:
-    """Every (prompt, sample) as a sequence, longest prompt first (stable: a prompt's samples stay together)."""
-    copies: dict[tuple[int, ...], int] = {}
-    seqs = []
-    for i, ids in enumerate(prompt_ids):
-        key = tuple(ids)
-        copy = copies.get(key, 0)
-        copies[key] = copy + 1
-        seqs += [DecodeSequence(i, j, ids, sample_seed(params.seed, ids, copy, j), params, stops, adapter) for j in range(params.n)]
-    return sorted(seqs, key=lambda s: -len(s.prompt_ids))
-
-
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a separate forward pass
-PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill forward, to bound activation memory
 COMPACT_AT = 8  # the fast decoder refills finished rows (or, once nothing waits, drops them) when they are 1/COMPACT_AT of its rows
-PREFILL_PADDING = 1.25  # a prefill group grows while its padded size stays within this factor of its real tokens
-
-
-@dataclass
-class _Prefix:
-    length: int
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, (1, kv heads, length, head dim)
 
 
 class PrefixCache:
@@ -210,9 +125,9 @@ class PrefixCache:
 
     def __init__(self, engine: Engine, tokens: list[int]):
         self.engine, self.tokens = engine, list(tokens)
-        self._cached: dict[int, _Prefix | None] = {}
+        self._cached: dict[int, Prefix | None] = {}
 
-    def get(self, batch: list[DecodeSequence]) -> _Prefix | None:
+    def get(self, batch: list[DecodeSequence]) -> Prefix | None:
         n = len(self.tokens)
         if n < MIN_SHARED_PREFIX or any(len(s.prompt_ids) <= n or s.prompt_ids[:n] != self.tokens for s in batch):
             return None
@@ -221,41 +136,6 @@ class PrefixCache:
             with self.engine._using(adapter):
                 self._cached[adapter] = self.engine._prefix([self.tokens + [0]])
         return self._cached[adapter]
-
-
-def _groups(lengths: list[int]) -> list[tuple[int, int]]:
-    """Split lengths sorted longest first into runs ``[lo, hi)`` worth prefilling together.
-
-    A run grows while padding every row to its first (longest) row costs at most ``PREFILL_PADDING`` times
-    its real tokens and stays within ``PREFILL_TOKENS``: little compute on padding, few forward passes.
-    """
-    groups, lo, real = [], 0, 0
-    for i, n in enumerate(lengths):
-        rows = i - lo + 1
-        if i > lo and (lengths[lo] * rows > PREFILL_PADDING * (real + n) or lengths[lo] * rows > PREFILL_TOKENS):
-            groups.append((lo, i))
-            lo, real = i, 0
-        real += n
-    groups.append((lo, len(lengths)))
-    return groups
-
-
-def _last(length: int, device: torch.device) -> torch.Tensor:
-    """``logits_to_keep`` for the last of ``length`` positions, as an index tensor, not the int 1.
-
-    The int slices the hidden states to a non-contiguous (rows, 1, hidden) view, and a linear layer on that
-    view broadcasts the vocabulary projection's weight to every row (a batched matmul over copies of a
-    49k x 576 matrix): 1.5 s of SmolLM2's 3 s prefill at batch 32. Indexing gives a contiguous copy.
-    """
-    return torch.tensor([length - 1], device=device)
-
-
-def _pad_middle(states: torch.Tensor, shared: int, pad: int) -> torch.Tensor:
-    """Insert ``pad`` zero positions after the first ``shared`` ones of (batch, heads, positions, dim) states."""
-    if pad == 0:
-        return states
-    b, h, _, d = states.shape
-    return torch.cat([states[:, :, :shared], states.new_zeros((b, h, pad, d)), states[:, :, shared:]], dim=2)
 
 
 @contextmanager
@@ -463,7 +343,7 @@ class Engine:
         width: int,
         finished: Callable[[DecodeSequence], None],
         *,
-        prefix: _Prefix | PrefixCache | None = None,
+        prefix: Prefix | PrefixCache | None = None,
         decoder: FastDecoder | None = None,
         eager: bool = False,
     ) -> None:
@@ -505,7 +385,7 @@ class Engine:
             self._plain = plain_cache(self.model.config)
         return self._plain
 
-    def _prefix(self, prompt_ids: list[list[int]]) -> _Prefix | None:
+    def _prefix(self, prompt_ids: list[list[int]]) -> Prefix | None:
         """The keys and values of the tokens every prompt of the call starts with (a system prompt), or None.
 
         Computed once per call and shared by every batch, as vLLM's prefix caching does; each prompt keeps
@@ -519,10 +399,10 @@ class Engine:
             return None
         cache = self._new_cache()
         ids = torch.tensor([first[:length]], device=self.device)
-        self.model(input_ids=ids, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=_last(length, self.device))
-        return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
+        self.model(input_ids=ids, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=last_index(length, self.device))
+        return Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _prefill(self, prompts: list[list[int]], prefix: _Prefix | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]], prefix: Prefix | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts (longest first) through the model: (cache, attention mask, next positions, last logits).
 
         Rows are left-padded to a common width; with a shared prefix, the padding sits between the prefix
@@ -531,10 +411,10 @@ class Engine:
         """
         device, shared = self.device, prefix.length if prefix else 0
         lengths = [len(p) - shared for p in prompts]
-        groups = _groups(lengths) if (prefix or self._plain_cache()) else [(0, len(prompts))]
+        runs = prefill_groups(lengths) if (prefix or self._plain_cache()) else [(0, len(prompts))]
         width = lengths[0]  # the longest, as prompts come longest first
         parts, masks, logits = [], [], []
-        for lo, hi in groups:
+        for lo, hi in runs:
             rows, own = hi - lo, lengths[lo]
             ids = torch.full((rows, own), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros((rows, shared + width), dtype=torch.long)
@@ -556,7 +436,7 @@ class Engine:
                 position_ids=positions,
                 **{self._cache_kwarg: cache},
                 use_cache=True,
-                logits_to_keep=_last(own, device),
+                logits_to_keep=last_index(own, device),
             )
             parts.append((cache, own))
             masks.append(mask)
@@ -566,8 +446,8 @@ class Engine:
         else:
             cache = self._new_cache()
             for layer in range(len(parts[0][0].layers)):
-                keys = [_pad_middle(c.layers[layer].keys, shared, width - own) for c, own in parts]
-                values = [_pad_middle(c.layers[layer].values, shared, width - own) for c, own in parts]
+                keys = [pad_middle(c.layers[layer].keys, shared, width - own) for c, own in parts]
+                values = [pad_middle(c.layers[layer].values, shared, width - own) for c, own in parts]
                 cache.update(torch.cat(keys), torch.cat(values), layer)
         mask = torch.cat(masks)
         next_position = torch.tensor([len(p) for p in prompts], device=device)
@@ -576,7 +456,7 @@ class Engine:
     # -- the decode loop ------------------------------------------------------------------------
 
     def _prefill_rows(
-        self, batch: list[DecodeSequence], prefix: _Prefix | PrefixCache | None
+        self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_prefill` for a batch of sequences of one adapter: each distinct prompt once (longest first),
         its rows copied for its samples and put back in the batch's order. Seeds each sampled sequence's generator."""
@@ -598,7 +478,7 @@ class Engine:
 
     # -- the decode loops -----------------------------------------------------------------------
 
-    def _decode(self, batch: list[DecodeSequence], prefix: _Prefix | PrefixCache | None, finished: Callable[[DecodeSequence], None]) -> None:
+    def _decode(self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None, finished: Callable[[DecodeSequence], None]) -> None:
         """Generate ``batch`` (one adapter) to completion with the model's forward: prefill, then one token a step."""
         device = self.device
         cache, mask, next_position, logits = self._prefill_rows(batch, prefix)
@@ -631,7 +511,7 @@ class Engine:
         self,
         feed: Feed,
         width: int,
-        prefix: _Prefix | PrefixCache | None,
+        prefix: Prefix | PrefixCache | None,
         decoder: FastDecoder,
         finished: Callable[[DecodeSequence], None],
         eager: bool,

@@ -30,9 +30,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.generate.engine import DecodeSequence, Engine, PrefixCache
+from posttrain.generate.engine import Engine, PrefixCache
 from posttrain.generate.params import Completion, SamplingParams
 from posttrain.generate.prompts import sample_seed
+from posttrain.generate.sequences import DecodeSequence
 
 
 class QueueFull(RuntimeError):

@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.generate import api
 from posttrain.generate.api import APIError
-from posttrain.generate.engine import DecodeSequence
 from posttrain.generate.scheduler import Handle, QueueFull, SchedulerStopped
+from posttrain.generate.sequences import DecodeSequence
 from posttrain.generate.served import Models, Served
 
 
