@@ -152,6 +152,8 @@ def test_stop_strings_cut_the_text(client):
     stop = full[cut_at : cut_at + 2]
     r = chat(client, CHATS[3], max_tokens=16, temperature=0, stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == stop  # vLLM's field: which stop ended it
+    assert chat(client, CHATS[3], max_tokens=16, temperature=0).choices[0].model_extra["stop_reason"] is None
 
 
 def test_adapters_by_name_in_one_batch_with_the_base(client, server, engine):
@@ -202,6 +204,8 @@ def test_errors_are_openai_error_objects(client, server):
     assert status == 401 and body["code"] == "invalid_api_key"
     status, body = _error(lambda: chat(client, [{"role": "user", "content": "x" * 60_000}], max_tokens=4))
     assert status == 413
+    r = httpx.post(f"{server['url']}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"}, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "loading_disabled"
 
 
 def test_malformed_bodies_are_400s_and_the_server_stays_up(server, client):

@@ -54,7 +54,7 @@ def models_fetch(
 @eval_app.command("ifeval")
 def eval_ifeval(
     responses: Annotated[Optional[Path], typer.Option("--responses", "-r", help="Score this file of {\"prompt\", \"response\"} lines (IFEval's format).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Generate responses with this model (greedy, its chat template), then score.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Generate responses with this model (greedy, its chat template), then score. With --base-url: the endpoint's name for it.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="IFEval's prompts (input_data.jsonl) \\[default: $POSTTRAIN_IFEVAL_DATA, or ifeval_input_data.jsonl beside --responses].")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", min=1)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per response (lm-eval uses 1280).", min=1)] = 1280,
@@ -62,20 +62,32 @@ def eval_ifeval(
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16, else fp32].")] = None,
     per_item: Annotated[Optional[Path], typer.Option("--per-item", help="Write one JSON line per prompt: prompt, instruction_id_list, strict, loose (+ reasons, response).")] = None,
     plot: Annotated[Path, typer.Option("--plot", help="Bar chart of accuracy per instruction type.")] = Path("ifeval.png"),
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); finished requests are cached, so a rerun sends only the missing ones.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
 ) -> None:
     """IFEval: the four accuracies (prompt/instruction × strict/loose), a table per instruction type, a bar chart."""
     from posttrain.config import resolve_bf16
     from posttrain.eval import ifeval
+    from posttrain.generate.client import EndpointError
 
     if (responses is None) == (model is None):
         fail("give exactly one of --responses FILE (score existing responses) or --model M (generate, then score)")
+    if base_url is not None and model is None:
+        fail("--base-url generates responses: give --model NAME (the endpoint's name for the model), not --responses")
     with user_errors():
         if responses is not None:
             result = ifeval.score_file(responses, data, limit)
             title = responses.name
         else:
             records = ifeval.read_prompt_records(ifeval.find_data(data))[:limit]
-            texts = ifeval.generate_responses(records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=resolve_bf16(bf16))
+            try:
+                texts = ifeval.generate_responses(
+                    records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=resolve_bf16(bf16),
+                    base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                )  # fmt: skip
+            except EndpointError as e:
+                fail(str(e))
             result = ifeval.score(records, texts)
             title = model
         if result.note:
@@ -261,7 +273,7 @@ class LabelBy(str, Enum):
 
 @app.command()
 def label(
-    model: Annotated[str, typer.Option("--model", "-m", help="The model to sample from: a zoo or fetched name, a model directory or a hub id.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The model to sample from: a zoo or fetched name, a model directory or a hub id. With --base-url: the endpoint's name for it.")],
     data: Annotated[str, typer.Option("--data", help="Prompts: IFEval's format for --by verifiers; any format with prompts for --by reward-model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl: one preference record per labelled prompt.")],
     k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.", min=2)] = 8,
@@ -276,19 +288,26 @@ def label(
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16, else fp32].")] = None,
     template: TemplateOpt = None,
     reference_logps: Annotated[bool, typer.Option("--reference-logps", help="Record the model's log-probs of each pair's responses, measured while sampling them (transformers backend), in meta.reference: `posttrain dpo` starting from this model, in the same precision, uses them instead of its reference forward pass.")] = False,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Sample on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); finished requests are cached, so a rerun sends only the missing ones.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
 ) -> None:
     """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
     from posttrain.config import resolve_bf16
+    from posttrain.generate.client import EndpointError
     from posttrain.synth.label import label_file
 
     if by is LabelBy.reward_model and reward_model is None:
         fail("--by reward-model needs --reward-model RUN (a `posttrain rm` run directory)")
     with user_errors():
-        summary = label_file(
-            model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16), template=template,
-            reference_logps=reference_logps,
-        )  # fmt: skip
+        try:
+            summary = label_file(
+                model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16), template=template,
+                reference_logps=reference_logps, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+            )  # fmt: skip
+        except EndpointError as e:
+            fail(str(e))
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary.skipped.items()) or "none"
     out.print(
         f"wrote {summary.pairs} preference pairs to {escape(str(output))} from {summary.prompts} prompts × {k} samples "

@@ -39,6 +39,24 @@ NAMED_TEMPLATES = ("chatml", "alpaca")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+def generation_prompt(record: Record | list[dict] | str) -> tuple[list[dict] | str, list | None]:
+    """What a prompt asks a model to continue: ``(messages, tools)`` for a chat, ``(text, None)`` for raw text.
+
+    A string is one user message; a list is the messages; a canonical record gives its prompt (with its
+    tools), which is raw text, given to the model as it is, only for prompt/completion and preference
+    records with a text prompt (SFT and DPO train those without the template). The one reading of a
+    prompt that :meth:`ChatRenderer.render_prompt` and the OpenAI client backend share.
+    """
+    if isinstance(record, str):
+        return [{"role": "user", "content": record}], None
+    if isinstance(record, list):
+        return record, None
+    prompt = record["prompt"]
+    if kind_of(record) in ("prompt_completion", "preference") and isinstance(prompt, str):
+        return prompt, None
+    return ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt), record.get("tools")
+
+
 class TemplateError(ValueError):
     """The chat template cannot give a trustworthy mask for a conversation."""
 
@@ -249,16 +267,11 @@ class ChatRenderer:
         return end
 
     def render_prompt(self, record: Record | list[dict] | str, tools: list | None = None) -> str:
-        """Text to generate from: the prompt with the template's generation prompt."""
-        if isinstance(record, str):
-            return self.render_chat([{"role": "user", "content": record}], tools, add_generation_prompt=True)
-        if isinstance(record, list):
-            return self.render_chat(record, tools, add_generation_prompt=True)
-        prompt = record["prompt"]
-        if kind_of(record) in ("prompt_completion", "preference") and isinstance(prompt, str):
+        """Text to generate from: the prompt with the template's generation prompt (a raw-text prompt as it is)."""
+        prompt, record_tools = generation_prompt(record)
+        if isinstance(prompt, str):
             return prompt
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.render_chat(messages, record.get("tools"), add_generation_prompt=True)
+        return self.render_chat(prompt, record_tools if isinstance(record, dict) else tools, add_generation_prompt=True)
 
     # -- token level ----------------------------------------------------------------------------
 

@@ -65,13 +65,46 @@ class PromptsConfig(Strict):
 
 
 class GenerationConfig(Strict):
+    """How the generating stages (eval, sample, label) generate: in this process, or on an OpenAI-compatible endpoint.
+
+    With ``backend: openai`` every request goes to ``base_url`` (:class:`~posttrain.generate.client.OpenAIEngine`);
+    the models this pipeline trains are loaded there by path (``posttrain serve --allow-loading`` on a
+    machine that sees ``output_dir``), and finished requests are cached under ``OUTPUT_DIR/requests/``,
+    so a killed stage re-sends only what had not come back. Training stays in this process.
+    """
+
     max_new_tokens: int = Field(192, gt=0)
-    batch_size: int = Field(32, gt=0, description="Sequences decoded together.")
+    batch_size: int = Field(32, gt=0, description="Sequences decoded together (the engine backend).")
     bf16: bool | Literal["auto"] | None = Field(
         None,
         description="bf16 forwards. Default (null or auto): on where the hardware has native bf16 (a GPU with bf16, a CPU with "
         "AVX512-BF16, AMX or Arm BF16), where it is the fast path; fp32 elsewhere, where bf16 is emulated and several times slower.",
     )
+    backend: Literal["engine", "openai"] = Field("engine", description="engine: generate in this process; openai: on the endpoint at base_url.")
+    base_url: str | None = Field(None, validate_default=True, description="The endpoint's API root, e.g. http://127.0.0.1:8000/v1 (backend openai).")
+    model: str | None = Field(None, description="The endpoint's name for the starting model (default: the pipeline's model).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (unset or empty: none).")
+    concurrency: int = Field(8, gt=0, description="Requests in flight (backend openai).")
+    timeout_s: float = Field(600.0, gt=0, description="Per request (backend openai).")
+    max_retries: int = Field(5, ge=0, description="Tries again per request on 429, 5xx, connection errors and timeouts (backend openai).")
+    cache_dir: str | None = Field(None, description="The request cache (backend openai; default: OUTPUT_DIR/requests).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _endpoint_given(cls, value: str | None, info: Any) -> str | None:
+        # A field validator (run on the default too), not a model one, so it is listed with every other problem.
+        if info.data.get("backend") == "openai" and not value:
+            raise ValueError("backend openai needs the endpoint's URL (e.g. http://127.0.0.1:8000/v1)")
+        return value
+
+    def stage_key(self) -> dict[str, Any]:
+        """What of this section can change a generating stage's output: not where requests are cached,
+        the key's variable, concurrency, timeouts or retries; the endpoint settings only with backend openai
+        (so the engine backend's keys are what they were before there was another backend)."""
+        operational = {"api_key_env", "concurrency", "timeout_s", "max_retries", "cache_dir"}
+        if self.backend == "engine":
+            operational |= {"backend", "base_url", "model"}
+        return self.model_dump(exclude=operational)
 
 
 class SampleConfig(Strict):
@@ -267,7 +300,7 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     (root / "pipeline.yaml").write_text(_yaml(cfg.model_dump(mode="json")))
     stage = Stages(root, console)
-    gen = cfg.generation.model_dump()
+    gen = cfg.generation.stage_key()
     started = time.perf_counter()
 
     prompts = stage("prompts", {"prompts": cfg.prompts.model_dump()}, (), lambda out: build_prompt_files(cfg.prompts, out))
@@ -293,7 +326,7 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     stage("eval-sft", {"generation": gen}, ("prompts", "sft"), evaluate(sft_model))
     label = stage(
         "label",
-        {"generation": gen, "label": cfg.label.model_dump(), "reference_logps": True},
+        {"generation": gen, "label": cfg.label.model_dump(), "reference_logps": cfg.generation.backend == "engine"},
         ("prompts", "sft"),
         lambda out: label_stage(cfg, sft_model, prompts / "train.jsonl", out),
     )
@@ -345,8 +378,13 @@ class _LoggedEngine:
         return getattr(self.engine, name)
 
     def generate(self, prompts: Any, params: Any, **kwargs: Any) -> Any:
+        from posttrain.generate.client import EndpointError
+
         started = time.perf_counter()
-        outputs = self.engine.generate(prompts, params, **kwargs)
+        try:
+            outputs = self.engine.generate(prompts, params, **kwargs)
+        except EndpointError as err:
+            raise PipelineError(str(err)) from err
         seconds = time.perf_counter() - started
         tokens = sum(c.num_tokens for cs in outputs for c in cs)
         self.console.print(
@@ -356,12 +394,56 @@ class _LoggedEngine:
 
 
 def _engine(model: str, cfg: PipelineConfig) -> Any:
+    """The engine that generates from ``model`` (the starting model, or a directory a stage trained)."""
     from rich.console import Console
 
+    console = Console(stderr=True)
+    if cfg.generation.backend == "openai":
+        return _LoggedEngine(_client_engine(model, cfg, console), console)
     from posttrain.generate.engine import Engine
 
     engine = Engine.from_name(model, device=cfg.device, batch_size=cfg.generation.batch_size, template=cfg.template)
-    return _LoggedEngine(engine, Console(stderr=True))
+    return _LoggedEngine(engine, console)
+
+
+def _client_engine(model: str, cfg: PipelineConfig, console: Any) -> Any:
+    """An :class:`~posttrain.generate.client.OpenAIEngine` on ``generation.base_url`` for ``model``.
+
+    The starting model is the endpoint's ``generation.model`` (default: the pipeline's ``model``). A
+    trained model (``sft/merged``, ``dpo/merged``) is loaded by the server from its absolute path, under a
+    name made of its stage and a hash of its path and files (:func:`model_fingerprint`): a stage that
+    trains again gets a new name, so neither the server nor the request cache mistakes the old weights
+    for the new.
+    """
+    from posttrain.generate.client import EndpointError, OpenAIEngine
+
+    g = cfg.generation
+    assert g.base_url is not None  # validated
+    cache = Path(g.cache_dir) if g.cache_dir else Path(cfg.output_dir) / "requests"
+    start = model == cfg.model
+    engine = OpenAIEngine(
+        g.base_url,
+        (g.model or cfg.model) if start else _served_name(model),
+        api_key_env=g.api_key_env,
+        concurrency=g.concurrency,
+        timeout_s=g.timeout_s,
+        max_retries=g.max_retries,
+        cache_dir=cache,
+        console=console,
+    )
+    if not start:
+        try:
+            engine.ensure_model(engine.model_name, str(Path(model).resolve()))
+        except EndpointError as err:
+            raise PipelineError(str(err)) from err
+    return engine
+
+
+def _served_name(model_dir: str) -> str:
+    """The endpoint's name for a model this pipeline trained: ``<stage>-<hash of its absolute path and files>``."""
+    path = Path(model_dir).resolve()
+    stage = path.parent.name if path.name == "merged" else path.name
+    return f"{stage}-{key_of([str(path), model_fingerprint(str(path))])[:12]}"
 
 
 def evaluate_model(model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
@@ -474,6 +556,9 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path)
 
     The SFT model is also DPO's starting point and reference: the log-probs it measured while sampling the
     pairs spare DPO most of its reference forward pass (:func:`posttrain.train.dpo.sampler_reference`).
+    With ``generation.backend: openai`` the samples come from the endpoint and no log-probs are recorded
+    (they must be measured on the very weights and tokens DPO uses): DPO's reference pass, in this
+    process, computes them all.
     """
     from posttrain.synth.label import label_prompts, read_prompts
 
@@ -487,7 +572,7 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path)
         seed=cfg.label.seed,
         bf16=cfg.generation.bf16,
         min_pass_rate=cfg.label.min_pass_rate,
-        reference_logps=True,
+        reference_logps=cfg.generation.backend == "engine",
     )
     write_jsonl(out / "pairs.jsonl", records)
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))

@@ -1,6 +1,7 @@
 """IFEval end to end: find the prompts, get responses (from a file or a model), score, report.
 
-Scoring is :mod:`posttrain.verify.scoring`; generation is :mod:`posttrain.generate.engine`. This module
+Scoring is :mod:`posttrain.verify.scoring`; generation is :mod:`posttrain.generate.engine` (or an
+OpenAI-compatible endpoint, :mod:`posttrain.generate.client`). This module
 only joins them and writes what people read: the four accuracies, a per-instruction-type table, a bar
 chart, and one JSON line per prompt.
 """
@@ -107,12 +108,36 @@ def score(records: list[PromptRecord], responses: list[str]) -> IFEvalResult:
     return IFEvalResult(records, responses, scores, aggregate(scores))
 
 
-def generate_responses(records: list[PromptRecord], model: str, *, max_new_tokens: int, batch_size: int, bf16: bool, progress: bool = True) -> list[str]:
-    """Greedy responses of ``model`` to each prompt, with its chat template (lm-eval's IFEval setting)."""
-    from posttrain.generate.engine import Engine
+def generate_responses(
+    records: list[PromptRecord],
+    model: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    bf16: bool,
+    progress: bool = True,
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 8,
+    cache_dir: str | Path | None = None,
+) -> list[str]:
+    """Greedy responses of ``model`` to each prompt, with its chat template (lm-eval's IFEval setting).
+
+    With ``base_url``, ``model`` is the endpoint's name for it and the responses come from there
+    (:class:`~posttrain.generate.client.OpenAIEngine`: ``concurrency`` requests at a time, finished ones
+    cached in ``cache_dir``, default ``$POSTTRAIN_CACHE/requests``, so a killed run re-sends only the
+    rest); ``batch_size`` and ``bf16`` are then the server's business.
+    """
     from posttrain.generate.params import SamplingParams
 
-    engine = Engine.from_name(model, batch_size=batch_size)
+    if base_url is not None:
+        from posttrain.generate.client import OpenAIEngine
+
+        engine: Any = OpenAIEngine(base_url, model, api_key_env=api_key_env, concurrency=concurrency, cache_dir=cache_dir)
+    else:
+        from posttrain.generate.engine import Engine
+
+        engine = Engine.from_name(model, batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, bf16=bf16)
     outputs = engine.generate([r.prompt for r in records], params, progress=progress)
     return [completions[0].text for completions in outputs]

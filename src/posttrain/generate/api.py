@@ -201,17 +201,31 @@ def completion_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float], t
     }
 
 
+def stop_reason(c: Completion, tokenizer: Any, params: SamplingParams) -> str | int | None:
+    """vLLM's ``stop_reason``: the stop string (or stop token id) that ended a ``"stop"`` completion; None for an end token or the length limit."""
+    if c.finish_reason != "stop" or not c.token_ids:
+        return None
+    text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    hits = [(text.find(t), t) for t in params.stop if text.find(t) >= 0]
+    if hits:
+        return min(hits)[1]
+    return c.token_ids[-1]
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(model: str, completions: list[Completion], prompt_tokens: int, tokenizer: Any, logprobs: bool) -> dict[str, Any]:
+def chat_response(
+    model: str, completions: list[Completion], prompt_tokens: int, tokenizer: Any, logprobs: bool, params: SamplingParams
+) -> dict[str, Any]:
     choices = []
     for i, c in enumerate(completions):
         choice: dict[str, Any] = {
             "index": i,
             "message": {"role": "assistant", "content": c.text},
             "finish_reason": FINISH[c.finish_reason],
+            "stop_reason": stop_reason(c, tokenizer, params),
             "logprobs": None,
         }
         if logprobs:
@@ -229,11 +243,17 @@ def chat_response(model: str, completions: list[Completion], prompt_tokens: int,
 
 
 def completions_response(
-    model: str, completions: list[list[Completion]], prompt_tokens: int, tokenizer: Any, logprobs: bool
+    model: str, completions: list[list[Completion]], prompt_tokens: int, tokenizer: Any, logprobs: bool, params: SamplingParams
 ) -> dict[str, Any]:
     choices = []
     for c in (c for per_prompt in completions for c in per_prompt):
-        choice: dict[str, Any] = {"index": len(choices), "text": c.text, "finish_reason": FINISH[c.finish_reason], "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": len(choices),
+            "text": c.text,
+            "finish_reason": FINISH[c.finish_reason],
+            "stop_reason": stop_reason(c, tokenizer, params),
+            "logprobs": None,
+        }
         if logprobs:
             ids, lps, top = reported_tokens(c)
             choice["logprobs"] = completion_logprobs(tokenizer, ids, lps or [], top)

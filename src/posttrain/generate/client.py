@@ -45,9 +45,10 @@ What comes back, and what is exact
 ----------------------------------
 ``text`` is the server's. ``finish_reason``: ``"length"`` as the server says; the server's ``"stop"``
 (which means an end token *or* a stop) is ``"stop"`` only when it says which stop string matched
-(vLLM's ``stop_reason``) and that string is one of ``params.stop``; otherwise ``"eos"``. So with stop
-strings, on a server that does not report ``stop_reason`` (``posttrain serve``), a completion cut at a
-stop string says ``"eos"``: both mean it ended on its own, not at ``max_new_tokens``.
+(vLLM's ``stop_reason``, which ``posttrain serve`` reports too) and that string is one of
+``params.stop``; otherwise ``"eos"``. So with stop strings, on a server that does not report
+``stop_reason``, a completion cut at a stop string says ``"eos"``: both mean it ended on its own, not
+at ``max_new_tokens``.
 ``token_ids`` and ``prompt_token_ids`` are ``[]`` (the API gives token texts, not ids).
 ``num_tokens``: the server's ``usage.completion_tokens``, exact for ``n == 1``; for ``n > 1`` that total
 is shared out over the choices in proportion to their log-prob counts (or evenly without log-probs),
@@ -213,7 +214,7 @@ def _server_message(err: Any) -> str:
 class OpenAIEngine:
     """Generation on an OpenAI-compatible endpoint, with :class:`Engine`'s ``generate``; see the module docstring.
 
-    ``base_url``: the API root (``http://HOST:PORT/v1``). ``model``: the endpoint's name for the model.
+    ``base_url``: the API root (``http://HOST:PORT/v1``). ``model``: the endpoint's name for the model (``model_name``).
     ``api_key``: the key itself; else the environment variable ``api_key_env`` (empty or unset: ``"EMPTY"``,
     what keyless servers accept). ``concurrency``: requests in flight. ``timeout_s``: per request;
     ``max_retries``: extra tries per request. ``cache_dir``: the request cache (default
@@ -250,7 +251,7 @@ class OpenAIEngine:
         if problems:
             raise ValueError("invalid OpenAI endpoint settings: " + "; ".join(problems))
         self.base_url = base_url.rstrip("/")
-        self.model = model
+        self.model_name = model  # not `model`: on Engine that is the loaded module, which callers test for
         self.concurrency = concurrency
         self.max_retries = max_retries
         key = api_key or (os.environ.get(api_key_env) if api_key_env else None) or "EMPTY"
@@ -266,7 +267,7 @@ class OpenAIEngine:
         self._retries_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine({self.base_url!r}, model={self.model!r})"
+        return f"OpenAIEngine({self.base_url!r}, model={self.model_name!r})"
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -290,7 +291,10 @@ class OpenAIEngine:
         path = str(Path(path).resolve())
         what = f"POST {self.base_url}/load_lora_adapter"
         try:
-            self._call(lambda: self.client.post("/load_lora_adapter", body={"lora_name": name, "lora_path": path}, cast_to=httpx.Response), what=what)
+            self._call(
+                lambda: self.client.post("/load_lora_adapter", body={"lora_name": name, "lora_path": path}, cast_to=httpx.Response),
+                what=what,
+            )
         except EndpointError as err:
             raise EndpointError(
                 f"{self.base_url} would not load {path} as {name!r} ({err}). Generating from a model trained in this run needs a "
@@ -319,7 +323,7 @@ class OpenAIEngine:
         ignored; ``adapter`` is the endpoint's name for it (sent as ``model``).
         """
         params = params or SamplingParams()
-        model = adapter or self.model
+        model = adapter or self.model_name
         requests = self._plan(prompts, params, apply_chat_template, model)
         cached, unreadable = self.cache.load(model)
         results: dict[int, dict[str, Any]] = {r.index: cached[r.key] for r in requests if r.key in cached}
@@ -329,7 +333,12 @@ class OpenAIEngine:
         bar = _progress_bar(progress, len(requests), len(results))
         with bar or nullcontext():
             self._send(missing, model, results, bar)
-        self.last_counts = {"requests": len(requests), "cached": len(requests) - len(missing), "sent": len(missing), "retries": self._retries}
+        self.last_counts = {
+            "requests": len(requests),
+            "cached": len(requests) - len(missing),
+            "sent": len(missing),
+            "retries": self._retries,
+        }
         notes = [f"{self._retries} retried"] if self._retries else []
         notes += [f"{unreadable} unreadable cache line(s) ignored"] if unreadable else []
         self.console.print(
@@ -344,9 +353,13 @@ class OpenAIEngine:
         from posttrain.data.chat import generation_prompt
 
         if params.stop_token_ids:
-            raise ValueError("stop_token_ids cannot be sent to an OpenAI-compatible endpoint (the client has no tokenizer); give stop strings")
+            raise ValueError(
+                "stop_token_ids cannot be sent to an OpenAI-compatible endpoint (the client has no tokenizer); give stop strings"
+            )
         if params.top_logprobs:
-            raise ValueError("top_logprobs is not supported by the OpenAI client backend (the API gives token texts, not ids); use logprobs")
+            raise ValueError(
+                "top_logprobs is not supported by the OpenAI client backend (the API gives token texts, not ids); use logprobs"
+            )
         sampling: dict[str, Any] = {
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
@@ -381,7 +394,11 @@ class OpenAIEngine:
             if params.top_k:
                 body["top_k"] = params.top_k
             key = hashlib.sha256(
-                json.dumps({"v": CACHE_VERSION, "model": model, "endpoint": endpoint, "body": body, "copy": copy}, sort_keys=True, ensure_ascii=False).encode()
+                json.dumps(
+                    {"v": CACHE_VERSION, "model": model, "endpoint": endpoint, "body": body, "copy": copy},
+                    sort_keys=True,
+                    ensure_ascii=False,
+                ).encode()
             ).hexdigest()
             requests.append(_Request(i, endpoint, body, key))
         return requests
@@ -424,7 +441,9 @@ class OpenAIEngine:
                     "text": c.message.content or "",
                     "finish_reason": c.finish_reason,
                     "stop_reason": getattr(c, "stop_reason", None),
-                    "logprobs": [t.logprob for t in c.logprobs.content] if c.logprobs is not None and c.logprobs.content is not None else None,
+                    "logprobs": [t.logprob for t in c.logprobs.content]
+                    if c.logprobs is not None and c.logprobs.content is not None
+                    else None,
                 }
                 for c in sorted(response.choices, key=lambda c: c.index)
             ]
@@ -435,7 +454,9 @@ class OpenAIEngine:
                     "text": c.text,
                     "finish_reason": c.finish_reason,
                     "stop_reason": getattr(c, "stop_reason", None),
-                    "logprobs": list(c.logprobs.token_logprobs) if c.logprobs is not None and c.logprobs.token_logprobs is not None else None,
+                    "logprobs": list(c.logprobs.token_logprobs)
+                    if c.logprobs is not None and c.logprobs.token_logprobs is not None
+                    else None,
                 }
                 for c in sorted(response.choices, key=lambda c: c.index)
             ]

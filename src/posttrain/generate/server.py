@@ -218,7 +218,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             return StreamingResponse(stream(request, s, ids, params, "chat", req.include_usage), media_type="text/event-stream")
         (handle,) = await run(request, s, [ids], params)
         completions = [engine.completion(q) for q in handle.seqs]
-        return api.chat_response(req.model, completions, len(ids), engine.tokenizer, req.logprobs)
+        return api.chat_response(req.model, completions, len(ids), engine.tokenizer, req.logprobs, params)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -243,7 +243,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             return StreamingResponse(stream(request, s, ids[0], params, "text", req.include_usage), media_type="text/event-stream")
         handles = await run(request, s, ids, params)
         done = [[engine.completion(q) for q in h.seqs] for h in handles]
-        return api.completions_response(req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None)
+        return api.completions_response(req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None, params)
 
     # -- streaming ------------------------------------------------------------------------------
 
@@ -316,6 +316,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
                         reported[i] = n_tokens
                     if finish is not None:
                         choice["finish_reason"] = api.FINISH[finish]
+                        choice["stop_reason"] = api.stop_reason(engine.completion(q), engine.tokenizer, params)
                         closed[i] = True
                     choices.append(choice)
                 if choices:

@@ -27,6 +27,13 @@ the exact tokens (:func:`reference_key` of the prompt's and the response's token
 starting from that model, in that precision, takes them as its reference log-probs for every pair whose
 tokens it renders identically, instead of running the reference forward pass over those pairs.
 
+Sampling may run on an OpenAI-compatible endpoint (``posttrain label --base-url URL --model NAME``,
+:class:`~posttrain.generate.client.OpenAIEngine`): the samples come from the server, are cached
+there request by request (a killed run re-sends only what is missing), and are labelled here. Reference
+log-probs are then not recorded: they are only valid measured on the very weights and tokens DPO
+trains, which a server cannot vouch for, so ``posttrain dpo`` computes them itself with its local
+reference model, as for any pairs without them.
+
 This module also reads prompt sets for sampling (:func:`read_prompts`, :class:`Prompt`), which GRPO
 shares: any canonical format gives its prompt (responses unused), IFEval's format also its verifiers.
 """
@@ -305,9 +312,10 @@ def label_prompts(
 ) -> tuple[list[Record], LabelSummary]:
     """Sample ``k`` responses per prompt with ``engine`` and pair them: by verifiers, or by ``scorer`` when given.
 
-    ``engine``: a :class:`~posttrain.generate.engine.Engine` or ``VLLMEngine``. Returns the preference
-    records (prompts order) and the summary. ``reference_logps``: record the sampling model's log-probs
-    of each pair's responses in ``meta["reference"]`` (transformers engine only; see the module docstring).
+    ``engine``: a :class:`~posttrain.generate.engine.Engine`, ``VLLMEngine`` or ``OpenAIEngine``. Returns
+    the preference records (prompts order) and the summary. ``reference_logps``: record the sampling
+    model's log-probs of each pair's responses in ``meta["reference"]`` (transformers engine only; see the
+    module docstring).
     """
     from posttrain.generate.params import SamplingParams
 
@@ -324,7 +332,7 @@ def label_prompts(
         from posttrain.models.load import weights_fingerprint
 
         model = getattr(engine, "model", None)
-        if model is None:
+        if model is None or not hasattr(model, "parameters"):
             raise ValueError("reference log-probs are recorded by the transformers engine only (this engine has no model to fingerprint)")
         fingerprint = weights_fingerprint(model)
         precision = "bfloat16" if bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -399,14 +407,28 @@ def label_file(
     device: str | None = None,
     progress: bool = True,
     reference_logps: bool = False,
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 8,
+    cache_dir: str | Path | None = None,
 ) -> LabelSummary:
     """``posttrain label``: read prompts, sample ``k`` responses each with ``model``, write preference pairs to ``output``.
 
     ``by="verifiers"`` needs IFEval-format prompts; ``by="reward-model"`` needs ``reward_model`` (a run
-    directory of ``posttrain rm``) or a ``scorer``.
+    directory of ``posttrain rm``) or a ``scorer``. With ``base_url``, ``model`` is the endpoint's name
+    for the model and sampling runs there (``concurrency`` requests at a time, the key from the
+    environment variable ``api_key_env``, finished requests cached in ``cache_dir``, default
+    ``$POSTTRAIN_CACHE/requests``); ``batch_size``, ``bf16``, ``template`` and ``device`` are then the
+    server's business, and ``reference_logps`` is refused (see the module docstring). A reward model
+    still scores in this process.
     """
     from posttrain.generate.load import load_engine
 
+    if base_url is not None and reference_logps:
+        raise ValueError(
+            "--reference-logps records log-probs measured in this process on the weights DPO starts from; with --base-url the "
+            "samples come from a server, so leave it off (posttrain dpo then computes the reference log-probs itself)"
+        )
     if by not in ("verifiers", "reward-model"):
         raise ValueError(f"by must be 'verifiers' or 'reward-model', not {by!r}")
     if by == "reward-model" and scorer is None:
@@ -418,7 +440,12 @@ def label_file(
     prompts = read_prompts(data, format=format)[:limit]
     if not prompts:
         raise ValueError(f"{data}: no prompts to label")
-    engine = load_engine(model, dtype="float32", device=device, batch_size=batch_size, template=template)
+    if base_url is not None:
+        from posttrain.generate.client import OpenAIEngine
+
+        engine: Any = OpenAIEngine(base_url, model, api_key_env=api_key_env, concurrency=concurrency, cache_dir=cache_dir)
+    else:
+        engine = load_engine(model, dtype="float32", device=device, batch_size=batch_size, template=template)
     records, summary = label_prompts(
         engine, prompts, k=k, scorer=scorer, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
         progress=progress, reference_logps=reference_logps,
