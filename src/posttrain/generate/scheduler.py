@@ -7,6 +7,10 @@ the other rows go on. So a greedy request gives the same tokens through the serv
 :meth:`Engine.generate` gives for it alone, and a seeded one the same draws (the seeds are the engine's:
 :func:`~posttrain.generate.prompts.sample_seed` of the request's seed, its prompt and the sample's index).
 
+Models the fast decoder does not cover (other architectures, sliding-window attention) step through
+their own forward, which cannot take rows mid-decode: their requests are decoded in waves of up to
+``width`` sequences, a wave running to its end while newcomers wait.
+
 Threads: :meth:`Scheduler.submit` may be called from any thread (the server's event loop); the decode
 loop runs in the scheduler's own thread, which alone touches the model. A sequence's ``listener`` and
 the handle's ``on_done`` are called in that thread, and must only hand the news on (the server posts it
