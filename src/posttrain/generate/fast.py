@@ -196,7 +196,7 @@ class FastDecoder:
     Built once per ``generate`` call (inside any dtype cast, so the joined weights have the forward's
     dtype). :meth:`start` takes a batch's prefilled ``DynamicCache`` and attention mask; :meth:`step`
     feeds one token per row and returns the next logits; :meth:`admit` puts new sequences into free rows
-    (or rows past the current ones, up to the capacity given to :meth:`start`); :meth:`compact` keeps
+    (or rows past the current ones, up to the ``capacity`` given to :meth:`start`); :meth:`compact` keeps
     some rows.
 
     ``adapters``: names of LoRA/DoRA adapters loaded into a peft ``model``; a row decoded with adapter
@@ -224,24 +224,26 @@ class FastDecoder:
         """Copy a prefilled cache (rows, kv heads, width, head dim per layer) into buffers with room to grow.
 
         Room for ``2 * max_new_tokens`` more columns, so that sequences admitted while the first ones are
-        still going (:meth:`admit`) seldom need the buffers moved, and for ``capacity`` rows (at least the
-        cache's). Memory: rows x columns x layers x 2 x kv heads x head dim floats (SmolLM2-135M in fp32:
-        46 KB a row and column; 2.8 GB for 128 rows of 150-token prompts and 160 new tokens).
+        still going (:meth:`admit`) seldom need the buffers moved. ``capacity``: the most rows :meth:`admit`
+        may fill (at least the cache's); the buffers start with the rows given and double as rows are
+        added, so a server that decodes one request at a time does not fill a whole batch's buffers for it.
+        Memory: rows x columns x layers x 2 x kv heads x head dim floats (SmolLM2-135M in fp32: 46 KB a row
+        and column; 2.8 GB for 128 rows of 150-token prompts and 160 new tokens).
         """
         rows, width = mask.shape
-        capacity = max(capacity, rows)
+        self.max_rows = max(capacity, rows)
         columns = width + 2 * max_new_tokens
         self.keys, self.values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values
-            kb = k.new_zeros((capacity, self.kv_heads, columns, self.head_dim))
-            vb = v.new_zeros((capacity, self.kv_heads, columns, self.head_dim))
-            kb[:rows, :, :width], vb[:rows, :, :width] = k, v
+            kb = k.new_zeros((rows, self.kv_heads, columns, self.head_dim))
+            vb = v.new_zeros((rows, self.kv_heads, columns, self.head_dim))
+            kb[:, :, :width], vb[:, :, :width] = k, v
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
-        bias = torch.zeros((capacity, columns), dtype=torch.float32, device=mask.device)
-        bias[:rows, :width].masked_fill_(mask == 0, float("-inf"))
+        bias = torch.zeros((rows, columns), dtype=torch.float32, device=mask.device)
+        bias[:, :width].masked_fill_(mask == 0, float("-inf"))
         self.bias = bias
         self.length = width
         self.rows = rows
@@ -249,8 +251,21 @@ class FastDecoder:
 
     @property
     def capacity(self) -> int:
-        """Rows the buffers hold."""
+        """Rows the buffers hold now."""
         return self.bias.shape[0]
+
+    def _grow_rows(self, needed: int) -> None:
+        """Room for ``needed`` rows: the buffers double (up to ``max_rows``), new rows zero and masked."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_rows:
+            raise ValueError(f"row {needed - 1} is past the decoder's {self.max_rows} rows")
+        grown = min(self.max_rows, max(needed, 2 * self.capacity))
+        extra = grown - self.capacity
+        for buffers in (self.keys, self.values):
+            for i, b in enumerate(buffers):
+                buffers[i] = torch.cat([b, b.new_zeros((extra, *b.shape[1:]))])
+        self.bias = torch.cat([self.bias, self.bias.new_zeros((extra, self.bias.shape[1]))])
 
     def admit(
         self, rows: list[int], cache: Any, mask: torch.Tensor, max_new_tokens: int, keep: list[int], *, adapter: int = 0
@@ -262,8 +277,7 @@ class FastDecoder:
         right first. ``keep``: the rows still generating, whose columns must be kept.
         """
         width = mask.shape[1]
-        if max(rows) >= self.capacity:
-            raise ValueError(f"row {max(rows)} is past the decoder's {self.capacity} rows")
+        self._grow_rows(max(rows) + 1)
         self._make_room(width, max_new_tokens, keep)
         t = self.length
         index = torch.tensor(rows, device=self.bias.device)
