@@ -224,14 +224,15 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     body = {"model": MODEL, "messages": CHATS[0], "max_tokens": 200, "temperature": 1.0, "n": 4}
     statuses, retry = [], []
 
-    def ask():
-        r = httpx.post(f"{server['url']}/chat/completions", json=body, headers=headers, timeout=300)
+    def ask(stream: bool):
+        # a streamed request is refused before its stream starts: a real 429, not an error inside a 200
+        r = httpx.post(f"{server['url']}/chat/completions", json={**body, "stream": stream}, headers=headers, timeout=300)
         statuses.append(r.status_code)
         if r.status_code == 429:
             retry.append(r.headers.get("retry-after"))
             assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
-    threads = [threading.Thread(target=ask) for _ in range(8)]  # 32 sequences for 4 rows and 12 queued
+    threads = [threading.Thread(target=ask, args=(i % 2 == 1,)) for i in range(8)]  # 32 sequences for 4 rows and 12 queued
     for t in threads:
         t.start()
     for t in threads:

@@ -215,7 +215,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         max_tokens = budget(s, len(ids), asked, req.n)
         params = api.sampling_params(req, max_tokens, seed=seed_of(req), logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         if req.stream:
-            return StreamingResponse(stream(request, s, ids, params, "chat", req.include_usage), media_type="text/event-stream")
+            opened = open_stream(s, ids, params)
+            return StreamingResponse(stream(s, opened, ids, params, "chat", req.include_usage), media_type="text/event-stream")
         (handle,) = await run(request, s, [ids], params)
         completions = [engine.completion(q) for q in handle.seqs]
         return api.chat_response(req.model, completions, len(ids), engine.tokenizer, req.logprobs, params)
@@ -240,15 +241,19 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         if req.stream:
             if len(ids) != 1:
                 raise APIError(400, "stream takes one prompt", param="prompt")
-            return StreamingResponse(stream(request, s, ids[0], params, "text", req.include_usage), media_type="text/event-stream")
+            opened = open_stream(s, ids[0], params)
+            return StreamingResponse(stream(s, opened, ids[0], params, "text", req.include_usage), media_type="text/event-stream")
         handles = await run(request, s, ids, params)
         done = [[engine.completion(q) for q in h.seqs] for h in handles]
         return api.completions_response(req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None, params)
 
     # -- streaming ------------------------------------------------------------------------------
 
-    async def stream(request: Request, s: Served, ids: list[int], params: Any, kind: str, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per new piece of text a sample has, its finish reason, usage, ``[DONE]``."""
+    def open_stream(s: Served, ids: list[int], params: Any) -> tuple[Handle, asyncio.Queue]:
+        """Submit a streamed request: its sequences post news of each token to the returned queue (None: all done).
+
+        Called before the response starts, so a full queue is a real 429, not an error inside a 200 stream.
+        """
         loop = asyncio.get_running_loop()
         news: asyncio.Queue[DecodeSequence | None] = asyncio.Queue()
 
@@ -258,12 +263,11 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             except RuntimeError:  # the event loop has closed: nobody is listening
                 pass
 
-        try:
-            handle = submit(s, ids, params, listener=post, on_done=lambda h: post(None))
-        except APIError as err:
-            yield _event(err.body())
-            yield "data: [DONE]\n\n"
-            return
+        return submit(s, ids, params, listener=post, on_done=lambda h: post(None)), news
+
+    async def stream(s: Served, opened: tuple[Handle, asyncio.Queue], ids: list[int], params: Any, kind: str, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per new piece of text a sample has, its finish reason, usage, ``[DONE]``."""
+        handle, news = opened
         engine = s.engine
         rid, created = api.new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
         index = {id(q): i for i, q in enumerate(handle.seqs)}
