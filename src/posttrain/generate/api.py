@@ -216,55 +216,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(
-    model: str, completions: list[Completion], prompt_tokens: int, tokenizer: Any, logprobs: bool, params: SamplingParams
+def response(
+    kind: Literal["chat", "text"], model: str, completions: list[Completion], prompt_tokens: int, tokenizer: Any, logprobs: bool, params: SamplingParams
 ) -> dict[str, Any]:
+    """A ``chat.completion`` (``kind`` "chat") or ``text_completion`` object: one choice per completion, in order."""
     choices = []
     for i, c in enumerate(completions):
-        choice: dict[str, Any] = {
-            "index": i,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": FINISH[c.finish_reason],
-            "stop_reason": stop_reason(c, tokenizer, params),
-            "logprobs": None,
-        }
+        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH[c.finish_reason], "stop_reason": stop_reason(c, tokenizer, params), "logprobs": None}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
         if logprobs:
             ids, lps, top = reported_tokens(c)
-            choice["logprobs"] = chat_logprobs(tokenizer, ids, lps or [], top)
+            choice["logprobs"] = (chat_logprobs if kind == "chat" else completion_logprobs)(tokenizer, ids, lps or [], top)
         choices.append(choice)
     return {
-        "id": new_id("chatcmpl"),
-        "object": "chat.completion",
+        "id": new_id("chatcmpl" if kind == "chat" else "cmpl"),
+        "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
         "usage": usage(prompt_tokens, sum(c.num_tokens for c in completions)),
-    }
-
-
-def completions_response(
-    model: str, completions: list[list[Completion]], prompt_tokens: int, tokenizer: Any, logprobs: bool, params: SamplingParams
-) -> dict[str, Any]:
-    choices = []
-    for c in (c for per_prompt in completions for c in per_prompt):
-        choice: dict[str, Any] = {
-            "index": len(choices),
-            "text": c.text,
-            "finish_reason": FINISH[c.finish_reason],
-            "stop_reason": stop_reason(c, tokenizer, params),
-            "logprobs": None,
-        }
-        if logprobs:
-            ids, lps, top = reported_tokens(c)
-            choice["logprobs"] = completion_logprobs(tokenizer, ids, lps or [], top)
-        choices.append(choice)
-    return {
-        "id": new_id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, sum(c.num_tokens for cs in completions for c in cs)),
     }
 
 

@@ -219,7 +219,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             return StreamingResponse(stream(s, opened, ids, params, "chat", req.include_usage), media_type="text/event-stream")
         (handle,) = await run(request, s, [ids], params)
         completions = [engine.completion(q) for q in handle.seqs]
-        return api.chat_response(req.model, completions, len(ids), engine.tokenizer, req.logprobs, params)
+        return api.response("chat", req.model, completions, len(ids), engine.tokenizer, req.logprobs, params)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -244,8 +244,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             opened = open_stream(s, ids[0], params)
             return StreamingResponse(stream(s, opened, ids[0], params, "text", req.include_usage), media_type="text/event-stream")
         handles = await run(request, s, ids, params)
-        done = [[engine.completion(q) for q in h.seqs] for h in handles]
-        return api.completions_response(req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None, params)
+        done = [engine.completion(q) for h in handles for q in h.seqs]
+        return api.response("text", req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None, params)
 
     # -- streaming ------------------------------------------------------------------------------
 
