@@ -17,7 +17,7 @@ from posttrain.demo import prompts as dp
 from posttrain.records import write_jsonl
 from posttrain.synth.label import read_prompts
 from posttrain.verify import registry
-from posttrain.verify.scoring import PromptRecord, aggregate, read_prompt_records, score_responses
+from posttrain.verify.scoring import PromptRecord, aggregate, read_prompt_records, score_responses, verifiers_of
 
 IFEVAL_INPUT = Path("/work/shared/data/ifeval_input_data.jsonl")
 REQUIRED_TYPES = {
@@ -97,7 +97,7 @@ def test_records_are_valid_ifeval_prompts_every_reader_accepts(
     for record in train + heldout:
         assert set(record) == {"key", "prompt", "instruction_id_list", "kwargs"}
         parsed = PromptRecord.model_validate(record)
-        assert [v.id for v in parsed.verifiers()] == record["instruction_id_list"]
+        assert [v.id for v in verifiers_of(parsed)] == record["instruction_id_list"]
         for type_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
             registry.get(type_id, **kwargs)
     path = tmp_path / "heldout.jsonl"
@@ -292,7 +292,7 @@ def test_ifeval_subset_rule_and_reader() -> None:
     assert dp.ifeval_subset(10) == records[:10]
     assert all(dp.fits_short_response(r) for r in records)
     for record in records:
-        PromptRecord.model_validate(record).verifiers()
+        verifiers_of(PromptRecord.model_validate(record))
     ids = {t for r in records for t in r["instruction_id_list"]}
     assert not ids & {"combination:two_responses", "length_constraints:nth_paragraph_first_word"}
     long_words = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.eval.lm_eval import offline_nltk_data
-from posttrain.verify import aggregate, all_ids, read_prompt_records, read_responses, score_response, score_responses, text
+from posttrain.verify import aggregate, all_ids, read_prompt_records, read_responses, score_response, score_responses, text, verifiers_of
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 INPUTS = DATA / "ifeval_input_data.jsonl"
@@ -182,7 +182,7 @@ def test_descriptions_match_reference(reference, records):
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
     for record in records:
-        for verifier, instruction_id, kwargs in zip(record.verifiers(), record.instruction_id_list, record.kwargs):
+        for verifier, instruction_id, kwargs in zip(verifiers_of(record), record.instruction_id_list, record.kwargs):
             if _random_in_reference(instruction_id, kwargs):
                 continue
             theirs = INSTRUCTION_DICT[instruction_id](instruction_id).build_description(**kwargs)

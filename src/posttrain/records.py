@@ -10,6 +10,9 @@ shapes follow what Hugging Face TRL and the Hub's datasets already use, so a use
 
 Records stay plain dicts (not pydantic objects) because they pass through JSONL, Arrow and worker
 processes by the hundred thousand; validation happens once, at the edge, in ``posttrain.data.formats``.
+The one typed view is :class:`PromptRecord`, a verifiable prompt as the stages that check instructions
+(labelling, GRPO's rewards, evaluation) hold it; the verifiers of its instructions come from
+:func:`posttrain.verify.scoring.verifiers_of`, a layer up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 Record = dict[str, Any]
 Message = dict[str, Any]
@@ -75,3 +80,26 @@ def read_jsonl(path: str | Path) -> Iterator[Record]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+class PromptRecord(BaseModel):
+    """One verifiable prompt (an IFEval input line): the prompt, its instruction ids and one kwargs dict per instruction.
+
+    Only the shape is checked here; whether the ids are known and their kwargs valid is the verifiers'
+    business (:func:`posttrain.verify.scoring.verifiers_of`).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: int | str | None = None
+    prompt: str
+    instruction_id_list: list[str]
+    kwargs: list[dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _one_kwargs_per_instruction(self) -> PromptRecord:
+        if len(self.kwargs) != len(self.instruction_id_list):
+            raise ValueError(
+                f"{len(self.instruction_id_list)} instruction ids but {len(self.kwargs)} kwargs dicts; expected one per instruction"
+            )
+        return self

@@ -51,7 +51,7 @@ from typing import Any
 from posttrain.data.formats import DataError, ReadReport, detect_format, iter_records
 from posttrain.data.sources import Problem, RawItem, describe, read_raw
 from posttrain.records import ROLES, Location, Record, write_jsonl
-from posttrain.verify.scoring import PromptRecord, score_response
+from posttrain.verify.scoring import PromptRecord, score_response, verifiers_of
 
 #: ``scorer(prompts, responses) -> scores``: one float per (prompt, response) pair, higher is better.
 #: A prompt is text or chat messages, as in a preference record. :func:`load_scorer` makes one of a
@@ -148,7 +148,7 @@ def read_prompts(
         try:
             prompt = prompt_of(record)
             if prompt.verifiable is not None:
-                prompt.verifiable.verifiers()  # unknown instruction ids and bad kwargs surface here
+                verifiers_of(prompt.verifiable)  # unknown instruction ids and bad kwargs surface here
         except (ValueError, KeyError) as err:
             found = [Problem(where, "instruction_id_list", "known instruction ids with valid kwargs", str(err))]
         else:

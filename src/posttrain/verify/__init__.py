@@ -6,7 +6,8 @@ The same verifier filters synthetic data, labels preference pairs, rewards RL an
 - :mod:`~posttrain.verify.registry`: verifiers by id (``get``, ``all_ids``, ``register``).
 - :mod:`~posttrain.verify.ifeval`: IFEval's 25 instruction types.
 - :mod:`~posttrain.verify.text`: sentence splitting, word counting and tokenization, language detection.
-- :mod:`~posttrain.verify.scoring`: IFEval's strict and loose scoring and its accuracies.
+- :mod:`~posttrain.verify.scoring`: a verifiable prompt's verifiers (``verifiers_of``), IFEval's strict and loose
+  scoring and its accuracies.
 """
 
 from posttrain.verify.base import Kwargs, Verdict, Verifier, VerifierKwargsError
@@ -22,6 +23,7 @@ from posttrain.verify.scoring import (
     read_responses,
     score_response,
     score_responses,
+    verifiers_of,
 )
 
 __all__ = [
@@ -44,4 +46,5 @@ __all__ = [
     "score_response",
     "score_responses",
     "verifier_class",
+    "verifiers_of",
 ]

@@ -1,4 +1,4 @@
-"""IFEval scoring: strict and loose verdicts per instruction, and the four headline accuracies.
+"""IFEval scoring: a verifiable prompt's verifiers, strict and loose verdicts per instruction, and the four headline accuracies.
 
 Strict: an instruction is followed iff the response, stripped, is non-empty and the check passes on
 the response as it is. Loose: iff the check passes on any of eight variants whose stripped form is
@@ -19,34 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError
 
 from posttrain.data.sources import read_jsonl
+from posttrain.records import PromptRecord  # re-exported: verify.scoring.PromptRecord is the name user code knows
 from posttrain.verify.base import Verdict, Verifier
 from posttrain.verify.registry import get
 
 
-class PromptRecord(BaseModel):
-    """One IFEval input line: the prompt, its instruction ids and one kwargs dict per instruction."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    key: int | str | None = None
-    prompt: str
-    instruction_id_list: list[str]
-    kwargs: list[dict[str, Any]]
-
-    @model_validator(mode="after")
-    def _one_kwargs_per_instruction(self) -> PromptRecord:
-        if len(self.kwargs) != len(self.instruction_id_list):
-            raise ValueError(
-                f"{len(self.instruction_id_list)} instruction ids but {len(self.kwargs)} kwargs dicts; expected one per instruction"
-            )
-        return self
-
-    def verifiers(self) -> list[Verifier]:
-        """One verifier per instruction, kwargs validated (unknown ids and bad kwargs raise)."""
-        return [get(verifier_id, **kwargs) for verifier_id, kwargs in zip(self.instruction_id_list, self.kwargs)]
+def verifiers_of(record: PromptRecord) -> list[Verifier]:
+    """One verifier per instruction of ``record``, kwargs validated (unknown ids and bad kwargs raise)."""
+    return [get(verifier_id, **kwargs) for verifier_id, kwargs in zip(record.instruction_id_list, record.kwargs)]
 
 
 @dataclass(frozen=True)
@@ -128,7 +111,7 @@ def score_response(record: PromptRecord, response: str) -> ResponseScore:
         if variant != response and variant not in variants:
             variants.append(variant)
     scores = []
-    for verifier in record.verifiers():
+    for verifier in verifiers_of(record):
         strict = _followed(verifier, response)
         loose = strict.passed or any(_followed(verifier, variant).passed for variant in variants)
         scores.append(InstructionScore(verifier.id, strict.passed, loose, strict.reason))
@@ -182,7 +165,7 @@ def read_prompt_records(path: str | Path) -> list[PromptRecord]:
     for number, line in _json_lines(path, problems):
         try:
             record = PromptRecord.model_validate(line)
-            record.verifiers()  # unknown ids and invalid kwargs surface here, with the line number
+            verifiers_of(record)  # unknown ids and invalid kwargs surface here, with the line number
         except (ValidationError, ValueError, KeyError) as error:
             problems.append(f"{path}:{number}: {error}")
             continue
