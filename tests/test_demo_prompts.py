@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from posttrain.data.prompts import read_prompts
 from posttrain.demo import prompts as dp
 from posttrain.records import write_jsonl
-from posttrain.synth.label import read_prompts
 from posttrain.verify import registry
 from posttrain.verify.scoring import PromptRecord, aggregate, read_prompt_records, score_responses, verifiers_of
 
@@ -102,7 +102,7 @@ def test_records_are_valid_ifeval_prompts_every_reader_accepts(
             registry.get(type_id, **kwargs)
     path = tmp_path / "heldout.jsonl"
     write_jsonl(path, heldout)
-    loaded = read_prompts(path)  # posttrain label / grpo's reader
+    loaded = read_prompts(path, validate=verifiers_of)  # posttrain label / grpo's reader
     assert [p.verifiable.instruction_id_list for p in loaded if p.verifiable] == [r["instruction_id_list"] for r in heldout]
     records = read_prompt_records(path)  # posttrain eval ifeval's reader
     scores = aggregate(score_responses(records, {r.prompt: "a plain reply, all in lowercase." for r in records}))

@@ -11,10 +11,12 @@ from sft_fixtures import torch_threads
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.data.formats import DataError, ReadReport, read_records
+from posttrain.data.prompts import read_prompts
 from posttrain.generate.engine import Engine
 from posttrain.models.load import load_tokenizer
-from posttrain.synth.label import label_file, label_prompts, read_prompts
-from posttrain.verify.scoring import PromptRecord, score_response
+from posttrain.records import PromptRecord
+from posttrain.synth.label import label_file, label_prompts
+from posttrain.verify.scoring import score_response, verifiers_of
 
 QUESTIONS = [
     "What color is the sky?",
@@ -210,9 +212,16 @@ def test_read_prompts_takes_every_format_and_reports_bad_lines(tmp_path):
         read_prompts(bad, format="prompts")
     assert "bad.jsonl:1" in str(err.value) and "bad.jsonl:2" in str(err.value)
     unknown = tmp_path / "unknown.jsonl"
-    unknown.write_text(json.dumps({"key": 1, "prompt": "x", "instruction_id_list": ["no:such_check"], "kwargs": [{}]}) + "\n")
-    with pytest.raises(DataError, match="no:such_check"):
-        read_prompts(unknown)
+    unknown.write_text(
+        json.dumps({"key": 1, "prompt": "x", "instruction_id_list": ["no:such_check"], "kwargs": [{}]})
+        + "\n"
+        + json.dumps({"key": 2, "prompt": "y", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{"num_bullets": 2}]})
+        + "\n"
+    )
+    with pytest.raises(DataError, match="no:such_check") as err:
+        read_prompts(unknown, validate=verifiers_of)  # the verifiers' check: every bad record, each with its place
+    assert "unknown.jsonl row 0" in str(err.value) and "unknown.jsonl row 1" in str(err.value) and "num_bullets" in str(err.value)
+    assert [p.verifiable.key for p in read_prompts(unknown)] == [1, 2]  # the data layer alone checks the shape only
 
 
 def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):

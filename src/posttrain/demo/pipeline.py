@@ -560,9 +560,11 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path)
     (they must be measured on the very weights and tokens DPO uses): DPO's reference pass, in this
     process, computes them all.
     """
-    from posttrain.synth.label import label_prompts, read_prompts
+    from posttrain.data.prompts import read_prompts
+    from posttrain.synth.label import label_prompts
+    from posttrain.verify.scoring import verifiers_of
 
-    prompts = read_prompts(train_prompts)
+    prompts = read_prompts(train_prompts, validate=verifiers_of)
     records, summary = label_prompts(
         _engine(model, cfg),
         prompts,

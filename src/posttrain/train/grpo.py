@@ -42,16 +42,16 @@ import torch
 
 from posttrain.config import GRPOConfig
 from posttrain.data.formats import ReadReport
+from posttrain.data.prompts import Prompt, read_prompts
 from posttrain.generate.engine import Engine
 from posttrain.generate.params import Completion, SamplingParams
 from posttrain.generate.prompts import PromptEncoder
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
-from posttrain.synth.label import Prompt, read_prompts
 from posttrain.train import loop
 from posttrain.train.runtime import Runtime
 from posttrain.train.losses import IGNORE, group_advantages, grpo_loss, token_logps
-from posttrain.verify.scoring import score_response
+from posttrain.verify.scoring import score_response, verifiers_of
 
 # -- rewards ------------------------------------------------------------------------------------
 
@@ -199,7 +199,7 @@ def train(config: GRPOConfig) -> RunResult:
     # -- prompts --------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
     report = ReadReport(cfg.data.path)
-    prompts = read_prompts(cfg.data.path, format=cfg.data.format, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, on_error=cfg.data.on_error, report=report)
+    prompts = read_prompts(cfg.data.path, format=cfg.data.format, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, on_error=cfg.data.on_error, report=report, validate=verifiers_of)
     if g.reward.startswith("verifiers:") and any(p.verifiable is None for p in prompts):
         raise loop.TrainingError(
             f"{cfg.data.path}: grpo.reward {g.reward} needs IFEval-format prompts (instruction_id_list, kwargs); use a reward function for other prompts"

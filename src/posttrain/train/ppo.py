@@ -55,16 +55,16 @@ import torch
 
 from posttrain.config import PPOConfig
 from posttrain.data.formats import ReadReport, read_records
+from posttrain.data.prompts import prompt_of
 from posttrain.generate.engine import Engine
 from posttrain.generate.params import Completion, SamplingParams
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record
-from posttrain.synth.label import prompt_of
 from posttrain.train import loop
-from posttrain.train.runtime import Runtime
 from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
 from posttrain.train.reward import decoder_hidden, hidden_size, import_reward_function, load_reward_model, pad_id_of
+from posttrain.train.runtime import Runtime
 
 VALUE_HEAD = "value_head.safetensors"
 INFO = "ppo_policy.json"

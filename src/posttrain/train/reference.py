@@ -21,6 +21,7 @@ from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData
 from posttrain.data.chat import IGNORE
 from posttrain.data.packing import best_fit_decreasing, collate_packed
+from posttrain.data.prompts import reference_key
 from posttrain.models import zoo
 from posttrain.models.load import weights_fingerprint
 from posttrain.train.runtime import Runtime
@@ -30,7 +31,7 @@ REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
 
 
 def sampler_reference(cfg: DPOConfig, model: torch.nn.Module) -> dict[str, float]:
-    """{:func:`~posttrain.synth.label.reference_key`: summed log-prob} recorded in the pairs' ``meta["reference"]`` by ``model``.
+    """{:func:`~posttrain.data.prompts.reference_key`: summed log-prob} recorded in the pairs' ``meta["reference"]`` by ``model``.
 
     Only entries measured on these very weights (their fingerprint) in this run's precision count: fp32
     sampling for an fp32 reference (bf16 sampling casts the weights, bf16 training autocasts, and the two
@@ -63,9 +64,7 @@ def sampler_reference(cfg: DPOConfig, model: torch.nn.Module) -> dict[str, float
 
 
 def _sequence_key(example: dict) -> str | None:
-    """:func:`~posttrain.synth.label.reference_key` of an example: its tokens before the scored run, and the run; None if not one run."""
-    from posttrain.synth.label import reference_key
-
+    """:func:`~posttrain.data.prompts.reference_key` of an example: its tokens before the scored run, and the run; None if not one run."""
     ids, scored = np.asarray(example["input_ids"]), np.flatnonzero(np.asarray(example["labels"]) != IGNORE)
     if not len(scored) or scored[-1] - scored[0] + 1 != len(scored):
         return None
