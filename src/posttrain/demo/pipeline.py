@@ -347,19 +347,16 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
 
 def build_prompt_files(p: PromptsConfig, out: Path) -> dict[str, Any]:
     """``train.jsonl``, ``heldout.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``."""
-    from posttrain.demo import prompts as demo_prompts
+    from posttrain.demo.ifeval_subset import ifeval_subset
+    from posttrain.synth.verifiable import build_prompts
     from posttrain.verify.scoring import read_prompt_records
 
     def given(path: str, n: int) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in read_prompt_records(path)[:n]]
 
-    train = given(p.train, p.n_train) if p.train else demo_prompts.build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types)
-    heldout = (
-        given(p.heldout, p.n_heldout)
-        if p.heldout
-        else demo_prompts.build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types)
-    )
-    ifeval = (given(p.ifeval, p.n_ifeval) if p.ifeval else demo_prompts.ifeval_subset(p.n_ifeval)) if p.n_ifeval else []
+    train = given(p.train, p.n_train) if p.train else build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types)
+    heldout = given(p.heldout, p.n_heldout) if p.heldout else build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types)
+    ifeval = (given(p.ifeval, p.n_ifeval) if p.ifeval else ifeval_subset(p.n_ifeval)) if p.n_ifeval else []
     overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval}
     if overlap:
         raise PipelineError(f"{len(overlap)} held-out or IFEval prompt(s) are also training prompts (first: {next(iter(overlap))[:80]!r})")

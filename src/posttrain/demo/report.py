@@ -107,7 +107,7 @@ def _pyplot() -> Any:
 
 def plot_per_type(summary: dict[str, Any], path: Path) -> Path | None:
     """Held-out instruction-level loose pass rate per instruction type, one bar per model."""
-    from posttrain.demo.prompts import type_label
+    from posttrain.synth.verifiable import type_label
 
     per = {label: summary["scores"][label].get("heldout", {}).get("per_type", {}) for label, _ in MODELS}
     types = sorted(per["start"] or per["DPO"], key=lambda t: per["start"].get(t, {}).get("loose", 0))
@@ -267,7 +267,7 @@ def pick_examples(root: Path, n: int) -> list[dict[str, Any]]:
 
 
 def _response(item: dict[str, Any], title: str) -> str:
-    from posttrain.demo.prompts import type_label
+    from posttrain.synth.verifiable import type_label
 
     badges = "".join(
         f"<span class='badge {'pass' if ok else 'fail'}'>{html.escape(type_label(t))} {'✓' if ok else '✗'}</span>"

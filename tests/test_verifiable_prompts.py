@@ -1,9 +1,8 @@
-"""The demo's verifiable prompts: split, determinism, disjointness, validity, conflicts, balance, phrasings
-that say what their kwargs check (against the real verifiers), and the bundled IFEval subset."""
+"""Verifiable prompts (synth/verifiable.py): split, determinism, disjointness, validity, conflicts, balance, and
+phrasings that say what their kwargs check (against the real verifiers)."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -14,12 +13,11 @@ from typing import Any
 import pytest
 
 from posttrain.data.prompts import read_prompts
-from posttrain.demo import prompts as dp
 from posttrain.records import write_jsonl
+from posttrain.synth import verifiable as vp
 from posttrain.verify import registry
 from posttrain.verify.scoring import PromptRecord, aggregate, read_prompt_records, score_responses, verifiers_of
 
-IFEVAL_INPUT = Path("/work/shared/data/ifeval_input_data.jsonl")
 REQUIRED_TYPES = {
     "change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma", "startend:end_checker",
     "startend:quotation", "detectable_format:title", "detectable_content:postscript", "detectable_format:json_format",
@@ -31,12 +29,12 @@ REQUIRED_TYPES = {
 
 @pytest.fixture(scope="module")
 def train() -> list[dict[str, Any]]:
-    return dp.build_prompts("train", 300, seed=0)
+    return vp.build_prompts("train", 300, seed=0)
 
 
 @pytest.fixture(scope="module")
 def heldout() -> list[dict[str, Any]]:
-    return dp.build_prompts("heldout", 150, seed=0)
+    return vp.build_prompts("heldout", 150, seed=0)
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -44,25 +42,25 @@ def heldout() -> list[dict[str, Any]]:
 
 def test_queries_split_by_a_hash_of_their_text() -> None:
     # Pinned verdicts: the split must not change with the machine, the Python hash seed or the file's order.
-    assert dp.is_heldout("How do I fix a dripping faucet?") is True
-    assert dp.is_heldout("Why is the sky blue?") is False
-    assert dp.is_heldout("How far away is the Moon?") is False
-    split = dp.split_queries()
-    assert len(dp.queries()) >= 280
-    assert len(split["train"]) + len(split["heldout"]) == len(dp.queries())
+    assert vp.is_heldout("How do I fix a dripping faucet?") is True
+    assert vp.is_heldout("Why is the sky blue?") is False
+    assert vp.is_heldout("How far away is the Moon?") is False
+    split = vp.split_queries()
+    assert len(vp.queries()) >= 280
+    assert len(split["train"]) + len(split["heldout"]) == len(vp.queries())
     assert not set(split["train"]) & set(split["heldout"])
-    assert 0.15 <= len(split["heldout"]) / len(dp.queries()) <= 0.3
-    assert all(dp.is_heldout(q) for q in split["heldout"]) and not any(dp.is_heldout(q) for q in split["train"])
+    assert 0.15 <= len(split["heldout"]) / len(vp.queries()) <= 0.3
+    assert all(vp.is_heldout(q) for q in split["heldout"]) and not any(vp.is_heldout(q) for q in split["train"])
 
 
 # -- building ------------------------------------------------------------------------------------
 
 
 def test_build_is_deterministic_and_prefix_stable() -> None:
-    first = dp.build_prompts("heldout", 40, seed=3)
-    assert first == dp.build_prompts("heldout", 40, seed=3)
-    assert dp.build_prompts("heldout", 15, seed=3) == first[:15]
-    assert dp.build_prompts("heldout", 40, seed=4) != first
+    first = vp.build_prompts("heldout", 40, seed=3)
+    assert first == vp.build_prompts("heldout", 40, seed=3)
+    assert vp.build_prompts("heldout", 15, seed=3) == first[:15]
+    assert vp.build_prompts("heldout", 40, seed=4) != first
     assert len({r["key"] for r in first}) == 40
 
 
@@ -73,18 +71,18 @@ def _template_pattern(phrasing: str) -> re.Pattern[str]:
 
 
 def test_train_and_heldout_share_no_query_and_no_phrasing(train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    split = dp.split_queries()
+    split = vp.split_queries()
     train_text, heldout_text = "\n".join(r["prompt"] for r in train), "\n".join(r["prompt"] for r in heldout)
     assert not [q for q in split["heldout"] if q in train_text]
     assert not [q for q in split["train"] if q in heldout_text]
-    for kind in dp.TYPES:
+    for kind in vp.TYPES:
         assert not set(kind.train) & set(kind.heldout), kind.id
         for phrasing in kind.heldout:
             assert not _template_pattern(phrasing).search(train_text), f"held-out phrasing found in a train prompt: {phrasing!r}"
         for phrasing in kind.train:
             assert not _template_pattern(phrasing).search(heldout_text), f"train phrasing found in a held-out prompt: {phrasing!r}"
     # and each side really uses its own phrasings, every one of them
-    for kind in dp.TYPES:
+    for kind in vp.TYPES:
         for phrasing in kind.train:
             assert _template_pattern(phrasing).search(train_text), f"train phrasing never used: {phrasing!r}"
         for phrasing in kind.heldout:
@@ -112,57 +110,57 @@ def test_records_are_valid_ifeval_prompts_every_reader_accepts(
 
 
 def test_types_cover_the_brief_with_enough_phrasings() -> None:
-    assert REQUIRED_TYPES <= set(dp.TYPE_BY_ID)
-    for kind in dp.TYPES:
+    assert REQUIRED_TYPES <= set(vp.TYPE_BY_ID)
+    for kind in vp.TYPES:
         assert len(set(kind.train + kind.heldout)) >= 4 and len(kind.heldout) >= 1 and len(kind.train) >= 2, kind.id
-        assert dp.type_label(kind.id) == kind.label and kind.label
-    assert dp.type_label("combination:repeat_prompt") == "combination:repeat_prompt"
-    assert [row["id"] for row in dp.describe()] == [t.id for t in dp.TYPES]
+        assert vp.type_label(kind.id) == kind.label and kind.label
+    assert vp.type_label("combination:repeat_prompt") == "combination:repeat_prompt"
+    assert [row["id"] for row in vp.describe()] == [t.id for t in vp.TYPES]
 
 
 def test_no_prompt_combines_conflicting_types_or_clashing_words(train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    assert dp.conflicts("change_case:english_lowercase", "change_case:english_capital")
-    assert dp.conflicts("startend:quotation", "startend:end_checker")
+    assert vp.conflicts("change_case:english_lowercase", "change_case:english_capital")
+    assert vp.conflicts("startend:quotation", "startend:end_checker")
     # word-carrying types only, so that forbidden words meet keywords and end phrases often
     worded = ["keywords:forbidden_words", "keywords:existence", "keywords:frequency", "startend:end_checker"]
-    for record in train + heldout + dp.build_prompts("train", 400, seed=5, types=worded):
+    for record in train + heldout + vp.build_prompts("train", 400, seed=5, types=worded):
         ids = record["instruction_id_list"]
         assert len(set(ids)) == len(ids)
-        assert not any(dp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
+        assert not any(vp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
         for i, kwargs in enumerate(record["kwargs"]):
-            others = [dp._kwarg_words(k) for j, k in enumerate(record["kwargs"]) if j != i]
+            others = [vp._kwarg_words(k) for j, k in enumerate(record["kwargs"]) if j != i]
             if "forbidden_words" in kwargs and others:
                 assert not set(kwargs["forbidden_words"]) & set().union(*others), record["prompt"]
 
 
 def test_types_are_spread_evenly_and_instruction_counts_mixed() -> None:
-    records = dp.build_prompts("heldout", 64, seed=0)
+    records = vp.build_prompts("heldout", 64, seed=0)
     per_type = Counter(t for r in records for t in r["instruction_id_list"])
-    assert set(per_type) == set(dp.TYPE_BY_ID)
+    assert set(per_type) == set(vp.TYPE_BY_ID)
     assert min(per_type.values()) >= 5, per_type
     assert max(per_type.values()) - min(per_type.values()) <= 2, per_type
     sizes = Counter(len(r["instruction_id_list"]) for r in records)
     assert sizes[1] == sizes[2] == 32
-    assert all(len(r["instruction_id_list"]) == 1 for r in dp.build_prompts("train", 20, seed=0, max_instructions=1))
-    three = dp.build_prompts("train", 60, seed=0, max_instructions=3)
+    assert all(len(r["instruction_id_list"]) == 1 for r in vp.build_prompts("train", 20, seed=0, max_instructions=1))
+    three = vp.build_prompts("train", 60, seed=0, max_instructions=3)
     assert Counter(len(r["instruction_id_list"]) for r in three) == {1: 20, 2: 20, 3: 20}
     for record in three:
         ids = record["instruction_id_list"]
-        assert not any(dp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
+        assert not any(vp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
 
 
 def test_types_argument_restricts_and_is_validated() -> None:
     only = ["punctuation:no_comma", "startend:quotation"]
-    records = dp.build_prompts("train", 10, seed=1, types=only)
+    records = vp.build_prompts("train", 10, seed=1, types=only)
     assert {t for r in records for t in r["instruction_id_list"]} == set(only)
-    clashing = dp.build_prompts("train", 6, seed=1, types=["change_case:english_lowercase", "change_case:english_capital"])
+    clashing = vp.build_prompts("train", 6, seed=1, types=["change_case:english_lowercase", "change_case:english_capital"])
     assert all(len(r["instruction_id_list"]) == 1 for r in clashing)  # a conflicting pair never shares a prompt
     with pytest.raises(ValueError, match="unknown instruction types.*no_such:type"):
-        dp.build_prompts("train", 5, seed=0, types=["no_such:type"])
+        vp.build_prompts("train", 5, seed=0, types=["no_such:type"])
     with pytest.raises(ValueError, match="max_instructions must be >= 1"):
-        dp.build_prompts("train", 5, seed=0, max_instructions=0)
+        vp.build_prompts("train", 5, seed=0, max_instructions=0)
     with pytest.raises(ValueError, match="split must be one of"):
-        dp.build_prompts("test", 5, seed=0)  # type: ignore[arg-type]
+        vp.build_prompts("test", 5, seed=0)  # type: ignore[arg-type]
 
 
 # -- phrasings say what the verifiers check ------------------------------------------------------
@@ -214,12 +212,12 @@ _COUNTED = {
 @pytest.mark.parametrize("type_id", sorted(_COUNTED))
 def test_counted_phrasings_state_the_threshold_their_verifier_checks(type_id: str) -> None:
     """Render every phrasing: the count it states is the kwargs' count, and the real verifier passes and fails the boundary responses."""
-    kind = dp.TYPE_BY_ID[type_id]
+    kind = vp.TYPE_BY_ID[type_id]
     name, comparison, make = _COUNTED[type_id]
     for phrasing in kind.train + kind.heldout:
         for seed in range(6):
             kwargs = kind.sample(random.Random(seed), "How do I keep basil alive on a windowsill?", frozenset())
-            relation, threshold = _stated(dp.render(phrasing, kwargs))
+            relation, threshold = _stated(vp.render(phrasing, kwargs))
             assert (relation, threshold) == (kwargs.get(comparison, comparison), kwargs[name]), (phrasing, kwargs)
             good, bad = {"less than": (threshold - 1, threshold), "at least": (threshold, threshold - 1)}.get(
                 relation, (threshold, threshold + 1)
@@ -262,8 +260,8 @@ def test_uncounted_types_pass_a_compliant_response_and_fail_another(type_id: str
     verifier = registry.get(type_id, **kwargs)
     assert verifier.check(good).passed, verifier.check(good).reason
     assert not verifier.check(bad).passed, bad
-    for phrasing in dp.TYPE_BY_ID[type_id].train + dp.TYPE_BY_ID[type_id].heldout:
-        text = dp.render(phrasing, kwargs)
+    for phrasing in vp.TYPE_BY_ID[type_id].train + vp.TYPE_BY_ID[type_id].heldout:
+        text = vp.render(phrasing, kwargs)
         assert not _STATED.search(text), f"an uncounted instruction states a count: {text!r}"
         for value in kwargs.values():  # the phrasing names every value it is checked against
             for word in value if isinstance(value, list) else [value]:
@@ -271,44 +269,4 @@ def test_uncounted_types_pass_a_compliant_response_and_fail_another(type_id: str
 
 
 def test_every_type_is_tested_against_its_verifier() -> None:
-    assert set(_COUNTED) | set(_CASES) == set(dp.TYPE_BY_ID)
-
-
-# -- the IFEval subset ---------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not IFEVAL_INPUT.exists(), reason="IFEval's input_data.jsonl is not in shared/data")
-def test_bundled_ifeval_subset_is_the_rule_applied_to_ifeval() -> None:
-    lines = IFEVAL_INPUT.read_text(encoding="utf-8").splitlines(keepends=True)
-    expected = "".join(dp.select_ifeval_subset(lines))
-    bundled = Path(dp.__file__).with_name("data").joinpath("ifeval_subset.jsonl").read_text(encoding="utf-8")
-    assert bundled == expected
-    assert len(dp.ifeval_subset()) == dp.IFEVAL_SUBSET_SIZE == 120
-    assert set(bundled.splitlines(keepends=True)) <= set(lines)  # IFEval's lines, byte for byte
-
-
-def test_ifeval_subset_rule_and_reader() -> None:
-    records = dp.ifeval_subset()
-    assert dp.ifeval_subset(10) == records[:10]
-    assert all(dp.fits_short_response(r) for r in records)
-    for record in records:
-        verifiers_of(PromptRecord.model_validate(record))
-    ids = {t for r in records for t in r["instruction_id_list"]}
-    assert not ids & {"combination:two_responses", "length_constraints:nth_paragraph_first_word"}
-    long_words = {
-        "key": 0,
-        "prompt": "Hi.",
-        "instruction_id_list": ["length_constraints:number_words"],
-        "kwargs": [{"relation": "at least", "num_words": 300}],
-    }
-    assert not dp.fits_short_response(long_words)
-    assert dp.fits_short_response({**long_words, "kwargs": [{"relation": "less than", "num_words": 300}]})
-    assert not dp.fits_short_response(
-        {**long_words, "prompt": "Write an essay about rain.", "kwargs": [{"relation": "less than", "num_words": 90}]}
-    )
-    short_text = {"key": 0, "instruction_id_list": [], "kwargs": []}
-    assert not dp.fits_short_response({**short_text, "prompt": "Write a 200 word story about rain."})
-    assert dp.fits_short_response({**short_text, "prompt": "Write a 100 word story about rain."})
-    with pytest.raises(ValueError, match="between 0 and 120"):
-        dp.ifeval_subset(121)
-    assert json.loads(json.dumps(records[0])) == records[0]
+    assert set(_COUNTED) | set(_CASES) == set(vp.TYPE_BY_ID)

@@ -1,4 +1,4 @@
-"""Verifiable prompts for ``posttrain demo``: everyday queries with IFEval-style instructions, and a fixed IFEval subset.
+"""Verifiable prompts: everyday queries with IFEval-style instructions, split so that held-out prompts are new.
 
 AutoIF (Dong et al., 2024, arXiv 2406.13542) pairs user queries with instructions a program can
 check. Here the queries are ours (``data/queries.txt``, ~300 short everyday requests written for this
@@ -13,15 +13,16 @@ small, deterministic table plus a round robin.
 - :func:`build_prompts`: IFEval-format records (``key``, ``prompt``, ``instruction_id_list``,
   ``kwargs``), 1 to ``max_instructions`` instructions per prompt (default 2: about half each), types spread evenly, never two
   conflicting types (:data:`CONFLICTS`). Deterministic for a seed; a prefix of a longer build.
-- :func:`ifeval_subset`: a fixed subset of IFEval's prompts that a ~256-token response can satisfy,
-  shipped as ``data/ifeval_subset.jsonl`` (lines byte-identical to IFEval's; see ``IFEVAL_NOTICE.md``);
-  :func:`select_ifeval_subset` is the rule that made it.
+- :data:`TYPES`: the instruction types with their phrasings and kwargs samplers; :func:`type_label` and
+  :func:`describe` name them for people.
+
+``posttrain demo`` builds its training and held-out prompts here (its fixed IFEval subset is its own:
+:mod:`posttrain.demo.ifeval_subset`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections import Counter
@@ -35,13 +36,12 @@ Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 
 HELDOUT_EVERY = 5  # a query is held out when the hash of its text is 0 modulo this (~20%)
-IFEVAL_SUBSET_SIZE = 120
 
 # -- queries -------------------------------------------------------------------------------------
 
 
 def _data_text(name: str) -> str:
-    return files("posttrain.demo").joinpath("data", name).read_text(encoding="utf-8")
+    return files("posttrain.synth").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def is_heldout(query: str) -> bool:
@@ -51,7 +51,7 @@ def is_heldout(query: str) -> bool:
 
 @cache
 def queries() -> tuple[str, ...]:
-    """The demo's user queries, in file order (blank lines skipped; duplicates are an error)."""
+    """The built-in everyday queries, in file order (blank lines skipped; duplicates are an error)."""
     lines = [line.strip() for line in _data_text("queries.txt").splitlines() if line.strip()]
     repeated = [q for q, count in Counter(lines).items() if count > 1]
     if repeated:
@@ -424,7 +424,7 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
     half two; fewer where the types left all conflict with those picked). Each instruction slot
     takes a least-used type so far (ties broken at random) that conflicts with none already
     picked for the prompt; phrasings of a type are used in turn, queries in a seeded shuffled order. Records are
-    ``{"key", "prompt", "instruction_id_list", "kwargs"}``, as :class:`posttrain.verify.scoring.PromptRecord`
+    ``{"key", "prompt", "instruction_id_list", "kwargs"}``, as :class:`posttrain.records.PromptRecord`
     reads them. The same arguments give the same records on any machine, and a build of ``n`` is the
     first ``n`` records of any longer build with the same seed.
     """
@@ -438,13 +438,15 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
     chosen = list(TYPE_BY_ID) if types is None else list(dict.fromkeys(types))
     unknown = [t for t in chosen if t not in TYPE_BY_ID]
     if unknown:
-        problems.append(f"unknown instruction types {unknown}; the demo's types are {list(TYPE_BY_ID)}")
+        problems.append(f"unknown instruction types {unknown}; the known types are {list(TYPE_BY_ID)}")
     if not chosen:
         problems.append("types must name at least one instruction type")
     if problems:
         raise ValueError("build_prompts: " + "; ".join(problems))
 
-    rng = random.Random(f"posttrain-demo-prompts:{split}:{seed}")  # str seeds hash the same everywhere
+    # str seeds hash the same everywhere. The seed string and the keys below keep the names they had in
+    # posttrain.demo.prompts: the same arguments must give the same records (the demo's cached stages hold them).
+    rng = random.Random(f"posttrain-demo-prompts:{split}:{seed}")
     pool = list(split_queries()[split])
     rng.shuffle(pool)
     uses = Counter({t: 0 for t in chosen})
@@ -491,62 +493,3 @@ def _kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
             if isinstance(text, str):
                 words |= _words(text)
     return frozenset(words)
-
-
-# -- the IFEval subset ---------------------------------------------------------------------------
-
-# Text that asks for a long answer without an instruction saying so: essays, "long" letters, 151+ words.
-_LONG_REQUEST = re.compile(
-    r"\b(essays?|very long|long (?:and \w+ )?(?:email|letter|story|article|essay)s?)\b|\b(\d{3,})\+?[ -]?words?\b", re.IGNORECASE
-)
-IFEVAL_MAX_PROMPT_CHARS = 600
-
-
-def fits_short_response(record: dict[str, Any]) -> bool:
-    """Whether an IFEval prompt can be followed in a ~256-token response (the rule ``IFEVAL_NOTICE.md`` states).
-
-    Out: prompts with ``combination:two_responses``, ``length_constraints:nth_paragraph_first_word``,
-    a non-English ``language:response_language``; ``number_words`` "at least" > 150;
-    ``number_sentences`` "at least" > 8; ``number_paragraphs`` >= 4; ``multiple_sections`` >= 4;
-    more than 6 bullets, highlights or placeholders; ``letter_frequency`` "at least" > 20; prompt text
-    asking for an essay, a long email/letter/story/article or 151+ words; prompts over 600 characters.
-    """
-    for type_id, raw in zip(record["instruction_id_list"], record["kwargs"]):
-        k = {key: value for key, value in raw.items() if value is not None}
-        at_least = k.get("relation") == "at least"
-        if (
-            type_id in ("combination:two_responses", "length_constraints:nth_paragraph_first_word")
-            or (type_id == "language:response_language" and k.get("language") != "en")
-            or (type_id == "length_constraints:number_words" and at_least and k["num_words"] > 150)
-            or (type_id == "length_constraints:number_sentences" and at_least and k["num_sentences"] > 8)
-            or (type_id == "length_constraints:number_paragraphs" and k["num_paragraphs"] >= 4)
-            or (type_id == "detectable_format:multiple_sections" and k["num_sections"] >= 4)
-            or (type_id == "detectable_format:number_bullet_lists" and k["num_bullets"] > 6)
-            or (type_id == "detectable_format:number_highlighted_sections" and k["num_highlights"] > 6)
-            or (type_id == "detectable_content:number_placeholders" and k["num_placeholders"] > 6)
-            or (type_id == "keywords:letter_frequency" and k.get("let_relation") == "at least" and k["let_frequency"] > 20)
-        ):
-            return False
-    prompt = record["prompt"]
-    if len(prompt) > IFEVAL_MAX_PROMPT_CHARS:
-        return False
-    return not any(m.group(1) or int(m.group(2)) > 150 for m in _LONG_REQUEST.finditer(prompt))
-
-
-def select_ifeval_subset(lines: Iterable[str], size: int = IFEVAL_SUBSET_SIZE) -> list[str]:
-    """The first ``size`` lines of IFEval's ``input_data.jsonl`` (in its order) whose prompt :func:`fits_short_response`, unchanged."""
-    chosen = []
-    for line in lines:
-        if line.strip() and fits_short_response(json.loads(line)):
-            chosen.append(line)
-            if len(chosen) == size:
-                break
-    return chosen
-
-
-def ifeval_subset(n: int | None = None) -> list[dict[str, Any]]:
-    """The bundled IFEval subset's first ``n`` records (all :data:`IFEVAL_SUBSET_SIZE` with ``None``), IFEval's fields as they are."""
-    records = [json.loads(line) for line in _data_text("ifeval_subset.jsonl").splitlines() if line.strip()]
-    if n is not None and not 0 <= n <= len(records):
-        raise ValueError(f"ifeval_subset: n must be between 0 and {len(records)}, got {n}")
-    return records if n is None else records[:n]
