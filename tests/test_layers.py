@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "posttrain"
 
 #: Lowest first. A package may import packages of its own layer and of any lower one, never a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("posttrain", "records"),  # the package's own __init__ (every import of posttrain.x runs it) and the records every stage shares
+    # the package's own __init__ (every import of posttrain.x runs it), the records every stage shares, the cache root
+    ("posttrain", "records", "cache_root"),
     ("hub",),  # hub repo ids, revisions, the local hub cache (imports nothing of ours)
     ("config",),  # typed configs, YAML and overrides (imports hub)
     ("data",),  # read, check, render, mask, pack, cache; prompt sets
@@ -46,13 +47,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "whether QLoRA's quantization can run here: both are models/load.py's knowledge. Removing it means moving "
         "the resource check above models/ (and load_config's call to it into its callers), or the name resolution "
         "below config."
-    ),
-    ("posttrain.data.cache", "posttrain.models.zoo"): (
-        # data -> models; not a cycle (models imports nothing of data).
-        "the tokenized-data cache's default root is zoo.cache_dir() ($POSTTRAIN_CACHE or ~/.cache/posttrain), "
-        "posttrain's one cache root, which lives in models/zoo.py because the tiny models were the first thing "
-        "cached. Removing it means moving cache_dir() to the bottom layer (a small module that zoo, fetch, "
-        "data/cache, generate/client and train/reference import)."
     ),
 }
 

@@ -35,9 +35,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from posttrain import hub
+from posttrain.cache_root import cache_dir
 from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
 from posttrain.data.formats import ReadReport, read_records
-from posttrain.models import zoo
 
 TRANSFORM_VERSION = 3
 CHUNK = 1024
@@ -334,7 +334,7 @@ def prepare(
     decision, which all follow, so no process waits at a barrier the others skip.
     """
     renderer = ChatRenderer(tokenizer, options)
-    root = Path(cache) if cache is not None else zoo.cache_dir() / "tokenized"
+    root = Path(cache) if cache is not None else cache_dir() / "tokenized"
     key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split, subset=subset, revision=revision)
     path = root / key
     rank, world = (group.rank, group.world) if group is not None else (0, 1)

@@ -3,17 +3,18 @@
 A tiny model is a real architecture's config (Llama or Qwen2) at toy size (``small-llama``: 12 layers of
 width 512, ~38M parameters, for memory and throughput checks), with random weights from a fixed seed, and a byte-level BPE tokenizer trained in a fraction of a second on a built-in English
 corpus, with a chat template and its special tokens. They are saved once under the cache directory
-(``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``) and then load like any Hugging Face model directory.
+(``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``, :func:`posttrain.cache_root.cache_dir`) and then load like any Hugging Face model directory.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from posttrain.cache_root import cache_dir  # zoo.cache_dir, as fetch, reference and the client call it
 
 ZOO_VERSION = 2
 
@@ -39,10 +40,6 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Letters: ABCDEFGHIJKLMNOPQRSTUVWXYZ ab
 """
 
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def train_tokenizer(
