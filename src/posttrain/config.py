@@ -366,6 +366,9 @@ class GRPOSettings(Strict):
         description="verifiers:loose | verifiers:strict (share of the prompt's IFEval instructions followed), or package.module:function(prompt, completion[, record]) -> float.",
     )
     generation_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+    verifiers: list[str] = Field(
+        default_factory=list, description="Verifier libraries (JSONL of code verifiers, as posttrain synth autoif writes) whose ids the prompts use."
+    )
 
 
 class GRPOConfig(Strict):
@@ -440,6 +443,10 @@ def check_resources(raw: dict[str, Any]) -> list[str]:
             problem = hub.unavailable(value, repo_type="dataset", revision=data.get("revision"))
             if problem:
                 problems.append(f"data.{key}: {problem}")
+    grpo = raw.get("grpo") if isinstance(raw.get("grpo"), dict) else {}
+    for index, library in enumerate(grpo.get("verifiers") or []):
+        if isinstance(library, str) and not Path(library).is_file():
+            problems.append(f"grpo.verifiers[{index}]: no such verifier library: {library}")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     if isinstance(model.get("name"), str):
         problem = model_problem(model)

@@ -15,8 +15,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from posttrain.cli.common import TemplateOpt, err, fail, out, user_errors
+from posttrain.cli.common import TemplateOpt, UnsafeOpt, VerifiersOpt, err, fail, out, use_verifiers, user_errors
 from posttrain.cli.data import data_app
+from posttrain.cli.sandbox import sandbox_app
 from posttrain.cli.serve import register as register_serving
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(data_app, name="data")
+app.add_typer(sandbox_app, name="sandbox")
 eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
@@ -65,6 +67,8 @@ def eval_ifeval(
     base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); finished requests are cached, so a rerun sends only the missing ones.")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+    verifiers: VerifiersOpt = None,
+    unsafe_exec: UnsafeOpt = False,
 ) -> None:
     """IFEval: the four accuracies (prompt/instruction × strict/loose), a table per instruction type, a bar chart."""
     from posttrain.config import resolve_bf16
@@ -75,6 +79,7 @@ def eval_ifeval(
         fail("give exactly one of --responses FILE (score existing responses) or --model M (generate, then score)")
     if base_url is not None and model is None:
         fail("--base-url generates responses: give --model NAME (the endpoint's name for the model), not --responses")
+    use_verifiers(verifiers, unsafe_exec)
     with user_errors():
         if responses is not None:
             result = ifeval.score_file(responses, data, limit)
@@ -291,6 +296,8 @@ def label(
     base_url: Annotated[Optional[str], typer.Option("--base-url", help="Sample on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); finished requests are cached, so a rerun sends only the missing ones.")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+    verifiers: VerifiersOpt = None,
+    unsafe_exec: UnsafeOpt = False,
 ) -> None:
     """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
     from posttrain.config import resolve_bf16
@@ -299,6 +306,7 @@ def label(
 
     if by is LabelBy.reward_model and reward_model is None:
         fail("--by reward-model needs --reward-model RUN (a `posttrain rm` run directory)")
+    use_verifiers(verifiers, unsafe_exec)
     with user_errors():
         try:
             summary = label_file(

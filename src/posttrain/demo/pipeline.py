@@ -62,6 +62,9 @@ class PromptsConfig(Strict):
     max_instructions: int = Field(2, ge=1, le=3, description="Instructions per built prompt: 1 to this.")
     types: list[str] | None = Field(None, description="Instruction types of built prompts (default: all the demo's types).")
     seed: int = 0
+    verifiers: list[str] = Field(
+        default_factory=list, description="Verifier libraries (JSONL of code verifiers, as posttrain synth autoif writes) whose ids your prompt files use."
+    )
 
 
 class GenerationConfig(Strict):
@@ -303,7 +306,12 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     gen = cfg.generation.stage_key()
     started = time.perf_counter()
 
-    prompts = stage("prompts", {"prompts": cfg.prompts.model_dump()}, (), lambda out: build_prompt_files(cfg.prompts, out))
+    from posttrain.verify.code import load_libraries
+
+    load_libraries(cfg.prompts.verifiers)  # code verifiers the prompt files name: every stage that scores uses them
+    libraries = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.prompts.verifiers]
+    prompts_key = {"prompts": cfg.prompts.model_dump(exclude={"verifiers"})} | ({"verifier_libraries": libraries} if libraries else {})
+    prompts = stage("prompts", prompts_key, (), lambda out: build_prompt_files(cfg.prompts, out))
     start_model = {"model": cfg.model, "fingerprint": model_fingerprint(cfg.model), "template": cfg.template}
 
     def evaluate(model: str) -> Callable[[Path], dict[str, Any]]:
@@ -486,7 +494,7 @@ def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dic
     verdicts, so what was kept and why can be read back.
     """
     from posttrain.generate.params import SamplingParams
-    from posttrain.verify.scoring import read_prompt_records, score_response
+    from posttrain.verify.scoring import prefetch, read_prompt_records, score_response
 
     s = cfg.sample
     records = read_prompt_records(train_prompts)
@@ -499,6 +507,7 @@ def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dic
         bf16=cfg.generation.bf16,
     )
     outputs = _engine(cfg.model, cfg).generate([r.prompt for r in records], params)
+    prefetch((record, c.text) for record, completions in zip(records, outputs) for c in completions)
     kept, samples, truncated = [], [], 0
     for record, completions in zip(records, outputs):
         scored = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.records import write_jsonl
-from posttrain.verify.scoring import IFEvalScores, PromptRecord, ResponseScore, aggregate, read_prompt_records, read_responses, score_response
+from posttrain.verify.scoring import IFEvalScores, PromptRecord, prefetch, ResponseScore, aggregate, read_prompt_records, read_responses, score_response
 
 DATA_NAMES = ("ifeval_input_data.jsonl", "input_data.jsonl")
 WHERE_TO_GET = (
@@ -104,6 +104,7 @@ def score_file(responses: str | Path, data: str | Path | None = None, limit: int
 
 
 def score(records: list[PromptRecord], responses: list[str]) -> IFEvalResult:
+    prefetch(zip(records, responses))  # code verifiers: one sandbox round trip each
     scores = [score_response(r, text) for r, text in zip(records, responses)]
     return IFEvalResult(records, responses, scores, aggregate(scores))
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from posttrain.data.prompts import Prompt, read_prompts, reference_key
 from posttrain.records import PromptRecord, Record, write_jsonl
-from posttrain.verify.scoring import score_response, verifiers_of
+from posttrain.verify.scoring import prefetch, score_response, verifiers_of
 
 #: ``scorer(prompts, responses) -> scores``: one float per (prompt, response) pair, higher is better.
 #: A prompt is text or chat messages, as in a preference record. :func:`load_scorer` makes one of a
@@ -191,6 +191,8 @@ def label_prompts(
     params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16, logprobs=reference_logps)
     outputs = engine.generate([p.engine_input() for p in prompts], params, progress=progress)
     responses = [[c.text for c in completions] for completions in outputs]
+    if scorer is None:  # code verifiers judge every sample in one sandbox round trip each
+        prefetch((p.verifiable, r) for p, rs in zip(prompts, responses) if p.verifiable is not None for r in rs)
     summary = LabelSummary(by="verifiers" if scorer is None else "reward_model")
     scores: list[Sequence[float]] = []
     if scorer is not None:

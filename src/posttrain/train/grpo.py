@@ -51,7 +51,8 @@ from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
 from posttrain.train.runtime import Runtime
 from posttrain.train.losses import IGNORE, group_advantages, grpo_loss, token_logps
-from posttrain.verify.scoring import score_response, verifiers_of
+from posttrain.verify.code import load_libraries
+from posttrain.verify.scoring import prefetch, score_response, verifiers_of
 
 # -- rewards ------------------------------------------------------------------------------------
 
@@ -194,6 +195,7 @@ def train(config: GRPOConfig) -> RunResult:
     rt = Runtime.start(cfg.train)
     run_dir = Path(cfg.output_dir)
     reward_fn = load_reward(g.reward)  # a bad reward spec fails before any model loads
+    load_libraries(g.verifiers)  # code verifiers the prompts name (posttrain synth autoif's verifiers.jsonl)
     loop.seed_everything(cfg.train.seed)
 
     # -- prompts --------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ def train(config: GRPOConfig) -> RunResult:
             t_gen = time.perf_counter() - t0
 
             # 2. rewards and group advantages
+            prefetch((prompts[i].verifiable, c.text) for i, completions in zip(mine, outputs) if prompts[i].verifiable is not None for c in completions)
             scored = [[reward_fn(prompts[i], c.text) for c in completions] for i, completions in zip(mine, outputs)]
             rewards = torch.tensor([[s.reward for s in group] for group in scored], dtype=torch.float32).reshape(len(mine), g.group_size)
             advantages = group_advantages(rewards).flatten().to(rt.device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -93,6 +93,10 @@ class Verifier(ABC, Generic[K]):
     @abstractmethod
     def check(self, response: str) -> Verdict:
         """Judge ``response`` as it is (no stripping or other normalisation beyond the check's own)."""
+
+    def check_many(self, responses: Sequence[str]) -> list[Verdict]:
+        """:meth:`check` on each response; verifiers whose checks cost a round trip (code run in a sandbox) batch them."""
+        return [self.check(response) for response in responses]
 
     @classmethod
     def random_kwargs(cls, rng: random.Random, *, prompt: str | None = None) -> dict[str, Any]:

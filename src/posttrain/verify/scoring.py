@@ -112,10 +112,40 @@ def score_response(record: PromptRecord, response: str) -> ResponseScore:
             variants.append(variant)
     scores = []
     for verifier in verifiers_of(record):
-        strict = _followed(verifier, response)
-        loose = strict.passed or any(_followed(verifier, variant).passed for variant in variants)
+        if _batches(verifier):  # one round trip for the response and all its variants
+            strict, *rest = _followed_many(verifier, [response, *variants])
+            loose = strict.passed or any(v.passed for v in rest)
+        else:
+            strict = _followed(verifier, response)
+            loose = strict.passed or any(_followed(verifier, variant).passed for variant in variants)
         scores.append(InstructionScore(verifier.id, strict.passed, loose, strict.reason))
     return ResponseScore(record.key, tuple(scores))
+
+
+def _batches(verifier: Verifier) -> bool:
+    return type(verifier).check_many is not Verifier.check_many
+
+
+def _followed_many(verifier: Verifier, responses: Sequence[str]) -> list[Verdict]:
+    present = [r for r in responses if r.strip()]
+    verdicts = dict(zip(present, verifier.check_many(present)))
+    return [verdicts.get(r, Verdict(False, "response is empty")) for r in responses]
+
+
+def prefetch(pairs: Iterable[tuple[PromptRecord, str]]) -> None:
+    """Judge many (record, response) pairs' batching verifiers up front, one round trip per verifier.
+
+    Code verifiers (:mod:`posttrain.verify.code`) remember their verdicts, so scoring the same pairs
+    afterwards (:func:`score_response`) costs nothing more; other verifiers are left alone.
+    """
+    wanted: dict[type, tuple[Verifier, list[str]]] = {}
+    for record, response in pairs:
+        for verifier in verifiers_of(record):
+            if _batches(verifier):
+                texts = wanted.setdefault(type(verifier), (verifier, []))[1]
+                texts.extend(v for v in loose_variants(response) if v.strip())
+    for verifier, texts in wanted.values():
+        verifier.check_many(list(dict.fromkeys(texts)))
 
 
 def aggregate(scores: Iterable[ResponseScore]) -> IFEvalScores:
