@@ -19,6 +19,7 @@ from posttrain.cli.common import TemplateOpt, UnsafeOpt, VerifiersOpt, err, fail
 from posttrain.cli.data import data_app
 from posttrain.cli.sandbox import sandbox_app
 from posttrain.cli.serve import register as register_serving
+from posttrain.cli.synth import synth_app
 
 app = typer.Typer(
     help="posttrain: instruction tuning, end to end — data, SFT, preference learning, evaluation.",
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(synth_app, name="synth")
 eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)

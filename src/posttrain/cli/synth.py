@@ -1,0 +1,73 @@
+"""`posttrain synth`: make instruction data with a teacher (AutoIF today): parse, validate, call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from posttrain.cli.common import TemplateOpt, UnsafeOpt, err, fail, out, user_errors
+
+synth_app = typer.Typer(help="Synthesize instruction data with a teacher model (in this process or on an OpenAI-compatible endpoint).", no_args_is_help=True)
+
+
+@synth_app.command("autoif")
+def autoif(
+    teacher: Annotated[str, typer.Option("--teacher", help="The teacher: a zoo or fetched name, a model directory or a hub id. With --base-url: the endpoint's name for it.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: stages/, requests/ (the cache), sft.jsonl, dpo.jsonl, verifiers.jsonl, prompts.jsonl, report.html.")] = Path("runs/autoif"),
+    n_instructions: Annotated[int, typer.Option("--n-instructions", help="Instructions that get verifier functions: up to half drawn from the seeds, the rest written by the teacher.", min=1)] = 50,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed instructions, one a line \\[default: posttrain's 40 format-only instructions].", exists=True, dir_okay=False)] = None,
+    queries: Annotated[Optional[Path], typer.Option("--queries", help="User queries to pair instructions with: one a line (.txt) or JSON lines with 'query' \\[default: posttrain's everyday queries, training split].", exists=True, dir_okay=False)] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="The model whose responses are verified (the one you will train) \\[default: the teacher].")] = None,
+    functions: Annotated[int, typer.Option("--functions", help="Function-writing replies per instruction (AutoIF's K).", min=1)] = 4,
+    min_functions: Annotated[int, typer.Option("--min-functions", help="Cross-validation needs at least this many distinct compiling functions (AutoIF: 3).", min=1)] = 3,
+    min_cases: Annotated[int, typer.Option("--min-cases", help="... and this many distinct test cases (AutoIF: 10).", min=1)] = 10,
+    min_accuracy: Annotated[float, typer.Option("--min-accuracy", help="A function is kept at this accuracy on the kept cases (AutoIF's code: 0.8).", min=0, max=1)] = 0.8,
+    back_translation: Annotated[bool, typer.Option("--back-translation/--no-back-translation", help="Restate each instruction from its functions and drop it when a restatement contradicts it.")] = True,
+    queries_per_instruction: Annotated[int, typer.Option("--queries-per-instruction", help="Queries paired with each instruction (AutoIF: 16).", min=1)] = 4,
+    responses: Annotated[int, typer.Option("--responses", help="Responses sampled per prompt.", min=1)] = 4,
+    min_pass_rate: Annotated[float, typer.Option("--min-pass-rate", help="SFT keeps responses whose share of passing functions is above this (AutoIF's paper: 0.5).", min=0, max=0.99)] = 0.5,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Have the teacher score kept responses 0-10 and keep those at --quality-min.")] = False,
+    quality_min: Annotated[float, typer.Option("--quality-min", min=0, max=10)] = 8.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Teacher budget per reply.", min=1)] = 384,
+    response_max_new_tokens: Annotated[int, typer.Option("--response-max-new-tokens", help="Student budget per response.", min=1)] = 256,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Sandbox seconds per function call.", min=0.01)] = 5.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (in-process models).", min=1)] = 32,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: where the hardware has native bf16].")] = None,
+    template: TemplateOpt = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+    unsafe_exec: UnsafeOpt = False,
+) -> None:
+    """AutoIF: instructions, verifier functions the teacher writes (cross-validated in the sandbox), verified responses.
+
+    Writes SFT records, DPO pairs, a verifier library and verifiable prompts, and a report of what each
+    stage kept and dropped. Rerunning the same command resumes: finished stages and requests are reused.
+    """
+    from posttrain.generate.client import EndpointError
+    from posttrain.synth.autoif_run import AutoIFConfig, run
+    from posttrain.verify.sandbox import SandboxUnavailable
+
+    cfg = AutoIFConfig(
+        teacher=teacher, student=student, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+        seeds=str(seeds) if seeds else None, queries=str(queries) if queries else None, n_instructions=n_instructions,
+        functions_per_instruction=functions, min_functions=min_functions, min_cases=min_cases, min_accuracy=min_accuracy,
+        back_translation=back_translation, queries_per_instruction=queries_per_instruction, responses_per_query=responses,
+        min_pass_rate=min_pass_rate, quality=quality, quality_min=quality_min, max_new_tokens=max_new_tokens,
+        response_max_new_tokens=response_max_new_tokens, seed=seed, timeout_s=timeout, batch_size=batch_size, bf16=bf16,
+        template=template, unsafe_exec=unsafe_exec, output_dir=str(output),
+    )  # fmt: skip
+    with user_errors():
+        try:
+            result = run(cfg, console=err)
+        except (SandboxUnavailable, EndpointError) as e:
+            fail(str(e))
+    outputs = result["outputs"]
+    out.print(
+        f"wrote {outputs['sft']} SFT records, {outputs['dpo']} DPO pairs, {outputs['verifiers']} verifiers and {outputs['prompts']} "
+        f"verifiable prompts to {escape(result['dir'])} (report: {escape(str(Path(result['dir']) / 'report.html'))})"
+    )
