@@ -17,7 +17,8 @@ synth_app = typer.Typer(help="Synthesize instruction data with a teacher model (
 def autoif(
     teacher: Annotated[str, typer.Option("--teacher", help="The teacher: a zoo or fetched name, a model directory or a hub id. With --base-url: the endpoint's name for it.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: stages/, requests/ (the cache), sft.jsonl, dpo.jsonl, verifiers.jsonl, prompts.jsonl, report.html.")] = Path("runs/autoif"),
-    n_instructions: Annotated[int, typer.Option("--n-instructions", help="Instructions that get verifier functions: up to half drawn from the seeds, the rest written by the teacher.", min=1)] = 50,
+    n_instructions: Annotated[int, typer.Option("--n-instructions", help="Instructions that get verifier functions: --seed-share of them drawn from the seeds, the rest written by the teacher.", min=1)] = 50,
+    seed_share: Annotated[float, typer.Option("--seed-share", help="Share of --n-instructions drawn from the seeds (1: no new instructions).", min=0.01, max=1)] = 0.5,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed instructions, one a line \\[default: posttrain's 40 format-only instructions].", exists=True, dir_okay=False)] = None,
     queries: Annotated[Optional[Path], typer.Option("--queries", help="User queries to pair instructions with: one a line (.txt) or JSON lines with 'query' \\[default: posttrain's everyday queries, training split].", exists=True, dir_okay=False)] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="The model whose responses are verified (the one you will train) \\[default: the teacher].")] = None,
@@ -55,6 +56,7 @@ def autoif(
     cfg = AutoIFConfig(
         teacher=teacher, student=student, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
         seeds=str(seeds) if seeds else None, queries=str(queries) if queries else None, n_instructions=n_instructions,
+        seed_share=seed_share,
         functions_per_instruction=functions, min_functions=min_functions, min_cases=min_cases, min_accuracy=min_accuracy,
         back_translation=back_translation, queries_per_instruction=queries_per_instruction, responses_per_query=responses,
         min_pass_rate=min_pass_rate, quality=quality, quality_min=quality_min, max_new_tokens=max_new_tokens,

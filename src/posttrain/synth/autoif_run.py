@@ -3,7 +3,8 @@
 Stages (Dong et al., 2024; the rules are :mod:`posttrain.synth.autoif`'s):
 
 1. ``seeds``: instructions from a file (default: posttrain's own ``synth/data/autoif_seeds.txt``, 40
-   format-only instructions written for this project); up to half of ``n_instructions`` are used;
+   format-only instructions written for this project); ``seed_share`` of ``n_instructions`` (default
+   half) are drawn from them;
 2. ``augment``: the teacher writes new instructions in the style of the pool until it holds
    ``n_instructions`` (at most four rounds), near-duplicates removed;
 3. ``functions``: ``functions_per_instruction`` replies per instruction, each an ``evaluate`` function
@@ -91,6 +92,7 @@ class AutoIFConfig(BaseModel):
     seeds: str | None = None
     queries: str | None = None
     n_instructions: int = Field(50, ge=1)
+    seed_share: float = Field(0.5, gt=0, le=1, description="Share of n_instructions drawn from the seeds (rounded up); the teacher writes the rest.")
     functions_per_instruction: int = Field(4, ge=1)
     min_functions: int = Field(autoif.MIN_FUNCTIONS, ge=1)
     min_cases: int = Field(autoif.MIN_CASES, ge=1)
@@ -221,7 +223,7 @@ def run(cfg: AutoIFConfig, *, console: Any = None) -> dict[str, Any]:
         verified = stages("verify", lambda step: _verify(cfg, checks, responses, sandbox, step), unit="responses")
         if cfg.quality:
             verified = stages("quality", lambda step: _quality(cfg, verified, teacher_for(cfg.teacher), step), unit="responses")
-        outputs = _write_outputs(cfg, root, checks, prompts, verified, funnel)
+        outputs = write_outputs(cfg, root, checks, prompts, verified, funnel)
     finally:
         sandbox.close()
     title = f"AutoIF: {cfg.teacher} as teacher" + (f", {cfg.student} as student" if cfg.student else "")
@@ -254,7 +256,7 @@ def _seeds(cfg: AutoIFConfig, seeds: list[str], step: Step) -> list[str]:
             step.drop("repeated", text)
         else:
             distinct.append(text)
-    take = min(len(distinct), cfg.n_instructions - cfg.n_instructions // 2)
+    take = min(len(distinct), math.ceil(cfg.n_instructions * cfg.seed_share))
     chosen = set(random.Random(cfg.seed).sample(range(len(distinct)), take))
     kept = []
     for index, text in enumerate(distinct):
@@ -262,7 +264,7 @@ def _seeds(cfg: AutoIFConfig, seeds: list[str], step: Step) -> list[str]:
             step.keep(text)
             kept.append(text)
         else:
-            step.drop("not drawn (up to half of n_instructions are seeds)", text)
+            step.drop(f"not drawn (seeds fill {cfg.seed_share:.0%} of n_instructions)", text)
     return kept
 
 
@@ -459,7 +461,7 @@ def _quality(cfg: AutoIFConfig, verified: list[dict[str, Any]], teacher: Teacher
     return out
 
 
-def _write_outputs(
+def write_outputs(
     cfg: AutoIFConfig, root: Path, checks: list[dict[str, Any]], prompts: list[dict[str, Any]], verified: list[dict[str, Any]], funnel: Funnel
 ) -> dict[str, int]:
     library = [
