@@ -24,7 +24,10 @@ from posttrain.synth.teacher import Teacher
 from posttrain.verify import sandbox as sb
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "autoif_sample_data"
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs ../shared/data/autoif_sample_data beside the repository")
+pytestmark = [
+    pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs ../shared/data/autoif_sample_data beside the repository"),
+    pytest.mark.skipif(all(sb.probe(i) for i in sb.ISOLATIONS), reason="no sandbox works here (bubblewrap or user namespaces)"),
+]
 
 
 def jsonl(name: str) -> list[dict]:

@@ -20,11 +20,15 @@ from posttrain.synth import autoif
 from posttrain.synth.label import pair_by_verifiers
 from posttrain.train.grpo import verifier_reward
 from posttrain.verify import code, get
+from posttrain.verify import sandbox as sb
 from posttrain.verify.sandbox import Sandbox
 from posttrain.verify.scoring import score_response, verifiers_of
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "autoif_sample_data"
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs ../shared/data/autoif_sample_data beside the repository")
+pytestmark = [
+    pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs ../shared/data/autoif_sample_data beside the repository"),
+    pytest.mark.skipif(all(sb.probe(i) for i in sb.ISOLATIONS), reason="no sandbox works here (bubblewrap or user namespaces)"),
+]
 
 RESPONSES = [
     "Classes assesses stresses.",  # 3 words, each with two s: follows

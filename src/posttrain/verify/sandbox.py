@@ -336,7 +336,7 @@ class Sandbox:
     limits: Limits = field(default_factory=Limits)
     isolation: Isolation | None = None
     unsafe_exec: bool = False
-    batch_size: int = 256
+    batch_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.unsafe_exec:

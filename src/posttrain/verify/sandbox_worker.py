@@ -9,17 +9,18 @@ Roles (the untrusted code never runs in this process):
 * **this process** (pid 1 of the sandbox's own pid namespace, so no process inside can kill it; made
   non-dumpable, so none can ptrace it or read its memory or file descriptors through /proc) reads
   requests from stdin, one JSON line each: ``{"source", "entry", "inputs", "timeout"}``, and answers
-  one JSON line: ``{"results": [[ok, result, error], ...]}``;
+  one JSON line: ``{"compile_error": ..., "results": [[ok, result, error], ...]}``;
 * **a child per request** (forked from here, in its own session, stdin/stdout/stderr on /dev/null,
   rlimits on CPU seconds, address space, processes, open files, file size and core dumps) compiles the
-  source once, then calls ``entry(input)`` on each input and writes one JSON line per input to a pipe.
-  Only a result that *is* ``True`` or ``False`` is a verdict; anything else (a lying ``__bool__``, the
+  source once, then calls ``entry(input)`` on each input and writes one short line per input to a pipe
+  (batched; see the child's section). Only a result that *is* ``True`` or ``False`` is a verdict; anything else (a lying ``__bool__``, the
   string ``"true"``) is an error. Every exception, ``SystemExit`` and ``KeyboardInterrupt`` included,
   is an error for that input alone.
 
 This process gives each input ``timeout`` seconds of wall-clock time (the child's CPU rlimit backs it
 up): past it, or when the child dies, or writes anything but the next expected line, the child's
-session is killed, the input gets its error, and a new child takes the rest. After every child, every
+session is killed, the input that was running gets its error, and a new child takes the rest (the
+inputs whose results had not come back yet included). After every child, every
 other process in the namespace is killed (daemons and fork bombs included) and the scratch directory
 emptied, so nothing one check leaves behind meets the next.
 
@@ -31,10 +32,12 @@ and drops every capability for good (bounding set, ambient, effective/permitted,
 
 import ctypes
 import json
+import mmap
 import os
 import resource
 import select
 import signal
+import struct
 import sys
 import time
 
@@ -201,6 +204,15 @@ def _install_seccomp():
 
 # -- the child: untrusted code ------------------------------------------------------------------
 
+# The child writes one line per input, in the order given: b"T" (returned True), b"F" (False) or b"E" and
+# a JSON string (the error); before that one line, b"R" (compiled) or b"C" and a JSON string (why not).
+# Lines are written in batches (every FLUSH_EVERY results or FLUSH_S seconds), so a check costs no
+# system call of its own; which input is running, and since when, the child keeps in a page shared with
+# this process (PROGRESS), so a timeout or a crash is charged to the input that caused it and the
+# inputs whose results were still in the child's buffer are run again.
+FLUSH_EVERY, FLUSH_S = 512, 0.01
+PROGRESS = struct.Struct("<qd")  # the index of the input being checked (-1: compiling), and when it started
+
 
 def _describe(error):
     try:
@@ -212,8 +224,8 @@ def _describe(error):
     return text[:ERROR_CHARS]
 
 
-def _child(source, entry, inputs, start, limits, seccomp):
-    """Compile ``source`` and check ``inputs[start:]``; never returns."""
+def _child(source, entry, inputs, indices, progress, limits, seccomp):
+    """Compile ``source`` and check ``inputs[i]`` for each of ``indices``; never returns."""
     try:
         os.setsid()
         null = os.open("/dev/null", os.O_RDWR)
@@ -224,11 +236,7 @@ def _child(source, entry, inputs, start, limits, seccomp):
             resource.setrlimit(getattr(resource, kind), (value, value))
         if seccomp:
             _install_seccomp()
-        write, dumps, true, false = os.write, json.dumps, True, False
-
-        def send(message):
-            write(RESULT_FD, (dumps(message) + "\n").encode())
-
+        write, dumps, now, pack, true, false = os.write, json.dumps, time.monotonic, PROGRESS.pack_into, True, False
         namespace = {"__name__": "__sandboxed__"}
         try:
             exec(compile(source, "<function>", "exec"), namespace)
@@ -236,19 +244,28 @@ def _child(source, entry, inputs, start, limits, seccomp):
             if not callable(function):
                 raise NameError(f"the code defines no function {entry!r}")
         except BaseException as error:
-            send({"compile_error": _describe(error)})
+            write(RESULT_FD, b"C" + dumps(_describe(error)).encode() + b"\n")
             return
-        send({"ready": True})
-        for index in range(start, len(inputs)):
+        write(RESULT_FD, b"R\n")
+        out, flushed = [], now()
+        for index in indices:
+            started = now()
+            if out and (len(out) >= FLUSH_EVERY or started - flushed >= FLUSH_S):
+                write(RESULT_FD, b"\n".join(out) + b"\n")
+                out, flushed = [], started
+            pack(progress, 0, index, started)
             try:
                 value = function(inputs[index])
-                if value is true or value is false:
-                    item = {"i": index, "result": value}
+                if value is true:
+                    out.append(b"T")
+                elif value is false:
+                    out.append(b"F")
                 else:
-                    item = {"i": index, "error": f"{entry} returned {_describe_type(value)}, not a bool"}
+                    out.append(b"E" + dumps(f"{entry} returned {_describe_type(value)}, not a bool").encode())
             except BaseException as error:
-                item = {"i": index, "error": _describe(error)}
-            send(item)
+                out.append(b"E" + dumps(_describe(error)).encode())
+        if out:
+            write(RESULT_FD, b"\n".join(out) + b"\n")
     finally:
         os._exit(0)
 
@@ -264,26 +281,29 @@ def _describe_type(value):
 
 
 class _Lines:
-    """Lines from a pipe, each within a deadline and under a size cap."""
+    """Lines from a pipe, within deadlines and under a size cap per line."""
 
     def __init__(self, fd, cap):
-        self.fd, self.cap, self.buffer = fd, cap, b""
+        self.fd, self.cap, self.partial, self.ready = fd, cap, b"", []
 
-    def next(self, timeout):
-        """The next line, or ``"timeout"``, ``"eof"`` or ``"too long"``."""
-        deadline = _now() + timeout
-        while b"\n" not in self.buffer:
-            if len(self.buffer) > self.cap:
-                return "too long"
-            left = deadline - _now()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                return "timeout"
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return "eof"
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line if len(line) <= self.cap else "too long"
+    def wait(self, seconds):
+        """Read what has come within ``seconds``: ``"lines"`` (some are ready), ``"quiet"``, ``"eof"`` or ``"too long"``."""
+        if self.ready:
+            return "lines"
+        if not select.select([self.fd], [], [], max(seconds, 0))[0]:
+            return "quiet"
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            return "eof"
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        if len(self.partial) > self.cap or any(len(line) > self.cap for line in lines):
+            return "too long"
+        self.ready.extend(lines)
+        return "lines" if lines else "quiet"
+
+    def take(self):
+        lines, self.ready = self.ready, []
+        return lines
 
 
 def _now():
@@ -358,81 +378,92 @@ def _exit_reason(child):
     return "exited before returning"
 
 
-def handle(request, config, own_namespace):
+def _result(line):
+    """A result line as ``[ok, result, error]``, or None when it is not one."""
+    if line == b"T":
+        return [True, True, None]
+    if line == b"F":
+        return [True, False, None]
+    if line[:1] == b"E":
+        try:
+            error = json.loads(line[1:])
+        except ValueError:
+            return None
+        return [False, None, error[:ERROR_CHARS]] if isinstance(error, str) else None
+    return None
+
+
+def _run_child(request, config, own_namespace, indices, progress, results):
+    """Fork a child for ``indices``; fill ``results``; return (the indices still to run, a compile error or None)."""
     source, entry, inputs, timeout = request["source"], request.get("entry", "evaluate"), request["inputs"], float(request["timeout"])
-    limits = dict(config["rlimits"])
-    results = [None] * len(inputs)
-    start, compile_error = 0, None
-    while start < len(inputs) or (not inputs and compile_error is None and start == 0):
-        limits["RLIMIT_CPU"] = int(timeout * (len(inputs) - start + 1)) + 1
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(read)
-            os.dup2(write, RESULT_FD)
-            _child(source, entry, inputs, start, limits, config.get("seccomp", True))
-        os.close(write)
-        lines, index, expected = _Lines(read, config["line_bytes"]), start, "ready"
-        failure = None
-        while index < len(inputs) or expected == "ready":
-            line = lines.next(timeout)
-            if line == "timeout":
-                failure = f"timed out after {timeout:g} s" if expected != "ready" else f"compiling took over {timeout:g} s"
-            elif line == "too long":
-                failure = f"wrote more than {config['line_bytes']} bytes of output"
-            elif line == "eof":
-                failure = _exit_reason(child)
-            else:
-                message = _parse(line, expected, index)
-                if message is None:
-                    failure = "wrote output that is not a check result"
-                elif expected == "ready":
-                    if "compile_error" in message:
-                        compile_error = message["compile_error"]
-                        break
-                    expected = "result"
-                    continue
-                else:
-                    results[index] = [True, message["result"], None] if "result" in message else [False, None, message["error"]]
-                    index += 1
-                    continue
-            break
+    limits = dict(config["rlimits"], RLIMIT_CPU=int(timeout * (len(indices) + 1)) + 1)
+    PROGRESS.pack_into(progress, 0, -1, _now())
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        os.dup2(write, RESULT_FD)
+        _child(source, entry, inputs, indices, progress, limits, config.get("seccomp", True))
+    os.close(write)
+    lines, done, compiled, failure, culprit = _Lines(read, config["line_bytes"]), 0, False, None, None
+    try:
+        while done < len(indices) or not compiled:
+            running, started = PROGRESS.unpack_from(progress, 0)
+            state = lines.wait(started + timeout - _now())
+            if state == "quiet":
+                running_now, started_now = PROGRESS.unpack_from(progress, 0)
+                if (running_now, started_now) == (running, started) and _now() >= started + timeout:
+                    failure = f"timed out after {timeout:g} s" if compiled else f"compiling took over {timeout:g} s"
+                    culprit = running if compiled else None
+                    break
+                continue
+            if state in ("eof", "too long"):
+                failure = _exit_reason(child) if state == "eof" else f"wrote more than {config['line_bytes']} bytes of output"
+                culprit = PROGRESS.unpack_from(progress, 0)[0] if compiled else None
+                break
+            for line in lines.take():
+                if not compiled:
+                    if line == b"R":
+                        compiled = True
+                        continue
+                    try:
+                        error = json.loads(line[1:]) if line[:1] == b"C" else None
+                    except ValueError:
+                        error = None
+                    return [], (error[:ERROR_CHARS] if isinstance(error, str) else "wrote output that is not a check result")
+                result = _result(line) if done < len(indices) else None
+                if result is None:
+                    failure, culprit = "wrote output that is not a check result", indices[min(done, len(indices) - 1)]
+                    break
+                results[indices[done]] = result
+                done += 1
+            if failure:
+                break
+    finally:
         os.close(read)
         _clean_up(child, own_namespace)
-        if compile_error is not None:
-            break
-        if failure is not None:
-            if expected == "ready":
-                compile_error = failure
-                break
-            results[index] = [False, None, failure]
-            index += 1
-        start = index
-        if not inputs:
+    if failure is None:
+        return [], None
+    if not compiled:
+        return [], failure
+    if culprit not in indices[done:]:  # a forged progress page: charge the next input without a result
+        culprit = indices[done] if done < len(indices) else None
+    if culprit is not None:
+        results[culprit] = [False, None, failure]
+    return [i for i in indices[done:] if i != culprit], None
+
+
+def handle(request, config, own_namespace, progress):
+    inputs = request["inputs"]
+    results = [None] * len(inputs)
+    pending, compile_error = list(range(len(inputs))), None
+    while True:
+        pending, compile_error = _run_child(request, config, own_namespace, pending, progress, results)
+        if compile_error is not None or not pending:
             break
     if compile_error is not None:
         results = [[False, None, "compile: " + compile_error] if r is None else r for r in results]
     return {"compile_error": compile_error, "results": results}
-
-
-def _parse(line, expected, index):
-    try:
-        message = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(message, dict):
-        return None
-    if expected == "ready":
-        if message == {"ready": True} or (set(message) == {"compile_error"} and isinstance(message["compile_error"], str)):
-            return message
-        return None
-    if message.get("i") != index or type(message.get("i")) is not int:
-        return None
-    if set(message) == {"i", "result"} and type(message["result"]) is bool:
-        return message
-    if set(message) == {"i", "error"} and isinstance(message["error"], str):
-        return {"error": message["error"][:ERROR_CHARS]}
-    return None
 
 
 def main():
@@ -442,10 +473,11 @@ def main():
     _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
     own_namespace = os.getpid() == 1  # only then may every other process be killed: they are all the checks'
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    progress = mmap.mmap(-1, PROGRESS.size)  # anonymous and shared: the children write it, this process reads it
     stdout.write(b'{"ready": true}\n')
     stdout.flush()
     for line in stdin:
-        reply = handle(json.loads(line), config, own_namespace)
+        reply = handle(json.loads(line), config, own_namespace, progress)
         stdout.write(json.dumps(reply).encode() + b"\n")
         stdout.flush()
         _reap(block=False)
