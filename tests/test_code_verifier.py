@@ -165,3 +165,37 @@ def test_sandbox_check_from_the_command_line(tmp_path):
     responses.write_text('{"response": 1}\n')
     bad = subprocess.run(cli("sandbox", "check", str(function), "--responses", str(responses)), env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "r.jsonl:1: field 'response'" in bad.stderr
+
+
+NO_COMMA = [
+    "def evaluate(response):\n    return ',' not in response\n",
+    "def evaluate(response):\n    return response.count(',') == 0\n",
+    "def evaluate(response):\n    return all(ch != ',' for ch in response)\n",
+]
+
+
+def test_the_pipeline_samples_and_scores_with_code_verifiers(tmp_path):
+    """`posttrain run` with prompt files naming a code verifier (prompts.verifiers): every stage runs, verdicts as alone."""
+    from posttrain.demo import pipeline
+
+    instruction = "Do not use any commas in your answer"
+    check = code.CodeCheck(id=code.check_id(instruction, NO_COMMA), instruction=instruction, functions=NO_COMMA)
+    library = tmp_path / "verifiers.jsonl"
+    code.write_library(library, [check])
+    questions = ["What color is the sky?", "Name a fruit.", "Describe a cat.", "Say hello.", "Count to three.", "Tell a joke."]
+    files = {}
+    for split, part in (("train", questions[:3]), ("heldout", questions[3:])):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"key": i, "prompt": f"{q} {instruction}.", "instruction_id_list": [check.id], "kwargs": [{}]}) + "\n" for i, q in enumerate(part)))
+    base = pipeline.demo_config(quick=True)
+    base["prompts"] = {"train": str(files["train"]), "heldout": str(files["heldout"]), "n_train": 3, "n_heldout": 3, "n_ifeval": 0, "verifiers": [str(library)]}
+    base["output_dir"] = str(tmp_path / "run")
+    with torch_threads(1):
+        summary = pipeline.run(pipeline.load_pipeline(None, base=base))
+    assert summary["stage_seconds"]
+    verifier = get(check.id)
+    for stage in ("eval-start", "eval-dpo"):
+        items = [json.loads(line) for line in (tmp_path / "run" / stage / "heldout.jsonl").read_text().splitlines()]
+        assert [i["strict"] for i in items] == [[verifier.check(i["response"]).passed and bool(i["response"].strip())] for i in items]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "sample" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["kept"] <= ("," not in s["response"]) for s in samples)
