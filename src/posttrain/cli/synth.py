@@ -22,7 +22,7 @@ def autoif(
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed instructions, one a line \\[default: posttrain's 40 format-only instructions].", exists=True, dir_okay=False)] = None,
     queries: Annotated[Optional[Path], typer.Option("--queries", help="User queries to pair instructions with: one a line (.txt) or JSON lines with 'query' \\[default: posttrain's everyday queries, training split].", exists=True, dir_okay=False)] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="The model whose responses are verified (the one you will train) \\[default: the teacher].")] = None,
-    functions: Annotated[int, typer.Option("--functions", help="Function-writing replies per instruction (AutoIF's K).", min=1)] = 4,
+    functions: Annotated[int, typer.Option("--functions", help="Function-writing replies per instruction (AutoIF samples 8; each reply gives a function and 3 cases, and cross-validation needs 10 distinct cases).", min=1)] = 8,
     min_functions: Annotated[int, typer.Option("--min-functions", help="Cross-validation needs at least this many distinct compiling functions (AutoIF: 3).", min=1)] = 3,
     min_cases: Annotated[int, typer.Option("--min-cases", help="... and this many distinct test cases (AutoIF: 10).", min=1)] = 10,
     min_accuracy: Annotated[float, typer.Option("--min-accuracy", help="A function is kept at this accuracy on the kept cases (AutoIF's code: 0.8).", min=0, max=1)] = 0.8,

@@ -6,8 +6,9 @@ What a teacher writes goes through these, in this order (``posttrain synth autoi
 1. :func:`parse_instructions`: new instructions out of an augmentation reply, near-duplicates of the pool
    dropped (:func:`near_duplicate`: word-set Jaccard similarity ≥ ``0.6``, or equal after normalising);
 2. :func:`parse_function_reply`: ``{"func": ..., "cases": [{"input", "output"}]}`` out of a reply (a
-   fenced ``json`` block, or the first JSON object; a fenced ``python`` block with ``def evaluate`` as a
-   function without cases); outputs ``true``/``false`` as booleans or those words;
+   fenced ``json`` block, or the first JSON object, or the same written as a Python dict literal, read
+   by :func:`ast.literal_eval`; a fenced ``python`` block with ``def evaluate`` as a function without
+   cases); outputs ``true``/``false`` as booleans or those words;
 3. :func:`cross_validate`: at least ``min_functions`` distinct functions that compile and ``min_cases``
    distinct cases; keep a case when some function agrees with its label; keep a function whose accuracy
    on the kept cases is at least ``min_accuracy``; the instruction is dropped when none is kept. These
@@ -30,6 +31,7 @@ Own code: these are AutoIF's rules, small and exact, and no library implements t
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import random
@@ -127,6 +129,37 @@ def _json_objects(text: str) -> list[Any]:
     return found
 
 
+def _python_dicts(text: str) -> list[Any]:
+    """Dict literals written as Python (``True``, single quotes), read with :func:`ast.literal_eval` (which evaluates nothing)."""
+    found, i = [], 0
+    while (i := text.find("{", i)) != -1:
+        depth, quote, j = 0, None, i
+        while j < len(text):
+            ch = text[j]
+            if quote:
+                if ch == "\\":
+                    j += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        try:
+            value = ast.literal_eval(text[i : j + 1])
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            i += 1
+            continue
+        found.append(value)
+        i = j + 1
+    return found
+
+
 def _label(value: Any) -> bool | None:
     if isinstance(value, bool):
         return value
@@ -139,7 +172,8 @@ def parse_function_reply(reply: str) -> FunctionReply:
     """The ``evaluate`` function and test cases of one reply (see the module docstring for what is accepted)."""
     fences = _FENCE.findall(reply)
     candidates = [body for lang, body in fences if lang.lower() == "json"] + [reply]
-    obj = next((o for text in candidates for o in _json_objects(text) if isinstance(o, dict) and isinstance(o.get("func"), str)), None)
+    objects = (o for text in candidates for find in (_json_objects, _python_dicts) for o in find(text))
+    obj = next((o for o in objects if isinstance(o, dict) and isinstance(o.get("func"), str)), None)
     if obj is None:
         code = next((body for lang, body in fences if lang.lower() in ("python", "py", "") and "def evaluate" in body), None)
         if code is None:

@@ -93,7 +93,7 @@ class AutoIFConfig(BaseModel):
     queries: str | None = None
     n_instructions: int = Field(50, ge=1)
     seed_share: float = Field(0.5, gt=0, le=1, description="Share of n_instructions drawn from the seeds (rounded up); the teacher writes the rest.")
-    functions_per_instruction: int = Field(4, ge=1)
+    functions_per_instruction: int = Field(8, ge=1)
     min_functions: int = Field(autoif.MIN_FUNCTIONS, ge=1)
     min_cases: int = Field(autoif.MIN_CASES, ge=1)
     min_accuracy: float = Field(autoif.MIN_ACCURACY, ge=0, le=1)
