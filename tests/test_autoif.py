@@ -48,27 +48,30 @@ def _one_thread():
 
 # -- parsing and cross-validation of the 72B teacher's functions --------------------------------
 
-# Per instruction of eval_func_rft.jsonl (8 replies each): replies with a parsable JSON object holding a
-# "func" string; distinct functions; distinct (input, output) cases. Read off the file:
-# - instruction 2: two replies are not JSON: one has "\'" in a string (an invalid escape, char 333), one
-#   a bare "..." where a value should be (line 7);
-# - instruction 4: one reply has the same bare "..." (line 7);
-# - instruction 1: 24 cases, one (input, output) twice; instruction 4: 21 cases, 4 repeated;
+# Per instruction of eval_func_rft.jsonl (8 replies each): replies with an object holding a "func" string;
+# distinct functions; distinct (input, output) cases; functions that do not compile. Read off the file:
+# - three replies are not JSON but Python literals, read as such: two of instruction 2 (one has "\\'" in a
+#   string, an invalid JSON escape at char 333; one writes `"output": True`) and one of instruction 4
+# (`True` again); read as Python, the first one's function holds an unterminated triple-quoted string;
+# - instruction 1: 24 cases, one (input, output) twice; instruction 4: 24 cases, 6 repeated;
 # - instruction 5: replies 0 and 5 define the same code (is_prime, then evaluate), so 7 distinct functions.
-PARSED = [(8, 8, 23), (6, 6, 18), (8, 8, 24), (7, 7, 17), (8, 7, 24)]
+PARSED = [(8, 8, 23, 0), (8, 8, 24, 1), (8, 8, 24, 0), (8, 8, 18, 0), (8, 7, 24, 0)]
 
 
 def replies_of(row: dict) -> list[autoif.FunctionReply]:
     return [autoif.parse_function_reply(answer) for answer in row["gpt-answer"]]
 
 
-def test_the_72b_teachers_replies_parse_as_read_off_the_file():
-    for row, (parsed, functions, cases) in zip(jsonl("eval_func_rft.jsonl"), PARSED):
+def test_the_72b_teachers_replies_parse_as_read_off_the_file(box):
+    for row, (parsed, functions, cases, broken) in zip(jsonl("eval_func_rft.jsonl"), PARSED):
         replies = replies_of(row)
         assert sum(r.function is not None for r in replies) == parsed
-        assert len({r.function for r in replies if r.function}) == functions
+        distinct = list(dict.fromkeys(r.function for r in replies if r.function))
+        assert len(distinct) == functions
         assert len({c for r in replies for c in r.cases}) == cases
         assert all(r.bad_cases == 0 for r in replies)  # every case has a string input and a true/false output
+        errors = [e for e in box.compile_errors(distinct) if e is not None]
+        assert len(errors) == broken and all(e.startswith("SyntaxError: unterminated triple-quoted") for e in errors)
 
 
 def test_cross_validation_of_the_72b_teachers_functions(box):
@@ -92,18 +95,18 @@ def test_cross_validation_of_the_72b_teachers_functions(box):
     rows = jsonl("eval_func_rft.jsonl")
     expected = [  # (kept cases, indices of kept functions among the distinct ones, their accuracies)
         (19, [2, 5], [16 / 19, 16 / 19]),
-        (14, [0, 3, 5], [1.0, 1.0, 1.0]),
+        (20, [0, 4, 5, 7], [19 / 20] * 4),
         (24, [], []),
-        (13, [0, 2, 4, 5, 6], [1.0, 1.0, 1.0, 11 / 13, 1.0]),
+        (14, [0, 1, 3, 5, 6, 7], [1.0, 1.0, 1.0, 1.0, 12 / 14, 1.0]),
         (15, [0, 1, 2, 3, 4, 5, 6], [1.0] * 7),
     ]
     for row, (kept_cases, kept, accuracies) in zip(rows, expected):
         replies = replies_of(row)
-        functions = list(dict.fromkeys(r.function for r in replies if r.function))
-        assert box.compile_errors(functions) == [None] * len(functions)
+        distinct = list(dict.fromkeys(r.function for r in replies if r.function))
+        functions = [f for f, e in zip(distinct, box.compile_errors(distinct)) if e is None]
         cv = autoif.cross_validate(row["instruction"], functions, [c for r in replies for c in r.cases], box)
         assert len(cv.kept_cases) == kept_cases
-        assert [functions.index(f) for f, _ in cv.kept] == kept
+        assert [distinct.index(f) for f, _ in cv.kept] == kept
         assert [a for _, a in cv.kept] == pytest.approx(accuracies)
         assert (cv.dropped is None) == bool(kept)
     cv = autoif.cross_validate("x", ["def evaluate(r):\n    return True\n"] * 2, [("a", True)] * 12, box)
@@ -215,7 +218,7 @@ def counts(result: dict) -> dict[str, tuple[int, int]]:
 def check_run(result: dict, run_dir: Path) -> None:
     c = counts(result)
     assert c["seeds"] == (5, 5) and c["augment"] == (5, 5)  # all five seeds fill the pool: nothing to write
-    assert c["functions"] == (40, 37) and c["compile"] == (37, 36)  # PARSED above: 37 replies parse, 36 distinct functions
+    assert c["functions"] == (40, 40) and c["compile"] == (40, 38)  # PARSED above: one repeated function, one SyntaxError
     assert c["cross-validate"] == (5, 4)  # instruction 3 dropped (above)
     for stage in result["funnel"]:  # nothing dropped without a counted reason
         assert stage["count_in"] - stage["count_out"] == sum(stage["dropped"].values()), stage["stage"]
