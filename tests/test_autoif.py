@@ -175,6 +175,7 @@ def test_function_replies_in_other_shapes():
     reply = autoif.parse_function_reply(escaped)
     assert reply.function == "def evaluate(response):\n    return True\n" and reply.cases == (("a", True),) and reply.bad_cases == 2
     assert autoif.parse_function_reply("no code here").problem is not None
+    assert autoif.parse_function_reply('{{"func": "x"}} [[[' + "{" * 5000).function == "x\n"  # a set of dicts around one; deep nesting
 
 
 def test_compose_score_and_contradiction():

@@ -121,7 +121,7 @@ def _json_objects(text: str) -> list[Any]:
     while (i := text.find("{", i)) != -1:
         try:
             value, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             i += 1
             continue
         found.append(value)
@@ -152,7 +152,7 @@ def _python_dicts(text: str) -> list[Any]:
             j += 1
         try:
             value = ast.literal_eval(text[i : j + 1])
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # e.g. {{"a": 1}}: a set of dicts
             i += 1
             continue
         found.append(value)
