@@ -350,8 +350,12 @@ def _cross_validate(cfg: AutoIFConfig, compiled: list[dict[str, Any]], sandbox: 
             min_functions=cfg.min_functions, min_cases=cfg.min_cases, min_accuracy=cfg.min_accuracy,
         )  # fmt: skip
         if cv.dropped is not None:
-            few = len(cv.functions) < cfg.min_functions or len(cv.cases) < cfg.min_cases
-            reason = f"fewer than {cfg.min_functions} functions or {cfg.min_cases} cases" if few else f"no function reaches accuracy {cfg.min_accuracy:g}"
+            if len(cv.functions) < cfg.min_functions:
+                reason = f"fewer than {cfg.min_functions} distinct compiling functions"
+            elif len(cv.cases) < cfg.min_cases:
+                reason = f"fewer than {cfg.min_cases} distinct test cases"
+            else:
+                reason = f"no function reaches accuracy {cfg.min_accuracy:g}"
             step.drop(reason, f"{item['instruction']}: {cv.dropped}")
             continue
         step.keep(item["instruction"])
