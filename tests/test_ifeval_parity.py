@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.eval.lm_eval import offline_nltk_data
-from posttrain.verify import aggregate, all_ids, read_prompt_records, read_responses, score_response, score_responses, text, verifiers_of
+from posttrain.verify.ifeval import IFEVAL_VERIFIERS
+from posttrain.verify import aggregate, read_prompt_records, read_responses, score_response, score_responses, text, verifiers_of
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 INPUTS = DATA / "ifeval_input_data.jsonl"
@@ -212,4 +213,4 @@ def test_sentences_and_word_tokens_match_nltk(reference, gpt4_responses):
 
 
 def test_data_uses_every_ifeval_type(records):
-    assert {inst for record in records for inst in record.instruction_id_list} == set(all_ids())
+    assert {inst for record in records for inst in record.instruction_id_list} == {cls.id for cls in IFEVAL_VERIFIERS}

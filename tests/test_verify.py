@@ -21,6 +21,8 @@ from posttrain.verify import (
 )
 from posttrain.verify.ifeval import IFEVAL_VERIFIERS, LANGUAGES
 
+IFEVAL_IDS = sorted(cls.id for cls in IFEVAL_VERIFIERS)
+
 ENGLISH = "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence."
 GERMAN = "Der schnelle braune Fuchs springt über den faulen Hund, während der Bauer vom alten Holzzaun aus zusieht."
 FRENCH = "Le renard brun saute par-dessus le chien paresseux pendant que le fermier regarde depuis la vieille clôture."
@@ -247,8 +249,8 @@ def test_pass_and_fail_with_reason(verifier_id, kwargs, good, bad, reason):
 
 
 def test_every_ifeval_type_has_cases():
-    assert {case[0] for case in CASES} == set(all_ids())
-    assert len(all_ids()) == 25
+    assert {case[0] for case in CASES} == set(IFEVAL_IDS)
+    assert len(IFEVAL_IDS) == 25
 
 
 def test_unclassifiable_language_counts_as_followed():
@@ -318,7 +320,7 @@ def test_regex_kwargs_keep_ifeval_semantics_and_survive_invalid_patterns():
 
 def test_registry_lookup_and_errors():
     assert verifier_class("punctuation:no_comma").id == "punctuation:no_comma"
-    assert all_ids() == sorted(cls.id for cls in IFEVAL_VERIFIERS)
+    assert set(IFEVAL_IDS) <= set(all_ids())  # code verifiers (verify.code) may be registered beside them
     with pytest.raises(UnknownVerifierError, match=r"did you mean 'punctuation:no_comma'"):
         get("punctuation:no_commas")
     with pytest.raises(KeyError, match="known ids"):
@@ -340,7 +342,7 @@ def test_registering_a_taken_id_is_refused():
 # -- random instruction building -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verifier_id", all_ids())
+@pytest.mark.parametrize("verifier_id", IFEVAL_IDS)
 def test_build_is_seeded_and_its_kwargs_validate(verifier_id):
     cls = verifier_class(verifier_id)
     prompt = "Write a haiku about the sea."

@@ -130,21 +130,23 @@ def verdict(results: Sequence[Any]) -> Verdict:
 
 def verifier_for(spec: CodeCheck) -> type[CodeVerifier]:
     """A :class:`CodeVerifier` subclass for ``spec``, registered under ``spec.id`` (the same class again for the same spec)."""
+    clash = _clash(spec)
+    if clash:
+        raise ValueError(clash)
     try:
-        existing = verifier_class(spec.id)
+        return verifier_class(spec.id)  # type: ignore[return-value]  # the same check, registered before
     except KeyError:
-        existing = None
-    if existing is not None:
-        if not (issubclass(existing, CodeVerifier) and existing.spec.instruction == spec.instruction and existing.spec.functions == spec.functions):
-            raise ValueError(f"verifier id {spec.id} is already registered for another check")
-        return existing
+        pass
     cls = type(f"CodeVerifier_{spec.id[5:]}", (CodeVerifier,), {"id": spec.id, "spec": spec, "_memo": {}})
     register(cls)
     return cls
 
 
 def load_library(path: str | Path) -> list[CodeCheck]:
-    """Read a verifier library and register every check in it; every bad line is reported at once, with its number."""
+    """Read a verifier library and register every check in it; every bad line is reported at once, with its number.
+
+    Nothing is registered unless the whole file is good.
+    """
     checks, problems = [], []
     for item in read_jsonl(Path(path)):
         if item.problem is not None:
@@ -152,19 +154,30 @@ def load_library(path: str | Path) -> list[CodeCheck]:
             continue
         try:
             spec = CodeCheck.model_validate(item.value)
-            verifier_for(spec)
         except ValidationError as error:
             for e in error.errors():
                 field = ".".join(str(p) for p in e["loc"]) or "(line)"
                 problems.append(f"{item.location}: field '{field}': {e['msg']}")
             continue
-        except ValueError as error:
-            problems.append(f"{item.location}: {error}")
+        clash = _clash(spec)
+        if clash:
+            problems.append(f"{item.location}: {clash}")
             continue
         checks.append(spec)
     if problems:
         raise ValueError(f"{len(problems)} problems in verifier library {path}:\n" + "\n".join(problems[:20]))
+    for spec in checks:
+        verifier_for(spec)
     return checks
+
+
+def _clash(spec: CodeCheck) -> str | None:
+    try:
+        existing = verifier_class(spec.id)
+    except KeyError:
+        return None
+    same = issubclass(existing, CodeVerifier) and existing.spec.instruction == spec.instruction and existing.spec.functions == spec.functions
+    return None if same else f"verifier id {spec.id} is already registered for another check"
 
 
 def load_libraries(paths: Sequence[str | Path]) -> list[CodeCheck]:
