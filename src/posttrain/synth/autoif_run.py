@@ -195,7 +195,6 @@ def run(cfg: AutoIFConfig, *, console: Any = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    rng_seed = cfg.seed
     seeds, query_pool = read_seeds(cfg.seeds), read_queries(cfg.queries)  # bad files fail before any model loads
     if not query_pool:
         raise ValueError(f"no queries in {cfg.queries}")

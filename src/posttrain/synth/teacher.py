@@ -68,7 +68,7 @@ class Teacher:
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=self.bf16)
         for start in range(0, len(missing), self.chunk):
             batch = missing[start : start + self.chunk]
-            outputs = self.engine.generate([by_key[k] for k in batch], params, progress=len(missing) > self.chunk or start == 0)
+            outputs = self.engine.generate([by_key[k] for k in batch], params, progress=True)
             for key, completions in zip(batch, outputs):
                 entry = {"key": key, "replies": [c.text for c in completions], "truncated": [c.finish_reason == "length" for c in completions]}
                 self.cache.append(self.name, entry)
