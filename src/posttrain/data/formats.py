@@ -483,13 +483,29 @@ def iter_records(
     if any record was bad (so one run shows them all). ``"skip"`` yields only good records and
     collects the bad ones in ``report.rejected``.
     """
+    for _, record in iter_read(source, format=format, on_error=on_error, split=split, subset=subset, revision=revision, report=report):
+        yield record
+
+
+def iter_read(
+    source: str | Path,
+    *,
+    format: str | None = None,
+    on_error: str = "stop",
+    split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[tuple[RawItem, Record]]:
+    """:func:`iter_records`, each record with the raw item it came from (its location and the value as read),
+    for steps that report lines or write the kept records back out as they were (dedup, decontamination)."""
     if format is not None and format not in CONVERTERS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', not {on_error!r}")
     report = report if report is not None else ReadReport(str(source))
     report.format = format
-    good: list[Record] = []
+    good: list[tuple[RawItem, Record]] = []
     for item in read_raw(source, split=split, subset=subset, revision=revision):
         report.read += 1
         problems: list[Problem]
@@ -513,9 +529,9 @@ def iter_records(
             else:
                 report.kept += 1
                 if on_error == "stop":
-                    good.append(record)  # held back until we know the whole source is clean
+                    good.append((item, record))  # held back until we know the whole source is clean
                 else:
-                    yield record
+                    yield item, record
                 continue
         report.rejected.append((item, problems))
     if on_error == "stop":
