@@ -68,6 +68,12 @@ class DataConfig(Strict):
     eval_path: str | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out share of the training data for eval loss, when no eval_path.")
     packing: bool = Field(True, description="Padding-free packing (rows of pack_length). False: padded batches grouped by length.")
+    decontaminate_against: list[str] = Field(
+        default_factory=list,
+        description="Eval files (IFEval, MT-Bench, AlpacaEval or any format posttrain reads): training records sharing a word n-gram "
+        "or a whole normalised prompt with one of their items are removed when the data is prepared, and counted in data_stats.json.",
+    )
+    decontaminate_n: int = Field(8, ge=1, description="n of decontaminate_against's word n-grams (13 as GPT-3 and lm-evaluation-harness).")
 
     @model_validator(mode="after")
     def _rows_hold_an_example(self) -> DataConfig:
@@ -433,14 +439,16 @@ def check_resources(raw: dict[str, Any]) -> list[str]:
     """
     problems = []
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    for key in ("path", "eval_path"):
-        value = data.get(key)
+    against = data.get("decontaminate_against")
+    named = [("path", data.get("path")), ("eval_path", data.get("eval_path"))]
+    named += [(f"decontaminate_against[{i}]", v) for i, v in enumerate(against)] if isinstance(against, list) else []
+    for key, value in named:
         if not isinstance(value, str) or Path(value).exists():
             continue
         if not hub.is_hub_id(value):
             problems.append(f"data.{key}: no such file or directory: {value}")
         elif hub.offline():
-            problem = hub.unavailable(value, repo_type="dataset", revision=data.get("revision"))
+            problem = hub.unavailable(value, repo_type="dataset", revision=None if key.startswith("decontaminate") else data.get("revision"))
             if problem:
                 problems.append(f"data.{key}: {problem}")
     grpo = raw.get("grpo") if isinstance(raw.get("grpo"), dict) else {}

@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from pathlib import Path
@@ -37,7 +37,8 @@ import numpy as np
 from posttrain import hub
 from posttrain.cache_root import cache_dir
 from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
-from posttrain.data.formats import ReadReport, read_records
+from posttrain.data.decontaminate import EvalIndex, decontaminate
+from posttrain.data.formats import ReadReport, iter_read, read_records
 
 TRANSFORM_VERSION = 3
 CHUNK = 1024
@@ -194,7 +195,10 @@ def cache_key(
     split: str | None = None,
     subset: str | None = None,
     revision: str | None = None,
+    decontaminate: str | None = None,
 ) -> str:
+    """The entry's key. ``decontaminate`` is the key of the eval items the records were checked against
+    (:meth:`posttrain.data.decontaminate.EvalIndex.key`: their texts, n and the check's version), when they were."""
     parts = {
         "data": hash_source(source, subset=subset, split=split, revision=revision),
         "tokenizer": hash_tokenizer(tokenizer),
@@ -207,6 +211,8 @@ def cache_key(
         "revision": revision,
         "version": TRANSFORM_VERSION,
     }
+    if decontaminate is not None:  # only then: keys made without it stay what they were
+        parts["decontaminate"] = decontaminate
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -318,6 +324,8 @@ def prepare(
     progress: Callable[[int, int], None] | None = None,
     report: ReadReport | None = None,
     group: Group | None = None,
+    decontaminate_against: Sequence[str | Path] = (),
+    decontaminate_n: int = 8,
 ) -> TokenizedData:
     """Read, validate, render and tokenize ``source`` for training, through the content-hashed cache.
 
@@ -332,10 +340,21 @@ def prepare(
     the main process joins the shares, in order, into the entry, which everyone then reads. The result is
     the same entry one process would have made. Whether the entry already exists is the main process's
     decision, which all follow, so no process waits at a barrier the others skip.
+
+    ``decontaminate_against`` (eval files): records sharing a word ``decontaminate_n``-gram or a whole normalised
+    prompt with their items are removed before tokenizing (:mod:`posttrain.data.decontaminate`), counted in the
+    entry's ``read["decontaminated"]``; the eval items' texts are part of the key, so a changed eval file makes a
+    new entry. The eval files are read (they are small) even when the entry exists, to know its key.
     """
     renderer = ChatRenderer(tokenizer, options)
     root = Path(cache) if cache is not None else cache_dir() / "tokenized"
-    key = cache_key(source, tokenizer, renderer, format=format, on_error=on_error, split=split, subset=subset, revision=revision)
+    index = None
+    if decontaminate_against:
+        index = EvalIndex.from_files(decontaminate_against, decontaminate_n)
+    key = cache_key(
+        source, tokenizer, renderer, format=format, on_error=on_error, split=split, subset=subset, revision=revision,
+        decontaminate=index.key() if index is not None else None,
+    )  # fmt: skip
     path = root / key
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     cached = (path / "stats.json").exists()
@@ -344,13 +363,23 @@ def prepare(
     if cached:
         return _load_shared(path, rank)
     report = report if report is not None else ReadReport(str(source))
-    records = read_records(source, format=format, on_error=on_error, split=split, subset=subset, revision=revision, report=report)
+    where = {"format": format, "on_error": on_error, "split": split, "subset": subset, "revision": revision, "report": report}
+    decontaminated = None
+    if index is not None:
+        located = [(raw.location, record) for raw, record in iter_read(source, **where)]
+        decontaminated = decontaminate(located, index)
+        records = [located[i][1] for i in decontaminated.kept]
+        del located
+    else:
+        records = read_records(source, **where)
     total = len(records)
     mine = records[rank * total // world : (rank + 1) * total // world]
     chunks = tokenize_chunks(
         mine, renderer, num_proc=num_proc if world == 1 else 1, progress=(lambda n: progress(n, total)) if progress and rank == 0 else None
     )
     read = {"format": report.format, "read": report.read, "kept": report.kept, "rejected": len(report.rejected)}
+    if decontaminated is not None:
+        read["decontaminated"] = decontaminated.summary()
     if world > 1:
         read["tokenized_by_process"] = [(r + 1) * total // world - r * total // world for r in range(world)]  # records each tokenized
     stats = RenderStats()

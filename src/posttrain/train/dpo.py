@@ -186,7 +186,7 @@ def train(config: DPOConfig) -> DPOResult:
         "split": cfg.data.split, "subset": cfg.data.subset, "revision": cfg.data.revision,
         "group": rt if rt.group else None,
     }  # fmt: skip
-    data = prepare(cfg.data.path, tokenizer, options, **prep)
+    data = prepare(cfg.data.path, tokenizer, options, **prep, decontaminate_against=cfg.data.decontaminate_against, decontaminate_n=cfg.data.decontaminate_n)
     n_pairs = len(data) // 2
     if cfg.data.eval_path:
         eval_data = prepare(cfg.data.eval_path, tokenizer, options, **prep)

@@ -34,7 +34,8 @@ import torch
 
 from posttrain.config import ModelConfig, RewardConfig
 from posttrain.data.chat import IGNORE, ChatRenderer, RenderOptions, RenderStats
-from posttrain.data.formats import ReadReport, read_records
+from posttrain.data.decontaminate import decontaminate_items
+from posttrain.data.formats import ReadReport, iter_read, read_records
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of, write_jsonl
@@ -160,7 +161,9 @@ def train(config: RewardConfig) -> RunResult:
     )
     renderer = ChatRenderer(tokenizer, options)
     report = ReadReport(cfg.data.path)
-    records = read_records(cfg.data.path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, report=report)
+    items = list(iter_read(cfg.data.path, format="preference", on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, report=report))
+    decontaminated = decontaminate_items(items, cfg.data.decontaminate_against, cfg.data.decontaminate_n) if cfg.data.decontaminate_against else None
+    records = [items[i][1] for i in decontaminated.kept] if decontaminated is not None else [record for _, record in items]
     pairs, stats = render_pairs(renderer, records)
     if cfg.data.eval_path:
         eval_pairs, _ = render_pairs(
@@ -256,6 +259,7 @@ def train(config: RewardConfig) -> RunResult:
                     "train_pairs": len(train_idx),
                     "eval_pairs": len(eval_pairs),
                     "steps_per_epoch": steps_per_epoch,
+                    **({"decontaminated": decontaminated.summary()} if decontaminated is not None else {}),
                 },
                 indent=1,
             )

@@ -84,7 +84,7 @@ def train(config: SFTConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg.model)
     options = RenderOptions(train_on=cfg.data.train_on, max_length=cfg.data.max_length, overlong=cfg.data.overlong, template=cfg.data.template)
     prep = dict(format=cfg.data.format, on_error=cfg.data.on_error, split=cfg.data.split, subset=cfg.data.subset, revision=cfg.data.revision, group=rt if rt.group else None)
-    data = prepare(cfg.data.path, tokenizer, options, **prep)
+    data = prepare(cfg.data.path, tokenizer, options, **prep, decontaminate_against=cfg.data.decontaminate_against, decontaminate_n=cfg.data.decontaminate_n)
     if cfg.data.eval_path:
         train_idx, eval_data = list(range(len(data))), prepare(cfg.data.eval_path, tokenizer, options, **prep)
         eval_idx = list(range(len(eval_data)))
