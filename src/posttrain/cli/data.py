@@ -243,3 +243,116 @@ def render(
             ex = data[i]
             f.write(json.dumps({"input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist()}) + "\n")
     err.print(_stats_table(data, f"{escape(file)} → {escape(str(output))}"))
+
+
+def _read_items(file: str, format: Format | None, on_error: OnError, rejects: Path | None, split: str | None, subset: str | None, revision: str | None):
+    """Every good record of FILE with the raw item it came from (its place, and its value as read, for the cleaned output)."""
+    from posttrain.data.formats import ReadReport, iter_read
+
+    report = ReadReport(file)
+    items = list(iter_read(file, format=format.value if format else None, on_error=on_error.value, split=split, subset=subset, revision=revision, report=report))
+    _report_rejects(report, rejects)
+    return items, report
+
+
+class DedupField(str, Enum):
+    prompt = "prompt"
+    response = "response"
+
+
+@data_app.command()
+def dedup(
+    file: FileArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the kept records here, each as it was read, one JSON object a line.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write one JSON line per cluster: size, the kept record's line, the dropped lines with their similarity.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Near duplicates: Jaccard similarity of word shingles at or above this.", min=0.01, max=1.0)] = 0.8,
+    field: Annotated[
+        list[DedupField] | None, typer.Option("--field", help="What is compared: the user turns (prompt), the assistant turns (response); repeatable \\[default: both].")
+    ] = None,
+    shingle: Annotated[int, typer.Option("--shingle", help="Words per shingle (a shorter text is one shingle).", min=1)] = 5,
+    num_perm: Annotated[int, typer.Option("--num-perm", help="MinHash permutations.", min=16)] = 128,
+    format: FormatOpt = None,
+    on_error: OnErrorOpt = OnError.stop,
+    rejects: RejectsOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    revision: RevisionOpt = None,
+) -> None:
+    """Find exact and near duplicates in FILE; keep the first record of each cluster.
+
+    Compared: each record's user turns, then its assistant turns (--field picks a side), lower-cased, punctuation deleted.
+    Exact duplicates have the same text; near ones are proposed by MinHash LSH (datasketch), then each is confirmed
+    with the actual Jaccard similarity of the two records' word shingles: nothing is dropped below --threshold.
+    """
+    from posttrain.data.dedup import dedup as find_duplicates
+    from posttrain.data.quality import write_values
+    from posttrain.records import write_jsonl
+
+    fields = [f.value for f in field] if field else ["prompt", "response"]
+    with user_errors():
+        items, _ = _read_items(file, format, on_error, rejects, split, subset, revision)
+        with _progress() as bar:
+            task = bar.add_task("deduplicating", total=len(items))
+            result = find_duplicates(
+                [record for _, record in items], fields=fields, threshold=threshold, shingle=shingle, num_perm=num_perm,
+                progress=lambda n: bar.update(task, advance=n),
+            )  # fmt: skip
+        if output is not None:
+            write_values(output, (items[i][0].value for i in result.kept))
+        if report is not None:
+            locations = [raw.location for raw, _ in items]
+            write_jsonl(report, (c.to_dict(locations) for c in result.clusters))
+    out.print(
+        f"{escape(file)}: {result.records} records in, {result.exact} exact duplicates, {result.near} near duplicates "
+        f"(Jaccard ≥ {threshold} over {shingle}-word shingles of the {' and '.join(fields)}), {len(result.kept)} kept, in {len(result.clusters)} cluster(s) of more than one"
+    )
+    if output is not None:
+        out.print(f"kept records: {escape(str(output))}")
+    if report is not None:
+        out.print(f"clusters: {escape(str(report))}")
+
+
+@data_app.command()
+def decontaminate(
+    file: FileArg,
+    against: Annotated[list[str], typer.Option("--against", help="An eval file: IFEval, MT-Bench, AlpacaEval, or any format posttrain reads (its user turns). Repeatable.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Write the clean records here, each as it was read, one JSON object a line.")],
+    report: Annotated[Path, typer.Option("--report", help="Write one JSON line per contaminated record: its line, the eval item, the matching n-gram.")],
+    n: Annotated[int, typer.Option("--n", help="Words per n-gram (13 as GPT-3 and lm-evaluation-harness).", min=1)] = 8,
+    format: FormatOpt = None,
+    on_error: OnErrorOpt = OnError.stop,
+    rejects: RejectsOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    revision: RevisionOpt = None,
+) -> None:
+    """Remove the records of FILE that hold text of an eval set's items.
+
+    Contaminated: any message of the record shares a word n-gram with an eval item, or equals an eval item's whole text,
+    both normalised as lm-evaluation-harness's decontamination does (lower-case, punctuation deleted, split on spaces).
+    """
+    from collections import Counter
+
+    from posttrain.data.decontaminate import EvalIndex
+    from posttrain.data.decontaminate import decontaminate as scan
+    from posttrain.data.quality import write_values
+    from posttrain.records import write_jsonl
+
+    with user_errors():
+        index = EvalIndex.from_files(against, n)
+        items, _ = _read_items(file, format, on_error, rejects, split, subset, revision)
+        with _progress() as bar:
+            task = bar.add_task("checking", total=len(items))
+            result = scan([(raw.location, record) for raw, record in items], index, progress=lambda k: bar.update(task, advance=k))
+        write_values(output, (items[i][0].value for i in result.kept))
+        write_jsonl(report, (c.to_dict() for c in result.found))
+    by_match = Counter(c.match for c in result.found)
+    by_file = Counter(c.item.location.source for c in result.found)
+    out.print(f"eval: {len(index.items)} texts from {len(against)} file(s), {len(index.grams):,} distinct {n}-grams")
+    out.print(
+        f"{escape(file)}: {result.checked} records in, {len(result.found)} contaminated ({by_match['ngram']} by a shared {n}-gram, "
+        f"{by_match['exact']} by an exact prompt match), {len(result.kept)} kept"
+    )
+    for source in index.sources:
+        out.print(f"  against {escape(source)}: {by_file[source]} record(s)")
+    out.print(f"clean records: {escape(str(output))}; report: {escape(str(report))}")
