@@ -73,3 +73,55 @@ def autoif(
         f"wrote {outputs['sft']} SFT records, {outputs['dpo']} DPO pairs, {outputs['verifiers']} verifiers and {outputs['prompts']} "
         f"verifiable prompts to {escape(result['dir'])} (report: {escape(str(Path(result['dir']) / 'report.html'))})"
     )
+
+
+@synth_app.command("self-instruct")
+def self_instruct(
+    teacher: Annotated[str, typer.Option("--teacher", help="The teacher: a zoo or fetched name, a model directory or a hub id. With --base-url: the endpoint's name for it.")],
+    seed_tasks: Annotated[Path, typer.Option("--seed-tasks", help="Seed tasks in Self-Instruct's format: {instruction, instances: [{input, output}], is_classification} a line.", exists=True, dir_okay=False)],
+    n: Annotated[int, typer.Option("--n", help="New instructions to keep.", min=1)] = 100,
+    style: Annotated[str, typer.Option("--style", help="self-instruct (instructions, then classification and instances) or alpaca (20 instructions with input and output a request).")] = "self-instruct",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: data.jsonl (Alpaca format, for posttrain sft), instructions.jsonl, rejects.jsonl, report.html, requests/ (the cache).")] = Path("runs/self-instruct"),
+    requests_per_round: Annotated[int, typer.Option("--requests-per-round", help="Instruction requests generated together.", min=1)] = 8,
+    max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many instruction requests \\[default: 4 × what n needs, at least 16].", min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="\\[default: 0.7 self-instruct, 1.0 alpaca].", min=0)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="\\[default: 0.5 self-instruct, 1.0 alpaca].", min=0.01, max=1)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Per instruction request \\[default: 256 self-instruct, 1536 alpaca].", min=1)] = None,
+    rouge_threshold: Annotated[float, typer.Option("--rouge-threshold", help="Drop an instruction whose ROUGE-L F with any in the pool is above this.", min=0.01, max=1)] = 0.7,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (in-process models).", min=1)] = 64,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: where the hardware has native bf16].")] = None,
+    template: TemplateOpt = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+) -> None:
+    """Self-Instruct (or Alpaca's variant): bootstrap new instructions from seed tasks, filter them, write instances.
+
+    Every filter's drops are counted (report.html, funnel.json); replies that never parse go to rejects.jsonl.
+    Rerunning the same command resumes: every finished request is cached.
+    """
+    from pydantic import ValidationError
+
+    from posttrain.generate.client import EndpointError
+    from posttrain.synth.self_instruct_run import SelfInstructConfig, run
+
+    try:
+        cfg = SelfInstructConfig(
+            teacher=teacher, seed_tasks=str(seed_tasks), n=n, style=style, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+            requests_per_round=requests_per_round, max_requests=max_requests, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, rouge_threshold=rouge_threshold, seed=seed, batch_size=batch_size, bf16=bf16, template=template,
+            output_dir=str(output),
+        )  # fmt: skip
+    except ValidationError as e:
+        fail("; ".join(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()))
+    with user_errors():
+        try:
+            result = run(cfg, console=err)
+        except EndpointError as e:
+            fail(str(e))
+    outputs = result["outputs"]
+    out.print(
+        f"kept {outputs['instructions']} new instructions, wrote {outputs['records']} records to {escape(str(Path(result['dir']) / 'data.jsonl'))} "
+        f"({outputs['rejects']} rejected replies in rejects.jsonl; report: {escape(str(Path(result['dir']) / 'report.html'))})"
+    )

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from posttrain.generate.client import RequestCache
 from posttrain.generate.params import SamplingParams
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,18 @@ class Teacher:
         max_new_tokens: int = 256,
         seed: int = 0,
         top_p: float = 1.0,
+        stop: tuple[str, ...] = (),
     ) -> list[list[Reply]]:
         """Replies to each prompt (``what`` names the call in the log line and in :attr:`counts`)."""
-        settings = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+        settings: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+        if stop:
+            settings["stop"] = list(stop)
         keys = [self.key(prompt, settings) for prompt in prompts]
         cached, _ = self.cache.load(self.name)
         replies: dict[str, list[Reply]] = {k: _replies(cached[k]) for k in keys if k in cached}
         missing = list(dict.fromkeys(k for k in keys if k not in replies))
         by_key = dict(zip(keys, prompts))
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=self.bf16)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, stop=stop, bf16=self.bf16)
         for start in range(0, len(missing), self.chunk):
             batch = missing[start : start + self.chunk]
             outputs = self.engine.generate([by_key[k] for k in batch], params, progress=True)
@@ -77,6 +83,30 @@ class Teacher:
         if self.console is not None:
             self.console.print(f"{what}: {len(keys)} requests to {self.name}: {len(keys) - len(missing)} from the cache, {len(missing)} generated", highlight=False)
         return [replies[k] for k in keys]
+
+    def ask_parsed(
+        self, prompts: Sequence[str], parse: Callable[[Reply], T | None], *, what: str, attempts: int = 3, **settings: Any
+    ) -> list[tuple[T | None, Reply]]:
+        """One reply per prompt, parsed; a reply that does not parse is asked again (sampled at temperature >= 0.7, a new seed each
+        time) up to ``attempts`` times in all. Returns (parsed value or None, the last reply) per prompt; retries are counted in
+        :attr:`counts` under ``what + " retries"``."""
+        results: list[tuple[T | None, Reply] | None] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        for attempt in range(attempts):
+            if not todo:
+                break
+            if attempt:
+                self.counts[f"{what} retries"] = self.counts.get(f"{what} retries", 0) + len(todo)
+                settings = {**settings, "temperature": max(settings.get("temperature", 0.0), 0.7), "seed": settings.get("seed", 0) + 1}
+            replies = self.ask([prompts[i] for i in todo], what=what if not attempt else f"{what} (retry {attempt})", **settings)
+            failed = []
+            for i, reply in zip(todo, replies):
+                value = parse(reply[0])
+                results[i] = (value, reply[0])
+                if value is None:
+                    failed.append(i)
+            todo = failed
+        return results  # type: ignore[return-value]
 
     def key(self, prompt: str, settings: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps([self.name, prompt, settings], sort_keys=True).encode()).hexdigest()
