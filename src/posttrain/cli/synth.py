@@ -125,3 +125,53 @@ def self_instruct(
         f"kept {outputs['instructions']} new instructions, wrote {outputs['records']} records to {escape(str(Path(result['dir']) / 'data.jsonl'))} "
         f"({outputs['rejects']} rejected replies in rejects.jsonl; report: {escape(str(Path(result['dir']) / 'report.html'))})"
     )
+
+
+@synth_app.command("evol")
+def evol_instruct(
+    teacher: Annotated[str, typer.Option("--teacher", help="The teacher: a zoo or fetched name, a model directory or a hub id. With --base-url: the endpoint's name for it.")],
+    data: Annotated[Path, typer.Option("--data", help="Instructions to evolve: any format posttrain reads (the last user turn), or {\"prompt\"} lines.", exists=True, dir_okay=False)],
+    rounds: Annotated[int, typer.Option("--rounds", help="Evolution rounds (WizardLM: 4).", min=1)] = 2,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.", min=1)] = None,
+    operations: Annotated[Optional[list[str]], typer.Option("--operation", help="Operations to draw from (repeatable): constraints, deepen, concretize, reasoning, complicate_input, breadth \\[default: all].")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: data.jsonl (Alpaca format with meta.lineage), eliminated.jsonl, rejects.jsonl, report.html, requests/.")] = Path("runs/evol"),
+    temperature: Annotated[float, typer.Option("--temperature", help="For evolving (answers and judgements are greedy).", min=0)] = 0.7,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Budget of an evolved instruction.", min=1)] = 256,
+    response_max_new_tokens: Annotated[int, typer.Option("--response-max-new-tokens", help="Budget of a response (a response cut at it is eliminated).", min=1)] = 512,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (in-process models).", min=1)] = 64,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: where the hardware has native bf16].")] = None,
+    template: TemplateOpt = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+) -> None:
+    """Evol-Instruct: evolve instructions in depth and in breadth for several rounds; eliminate failed evolutions by WizardLM's four rules.
+
+    Every elimination is counted per round (report.html) and written to eliminated.jsonl with its rule; each
+    output record keeps its lineage. Rerunning the same command resumes: every finished request is cached.
+    """
+    from pydantic import ValidationError
+
+    from posttrain.generate.client import EndpointError
+    from posttrain.synth.evol import OPERATIONS
+    from posttrain.synth.evol_run import EvolConfig, run
+
+    try:
+        cfg = EvolConfig(
+            teacher=teacher, data=str(data), rounds=rounds, limit=limit, operations=operations or list(OPERATIONS), base_url=base_url,
+            api_key_env=api_key_env, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
+            response_max_new_tokens=response_max_new_tokens, seed=seed, batch_size=batch_size, bf16=bf16, template=template, output_dir=str(output),
+        )  # fmt: skip
+    except ValidationError as e:
+        fail("; ".join(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()))
+    with user_errors():
+        try:
+            result = run(cfg, console=err)
+        except EndpointError as e:
+            fail(str(e))
+    outputs = result["outputs"]
+    out.print(
+        f"wrote {outputs['records']} evolved records to {escape(str(Path(result['dir']) / 'data.jsonl'))}; {outputs['eliminated']} evolutions "
+        f"eliminated (eliminated.jsonl), {outputs['rejects']} replies rejected (report: {escape(str(Path(result['dir']) / 'report.html'))})"
+    )
