@@ -177,21 +177,21 @@ def test_short_eval_items_match_exactly_and_long_texts_do_not_match_short_items(
     exact = {"messages": [{"role": "user", "content": "write a HAIKU about autumn"}, {"role": "assistant", "content": "Leaves fall."}]}
     inside = {"messages": [{"role": "user", "content": "Please write a haiku about autumn for my class."}, {"role": "assistant", "content": "Leaves fall."}]}
     hit = index.find(exact)
-    assert hit is not None and hit.match == "exact" and hit.field == "messages[0].content" and hit.item.key == "selfinstruct"
+    assert hit is not None and hit.match == "exact" and hit.field == "messages[0].content" and hit.item.location.line == 1
     assert index.find(inside) is None
 
 
 def test_eval_formats_give_their_prompts(tmp_path):
     mt = write_jsonl(tmp_path / "mt.jsonl", [{"question_id": 81, "category": "writing", "turns": ["First question here.", "Second one."]}])
     ifeval = write_jsonl(tmp_path / "ifeval.jsonl", [{"key": 1000, "prompt": "Write a story.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Just a prompt line."}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Just a prompt line."}, {"id": "m", "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "As messages."}]}])
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"}, {"role": "assistant", "content": "B"}]}])
     alpaca_eval = write_jsonl(tmp_path / "ae.json", [{"instruction": "Do it.", "input": "with this"}])
     got = {p.name: [(i.location.line, i.key, i.text) for i in read_eval_items(p)] for p in (mt, ifeval, prompts, chat, alpaca_eval)}
     assert got == {
         "mt.jsonl": [(1, "81/turn 1", "First question here."), (1, "81/turn 2", "Second one.")],
         "ifeval.jsonl": [(1, 1000, "Write a story.")],
-        "prompts.jsonl": [(1, None, "Just a prompt line.")],
+        "prompts.jsonl": [(1, None, "Just a prompt line."), (2, "m", "As messages.")],
         "chat.jsonl": [(1, None, "U1"), (1, None, "U2")],
         "ae.json": [(1, None, "Do it.\n\nwith this")],
     }
@@ -316,6 +316,9 @@ def test_fields_choose_what_is_compared():
     assert dedup(records, fields=["prompt"]).counts() == {"records": 2, "exact_duplicates": 1, "near_duplicates": 0, "kept": 1}
     with pytest.raises(ValueError, match="fields"):
         dedup(records, fields=["system"])
+    prompts_only = [{"prompt": "Write a poem.", "key": 1, "instruction_id_list": [], "kwargs": []}, {"prompt": "Write a song.", "key": 2, "instruction_id_list": [], "kwargs": []}]
+    result = dedup(prompts_only, fields=["response"])  # nothing to compare is nobody's duplicate
+    assert result.kept == [0, 1] and result.without_text == 2 and not result.clusters
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -306,6 +306,8 @@ def dedup(
         f"{escape(file)}: {result.records} records in, {result.exact} exact duplicates, {result.near} near duplicates "
         f"(Jaccard ≥ {threshold} over {shingle}-word shingles of the {' and '.join(fields)}), {len(result.kept)} kept, in {len(result.clusters)} cluster(s) of more than one"
     )
+    if result.without_text:
+        out.print(f"{result.without_text} record(s) have no {' or '.join(fields)} text to compare: kept, not counted as duplicates")
     if output is not None:
         out.print(f"kept records: {escape(str(output))}")
     if report is not None:

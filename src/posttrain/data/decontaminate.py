@@ -99,9 +99,16 @@ def eval_items_of(item: RawItem, problems: list[Problem]) -> list[EvalItem]:
         qid = value.get("question_id")
         texts = [(i, _text(t, loc, f"turns[{i}]", problems)) for i, t in enumerate(turns)]
         return [EvalItem(loc, f"{qid}/turn {i + 1}" if qid is not None else f"turn {i + 1}", t) for i, t in texts if t is not None]
-    if isinstance(value.get("prompt"), str) and not value.keys() & {"completion", "response", "chosen", "rejected"}:  # IFEval, prompt lines
-        text = _text(value["prompt"], loc, "prompt", problems)
-        return [EvalItem(loc, value.get("key", value.get("id")), text)] if text is not None else []
+    if "prompt" in value and not value.keys() & {"completion", "response", "chosen", "rejected"}:  # IFEval, prompt lines
+        prompt, key = value["prompt"], value.get("key", value.get("id"))
+        if isinstance(prompt, list):  # a prompt as messages: its user turns
+            users = [(i, m.get("content")) for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"]
+            if not users:
+                problems.append(Problem(loc, "prompt", "text, or messages with a user turn", describe(prompt)))
+            texts = [(i, _text(content, loc, f"prompt[{i}].content", problems)) for i, content in users]
+            return [EvalItem(loc, key, t) for _, t in texts if t is not None]
+        text = _text(prompt, loc, "prompt", problems)
+        return [EvalItem(loc, key, text)] if text is not None else []
     if "instruction" in value:  # AlpacaEval (its output, where given, is a reference model's answer, not the task)
         text = _text(value["instruction"], loc, "instruction", problems)
         extra = value.get("input")
@@ -109,7 +116,7 @@ def eval_items_of(item: RawItem, problems: list[Problem]) -> list[EvalItem]:
             problems.append(Problem(loc, "input", "a string", describe(extra)))
         if text is None:
             return []
-        return [EvalItem(loc, value.get("id", value.get("dataset")), f"{text}\n\n{extra}" if isinstance(extra, str) and extra.strip() else text)]
+        return [EvalItem(loc, value.get("id"), f"{text}\n\n{extra}" if isinstance(extra, str) and extra.strip() else text)]
     kind = detect_format(value)
     if kind is None:
         problems.append(Problem(loc, None, EVAL_SHAPES, f"keys {sorted(value)}"))

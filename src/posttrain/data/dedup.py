@@ -109,6 +109,7 @@ class DedupResult:
     near: int
     threshold: float
     lsh_bands: tuple[int, int]  # (b, r): b bands of r rows each
+    without_text: int = 0  # records with no compared text (say, --field response on prompts): kept, never anyone's duplicate
 
     def counts(self) -> dict[str, Any]:
         return {"records": self.records, "exact_duplicates": self.exact, "near_duplicates": self.near, "kept": len(self.kept)}
@@ -148,14 +149,17 @@ def dedup(
     first_of: dict[tuple[str, ...], int] = {}  # normalised text -> the kept record of its cluster
     cluster_of: dict[int, Cluster] = {}
     kept: list[int] = []
-    exact = near = 0
+    exact = near = without_text = 0
     template = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32, scheme="affine32")  # the permutations, made once and shared
     for i, record in enumerate(records):
         pieces = record_words(record, fields)
         key = tuple(" ".join(p) for p in pieces)
         tokens = [w for p in pieces for w in p]
         own = shingles(tokens, shingle)
-        if key in first_of:
+        if not tokens:  # nothing to compare: not a duplicate of anything (nor of another empty record)
+            kept.append(i)
+            without_text += 1
+        elif key in first_of:
             rep = first_of[key]
             member = Member(i, "exact", jaccard(own, shingles(texts[rep].split(), shingle)), None)
             cluster_of.setdefault(rep, Cluster(rep)).dropped.append(member)
@@ -164,7 +168,7 @@ def dedup(
             m = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32, permutations=template.permutations, scheme="affine32")
             m.update_batch([s.encode("utf-8") for s in own])
             best: tuple[float, int] | None = None
-            for j in lsh.query(m) if own else ():
+            for j in lsh.query(m):
                 sim = jaccard(own, shingles(texts[j].split(), shingle))
                 if sim >= threshold and (best is None or (sim, -j) > (best[0], -best[1])):
                     best = (sim, j)
@@ -178,11 +182,10 @@ def dedup(
                 first_of[key] = i
                 texts[i] = " ".join(tokens)
                 signatures[i] = m
-                if own:
-                    lsh.insert(i, m)
+                lsh.insert(i, m)
         if progress is not None and (i + 1) % every == 0:
             progress(every)
     if progress is not None and len(records) % every:
         progress(len(records) % every)
     clusters = sorted(cluster_of.values(), key=lambda c: c.kept)
-    return DedupResult(len(records), kept, clusters, exact, near, threshold, bands)
+    return DedupResult(len(records), kept, clusters, exact, near, threshold, bands, without_text)
