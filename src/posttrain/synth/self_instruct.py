@@ -27,6 +27,7 @@ ALPACA_KEYWORDS = SELF_INSTRUCT_KEYWORDS + ("video", "audio", "music", "flowchar
 MIN_WORDS, MAX_WORDS = 3, 150  # kept: more than 3 words, at most 150
 DEMOS, SEED_DEMOS = 8, 6  # Self-Instruct: 8 demonstrations, 6 of them seed tasks
 ALPACA_PER_CALL, ALPACA_DEMOS = 20, 3
+MAX_INSTANCES = 3  # instances asked of a task (the reply stops at "Example 4"); Self-Instruct asks up to 5
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def instance_prompt(instruction: str, classification: bool, examples: Sequence[S
     for task in examples:
         lines = [f"Task: {task.instruction}"]
         for n, (given, output) in enumerate(task.instances[:2], 1):
+            given, output = _clip(given), _clip(output)
             if classification:
                 lines += [f"Class label: {output}", f"Input: {given}" if given else "Input:"]
             else:
@@ -122,6 +124,11 @@ def instance_prompt(instruction: str, classification: bool, examples: Sequence[S
         else "Write examples for each task: an input (or <none> when the task needs none) and the correct output."
     )
     return head + "\n\n" + "\n\n".join(blocks) + f"\n\nTask: {instruction}\n"
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    """A demonstration's text cut to ``limit`` characters at a word boundary (long seed outputs only cost prefill)."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def parse_instances(reply: str, classification: bool) -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ The loop (Wang et al., 2023; the rules are :mod:`posttrain.synth.self_instruct`'
 2. ``classification``: the teacher says whether each instruction is a classification task (few-shot
    from the seed tasks' own labels, greedy);
 3. ``instances``: the teacher writes instances, input first or for classification label first (greedy,
-   as Self-Instruct); Self-Instruct's instance filters, and the last instance of a reply cut at its
-   token budget dropped;
+   as Self-Instruct; at most 3 instances, where Self-Instruct stops at 5); Self-Instruct's instance
+   filters, and the last instance of a reply cut at its token budget dropped;
 4. outputs: ``data.jsonl`` in Alpaca's format (what ``posttrain sft`` reads), ``instructions.jsonl``
    (the kept instructions), ``rejects.jsonl`` (every
    request whose reply never parsed, after retries), ``funnel.json`` and ``report.html``.
@@ -30,6 +30,7 @@ a new seed) twice before it is counted and written to the rejects file; nothing 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,11 +101,11 @@ def run(cfg: SelfInstructConfig, *, console: Any = None) -> dict[str, Any]:
     teacher = Teacher(_engine(cfg, root, console), cfg.teacher, root / "requests", bf16=resolve_bf16(cfg.bf16), chunk=cfg.batch_size, console=console)
     funnel, rejects = Funnel(), []
     if alpaca:
-        records, kept = _alpaca(cfg, seeds, teacher, funnel, rejects)
+        records, kept = _timed(funnel, lambda: _alpaca(cfg, seeds, teacher, funnel, rejects))
     else:
-        kept = _instructions(cfg, seeds, teacher, funnel.step("instructions", "instructions"))
-        classes = _classification(cfg, seeds, [k["instruction"] for k in kept], teacher, funnel.step("classification", "instructions"), rejects)
-        records = _instances(cfg, seeds, kept, classes, teacher, funnel.step("instances", "instructions"), rejects)
+        kept = _timed(funnel, lambda: _instructions(cfg, seeds, teacher, funnel.step("instructions", "instructions")))
+        classes = _timed(funnel, lambda: _classification(cfg, seeds, [k["instruction"] for k in kept], teacher, funnel.step("classification", "instructions"), rejects))
+        records = _timed(funnel, lambda: _instances(cfg, seeds, kept, classes, teacher, funnel.step("instances", "instructions"), rejects))
     write_jsonl(root / "instructions.jsonl", kept)
     write_jsonl(root / "data.jsonl", records)
     write_jsonl(root / "rejects.jsonl", rejects)
@@ -116,6 +117,14 @@ def run(cfg: SelfInstructConfig, *, console: Any = None) -> dict[str, Any]:
     if retries:
         console.print("asked again after an unparsable reply: " + ", ".join(f"{k} {v}" for k, v in retries.items()), highlight=False)
     return {"outputs": outputs, "funnel": funnel.to_dict(), "dir": str(root), "requests": dict(teacher.counts)}
+
+
+def _timed(funnel: Funnel, work: Any) -> Any:
+    """Run one stage (which adds its step to the funnel) and record its seconds on that step."""
+    started = time.perf_counter()
+    out = work()
+    funnel.steps[-1].seconds = round(time.perf_counter() - started, 1)
+    return out
 
 
 def _engine(cfg: SelfInstructConfig, root: Path, console: Any) -> Any:
@@ -224,7 +233,7 @@ def _instances(cfg, seeds, kept, classes, teacher, step, rejects) -> list[dict[s
             continue
         answers = teacher.ask_parsed(
             [prompts[i] for i in idx], lambda r, clf=clf: _instances_or_none(r, clf), what="instances" + (" (classification)" if clf else ""),
-            max_new_tokens=cfg.instance_max_new_tokens, seed=cfg.seed, stop=("\nTask:",),
+            max_new_tokens=cfg.instance_max_new_tokens, seed=cfg.seed, stop=("\nTask:", f"\nExample {si.MAX_INSTANCES + 1}"),
         )  # fmt: skip
         for i, (value, reply) in zip(idx, answers):
             text = kept[i]["instruction"]
