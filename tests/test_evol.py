@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 from sft_fixtures import torch_threads
 
+from posttrain.data.formats import read_records
 from posttrain.synth import evol
 from posttrain.synth.evol_run import EvolConfig, run
 from posttrain.synth.teacher import Teacher
@@ -89,6 +90,9 @@ def test_rounds_eliminate_by_rule_and_keep_lineage(tmp_path):
     for stage in result["funnel"]:
         assert stage["count_in"] - stage["count_out"] == sum(stage["dropped"].values())
     records = [json.loads(line) for line in (tmp_path / "run" / "data.jsonl").read_text().splitlines()]
+    # the reader `posttrain sft` uses takes every record as Alpaca's format, meta and all
+    read = read_records(tmp_path / "run" / "data.jsonl")
+    assert len(read) == len(records) and read[0]["messages"][-1]["content"] == RESPONSES["kept"]
     kept = records[0]
     assert kept["instruction"] == EVOLVED["kept"] and kept["output"] == RESPONSES["kept"]
     assert kept["meta"]["root"] == ROOTS["kept"] and [s["instruction"] for s in kept["meta"]["lineage"]] == [EVOLVED["kept"]]

@@ -62,6 +62,11 @@ def test_a_continued_list_splits_into_instructions():
         "Translate the sentence into French.\n11.Not split: no space".replace("\n", " "),
         "Name two rivers in Asia.",
     ]
+    # SmolLM2 continues "9." with " 1. Write ..." and goes on from 2.: the restarted number is not instruction text
+    assert si.split_instructions(" 1. Write a recommendation letter for a colleague.\n2. List three uses of baking soda.") == [
+        "Write a recommendation letter for a colleague.",
+        "List three uses of baking soda.",
+    ]
 
 
 def test_instances_parse_and_filter():

@@ -83,7 +83,7 @@ def self_instruct(
     style: Annotated[str, typer.Option("--style", help="self-instruct (instructions, then classification and instances) or alpaca (20 instructions with input and output a request).")] = "self-instruct",
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: data.jsonl (Alpaca format, for posttrain sft), instructions.jsonl, rejects.jsonl, report.html, requests/ (the cache).")] = Path("runs/self-instruct"),
     requests_per_round: Annotated[int, typer.Option("--requests-per-round", help="Instruction requests generated together.", min=1)] = 8,
-    max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many instruction requests \\[default: 4 × what n needs, at least 16].", min=1)] = None,
+    max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many instruction requests \\[default: 10 × what n needs, at least 16; a bound on a teacher whose lists are mostly dropped].", min=1)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="\\[default: 0.7 self-instruct, 1.0 alpaca].", min=0)] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="\\[default: 0.5 self-instruct, 1.0 alpaca].", min=0.01, max=1)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Per instruction request \\[default: 256 self-instruct, 1536 alpaca].", min=1)] = None,

@@ -63,9 +63,13 @@ def bootstrap_prompt(demos: Sequence[str]) -> str:
 
 
 def split_instructions(reply: str) -> list[str]:
-    """The instructions of a continued numbered list: the text after the open number, then each ``N.`` item."""
+    """The instructions of a continued numbered list: the text after the open number, then each ``N.`` item.
+
+    A reply that restarts its numbering after the open number (``9.`` continued as `` 1. Write ...``, as
+    small teachers do) loses that number too."""
     parts = re.split(r"\n\s*\d+\s?\.\s", "\n0. " + reply.strip())
-    return [re.sub(r"\s+", " ", part).strip() for part in parts if part.strip()]
+    parts = [re.sub(r"^\d+\s?\.\s", "", re.sub(r"\s+", " ", part).strip()) for part in parts]
+    return [part for part in parts if part]
 
 
 def instruction_problem(text: str, keywords: Sequence[str] = SELF_INSTRUCT_KEYWORDS) -> str | None:

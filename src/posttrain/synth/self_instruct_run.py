@@ -55,7 +55,7 @@ class SelfInstructConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(8, ge=1)
     requests_per_round: int = Field(8, ge=1)
-    max_requests: int | None = Field(None, ge=1, description="Default: 4 × n / items a request can hold, at least 16.")
+    max_requests: int | None = Field(None, ge=1, description="Default: 10 × n / items a request can hold, at least 16.")
     temperature: float | None = Field(None, ge=0, description="Default: 0.7 (self-instruct), 1.0 (alpaca).")
     top_p: float | None = Field(None, gt=0, le=1, description="Default: 0.5 (self-instruct), 1.0 (alpaca).")
     max_new_tokens: int | None = Field(None, ge=1, description="Per instruction request. Default: 256 (self-instruct), 1536 (alpaca).")
@@ -138,7 +138,7 @@ def _engine(cfg: SelfInstructConfig, root: Path, console: Any) -> Any:
 
 
 def _max_requests(cfg: SelfInstructConfig, per_request: int) -> int:
-    return cfg.max_requests or max(16, 4 * -(-cfg.n // per_request))
+    return cfg.max_requests or max(16, 10 * -(-cfg.n // per_request))
 
 
 def _keep(pool: RougePool, text: str, cfg: SelfInstructConfig, step: Step, keywords: tuple[str, ...]) -> dict[str, Any] | None:
@@ -205,15 +205,16 @@ def _classification(cfg, seeds, instructions, teacher, step, rejects) -> list[bo
         [si.classification_prompt(text, shots) for text in instructions], lambda r: si.parse_yes_no(r.text),
         what="classification", max_new_tokens=4, seed=cfg.seed, attempts=2,
     )  # fmt: skip
-    out = []
+    out, unanswered = [], 0
     for text, (value, reply) in zip(instructions, answers):
-        if value is None:
+        if value is None:  # labelled, not dropped: the instruction goes on as Self-Instruct's default, not classification
+            unanswered += 1
             rejects.append({"stage": "classification", "instruction": text, "reply": reply.text})
-            step.drop("no yes or no after 2 tries (treated as not classification)", f"{text}\n-> {reply.text}")
+            step.keep(f"{text} -> no yes or no ({reply.text!r}): not classification")
         else:
             step.keep(f"{text} -> {'classification' if value else 'not classification'}")
         out.append(bool(value))
-    step.note = f"{sum(out)} classification tasks"
+    step.note = f"{sum(out)} classification tasks; {unanswered} replies with no yes or no after 2 tries, taken as not classification"
     return out
 
 
