@@ -67,6 +67,10 @@ def test_a_continued_list_splits_into_instructions():
         "Write a recommendation letter for a colleague.",
         "List three uses of baking soda.",
     ]
+    assert si.split_instructions(" 1. 1. Identify the biases in the paragraph below.\n7. 3. Name a fruit that is red.") == [
+        "Identify the biases in the paragraph below.",
+        "Name a fruit that is red.",
+    ]
 
 
 def test_instances_parse_and_filter():

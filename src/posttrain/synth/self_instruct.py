@@ -68,7 +68,7 @@ def split_instructions(reply: str) -> list[str]:
     A reply that restarts its numbering after the open number (``9.`` continued as `` 1. Write ...``, as
     small teachers do) loses that number too."""
     parts = re.split(r"\n\s*\d+\s?\.\s", "\n0. " + reply.strip())
-    parts = [re.sub(r"^\d+\s?\.\s", "", re.sub(r"\s+", " ", part).strip()) for part in parts]
+    parts = [re.sub(r"^(?:\d+\s?\.\s)+", "", re.sub(r"\s+", " ", part).strip()) for part in parts]
     return [part for part in parts if part]
 
 
