@@ -4,7 +4,7 @@
 
 The pool: instruction-like texts from ../shared/data (Self-Instruct's seed and user-oriented
 instructions, IFEval prompts, MT-Bench turns, Orca DPO prompts) and the sentences of GPT-4's IFEval
-responses, deduplicated, the first ``--pool`` of them. The candidates: Self-Instruct seed instructions
+responses and Orca's chosen responses, deduplicated, the first ``--pool`` of them. The candidates: Self-Instruct seed instructions
 with a few words edited (so some are near-duplicates of pool items and most are not), ``--candidates``
 of them, and as many made of the first half of one seed and the second half of another. Each candidate is compared with the whole pool, and the question asked is Self-Instruct's: is
 any ROUGE-L F above 0.7?
@@ -48,9 +48,12 @@ def pool_texts(size: int) -> list[str]:
     texts += [r["instruction"] for r in _jsonl("self_instruct_user_oriented_instructions.jsonl")]
     texts += [r["prompt"] for r in _jsonl("ifeval_input_data.jsonl")]
     texts += [turn for r in _jsonl("mt_bench_question.jsonl") for turn in r["turns"]]
-    texts += [r["input"] if isinstance(r.get("input"), str) else json.dumps(r.get("input")) for r in _jsonl("orca_dpo_pairs_validation.jsonl")]
-    for r in _jsonl("ifeval_input_response_data_gpt4_20231107_145030.jsonl"):
-        texts += [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", r["response"]) if len(s.split()) >= 4]
+    orca = _jsonl("orca_dpo_pairs_validation.jsonl")
+    texts += [m["content"] for r in orca for m in r["input"]["messages"] if m["role"] == "user"]
+    responses = [r["response"] for r in _jsonl("ifeval_input_response_data_gpt4_20231107_145030.jsonl")]
+    responses += [m["content"] for r in orca for m in r["preferred_output"]]
+    for response in responses:
+        texts += [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", response) if len(s.split()) >= 4]
     return list(dict.fromkeys(texts))[:size]
 
 
