@@ -1,0 +1,1 @@
+"""Steering at inference time: activation steering (vectors.py)."""

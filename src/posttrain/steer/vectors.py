@@ -1,0 +1,194 @@
+"""Activation steering for instructions (Stolfo et al., ICLR 2025): fit a direction per instruction type and layer, apply it with hooks.
+
+Fitting: each prompt is run twice through the chat template, with its instruction and without it (the
+query alone). At the last input token, the residual stream after every decoder layer is captured; per
+layer, the mean over prompts of (with - without) is the instruction's direction. Stored per type and
+layer: the unit direction ``u``, the norm of the mean difference, and ``c̄``, the mean projection of the
+with-instruction activations on ``u`` (what ``adjust`` sets the projection to).
+
+Applying, at one layer's output, at every position (prompt and generated tokens), as Stolfo et al. do:
+
+* ``add``: ``h + w·u``;
+* ``adjust``: ``h + (w·c̄ - h·u)·u`` (the projection on ``u`` set to ``w·c̄``; ``w = 1`` is Stolfo's).
+
+Several steerings compose (each is its own hook; two on one layer apply in order). The hooks go on the
+transformers model's decoder layers, which return a tensor in transformers 5 (a tuple in older versions;
+both handled). Our own code: the fit is a mean over captured activations and the hooks are a few lines;
+the steering libraries (repeng, steering-vectors) have neither ``adjust`` nor a chat-template-aware fit.
+
+File format: one safetensors file; tensors ``{type}.u`` ([layers, d]), ``{type}.norm`` and ``{type}.c``
+([layers]); metadata ``posttrain.steer`` holds JSON: the model, the chosen layer and weight per type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["add", "adjust"]
+MODES: tuple[str, ...] = ("add", "adjust")
+
+
+@dataclass
+class Direction:
+    """One instruction type's directions at every layer (rows are layers)."""
+
+    u: torch.Tensor  # [layers, d], unit rows
+    norm: torch.Tensor  # [layers], the norm of the mean difference
+    c: torch.Tensor  # [layers], mean projection of the with-instruction activations on u
+    layer: int | None = None  # the chosen layer (None until chosen)
+    weight: float = 1.0  # the chosen weight for ``add`` (in units of the mean difference's norm)
+
+
+@dataclass
+class SteeringSet:
+    """Directions per instruction type for one model."""
+
+    model: str
+    directions: dict[str, Direction] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        for name, d in self.directions.items():
+            tensors[f"{name}.u"] = d.u.float().contiguous()
+            tensors[f"{name}.norm"] = d.norm.float().contiguous()
+            tensors[f"{name}.c"] = d.c.float().contiguous()
+            meta[name] = {"layer": d.layer, "weight": d.weight}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"posttrain.steer": json.dumps({"model": self.model, "types": meta})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSet:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such steering file (make one with `posttrain steer fit`)")
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("posttrain.steer")
+            if raw is None:
+                raise ValueError(f"{path}: not a posttrain steering file (no 'posttrain.steer' metadata)")
+            meta = json.loads(raw)
+            directions = {
+                name: Direction(f.get_tensor(f"{name}.u"), f.get_tensor(f"{name}.norm"), f.get_tensor(f"{name}.c"), m["layer"], m["weight"])
+                for name, m in meta["types"].items()
+            }
+        return cls(meta["model"], directions)
+
+    def steering(self, name: str, *, mode: Mode = "add", weight: float | None = None, layer: int | None = None) -> Steering:
+        """The steering of type ``name`` at its chosen layer (or ``layer``); ``add``'s weight defaults to the chosen one."""
+        if name not in self.directions:
+            raise KeyError(f"no direction for instruction type {name!r}; the file has {sorted(self.directions)}")
+        d = self.directions[name]
+        layer = d.layer if layer is None else layer
+        if layer is None:
+            raise ValueError(f"{name}: no layer chosen in the file; pass one")
+        if mode == "add":
+            w = d.weight if weight is None else weight
+            return Steering(layer, d.u[layer], "add", float(w) * float(d.norm[layer]))
+        return Steering(layer, d.u[layer], "adjust", float(d.c[layer]) * (1.0 if weight is None else float(weight)))
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One edit of one layer's output: ``add`` adds ``amount·u``; ``adjust`` sets the projection on ``u`` to ``amount``."""
+
+    layer: int
+    u: torch.Tensor
+    mode: Mode
+    amount: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"steering mode must be one of {MODES}, got {self.mode!r}")
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        u = self.u.to(device=h.device, dtype=h.dtype)
+        if self.mode == "add":
+            return h + self.amount * u
+        return h + (self.amount - h @ u).unsqueeze(-1) * u
+
+
+def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
+    """The decoder layers of a transformers causal LM (under a peft wrapper too)."""
+    inner = model
+    for attr in ("base_model", "model"):  # peft: PeftModel.base_model.model
+        if hasattr(inner, "peft_config") and hasattr(inner, attr):
+            inner = getattr(inner, attr)
+    inner = getattr(inner, "model", inner)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found at .model.layers")
+    return layers
+
+
+def _edit_output(edit: Any) -> Any:
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    return hook
+
+
+@contextmanager
+def steered(model: Any, steerings: Sequence[Steering]) -> Iterator[None]:
+    """Apply ``steerings`` to ``model``'s forward within the block (hooks removed on exit, also on errors)."""
+    layers = decoder_layers(model)
+    handles = []
+    try:
+        for s in steerings:
+            if not 0 <= s.layer < len(layers):
+                raise ValueError(f"steering layer {s.layer} is outside the model's {len(layers)} layers")
+            handles.append(layers[s.layer].register_forward_hook(_edit_output(s.apply)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def last_token_residuals(model: Any, token_ids: Sequence[Sequence[int]], *, batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
+    """The residual stream after every decoder layer at each prompt's last token: [prompts, layers, d], fp32.
+
+    Prompts are left-padded so the last token is the last position of every row."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: Any, _inputs: Any, output: Any) -> None:
+        h = output[0] if isinstance(output, tuple) else output
+        captured.append(h[:, -1].float().cpu())
+
+    out = []
+    handles = [layer.register_forward_hook(capture) for layer in layers]
+    try:
+        for start in range(0, len(token_ids), batch_size):
+            chunk = token_ids[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            captured.clear()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out.append(torch.stack(captured, dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(out)
+
+
+def direction(with_instruction: torch.Tensor, without: torch.Tensor) -> Direction:
+    """The direction from paired residuals ([prompts, layers, d] each): mean difference, its norm, and c̄."""
+    diff = (with_instruction - without).mean(dim=0)
+    norm = diff.norm(dim=-1)
+    u = diff / norm.clamp_min(1e-12).unsqueeze(-1)
+    c = torch.einsum("pld,ld->pl", with_instruction, u).mean(dim=0)
+    return Direction(u, norm, c)
