@@ -142,3 +142,14 @@ def weights_fingerprint(model: Any) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers (a ``ModuleList``) of a transformers causal LM, or of a peft model around one."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise RuntimeError(f"{type(decoder).__name__} has no `layers` list of decoder layers")
+    return layers

@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 
+from posttrain.models.load import decoder_layers
+
 Mode = Literal["add", "adjust"]
 MODES: tuple[str, ...] = ("add", "adjust")
 
@@ -115,19 +117,6 @@ class Steering:
         if self.mode == "add":
             return h + self.amount * u
         return h + (self.amount - h @ u).unsqueeze(-1) * u
-
-
-def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
-    """The decoder layers of a transformers causal LM (under a peft wrapper too)."""
-    inner = model
-    for attr in ("base_model", "model"):  # peft: PeftModel.base_model.model
-        if hasattr(inner, "peft_config") and hasattr(inner, attr):
-            inner = getattr(inner, attr)
-    inner = getattr(inner, "model", inner)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found at .model.layers")
-    return layers
 
 
 def _edit_output(edit: Any) -> Any:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import time
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -140,9 +139,8 @@ class _Stages:
                 self.console.print(f"[dim]{name}: reused ({path})[/]")
                 return saved["payload"]
         step = self.funnel.step(name, unit)
-        started = time.perf_counter()
-        payload = work(step)
-        step.seconds = round(time.perf_counter() - started, 2)
+        with step.timed():
+            payload = work(step)
         self.root.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".json.part")
         partial.write_text(json.dumps({"key": self.key, "step": step.__dict__, "payload": payload}, ensure_ascii=False))

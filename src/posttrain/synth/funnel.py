@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import html
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,15 @@ class Step:
         self.count_out += 1
         if len(self.kept_examples) < EXAMPLES:
             self.kept_examples.append(example[:600])
+
+    @contextmanager
+    def timed(self) -> Iterator[Step]:
+        """Record the seconds the block takes as this step's."""
+        started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.seconds = round(time.perf_counter() - started, 2)
 
     def drop(self, reason: str, example: str = "") -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

@@ -30,7 +30,6 @@ a new seed) twice before it is counted and written to the rejects file; nothing 
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,11 +100,15 @@ def run(cfg: SelfInstructConfig, *, console: Any = None) -> dict[str, Any]:
     teacher = Teacher(_engine(cfg, root, console), cfg.teacher, root / "requests", bf16=resolve_bf16(cfg.bf16), chunk=cfg.batch_size, console=console)
     funnel, rejects = Funnel(), []
     if alpaca:
-        records, kept = _timed(funnel, lambda: _alpaca(cfg, seeds, teacher, funnel, rejects))
+        with funnel.step("instructions (alpaca)", "instructions").timed() as step:
+            records, kept = _alpaca(cfg, seeds, teacher, step, rejects)
     else:
-        kept = _timed(funnel, lambda: _instructions(cfg, seeds, teacher, funnel.step("instructions", "instructions")))
-        classes = _timed(funnel, lambda: _classification(cfg, seeds, [k["instruction"] for k in kept], teacher, funnel.step("classification", "instructions"), rejects))
-        records = _timed(funnel, lambda: _instances(cfg, seeds, kept, classes, teacher, funnel.step("instances", "instructions"), rejects))
+        with funnel.step("instructions", "instructions").timed() as step:
+            kept = _instructions(cfg, seeds, teacher, step)
+        with funnel.step("classification", "instructions").timed() as step:
+            classes = _classification(cfg, seeds, [k["instruction"] for k in kept], teacher, step, rejects)
+        with funnel.step("instances", "instructions").timed() as step:
+            records = _instances(cfg, seeds, kept, classes, teacher, step, rejects)
     write_jsonl(root / "instructions.jsonl", kept)
     write_jsonl(root / "data.jsonl", records)
     write_jsonl(root / "rejects.jsonl", rejects)
@@ -117,14 +120,6 @@ def run(cfg: SelfInstructConfig, *, console: Any = None) -> dict[str, Any]:
     if retries:
         console.print("asked again after an unparsable reply: " + ", ".join(f"{k} {v}" for k, v in retries.items()), highlight=False)
     return {"outputs": outputs, "funnel": funnel.to_dict(), "dir": str(root), "requests": dict(teacher.counts)}
-
-
-def _timed(funnel: Funnel, work: Any) -> Any:
-    """Run one stage (which adds its step to the funnel) and record its seconds on that step."""
-    started = time.perf_counter()
-    out = work()
-    funnel.steps[-1].seconds = round(time.perf_counter() - started, 1)
-    return out
 
 
 def _engine(cfg: SelfInstructConfig, root: Path, console: Any) -> Any:
@@ -262,8 +257,7 @@ def _instances_or_none(reply: Reply, clf: bool) -> tuple[list[tuple[str, str]], 
 # -- Alpaca --------------------------------------------------------------------------------------
 
 
-def _alpaca(cfg, seeds, teacher, funnel, rejects) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    step = funnel.step("instructions (alpaca)", "instructions")
+def _alpaca(cfg, seeds, teacher, step, rejects) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     pool = RougePool([t.instruction for t in seeds])
     kept: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []

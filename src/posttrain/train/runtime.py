@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from posttrain.models.load import decoder_layers
+
 T = TypeVar("T")
 
 
@@ -275,15 +277,6 @@ class Runtime:
 
         with packed_attention(model, enabled=packing and self.device.type == "cpu" and attn_implementation == "sdpa") as on:
             yield on
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a transformers causal LM (or a peft model around one)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise RuntimeError(f"{type(decoder).__name__} has no `layers` list of decoder layers to shard")
-    return layers
 
 
 def shard(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
