@@ -46,7 +46,7 @@ def test_concurrent_requests_equal_the_engine_alone_and_share_the_preamble(engin
         for t in threads:
             t.join(60)
         assert got == want
-        assert scheduler._prefix is not None and scheduler._prefix._cached.get(0) is not None, "the preamble's cache should have been used"
+        assert scheduler._prefix is not None and scheduler._prefix._cached.get((0, None)) is not None, "the preamble's cache should have been used"
         sampled = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=11)
         assert [c.token_ids for c in scheduler.generate(ids[0], sampled, timeout=60)] == [
             c.token_ids for c in engine.generate([CHATS[0]], sampled, progress=False)[0]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from posttrain.generate import Engine, SamplingParams
+from posttrain.generate.intervene import Steering, steered
 from posttrain.models.zoo import build_tiny
-from posttrain.steer.vectors import Direction, Steering, SteeringSet, direction, last_token_residuals, steered
+from posttrain.steer.vectors import Direction, SteeringSet, direction, last_token_residuals
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_add_and_adjust_edit_exactly_the_layer_they_name(tiny):
     model, tokenizer = tiny
     ids = tokenizer("the quick brown fox jumps")["input_ids"]
     base = _residuals(model, ids)
-    layers, d = base.shape
+    d = base.shape[1]
     u = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(1)), dim=0)
     # the capture hook is registered after the steering hook, so it sees the steered output of layer 0
     with steered(model, [Steering(0, u, "add", 2.5)]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -42,20 +42,30 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     model: Annotated[str, typer.Argument(help="What to serve: a model (zoo or fetched name, local directory, hub id), an adapter directory, or any posttrain run directory. Requests name it in `model`.")],
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=PATH: also serve this LoRA/DoRA adapter (or adapter run) as NAME, decoded in the same batches as its base. Repeatable.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=PATH: also serve this LoRA/DoRA adapter (or adapter run) as NAME, decoded in the same batches as its base. Repeatable.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind. Anything but a loopback address needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.", min=0, max=65535)] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require `Authorization: Bearer KEY` \\[default: $POSTTRAIN_API_KEY; none on loopback].")] = None,
-    served_name: Annotated[Optional[str], typer.Option("--served-name", help="The name requests use for MODEL \\[default: MODEL as given].")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` \\[default: $POSTTRAIN_API_KEY; none on loopback].")] = None,
+    served_name: Annotated[str | None, typer.Option("--served-name", help="The name requests use for MODEL \\[default: MODEL as given].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (continuous batching: requests join and leave mid-decode).", min=1)] = 64,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Sequences queued beyond the batch before requests get 429 with Retry-After.", min=1)] = 1024,
     max_tokens_per_request: Annotated[int, typer.Option("--max-request-tokens", help="Most n x max_tokens one request may ask for.", min=1)] = 65536,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MiB.", min=0.001)] = 4.0,
     dtype: DtypeOpt = "auto",
-    device: Annotated[Optional[str], typer.Option("--device", help="cuda, cpu, ... \\[default: cuda when there is one].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... \\[default: cuda when there is one].")] = None,
     template: TemplateOpt = None,
     allow_loading: Annotated[bool, typer.Option("--allow-loading", help="Let clients load more models and adapters from this machine's disk (POST /v1/load_lora_adapter, vLLM's API).")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: critical, error, warning, info, debug.")] = "info",
+    steer: Annotated[
+        str | None,
+        typer.Option(
+            "--steer",
+            help="A steering file from `posttrain steer fit` for MODEL: requests may then steer with its instruction types and boost attention to "
+            'their instruction, chosen per request in extra body fields: `steer` ({"TYPE": weight, ...}), `steer_mode` (adjust \\[default] or add), '
+            "`instaboost` (a factor m >= 1, or true: the file's chosen factor) and `instruction` (the instruction's text as it appears in the prompt; "
+            "needed with instaboost). Without it, instaboost takes a number and steer is refused.",
+        ),
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
@@ -79,18 +89,44 @@ def serve(
         for adapter_name, path in _adapters(adapter or []):
             err.print(f"loading adapter {escape(adapter_name)} from {escape(path)} ...", highlight=False)
             models.add(adapter_name, path)
+        steering = _steering(steer, models.names[name].engine.model.config) if steer else None
     err.print(f"serving {', '.join(sorted(models.names))} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""), highlight=False)
+    if steering is not None:
+        boost = f"; instaboost: true is {steering.boost:g}" if steering.boost != 1 else ""
+        err.print(f"steering types ({escape(steer or '')}): {escape(', '.join(steering.types))}{boost}", highlight=False)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_request_tokens=max_tokens_per_request)
-    run_server(models, host=host, port=port, api_key=api_key, limits=limits, allow_loading=allow_loading, log_level=log_level)
+    run_server(models, host=host, port=port, api_key=api_key, limits=limits, allow_loading=allow_loading, log_level=log_level, steering=steering)
+
+
+def _steering(path: str, config: Any) -> Any:
+    """The steering file at ``path`` as the server's :class:`~posttrain.generate.served.Steerer`, checked against the model's shape."""
+    from posttrain.generate.served import Steerer
+    from posttrain.steer.vectors import SteeringSet
+
+    vectors = SteeringSet.load(path)
+    if not vectors.directions:
+        raise ValueError(f"{path}: the steering file has no instruction types")
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    for type_name, d in vectors.directions.items():
+        if tuple(d.u.shape) != (layers, hidden):
+            raise ValueError(
+                f"{path}: {type_name}'s directions are {tuple(d.u.shape)} (layers, features), the model has {layers} layers of {hidden}: "
+                f"a steering file for another model (it was fit on {vectors.model!r})"
+            )
+
+    def resolve(type_name: str, mode: str, weight: float | None) -> Any:
+        return vectors.steering(type_name, mode=mode, weight=weight)  # type: ignore[arg-type]
+
+    return Steerer(tuple(sorted(vectors.directions)), resolve, vectors.boost, path)
 
 
 def chat(
     model: Annotated[str, typer.Argument(help="The model to talk to: a model, adapter or run directory (loaded here), or the endpoint's model name with --base-url.")],
-    system: Annotated[Optional[str], typer.Option("--system", help="A system message to start with.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system message to start with.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per reply.", min=1)] = 512,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.", min=0)] = 0.7,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first reply's draws (each reply adds one).")] = 0,
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Talk to an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="Talk to an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1).")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
     dtype: DtypeOpt = "auto",
     template: TemplateOpt = None,

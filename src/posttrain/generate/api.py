@@ -4,17 +4,25 @@ Requests are pydantic models (fields OpenAI documents; unknown fields are ignore
 servers do, but a known field we cannot honour, such as ``frequency_penalty``, is refused by name rather
 than dropped). Every failure is an :class:`APIError` that the server writes as OpenAI's error object,
 ``{"error": {"message", "type", "param", "code"}}``, with its HTTP status.
+
+Our extension, on both completion endpoints: ``steer``, ``steer_mode``, ``instaboost`` and ``instruction``
+(steering and InstABoost per request, :func:`intervention`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from posttrain.generate.intervene import MODES, Intervention
 from posttrain.generate.params import MAX_TOP_LOGPROBS, Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from posttrain.generate.served import Steerer
 
 
 class APIError(Exception):
@@ -48,6 +56,11 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     user: str | None = None
+    # posttrain's extension (OpenAI clients send these in extra_body), checked by intervention()
+    steer: Any = None
+    steer_mode: Any = None
+    instaboost: Any = None
+    instruction: Any = None
 
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -142,6 +155,64 @@ def parse(kind: type[_Request], body: Any) -> Any:
         raise APIError(400, f"invalid request: {problems}", param=where or None) from None
     request.refuse_unsupported()
     return request
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def intervention(request: _Request, steerer: Steerer | None) -> tuple[Intervention | None, str | None]:
+    """The request's steering and InstABoost: (the intervention, None when it changes nothing; the instruction to boost, or None).
+
+    * ``steer``: ``{type: weight}``, each type a direction of the server's steering file (``weight`` null:
+      the file's default), all applied together;
+    * ``steer_mode``: ``"adjust"`` (default: the projection on the direction set to ``weight`` times the
+      fit's mean projection) or ``"add"`` (``weight`` times the fit's mean difference added);
+    * ``instaboost``: the factor m >= 1 on attention to the instruction's tokens (1: off), or ``true``: the
+      steering file's chosen factor;
+    * ``instruction``: the instruction's text as it appears in the prompt (its last occurrence is boosted);
+      needed when ``instaboost`` is not 1, ignored otherwise.
+
+    Anything wrong is a 400 naming the field.
+    """
+    mode = "adjust" if request.steer_mode is None else request.steer_mode
+    if mode not in MODES:
+        raise APIError(400, f"steer_mode must be one of {', '.join(MODES)}, not {mode!r}", param="steer_mode")
+    steerings = []
+    if request.steer is not None:
+        if steerer is None:
+            raise APIError(400, "steer needs a steering file, and this server was started without one (posttrain serve --steer FILE)", param="steer", code="steering_unavailable")
+        if not isinstance(request.steer, dict):
+            raise APIError(400, 'steer must be an object mapping instruction type to weight, e.g. {"detectable_format:title": 1.0}', param="steer")
+        for name, weight in request.steer.items():
+            if name not in steerer.types:
+                raise APIError(400, f"no steering direction for instruction type {name!r}; the steering file has {', '.join(steerer.types)}", param="steer")
+            if weight is not None and not _number(weight):
+                raise APIError(400, f"steer[{name!r}] must be a number (the weight) or null (the file's default), not {weight!r}", param="steer")
+            try:
+                steerings.append(steerer.resolve(name, mode, None if weight is None else float(weight)))
+            except (KeyError, ValueError) as err:
+                raise APIError(400, f"cannot steer {name!r}: {err}", param="steer") from None
+    value = request.instaboost
+    if value is True:
+        if steerer is None:
+            raise APIError(400, "instaboost: true means the steering file's factor, and this server has none (posttrain serve --steer FILE); give a number", param="instaboost")
+        boost = steerer.boost
+    elif value is None or value is False:
+        boost = 1.0
+    elif _number(value) and value >= 1:
+        boost = float(value)
+    else:
+        raise APIError(400, f"instaboost must be a number >= 1 (1: off) or true (the steering file's factor), not {value!r}", param="instaboost")
+    instruction = request.instruction
+    if instruction is not None and not isinstance(instruction, str):
+        raise APIError(400, f"instruction must be a string (the instruction's text as it appears in the prompt), not {type(instruction).__name__}", param="instruction")
+    if boost == 1.0:
+        instruction = None
+    elif not instruction or not instruction.strip():
+        raise APIError(400, "instaboost needs instruction: the instruction's text as it appears in the prompt (its tokens get the boost)", param="instruction")
+    found = Intervention(tuple(steerings), boost)
+    return (found if found.active else None), instruction
 
 
 def sampling_params(request: _Request, max_tokens: int, *, seed: int, logprobs: bool, top_logprobs: int) -> SamplingParams:

@@ -103,93 +103,18 @@ from typing import Any
 
 import torch
 
+from posttrain.generate.context import advance, bf16_weights, progress_bar
 from posttrain.generate.fast import FastDecoder
 from posttrain.generate.fast import supports as fast_supports
+from posttrain.generate.intervene import Intervention, attention_bias, effective, steered
 from posttrain.generate.params import Completion, SamplingParams
-from posttrain.generate.prefill import MIN_SHARED_PREFIX, Prefix, last_index, pad_middle, prefill_groups
+from posttrain.generate.prefill import MIN_SHARED_PREFIX, Prefix, PrefixCache, last_index, prefill
 from posttrain.generate.prompts import PromptEncoder
 from posttrain.generate.sampling import generator, pick
 from posttrain.generate.sequences import DecodeSequence, Feed, ListFeed, Stops, plan
 from posttrain.models.load import cache_kwarg, plain_cache
 
 COMPACT_AT = 8  # the fast decoder refills finished rows (or, once nothing waits, drops them) when they are 1/COMPACT_AT of its rows
-
-
-class PrefixCache:
-    """One fixed run of tokens (the chat template's preamble: its default system prompt) prefilled once per adapter.
-
-    For the server, whose batches are whatever requests are waiting: a batch whose prompts all start with
-    ``tokens`` (and have a token of their own after them) gets the cached keys and values; any other
-    batch is prefilled whole. Built inside the engine's session, so the cache has the session's dtype.
-    """
-
-    def __init__(self, engine: Engine, tokens: list[int]):
-        self.engine, self.tokens = engine, list(tokens)
-        self._cached: dict[int, Prefix | None] = {}
-
-    def get(self, batch: list[DecodeSequence]) -> Prefix | None:
-        n = len(self.tokens)
-        if n < MIN_SHARED_PREFIX or any(len(s.prompt_ids) <= n or s.prompt_ids[:n] != self.tokens for s in batch):
-            return None
-        adapter = batch[0].adapter
-        if adapter not in self._cached:
-            with self.engine._using(adapter):
-                self._cached[adapter] = self.engine._prefix([self.tokens + [0]])
-        return self._cached[adapter]
-
-
-@contextmanager
-def _bf16(model: Any, enabled: bool, device: torch.device) -> Iterator[None]:
-    """bf16 forwards: the float32 weights cast to bf16 once for the call (and given back after), under autocast.
-
-    Autocast alone casts every weight at every forward; its cast cache did not help under inference_mode
-    (measured: a SmolLM2-135M decode step at batch 1 took 50 ms with autocast, 22 ms with bf16 weights,
-    31 ms in fp32). Casting once costs about one step. Numerically this is the model loaded in bf16
-    (embeddings, norms and the residual stream in bf16 too, as vLLM runs bf16 models), not fp32 autocast's
-    mix. Parameters are swapped through ``.data`` and the original float32 tensors put back, so a model in
-    training and its optimizer are unaffected; tied weights stay tied. Memory: a bf16 copy of the weights
-    for the call's duration.
-    """
-    if not enabled:
-        yield
-        return
-    params = [p for p in model.parameters() if p.dtype == torch.float32]
-    originals = [p.data for p in params]
-    try:
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    finally:
-        for p, data in zip(params, originals):
-            p.data = data
-
-
-def _progress_bar(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("prompts"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    bar.add_task("generate", total=total, rate="")
-    return bar
-
-
-def _advance(bar: Any, done_prompts: int, tokens: int, started: float) -> None:
-    if bar is not None:
-        rate = tokens / max(time.perf_counter() - started, 1e-9)
-        bar.update(bar.task_ids[0], advance=done_prompts, rate=f"{rate:,.0f} tok/s")
 
 
 class Engine:
@@ -268,19 +193,26 @@ class Engine:
         progress: bool = True,
         batch_size: int | None = None,
         adapter: str | None = None,
+        intervention: Intervention | Sequence[Intervention | None] | None = None,
+        instructions: Sequence[str | None] | None = None,
     ) -> list[list[Completion]]:
         """``params.n`` completions for each prompt, in the prompts' order.
 
         A prompt is a string (one user message), a list of chat messages, or a canonical record (its
         prompt); with ``apply_chat_template=False``, a string given to the model as it is. ``adapter``:
-        one of the engine's adapters (None: the model as it is).
+        one of the engine's adapters (None: the model as it is). ``intervention``: steering and InstABoost
+        (:mod:`posttrain.generate.intervene`) for every prompt of the call, or a list with each prompt's (rows
+        of different interventions share the fast decoder's steps); ``instructions``: each prompt's
+        instruction text as it appears in the prompt (None for a prompt without one), which InstABoost
+        boosts; needed when ``intervention.boost`` is not 1.
         """
+        spans = None
+        if instructions is not None:
+            ids, spans = self.prompts.encode_marked(prompts, instructions, apply_chat_template=apply_chat_template)
+        else:
+            ids = self.encode(prompts, apply_chat_template=apply_chat_template)
         return self.generate_ids(
-            self.encode(prompts, apply_chat_template=apply_chat_template),
-            params,
-            progress=progress,
-            batch_size=batch_size,
-            adapter=adapter,
+            ids, params, progress=progress, batch_size=batch_size, adapter=adapter, intervention=intervention, spans=spans
         )
 
     def generate_ids(
@@ -291,8 +223,10 @@ class Engine:
         progress: bool = True,
         batch_size: int | None = None,
         adapter: str | None = None,
+        intervention: Intervention | Sequence[Intervention | None] | None = None,
+        spans: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[list[Completion]]:
-        """As :meth:`generate`, from prompts already tokenized."""
+        """As :meth:`generate`, from prompts already tokenized; ``spans``: each prompt's instruction tokens ``[start, end)``."""
         params = params or SamplingParams()
         prompt_ids = [list(p) for p in prompt_ids]
         if any(not p for p in prompt_ids):
@@ -300,25 +234,55 @@ class Engine:
         width = batch_size or self.batch_size
         if width < 1:
             raise ValueError(f"batch_size must be at least 1, not {width}")
-        seqs = plan(prompt_ids, params, self.stops(params), self.adapter_index(adapter))
+        if intervention is None or isinstance(intervention, Intervention):
+            intervention = [intervention] * len(prompt_ids)
+        if len(intervention) != len(prompt_ids):
+            raise ValueError(f"{len(intervention)} interventions for {len(prompt_ids)} prompts")
+        checked = {iv: self.check_intervention(iv, spans, prompt_ids) for iv in set(intervention)}
+        interventions = [checked[iv] for iv in intervention]
+        spans = list(spans) if spans is not None and any(iv is not None and iv.boost != 1 for iv in interventions) else None
+        seqs = plan(prompt_ids, params, self.stops(params), self.adapter_index(adapter), interventions, spans)
         left = [params.n] * len(prompt_ids)  # samples still to finish per prompt, for the progress bar
-        bar = _progress_bar(progress, len(prompt_ids))
+        bar = progress_bar(progress, len(prompt_ids))
         started, generated = time.perf_counter(), 0
 
         def finished(s: DecodeSequence) -> None:
             nonlocal generated
             generated += len(s.tokens)
             left[s.prompt] -= 1
-            _advance(bar, int(left[s.prompt] == 0), generated, started)
+            advance(bar, int(left[s.prompt] == 0), generated, started)
 
         with bar or nullcontext(), self.session(params.bf16) as decoder:
-            with self._using(seqs[0].adapter):
-                prefix = self._prefix(prompt_ids)
+            limit = min((s[0] for s in spans or () if s is not None), default=None)
+            if len({s.group for s in seqs}) == 1:
+                with self._using(seqs[0].group):
+                    prefix = self._prefix(prompt_ids, limit=limit)
+            else:  # each group's forward makes its own keys and values of the shared tokens
+                prefix = PrefixCache(self, prompt_ids[0][: self._shared_length(prompt_ids, limit)])
             self.run(ListFeed(seqs), min(width, len(seqs)), finished, prefix=prefix, decoder=decoder)
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
         for s in seqs:
             out[s.prompt][s.sample] = self.completion(s)
         return out  # type: ignore[return-value]
+
+    def check_intervention(
+        self, intervention: Intervention | None, spans: Sequence[tuple[int, int] | None] | None, prompt_ids: Sequence[Sequence[int]]
+    ) -> Intervention | None:
+        """``intervention`` checked against the model and the prompts; None when it changes nothing."""
+        intervention = effective(intervention)
+        if intervention is None:
+            return None
+        layers, hidden = self.model.config.num_hidden_layers, self.model.config.hidden_size
+        for s in intervention.steerings:
+            if not 0 <= s.layer < layers or s.u.shape[0] != hidden:
+                raise ValueError(f"steering {s.key} (layer {s.layer}, {s.u.shape[0]} features) does not fit this model ({layers} layers of {hidden})")
+        if intervention.boost != 1:
+            if spans is None or len(spans) != len(prompt_ids):
+                raise ValueError("instaboost needs each prompt's instruction marked (instructions=..., or spans for token ids)")
+            for i, (span, ids) in enumerate(zip(spans, prompt_ids)):
+                if span is not None and not 0 <= span[0] < span[1] <= len(ids):
+                    raise ValueError(f"prompt {i}: instruction tokens {span} are outside its {len(ids)} tokens")
+        return intervention
 
     @contextmanager
     def session(self, bf16: bool = False) -> Iterator[FastDecoder | None]:
@@ -327,7 +291,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), _bf16(self.model, bf16, self.device):
+            with torch.inference_mode(), bf16_weights(self.model, bf16, self.device):
                 yield self._decoder()
         finally:
             self.model.train(was_training)
@@ -385,105 +349,73 @@ class Engine:
             self._plain = plain_cache(self.model.config)
         return self._plain
 
-    def _prefix(self, prompt_ids: list[list[int]]) -> Prefix | None:
+    def _prefix(self, prompt_ids: list[list[int]], limit: int | None = None) -> Prefix | None:
         """The keys and values of the tokens every prompt of the call starts with (a system prompt), or None.
 
         Computed once per call and shared by every batch, as vLLM's prefix caching does; each prompt keeps
-        at least one token of its own, whose logits start its completion.
+        at least one token of its own, whose logits start its completion. ``limit``: at most this many tokens
+        (where an InstABoost instruction starts: its keys need the boost in the prefill).
         """
-        length = min(len(p) for p in prompt_ids) - 1
-        first = prompt_ids[0]
-        for p in prompt_ids[1:]:
-            length = next((i for i in range(length) if p[i] != first[i]), length)
+        length = self._shared_length(prompt_ids, limit)
         if length < MIN_SHARED_PREFIX or not self._plain_cache():
             return None
+        first = prompt_ids[0]
         cache = self._new_cache()
         ids = torch.tensor([first[:length]], device=self.device)
         self.model(input_ids=ids, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=last_index(length, self.device))
         return Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _prefill(self, prompts: list[list[int]], prefix: Prefix | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the prompts (longest first) through the model: (cache, attention mask, next positions, last logits).
+    @staticmethod
+    def _shared_length(prompt_ids: list[list[int]], limit: int | None = None) -> int:
+        """How many tokens every prompt starts with, each keeping one of its own (at most ``limit``)."""
+        length = min(len(p) for p in prompt_ids) - 1
+        if limit is not None:
+            length = min(length, limit)
+        first = prompt_ids[0]
+        for p in prompt_ids[1:]:
+            length = next((i for i in range(length) if p[i] != first[i]), length)
+        return length
 
-        Rows are left-padded to a common width; with a shared prefix, the padding sits between the prefix
-        and each prompt's own tokens (the mask hides it and positions skip it). Prompts are run in groups
-        of similar length so little compute goes to padding, and the groups' caches joined.
-        """
-        device, shared = self.device, prefix.length if prefix else 0
-        lengths = [len(p) - shared for p in prompts]
-        runs = prefill_groups(lengths) if (prefix or self._plain_cache()) else [(0, len(prompts))]
-        width = lengths[0]  # the longest, as prompts come longest first
-        parts, masks, logits = [], [], []
-        for lo, hi in runs:
-            rows, own = hi - lo, lengths[lo]
-            ids = torch.full((rows, own), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((rows, shared + width), dtype=torch.long)
-            mask[:, :shared] = 1
-            for r, p in enumerate(prompts[lo:hi]):
-                ids[r, own - len(p) + shared :] = torch.tensor(p[shared:])
-                mask[r, shared + width - len(p) + shared :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            cache = self._new_cache()
-            if prefix:
-                for layer, (k, v) in enumerate(prefix.layers):
-                    cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), layer)
-            group_mask = torch.cat([mask[:, :shared], mask[:, shared + width - own :]], dim=1)
-            # positions count real tokens only: a padded prompt is embedded exactly as it would be alone
-            positions = (group_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            out = self.model(
-                input_ids=ids,
-                attention_mask=group_mask,
-                position_ids=positions,
-                **{self._cache_kwarg: cache},
-                use_cache=True,
-                logits_to_keep=last_index(own, device),
-            )
-            parts.append((cache, own))
-            masks.append(mask)
-            logits.append(out.logits[:, -1])
-        if len(parts) == 1 and parts[0][1] == width:
-            cache = parts[0][0]
-        else:
-            cache = self._new_cache()
-            for layer in range(len(parts[0][0].layers)):
-                keys = [pad_middle(c.layers[layer].keys, shared, width - own) for c, own in parts]
-                values = [pad_middle(c.layers[layer].values, shared, width - own) for c, own in parts]
-                cache.update(torch.cat(keys), torch.cat(values), layer)
-        mask = torch.cat(masks)
-        next_position = torch.tensor([len(p) for p in prompts], device=device)
-        return cache, mask, next_position, torch.cat(logits)
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The dtype the forwards compute in (bf16 inside a bf16 session)."""
+        return next(self.model.parameters()).dtype
 
     # -- the decode loop ------------------------------------------------------------------------
 
     def _prefill_rows(
         self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None
-    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_prefill` for a batch of sequences of one adapter: each distinct prompt once (longest first),
-        its rows copied for its samples and put back in the batch's order. Seeds each sampled sequence's generator."""
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:func:`~posttrain.generate.prefill.prefill` for a batch of sequences of one group (adapter and intervention): each distinct
+        prompt once (longest first), its rows copied for its samples and put back in the batch's order.
+        Seeds each sampled sequence's generator."""
         if isinstance(prefix, PrefixCache):
             prefix = prefix.get(batch)
-        distinct = sorted({tuple(s.prompt_ids) for s in batch}, key=lambda p: -len(p))
+        distinct = sorted({(tuple(s.prompt_ids), s.instruction) for s in batch}, key=lambda p: -len(p[0]))
         place = {p: i for i, p in enumerate(distinct)}
-        rows = [place[tuple(s.prompt_ids)] for s in batch]
-        with self._using(batch[0].adapter):
-            cache, mask, next_position, logits = self._prefill([list(p) for p in distinct], prefix)
+        rows = [place[(tuple(s.prompt_ids), s.instruction)] for s in batch]
+        intervention = batch[0].intervention
+        log_boost = intervention.log_boost if intervention is not None else 0.0
+        with self._using(batch[0].group):
+            cache, mask, next_position, logits, boost = prefill(self, [list(p) for p, _ in distinct], prefix, [i for _, i in distinct], log_boost)
         if rows != list(range(len(distinct))):  # n samples, repeated prompts or another order: pick the rows
             index = torch.tensor(rows, device=self.device)
             cache.batch_select_indices(index)
             logits, mask, next_position = logits[index], mask[index], next_position[index]
+            boost = boost[index] if boost is not None else None
         for s in batch:
             if not s.params.greedy and s.generator is None:
                 s.generator = generator(s.seed, self.device)
-        return cache, mask, next_position, logits
+        return cache, mask, next_position, logits, boost
 
     # -- the decode loops -----------------------------------------------------------------------
 
     def _decode(self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None, finished: Callable[[DecodeSequence], None]) -> None:
         """Generate ``batch`` (one adapter) to completion with the model's forward: prefill, then one token a step."""
         device = self.device
-        cache, mask, next_position, logits = self._prefill_rows(batch, prefix)
+        cache, mask, next_position, logits, boost = self._prefill_rows(batch, prefix)
         active = list(batch)
-        with self._using(batch[0].adapter):
+        with self._using(batch[0].group):
             for _ in range(max(s.params.max_new_tokens for s in batch)):
                 self._cancel(active, finished)
                 self._advance_rows(active, logits, finished)
@@ -495,11 +427,16 @@ class Engine:
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
                     tokens, mask, next_position = tokens[index], mask[index], next_position[index]
+                    boost = boost[index] if boost is not None else None
                     active = [active[k] for k in keep]
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                attention = mask
+                if boost is not None:
+                    boost = torch.cat([boost, boost.new_zeros((len(active), 1))], dim=1)
+                    attention = attention_bias(mask, boost, 1, self._dtype)
                 logits = self.model(
                     input_ids=tokens[:, None],
-                    attention_mask=mask,
+                    attention_mask=attention,
                     position_ids=next_position[:, None],
                     **{self._cache_kwarg: cache},
                     use_cache=True,
@@ -529,8 +466,10 @@ class Engine:
         rows = feed.take(width)
         if not rows:
             return
-        cache, mask, positions, logits = self._prefill_rows(rows, prefix)
-        decoder.start(cache, mask, max(s.remaining for s in rows), capacity=width, adapter=rows[0].adapter)
+        cache, mask, positions, logits, boost = self._prefill_rows(rows, prefix)
+        decoder.start(
+            cache, mask, max(s.remaining for s in rows), capacity=width, adapter=rows[0].adapter, intervention=rows[0].intervention, boost=boost
+        )
         del cache
         tokens = self._advance_rows(rows, logits, finished)
         while True:
@@ -541,9 +480,9 @@ class Engine:
                 new = feed.take(len(spare))
                 if new:
                     at = spare[: len(new)]
-                    cache, mask, new_positions, new_logits = self._prefill_rows(new, prefix)
+                    cache, mask, new_positions, new_logits, boost = self._prefill_rows(new, prefix)
                     room = max(s.remaining for s in new + [rows[r] for r in live])
-                    decoder.admit(at, cache, mask, room, keep=live, adapter=new[0].adapter)
+                    decoder.admit(at, cache, mask, room, keep=live, adapter=new[0].adapter, intervention=new[0].intervention, boost=boost)
                     del cache
                     grow = max(at) + 1 - len(rows)
                     if grow > 0:
@@ -632,8 +571,15 @@ class Engine:
         )
 
     @contextmanager
-    def _using(self, adapter: int) -> Iterator[None]:
-        """Forwards of the model with adapter ``adapter`` (0: the base model, adapters off) for an engine with adapters."""
+    def _using(self, group: tuple[int, Intervention | None]) -> Iterator[None]:
+        """Forwards of the model for a :attr:`DecodeSequence.group`: its adapter (0: the base model, adapters off)
+        set, its intervention's steering hooked onto the decoder layers (the boost is in the masks)."""
+        adapter, intervention = group
+        with steered(self.model, intervention.steerings if intervention is not None else ()), self._adapter(adapter):
+            yield
+
+    @contextmanager
+    def _adapter(self, adapter: int) -> Iterator[None]:
         if not self.adapters:
             yield
             return

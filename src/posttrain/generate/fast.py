@@ -35,10 +35,14 @@ samples, batches of 128) ran at 137 tok/s.
 In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
 agree with the model's own decode in the tests; bf16 rounds differently, as any other kernel order would.
 
+Interventions (:mod:`posttrain.generate.intervene`) run here too, per row: a row's steerings edit its
+hidden state after the layer they name (where the model's forward hook would), and InstABoost's
+``log m`` sits in the row's additive mask at its instruction's columns, for every layer and head. The
+tokens are those of the model's forward with hooks and a 4-D mask (tests/test_intervene.py).
+
 Used only where it is the same computation: a model whose modules are the stock classes with plain
 ``nn.Linear`` projections (a LoRA-wrapped model in training goes through its own forward), no sliding
-window, and no hooks (steering vectors and other hooks run in the model's forward, so a hooked model is
-decoded with it).
+window, and no hooks of the caller's (a model someone hooked is decoded with its forward).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from posttrain.generate.intervene import Intervention
 
 HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
@@ -219,8 +225,19 @@ class FastDecoder:
         self.layers = [_Layer(layer, self.adapters) for layer in base.model.layers]
         self.rows = 0
         self.adapter_of: list[int] = []  # each row's adapter index (0: the base model)
+        self.intervention_of: list[Intervention | None] = []  # each row's steering (its boost is in ``bias``)
 
-    def start(self, cache: Any, mask: torch.Tensor, max_new_tokens: int, *, capacity: int = 0, adapter: int = 0) -> None:
+    def start(
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        capacity: int = 0,
+        adapter: int = 0,
+        intervention: Intervention | None = None,
+        boost: torch.Tensor | None = None,
+    ) -> None:
         """Copy a prefilled cache (rows, kv heads, width, head dim per layer) into buffers with room to grow.
 
         Room for ``2 * max_new_tokens`` more columns, so that sequences admitted while the first ones are
@@ -228,7 +245,8 @@ class FastDecoder:
         may fill (at least the cache's); the buffers start with the rows given and double as rows are
         added, so a server that decodes one request at a time does not fill a whole batch's buffers for it.
         Memory: rows x columns x layers x 2 x kv heads x head dim floats (SmolLM2-135M in fp32: 46 KB a row
-        and column; 2.8 GB for 128 rows of 150-token prompts and 160 new tokens).
+        and column; 2.8 GB for 128 rows of 150-token prompts and 160 new tokens). ``intervention``: the rows'
+        steering; ``boost``: (rows, width) ``log m`` at the instruction's columns (InstABoost), or None.
         """
         rows, width = mask.shape
         self.max_rows = max(capacity, rows)
@@ -243,11 +261,14 @@ class FastDecoder:
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
         bias = torch.zeros((rows, columns), dtype=torch.float32, device=mask.device)
+        if boost is not None:
+            bias[:, :width] = boost
         bias[:, :width].masked_fill_(mask == 0, float("-inf"))
         self.bias = bias
         self.length = width
         self.rows = rows
         self.adapter_of = [adapter] * rows
+        self.intervention_of = [intervention] * rows
 
     @property
     def capacity(self) -> int:
@@ -268,7 +289,16 @@ class FastDecoder:
         self.bias = torch.cat([self.bias, self.bias.new_zeros((extra, self.bias.shape[1]))])
 
     def admit(
-        self, rows: list[int], cache: Any, mask: torch.Tensor, max_new_tokens: int, keep: list[int], *, adapter: int = 0
+        self,
+        rows: list[int],
+        cache: Any,
+        mask: torch.Tensor,
+        max_new_tokens: int,
+        keep: list[int],
+        *,
+        adapter: int = 0,
+        intervention: Intervention | None = None,
+        boost: torch.Tensor | None = None,
     ) -> None:
         """Put prefilled sequences into ``rows``: finished rows, or rows past the current ones (within the capacity).
 
@@ -285,13 +315,16 @@ class FastDecoder:
             kb[index, :, t - width : t] = layer.keys
             vb[index, :, t - width : t] = layer.values
         bias = torch.full((len(rows), self.bias.shape[1]), float("-inf"), device=self.bias.device)
-        bias[:, t - width : t].masked_fill_(mask == 1, 0.0)
+        real = boost if boost is not None else torch.zeros(mask.shape, device=self.bias.device)
+        bias[:, t - width : t] = torch.where(mask == 1, real, bias[:, t - width : t])
         bias[:, t:] = 0.0
         self.bias[index] = bias
         self.rows = max(self.rows, max(rows) + 1)
         self.adapter_of += [0] * (self.rows - len(self.adapter_of))
+        self.intervention_of += [None] * (self.rows - len(self.intervention_of))
         for r in rows:
             self.adapter_of[r] = adapter
+            self.intervention_of[r] = intervention
 
     def _make_room(self, width: int, max_new_tokens: int, keep: list[int]) -> None:
         """Make sure ``max_new_tokens`` more columns fit after the current one, with ``width`` before it.
@@ -303,7 +336,7 @@ class FastDecoder:
         t, columns = self.length, self.bias.shape[1]
         if width <= t and t + max_new_tokens <= columns:
             return
-        first = int((self.bias[keep] == 0).float().argmax(-1).min()) if keep else t
+        first = int(torch.isfinite(self.bias[keep]).float().argmax(-1).min()) if keep else t
         used = t - first  # the kept rows' columns [first, t)
         length = max(used, width)
         grown = max(columns, length + 2 * max_new_tokens)
@@ -337,8 +370,10 @@ class FastDecoder:
             for hole, mover in zip(holes, movers):
                 order[hole] = mover
                 self.adapter_of[hole] = self.adapter_of[mover]
+                self.intervention_of[hole] = self.intervention_of[mover]
         self.rows = n
         self.adapter_of = self.adapter_of[:n]
+        self.intervention_of = self.intervention_of[:n]
         return order
 
     def _project(self, weight: torch.Tensor, x: torch.Tensor, layer: _Layer, part: str) -> torch.Tensor:
@@ -355,6 +390,16 @@ class FastDecoder:
             out[index] = delta.apply(out[index], x[index])
         return out
 
+    def _steering_rows(self) -> list[tuple[Intervention, torch.Tensor | None]]:
+        """Each steering intervention among the rows, with its rows (None: every row)."""
+        groups: dict[Intervention, list[int]] = {}
+        for r, intervention in enumerate(self.intervention_of[: self.rows]):
+            if intervention is not None and intervention.steerings:
+                groups.setdefault(intervention, []).append(r)
+        return [
+            (iv, None if len(rows) == self.rows else torch.tensor(rows, device=self.bias.device)) for iv, rows in groups.items()
+        ]
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,)."""
         t = self.length
@@ -367,7 +412,8 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head dim)
         bias = self.bias[:rows, None, None, : t + 1]
-        for layer, all_keys, all_values in zip(self.layers, self.keys, self.values):
+        steer = self._steering_rows()
+        for i, (layer, all_keys, all_values) in enumerate(zip(self.layers, self.keys, self.values)):
             keys, values = all_keys[:rows], all_values[:rows]
             # x is (rows, hidden) with its features contiguous per column (the transpose of W @ x.T): see the module docstring
             qkv = self._project(layer.qkv, layer.norm1(x), layer, "qkv")
@@ -386,6 +432,12 @@ class FastDecoder:
             x = x + self._project(layer.o, attn, layer, "o")
             gate, up = self._project(layer.gate_up, layer.norm2(x), layer, "gate_up").T.chunk(2)  # (intermediate, rows) each
             x = x + self._project(layer.down, (layer.act(gate) * up).T, layer, "down")
+            for intervention, index in steer:
+                for s in intervention.at(i):
+                    if index is None:
+                        x = s.apply(x)
+                    else:
+                        x[index] = s.apply(x[index])
         self.length = t + 1
         hidden = self.final_norm(x).T  # (hidden, rows), contiguous
         # W @ h.T a slice of the vocabulary at a time, each slice's transpose written while it is in cache

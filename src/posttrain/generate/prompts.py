@@ -45,6 +45,37 @@ class PromptEncoder:
             raise TypeError(f"apply_chat_template=False takes plain strings; prompt(s) {bad[:5]} are {type(prompts[bad[0]]).__name__}")
         return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
+    def encode_marked(
+        self, prompts: Sequence[Any], instructions: Sequence[str | None], *, apply_chat_template: bool = True
+    ) -> tuple[list[list[int]], list[tuple[int, int] | None]]:
+        """Token ids as :meth:`encode` gives them, and each prompt's instruction as a token span ``[start, end)``.
+
+        ``instructions[i]``: the instruction's text as it appears in prompt ``i`` (its last occurrence in the
+        rendered prompt is taken), or None for a prompt without one. A token that overlaps the instruction's
+        characters is part of it. InstABoost boosts attention to these tokens."""
+        if len(instructions) != len(prompts):
+            raise ValueError(f"{len(instructions)} instructions for {len(prompts)} prompts")
+        if apply_chat_template:
+            texts = [self.render(p) for p in prompts]
+        else:
+            self.encode(prompts, apply_chat_template=False)  # the same type checks
+            texts = list(prompts)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"marking instruction tokens needs a fast tokenizer (offsets); {type(self.tokenizer).__name__} is not")
+        encoded = self.tokenizer(texts, add_special_tokens=not apply_chat_template, return_offsets_mapping=True)
+        spans: list[tuple[int, int] | None] = []
+        for i, (text, instruction, offsets) in enumerate(zip(texts, instructions, encoded["offset_mapping"])):
+            if not instruction:
+                spans.append(None)
+                continue
+            start = text.rfind(instruction)
+            if start < 0:
+                raise ValueError(f"prompt {i}: its instruction {instruction[:60]!r} is not in the prompt {text[-200:]!r}")
+            end = start + len(instruction)
+            tokens = [k for k, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+            spans.append((tokens[0], tokens[-1] + 1))
+        return encoded["input_ids"], spans
+
     def preamble(self) -> list[int]:
         """The tokens every chat this template renders starts with (its default system prompt, if any), or []."""
         try:

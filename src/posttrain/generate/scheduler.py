@@ -34,8 +34,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.generate.engine import Engine, PrefixCache
+from posttrain.generate.engine import Engine
+from posttrain.generate.intervene import Intervention
 from posttrain.generate.params import Completion, SamplingParams
+from posttrain.generate.prefill import PrefixCache
 from posttrain.generate.prompts import sample_seed
 from posttrain.generate.sequences import DecodeSequence
 
@@ -108,16 +110,24 @@ class Scheduler:
         params: SamplingParams,
         *,
         adapter: str | None = None,
+        intervention: Intervention | None = None,
+        instruction: tuple[int, int] | None = None,
         listener: Callable[[DecodeSequence], None] | None = None,
         on_done: Callable[[Handle], None] | None = None,
     ) -> Handle:
-        """Queue ``params.n`` samples of ``prompt_ids``; raises :class:`QueueFull` or :class:`SchedulerStopped`."""
+        """Queue ``params.n`` samples of ``prompt_ids``; raises :class:`QueueFull` or :class:`SchedulerStopped`.
+
+        ``intervention``: steering and InstABoost for this request; ``instruction``: its instruction's tokens
+        in ``prompt_ids`` (which InstABoost boosts)."""
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to condition on")
         index = self.engine.adapter_index(adapter)
         stops = self.engine.stops(params)
+        intervention = self.engine.check_intervention(intervention, [instruction], [prompt_ids])
         seqs = [
-            DecodeSequence(0, j, list(prompt_ids), sample_seed(params.seed, prompt_ids, 0, j), params, stops, index, listener=listener)
+            DecodeSequence(
+                0, j, list(prompt_ids), sample_seed(params.seed, prompt_ids, 0, j), params, stops, index, intervention, instruction, listener=listener
+            )
             for j in range(params.n)
         ]
         handle = Handle(seqs, on_done, left=len(seqs))
@@ -143,9 +153,18 @@ class Scheduler:
             self._lock.notify_all()
         return future
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, adapter: str | None = None, timeout: float | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        adapter: str | None = None,
+        intervention: Intervention | None = None,
+        instruction: tuple[int, int] | None = None,
+        timeout: float | None = None,
+    ) -> list[Completion]:
         """Submit and wait: the completions of one request (for tests and in-process callers)."""
-        handle = self.submit(prompt_ids, params, adapter=adapter)
+        handle = self.submit(prompt_ids, params, adapter=adapter, intervention=intervention, instruction=instruction)
         if not handle.done.wait(timeout):
             handle.cancel()
             raise TimeoutError(f"no completion within {timeout} s")
@@ -219,7 +238,7 @@ class Scheduler:
         return bool(self._queue) and not self._calls and not self._stopping
 
     def take(self, k: int) -> list[DecodeSequence]:
-        """Up to ``k`` queued sequences of the first one's adapter (cancelled ones are dropped)."""
+        """Up to ``k`` queued sequences of the first one's group, adapter and intervention (cancelled ones are dropped)."""
         batch: list[DecodeSequence] = []
         with self._lock:
             if self._calls or self._stopping:
@@ -230,7 +249,7 @@ class Scheduler:
                 if s.cancelled:
                     self._finish_locked(s, handle)
                     continue
-                if batch and s.adapter != batch[0].adapter:
+                if batch and s.group != batch[0].group:
                     kept.append((s, handle))
                     continue
                 batch.append(s)

@@ -6,6 +6,10 @@ posttrain writes (its ``final/`` is a model or an adapter; its ``config.yaml`` n
 Adapters are loaded into their base's peft model and decoded in the same batch as the base's requests
 (:class:`~posttrain.generate.fast.FastDecoder` adds each row's adapter update); an adapter whose base is
 not served yet brings its base in too, under the base's name.
+
+:class:`Steerer` is what a server offers its requests for steering and InstABoost (``posttrain serve
+--steer FILE``): the CLI wraps its steering file in one, since this layer cannot import
+:mod:`posttrain.steer`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from posttrain.generate.engine import Engine
+from posttrain.generate.intervene import Steering
 from posttrain.generate.scheduler import Scheduler
 
 
@@ -37,6 +43,21 @@ class Served:
     @property
     def engine(self) -> Engine:
         return self.scheduler.engine
+
+
+@dataclass(frozen=True)
+class Steerer:
+    """The steering directions a server's requests may choose from, by instruction type (one steering file).
+
+    ``resolve(type, mode, weight)``: the :class:`Steering` of that type ("add" or "adjust"; ``weight``
+    None: the file's default), raising KeyError for an unknown type and ValueError for one it cannot
+    steer. ``boost``: the InstABoost factor the file chose, what a request's ``instaboost: true`` means.
+    """
+
+    types: tuple[str, ...]
+    resolve: Callable[[str, str, float | None], Steering]
+    boost: float = 1.0
+    source: str = ""  # the file, for messages
 
 
 @dataclass(frozen=True)

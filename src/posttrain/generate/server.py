@@ -12,6 +12,15 @@ as an adapter. Every error is OpenAI's error object with its status: 400 for a b
 ``Retry-After``) when the queue is full, 503 while stopping. A request never takes the server down:
 an unexpected failure is a 500 error object and the next request is served.
 
+Steering and InstABoost per request (started with ``posttrain serve --steer FILE``, a file from ``posttrain
+steer fit``): both completion endpoints take extra body fields (``extra_body=`` in OpenAI's clients).
+``steer`` maps instruction types of the file to weights, e.g. ``{"detectable_format:title": 1.0}``, all
+applied together; ``steer_mode`` is ``"adjust"`` (default) or ``"add"``; ``instaboost`` is the factor m >= 1
+on attention to the instruction (1: off; ``true``: the file's chosen factor), which needs ``instruction``,
+the instruction's text as it appears in the prompt (its last occurrence in the rendered chat, or in each
+text prompt). :func:`api.intervention` checks them (a 400 naming the field); requests with equal
+interventions share a batch, and a chat with tools cannot take instaboost.
+
 Safety: the CLI binds 127.0.0.1 unless told otherwise, and refuses another address without an API key;
 request bodies are bounded (``max_body_bytes``), and so is the work one request may ask for
 (``n x max_tokens <= max_request_tokens``).
@@ -33,9 +42,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.generate import api
 from posttrain.generate.api import APIError
+from posttrain.generate.intervene import Intervention
 from posttrain.generate.scheduler import Handle, QueueFull, SchedulerStopped
 from posttrain.generate.sequences import DecodeSequence
-from posttrain.generate.served import Models, Served
+from posttrain.generate.served import Models, Served, Steerer
+
+Span = tuple[int, int] | None  # an instruction's tokens in its prompt
 
 
 @dataclass
@@ -45,8 +57,10 @@ class Limits:
     default_max_tokens: int = 2048  # a chat request without max_tokens: this, or what fits in the context
 
 
-def create_app(models: Models, *, api_key: str | None = None, limits: Limits | None = None, allow_loading: bool = False) -> Any:
-    """The FastAPI app serving ``models``."""
+def create_app(
+    models: Models, *, api_key: str | None = None, limits: Limits | None = None, allow_loading: bool = False, steering: Steerer | None = None
+) -> Any:
+    """The FastAPI app serving ``models``; ``steering``: the directions requests may steer with (None: ``steer`` is refused)."""
     limits = limits or Limits()
     app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -110,9 +124,14 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise APIError(400, f"n x max_tokens = {n * asked} is over this server's {limits.max_request_tokens}", param="n")
         return asked
 
-    def submit(s: Served, ids: list[int], params: Any, **kwargs: Any) -> Handle:
+    def submit(s: Served, ids: list[int], params: Any, intervention: Intervention | None = None, instruction: Span = None, **kwargs: Any) -> Handle:
+        if intervention is not None:
+            try:
+                s.engine.check_intervention(intervention, [instruction], [ids])
+            except ValueError as err:  # a steering file for another model
+                raise APIError(400, f"cannot steer {s.name}: {err}", param="steer") from None
         try:
-            return s.scheduler.submit(ids, params, adapter=s.adapter, **kwargs)
+            return s.scheduler.submit(ids, params, adapter=s.adapter, intervention=intervention, instruction=instruction, **kwargs)
         except QueueFull as err:
             error = APIError(429, str(err), type="rate_limit_error", code="rate_limit_exceeded")
             error.headers["Retry-After"] = str(int(err.retry_after + 0.999))
@@ -122,7 +141,16 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             error.headers["Retry-After"] = "5"
             raise error from None
 
-    async def run(request: Request, s: Served, prompts: list[list[int]], params: Any) -> list[Handle]:
+    def marked(s: Served, prompts: list[Any], instruction: str, *, chat: bool) -> tuple[list[list[int]], list[Span]]:
+        """The prompts' token ids and their instruction's tokens (for InstABoost), or a 400 naming ``instruction``."""
+        try:
+            return s.engine.prompts.encode_marked(prompts, [instruction] * len(prompts), apply_chat_template=chat)
+        except ValueError as err:
+            raise APIError(400, f"instruction: {err}", param="instruction") from None
+
+    async def run(
+        request: Request, s: Served, prompts: list[list[int]], params: Any, intervention: Intervention | None = None, spans: list[Span] | None = None
+    ) -> list[Handle]:
         """Submit every prompt and wait until all are done; a client that goes away cancels them (their rows are freed)."""
         loop = asyncio.get_running_loop()
         events = [asyncio.Event() for _ in prompts]
@@ -138,8 +166,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
 
         handles: list[Handle] = []
         try:
-            for ids, event in zip(prompts, events):
-                handles.append(submit(s, ids, params, on_done=notifier(event)))
+            for ids, span, event in zip(prompts, spans or [None] * len(prompts), events):
+                handles.append(submit(s, ids, params, intervention, span, on_done=notifier(event)))
             for event in events:
                 while not event.is_set():
                     try:
@@ -204,20 +232,26 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         req = api.parse(api.ChatRequest, await read_json(request))
         s = served(req.model)
         engine = s.engine
+        intervention, instruction = api.intervention(req, steering)
+        messages, tools = req.chat_messages(), req.tools if req.tool_choice != "none" else None
         try:
-            text = engine.prompts.renderer.render_prompt(req.chat_messages(), req.tools if req.tool_choice != "none" else None)
+            text = engine.prompts.renderer.render_prompt(messages, tools)
         except APIError:
             raise
-        except Exception as err:  # the template's own complaint (roles out of order, ...)
+        except Exception as err:  # noqa: BLE001 — the template's own complaint (roles out of order, ...)
             raise APIError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, span = engine.tokenizer(text, add_special_tokens=False)["input_ids"], None
+        if instruction is not None:
+            if tools:
+                raise APIError(400, "instaboost with tools is not supported by this server", param="instaboost", code="unsupported_parameter")
+            (ids,), (span,) = marked(s, [messages], instruction, chat=True)
         asked = req.max_completion_tokens or req.max_tokens
         max_tokens = budget(s, len(ids), asked, req.n)
         params = api.sampling_params(req, max_tokens, seed=seed_of(req), logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         if req.stream:
-            opened = open_stream(s, ids, params)
+            opened = open_stream(s, ids, params, intervention, span)
             return StreamingResponse(stream(s, opened, ids, params, "chat", req.include_usage), media_type="text/event-stream")
-        (handle,) = await run(request, s, [ids], params)
+        (handle,) = await run(request, s, [ids], params, intervention, [span])
         completions = [engine.completion(q) for q in handle.seqs]
         return api.response("chat", req.model, completions, len(ids), engine.tokenizer, req.logprobs, params)
 
@@ -227,8 +261,15 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         req = api.parse(api.CompletionRequest, await read_json(request))
         s = served(req.model)
         engine = s.engine
+        intervention, instruction = api.intervention(req, steering)
         prompts = _prompt_list(req.prompt)
-        ids = [p if isinstance(p, list) else engine.prompts.encode([p], apply_chat_template=False)[0] for p in prompts]
+        spans: list[Span] = [None] * len(prompts)
+        if instruction is None:
+            ids = [p if isinstance(p, list) else engine.prompts.encode([p], apply_chat_template=False)[0] for p in prompts]
+        elif any(not isinstance(p, str) for p in prompts):
+            raise APIError(400, "instaboost needs the prompt as text (to find the instruction in), not token ids", param="instaboost")
+        else:
+            ids, spans = marked(s, prompts, instruction, chat=False)
         vocab = len(engine.tokenizer)
         for i, p in enumerate(ids):
             if not p:
@@ -241,15 +282,17 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         if req.stream:
             if len(ids) != 1:
                 raise APIError(400, "stream takes one prompt", param="prompt")
-            opened = open_stream(s, ids[0], params)
+            opened = open_stream(s, ids[0], params, intervention, spans[0])
             return StreamingResponse(stream(s, opened, ids[0], params, "text", req.include_usage), media_type="text/event-stream")
-        handles = await run(request, s, ids, params)
+        handles = await run(request, s, ids, params, intervention, spans)
         done = [engine.completion(q) for h in handles for q in h.seqs]
         return api.response("text", req.model, done, sum(map(len, ids)), engine.tokenizer, req.logprobs is not None, params)
 
     # -- streaming ------------------------------------------------------------------------------
 
-    def open_stream(s: Served, ids: list[int], params: Any) -> tuple[Handle, asyncio.Queue]:
+    def open_stream(
+        s: Served, ids: list[int], params: Any, intervention: Intervention | None = None, instruction: Span = None
+    ) -> tuple[Handle, asyncio.Queue]:
         """Submit a streamed request: its sequences post news of each token to the returned queue (None: all done).
 
         Called before the response starts, so a full queue is a real 429, not an error inside a 200 stream.
@@ -263,7 +306,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             except RuntimeError:  # the event loop has closed: nobody is listening
                 pass
 
-        return submit(s, ids, params, listener=post, on_done=lambda h: post(None)), news
+        return submit(s, ids, params, intervention, instruction, listener=post, on_done=lambda h: post(None)), news
 
     async def stream(s: Served, opened: tuple[Handle, asyncio.Queue], ids: list[int], params: Any, kind: str, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per new piece of text a sample has, its finish reason, usage, ``[DONE]``."""
@@ -354,11 +397,21 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def serve(models: Models, *, host: str, port: int, api_key: str | None, limits: Limits, allow_loading: bool, log_level: str = "info") -> None:
+def serve(
+    models: Models,
+    *,
+    host: str,
+    port: int,
+    api_key: str | None,
+    limits: Limits,
+    allow_loading: bool,
+    log_level: str = "info",
+    steering: Steerer | None = None,
+) -> None:
     """Run the server until interrupted, then stop every scheduler."""
     import uvicorn
 
-    app = create_app(models, api_key=api_key, limits=limits, allow_loading=allow_loading)
+    app = create_app(models, api_key=api_key, limits=limits, allow_loading=allow_loading, steering=steering)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

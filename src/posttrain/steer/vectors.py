@@ -6,35 +6,28 @@ layer, the mean over prompts of (with - without) is the instruction's direction.
 layer: the unit direction ``u``, the norm of the mean difference, and ``c̄``, the mean projection of the
 with-instruction activations on ``u`` (what ``adjust`` sets the projection to).
 
-Applying, at one layer's output, at every position (prompt and generated tokens), as Stolfo et al. do:
-
-* ``add``: ``h + w·u``;
-* ``adjust``: ``h + (w·c̄ - h·u)·u`` (the projection on ``u`` set to ``w·c̄``; ``w = 1`` is Stolfo's).
-
-Several steerings compose (each is its own hook; two on one layer apply in order). The hooks go on the
-transformers model's decoder layers, which return a tensor in transformers 5 (a tuple in older versions;
-both handled). Our own code: the fit is a mean over captured activations and the hooks are a few lines;
-the steering libraries (repeng, steering-vectors) have neither ``adjust`` nor a chat-template-aware fit.
+Applying: :class:`~posttrain.generate.intervene.Steering` (``add``: ``h + w·u``; ``adjust``: the
+projection on ``u`` set to ``w·c̄``, ``w = 1`` being Stolfo's), at every position, through the engine's
+hooks or its fast decoder. Our own code: the fit is a mean over captured activations; the steering
+libraries (repeng, steering-vectors) have neither ``adjust`` nor a chat-template-aware fit.
 
 File format: one safetensors file; tensors ``{type}.u`` ([layers, d]), ``{type}.norm`` and ``{type}.c``
-([layers]); metadata ``posttrain.steer`` holds JSON: the model, the chosen layer and weight per type.
+([layers]); metadata ``posttrain.steer`` holds JSON: the model, the chosen layer and weight per type, the
+chosen InstABoost factor, and what the choices measured (``report``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from posttrain.generate.intervene import Mode, Steering
 from posttrain.models.load import decoder_layers
-
-Mode = Literal["add", "adjust"]
-MODES: tuple[str, ...] = ("add", "adjust")
 
 
 @dataclass
@@ -54,18 +47,23 @@ class SteeringSet:
 
     model: str
     directions: dict[str, Direction] = field(default_factory=dict)
+    boost: float = 1.0  # the InstABoost factor m chosen on validation prompts (1: none chosen)
+    report: dict[str, Any] = field(default_factory=dict)  # what the fit measured (layers tried, fluency bounds)
+    source: str = ""  # the file it was loaded from: names its steerings (two files' types never batch together)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
         tensors, meta = {}, {}
         for name, d in self.directions.items():
-            tensors[f"{name}.u"] = d.u.float().contiguous()
-            tensors[f"{name}.norm"] = d.norm.float().contiguous()
-            tensors[f"{name}.c"] = d.c.float().contiguous()
+            # copies: two types may hold one tensor, which safetensors refuses to write twice
+            tensors[f"{name}.u"] = d.u.detach().float().clone().contiguous()
+            tensors[f"{name}.norm"] = d.norm.detach().float().clone().contiguous()
+            tensors[f"{name}.c"] = d.c.detach().float().clone().contiguous()
             meta[name] = {"layer": d.layer, "weight": d.weight}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"posttrain.steer": json.dumps({"model": self.model, "types": meta})})
+        meta_all = {"model": self.model, "types": meta, "boost": self.boost, "report": self.report}
+        save_file(tensors, str(path), metadata={"posttrain.steer": json.dumps(meta_all)})
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringSet:
@@ -83,7 +81,7 @@ class SteeringSet:
                 name: Direction(f.get_tensor(f"{name}.u"), f.get_tensor(f"{name}.norm"), f.get_tensor(f"{name}.c"), m["layer"], m["weight"])
                 for name, m in meta["types"].items()
             }
-        return cls(meta["model"], directions)
+        return cls(meta["model"], directions, float(meta.get("boost", 1.0)), meta.get("report", {}), str(path.resolve()))
 
     def steering(self, name: str, *, mode: Mode = "add", weight: float | None = None, layer: int | None = None) -> Steering:
         """The steering of type ``name`` at its chosen layer (or ``layer``); ``add``'s weight defaults to the chosen one."""
@@ -95,60 +93,19 @@ class SteeringSet:
             raise ValueError(f"{name}: no layer chosen in the file; pass one")
         if mode == "add":
             w = d.weight if weight is None else weight
-            return Steering(layer, d.u[layer], "add", float(w) * float(d.norm[layer]))
-        return Steering(layer, d.u[layer], "adjust", float(d.c[layer]) * (1.0 if weight is None else float(weight)))
+            return Steering(layer, d.u[layer], "add", float(w) * float(d.norm[layer]), self._key(name, layer))
+        return Steering(layer, d.u[layer], "adjust", float(d.c[layer]) * (1.0 if weight is None else float(weight)), self._key(name, layer))
 
-
-@dataclass(frozen=True)
-class Steering:
-    """One edit of one layer's output: ``add`` adds ``amount·u``; ``adjust`` sets the projection on ``u`` to ``amount``."""
-
-    layer: int
-    u: torch.Tensor
-    mode: Mode
-    amount: float
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"steering mode must be one of {MODES}, got {self.mode!r}")
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        u = self.u.to(device=h.device, dtype=h.dtype)
-        if self.mode == "add":
-            return h + self.amount * u
-        return h + (self.amount - h @ u).unsqueeze(-1) * u
-
-
-def _edit_output(edit: Any) -> Any:
-    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (edit(output[0]), *output[1:])
-        return edit(output)
-
-    return hook
-
-
-@contextmanager
-def steered(model: Any, steerings: Sequence[Steering]) -> Iterator[None]:
-    """Apply ``steerings`` to ``model``'s forward within the block (hooks removed on exit, also on errors)."""
-    layers = decoder_layers(model)
-    handles = []
-    try:
-        for s in steerings:
-            if not 0 <= s.layer < len(layers):
-                raise ValueError(f"steering layer {s.layer} is outside the model's {len(layers)} layers")
-            handles.append(layers[s.layer].register_forward_hook(_edit_output(s.apply)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def _key(self, name: str, layer: int) -> str:
+        return f"{self.source or id(self)}:{name}:{layer}"
 
 
 @torch.no_grad()
 def last_token_residuals(model: Any, token_ids: Sequence[Sequence[int]], *, batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
     """The residual stream after every decoder layer at each prompt's last token: [prompts, layers, d], fp32.
 
-    Prompts are left-padded so the last token is the last position of every row."""
+    Prompts are left-padded so the last token is the last position of every row, with positions counted
+    from each prompt's first token."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
@@ -165,8 +122,9 @@ def last_token_residuals(model: Any, token_ids: Sequence[Sequence[int]], *, batc
             width = max(len(ids) for ids in chunk)
             ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # a padded prompt is embedded as it would be alone
             captured.clear()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             out.append(torch.stack(captured, dim=1))
     finally:
         for handle in handles:
