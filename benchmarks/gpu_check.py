@@ -19,6 +19,7 @@ Checks:
   grpo          GRPO, verifier rewards                         s/step, mean reward
   demo          posttrain demo --quick                         seconds, stages
   decoders      greedy generation, fast decoder vs forward     tokens/s of each, sequences that agree
+  steer         steering + InstABoost, fast decoder vs forward tokens/s of each, sequences that agree
   serve         posttrain serve (+ the sft-lora run as adapter) errors, aggregate tokens/s, latency; greedy vs the engine
   fsdp          SFT under torchrun, train.distributed fsdp     tokens/s, loss; every collective on the group's device
   ddp-kto       DPO (KTO) under torchrun, DDP                  loss; every collective on the group's device
@@ -219,6 +220,11 @@ class Checks:
         proc = self.posttrain_python("decoders", script, self.model, "32" if self.cpu else "128", "16" if self.cpu else "64")
         return proc.stdout.strip().splitlines()[-1]
 
+    def steer(self) -> str:
+        script = ROOT / "benchmarks" / "gpu_check_steer.py"
+        proc = self.posttrain_python("steer", script, self.model, "8" if self.cpu else "64", "12" if self.cpu else "48")
+        return proc.stdout.strip().splitlines()[-1]
+
     def serve(self) -> str:
         script = ROOT / "benchmarks" / "gpu_check_serve.py"
         adapter = self.work / "sft-lora"
@@ -329,6 +335,7 @@ def main() -> None:
             "grpo": c.grpo,
             "demo": c.demo,
             "decoders": c.decoders,
+            "steer": c.steer,
             "serve": c.serve,
             "fsdp": c.fsdp,
             "ddp-kto": c.ddp_kto,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "qlora", "dpo", "grpo", "demo", "decoders", "serve", "fsdp", "ddp-kto")
+CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "qlora", "dpo", "grpo", "demo", "decoders", "steer", "serve", "fsdp", "ddp-kto")
 
 
 def test_gpu_check_runs_on_cpu(tmp_path):
@@ -23,6 +23,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert lines["qlora"].split()[2] == "skip" and "CUDA" in lines["qlora"]
     assert all(lines[c].split()[2] == "ok" for c in CHECKS if c != "qlora"), proc.stdout
     assert "tokens/s" in lines["sft-lora"] and "pairs/s" in lines["dpo"] and "fp32 sequences identical" in lines["decoders"]
+    assert "steered sequences identical on both paths" in lines["steer"]
     assert "all on cpu, same order on every rank" in lines["fsdp"]
     assert "base + adapter), 0 errors" in lines["serve"] and "tok/s aggregate" in lines["serve"]
     assert (tmp_path / "out" / "gpu_check.txt").read_text().count("CHECK ") == len(CHECKS)

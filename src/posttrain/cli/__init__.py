@@ -19,6 +19,7 @@ from posttrain.cli.common import TemplateOpt, UnsafeOpt, VerifiersOpt, err, fail
 from posttrain.cli.data import data_app
 from posttrain.cli.sandbox import sandbox_app
 from posttrain.cli.serve import register as register_serving
+from posttrain.cli.steer import steer_app
 from posttrain.cli.synth import synth_app
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(synth_app, name="synth")
+app.add_typer(steer_app, name="steer")
 eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
@@ -69,6 +71,10 @@ def eval_ifeval(
     base_url: Annotated[Optional[str], typer.Option("--base-url", help="Generate on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); finished requests are cached, so a rerun sends only the missing ones.")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --base-url: the environment variable holding the API key.")] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option("--concurrency", help="With --base-url: requests in flight.", min=1)] = 8,
+    steer: Annotated[Optional[Path], typer.Option("--steer", help="Steer each prompt toward its instruction types with this file's directions (`posttrain steer fit`); types the file lacks are left alone.", exists=True, dir_okay=False)] = None,
+    steer_mode: Annotated[str, typer.Option("--steer-mode", help="adjust (set the projection to the fit's mean, Stolfo's) or add.")] = "adjust",
+    steer_weight: Annotated[Optional[float], typer.Option("--steer-weight", help="Steering weight \\[default: 1 for adjust, the file's for add].")] = None,
+    instaboost: Annotated[float, typer.Option("--instaboost", help="InstABoost: every layer and head pays m times the attention to the instruction's tokens (1: off). Needs prompts whose 'instruction' is stored apart.", min=1)] = 1.0,
     verifiers: VerifiersOpt = None,
     unsafe_exec: UnsafeOpt = False,
 ) -> None:
@@ -87,11 +93,24 @@ def eval_ifeval(
             result = ifeval.score_file(responses, data, limit)
             title = responses.name
         else:
-            records = ifeval.read_prompt_records(ifeval.find_data(data))[:limit]
+            data_path = ifeval.find_data(data)
+            records = ifeval.read_prompt_records(data_path)[:limit]
+            steering, instructions = None, None
+            if steer is not None:
+                from posttrain.steer.vectors import SteeringSet
+
+                steering = SteeringSet.load(steer)
+            if instaboost != 1:
+                from posttrain.records import read_jsonl
+
+                instructions = [r.get("instruction") for r in read_jsonl(data_path)][: len(records)]
+            if steer_mode not in ("add", "adjust"):
+                fail(f"--steer-mode must be add or adjust, not {steer_mode!r}")
             try:
                 texts = ifeval.generate_responses(
                     records, model, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=resolve_bf16(bf16),
-                    base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                    base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, steering=steering,
+                    steer_mode=steer_mode, steer_weight=steer_weight, instaboost=instaboost, instructions=instructions,
                 )  # fmt: skip
             except EndpointError as e:
                 fail(str(e))

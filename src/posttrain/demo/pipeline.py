@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain import hub
 from posttrain.config import ConfigError, DPOConfig, SFTConfig, Strict, load_config, resolve_bf16
+from posttrain.demo.evaluate import evaluate_model
 from posttrain.records import write_jsonl
 
 STAGE_VERSION = 1
@@ -129,6 +130,19 @@ class LabelStageConfig(Strict):
     seed: int = 1
 
 
+class SteerConfig(Strict):
+    """Steering and InstABoost in the eval stages (eval-start, eval-sft, eval-dpo): see ``posttrain steer``."""
+
+    file: str | None = Field(None, description="A steering file (`posttrain steer fit`, fitted on the starting model): each prompt is steered toward its instruction types the file has.")
+    mode: Literal["adjust", "add"] = "adjust"
+    weight: float | None = Field(None, description="Steering weight (default: 1 for adjust, the file's for add).")
+    instaboost: float = Field(1.0, ge=1, description="InstABoost's m on each built prompt's instruction (1: off). The IFEval subset keeps no instruction apart: it is not boosted.")
+
+    @property
+    def active(self) -> bool:
+        return self.file is not None or self.instaboost != 1
+
+
 class PipelineConfig(Strict):
     model: str = Field("smollm2-135m-instruct", description="Starting model: a fetched name, zoo name, local directory or hub id.")
     template: str | None = Field(None, description="Chat template override (default: the tokenizer's own).")
@@ -142,6 +156,7 @@ class PipelineConfig(Strict):
     label: LabelStageConfig = LabelStageConfig()
     dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of a DPO config (adapter, train, dpo ...).")
     examples: int = Field(6, ge=0, description="Held-out responses shown before and after in the report.")
+    steer: SteerConfig = SteerConfig()
 
     @field_validator("sft", "dpo")
     @classmethod
@@ -163,6 +178,14 @@ class PipelineConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return raw
+
+    @model_validator(mode="after")
+    def _steer_in_process(self) -> PipelineConfig:
+        if self.steer.active and self.generation.backend != "engine":
+            raise ValueError("steer: steering and InstABoost run in this process; they need generation.backend engine")
+        if self.steer.file and not Path(self.steer.file).is_file():
+            raise ValueError(f"steer.file: {self.steer.file}: no such file (make one with `posttrain steer fit`)")
+        return self
 
     @model_validator(mode="after")
     def _resolve_bf16(self) -> PipelineConfig:
@@ -311,13 +334,16 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     load_libraries(cfg.prompts.verifiers)  # code verifiers the prompt files name: every stage that scores uses them
     libraries = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.prompts.verifiers]
     prompts_key = {"prompts": cfg.prompts.model_dump(exclude={"verifiers"})} | ({"verifier_libraries": libraries} if libraries else {})
-    prompts = stage("prompts", prompts_key, (), lambda out: build_prompt_files(cfg.prompts, out))
+    parts = cfg.steer.instaboost != 1  # InstABoost needs each prompt's instruction apart
+    prompts = stage("prompts", prompts_key | ({"parts": True} if parts else {}), (), lambda out: build_prompt_files(cfg.prompts, out, parts=parts))
     start_model = {"model": cfg.model, "fingerprint": model_fingerprint(cfg.model), "template": cfg.template}
+    # only a pipeline that steers has it in its eval stages' keys: the others keep the keys they had
+    steer = {"steer": cfg.steer.model_dump() | {"file_sha256": _sha256(cfg.steer.file)}} if cfg.steer.active else {}
 
     def evaluate(model: str) -> Callable[[Path], dict[str, Any]]:
-        return lambda out: evaluate_model(model, prompts, out, cfg)
+        return lambda out: evaluate_model(_engine(model, cfg), model, prompts, out, cfg)
 
-    stage("eval-start", {**start_model, "generation": gen}, ("prompts",), evaluate(cfg.model))
+    stage("eval-start", {**start_model, "generation": gen, **steer}, ("prompts",), evaluate(cfg.model))
     sample = stage(
         "sample",
         {**start_model, "generation": gen, "sample": cfg.sample.model_dump(), "seed": cfg.seed},
@@ -331,7 +357,7 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
         lambda out: train_stage("sft", cfg, cfg.model, sample / "kept.jsonl", out),
     )
     sft_model = str(sft / "merged")
-    stage("eval-sft", {"generation": gen}, ("prompts", "sft"), evaluate(sft_model))
+    stage("eval-sft", {"generation": gen, **steer}, ("prompts", "sft"), evaluate(sft_model))
     label = stage(
         "label",
         {"generation": gen, "label": cfg.label.model_dump(), "reference_logps": cfg.generation.backend == "engine"},
@@ -344,7 +370,7 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
         ("label", "sft"),
         lambda out: train_stage("dpo", cfg, sft_model, label / "pairs.jsonl", out),
     )
-    stage("eval-dpo", {"generation": gen}, ("prompts", "dpo"), evaluate(str(dpo / "merged")))
+    stage("eval-dpo", {"generation": gen, **steer}, ("prompts", "dpo"), evaluate(str(dpo / "merged")))
 
     from posttrain.demo import report
 
@@ -353,8 +379,13 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     return summary
 
 
-def build_prompt_files(p: PromptsConfig, out: Path) -> dict[str, Any]:
-    """``train.jsonl``, ``heldout.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``."""
+def _sha256(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False) -> dict[str, Any]:
+    """``train.jsonl``, ``heldout.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``; ``parts``: built prompts keep
+    their query and instruction apart too."""
     from posttrain.demo.ifeval_subset import ifeval_subset
     from posttrain.synth.verifiable import build_prompts
     from posttrain.verify.scoring import read_prompt_records
@@ -362,8 +393,8 @@ def build_prompt_files(p: PromptsConfig, out: Path) -> dict[str, Any]:
     def given(path: str, n: int) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in read_prompt_records(path)[:n]]
 
-    train = given(p.train, p.n_train) if p.train else build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types)
-    heldout = given(p.heldout, p.n_heldout) if p.heldout else build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types)
+    train = given(p.train, p.n_train) if p.train else build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types, parts=parts)
+    heldout = given(p.heldout, p.n_heldout) if p.heldout else build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types, parts=parts)
     ifeval = (given(p.ifeval, p.n_ifeval) if p.ifeval else ifeval_subset(p.n_ifeval)) if p.n_ifeval else []
     overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval}
     if overlap:
@@ -449,41 +480,6 @@ def _served_name(model_dir: str) -> str:
     path = Path(model_dir).resolve()
     stage = path.parent.name if path.name == "merged" else path.name
     return f"{stage}-{key_of([str(path), model_fingerprint(str(path))])[:12]}"
-
-
-def evaluate_model(model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
-    """Greedy responses to the held-out and IFEval prompts, scored strict and loose: ``scores.json`` and per-item files."""
-    from posttrain.eval import ifeval
-    from posttrain.generate.params import SamplingParams
-    from posttrain.verify.scoring import read_prompt_records
-
-    sets = {
-        name: read_prompt_records(prompts / f"{name}.jsonl") for name in ("heldout", "ifeval") if (prompts / f"{name}.jsonl").stat().st_size
-    }
-    records = [r for rs in sets.values() for r in rs]
-    params = SamplingParams(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0, bf16=cfg.generation.bf16)
-    outputs = _engine(model, cfg).generate([r.prompt for r in records], params)
-    texts = iter([c[0].text for c in outputs])
-    scores: dict[str, Any] = {}
-    for name, rs in sets.items():
-        result = ifeval.score(rs, [next(texts) for _ in rs])
-        ifeval.write_per_item(out / f"{name}.jsonl", result)
-        scores[name] = summary_dict(result.summary)
-    (out / "scores.json").write_text(json.dumps(scores, indent=1))
-    return {"model": model, **{f"{n}_prompt_loose": s["prompt_loose"] for n, s in scores.items()}}
-
-
-def summary_dict(s: Any) -> dict[str, Any]:
-    """IFEval scores in percent, with per-type instruction-level accuracy."""
-    return {
-        "prompt_strict": 100 * s.prompt_strict,
-        "inst_strict": 100 * s.inst_strict,
-        "prompt_loose": 100 * s.prompt_loose,
-        "inst_loose": 100 * s.inst_loose,
-        "prompts": s.num_prompts,
-        "instructions": s.num_instructions,
-        "per_type": {t: {"count": v.count, "strict": 100 * v.strict, "loose": 100 * v.loose} for t, v in s.per_type.items()},
-    }
 
 
 def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dict[str, Any]:

@@ -121,6 +121,11 @@ def generate_responses(
     api_key_env: str = "OPENAI_API_KEY",
     concurrency: int = 8,
     cache_dir: str | Path | None = None,
+    steering: Any = None,
+    steer_mode: str = "adjust",
+    steer_weight: float | None = None,
+    instaboost: float = 1.0,
+    instructions: list[str | None] | None = None,
 ) -> list[str]:
     """Greedy responses of ``model`` to each prompt, with its chat template (lm-eval's IFEval setting).
 
@@ -128,8 +133,17 @@ def generate_responses(
     (:class:`~posttrain.generate.client.OpenAIEngine`: ``concurrency`` requests at a time, finished ones
     cached in ``cache_dir``, default ``$POSTTRAIN_CACHE/requests``, so a killed run re-sends only the
     rest); ``batch_size`` and ``bf16`` are then the server's business.
+
+    ``steering`` (a :class:`~posttrain.steer.vectors.SteeringSet`): each prompt is steered toward those
+    of its instruction types the file has (at each type's chosen layer; ``steer_mode`` and
+    ``steer_weight`` as in :meth:`SteeringSet.steering`); ``instaboost``: InstABoost's m on each prompt's
+    instruction, whose text ``instructions`` gives (prompts store it apart when built with ``parts``).
     """
     from posttrain.generate.params import SamplingParams
+
+    interventions = _interventions(records, steering, steer_mode, steer_weight, instaboost, instructions)
+    if interventions is not None and base_url is not None:
+        raise ValueError("steering and InstABoost run in this process: drop --base-url (or start the server with `posttrain serve --steer`)")
 
     if base_url is not None:
         from posttrain.generate.client import OpenAIEngine
@@ -140,8 +154,35 @@ def generate_responses(
 
         engine = Engine.from_name(model, batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, bf16=bf16)
-    outputs = engine.generate([r.prompt for r in records], params, progress=progress)
+    if interventions is None:
+        outputs = engine.generate([r.prompt for r in records], params, progress=progress)
+    else:
+        marks = instructions if instaboost != 1 else None
+        outputs = engine.generate([r.prompt for r in records], params, progress=progress, intervention=interventions, instructions=marks)
     return [completions[0].text for completions in outputs]
+
+
+def _interventions(
+    records: list[PromptRecord], steering: Any, mode: str, weight: float | None, boost: float, instructions: list[str | None] | None
+) -> list[Any] | None:
+    """Each prompt's intervention: steering toward its types that ``steering`` has, and the boost (None: neither asked for)."""
+    if steering is None and boost == 1:
+        return None
+    from posttrain.generate.intervene import Intervention
+
+    if boost != 1 and (instructions is None or len(instructions) != len(records) or not all(instructions)):
+        missing = len(records) if instructions is None else sum(not i for i in instructions)
+        raise ValueError(
+            f"InstABoost needs each prompt's instruction stored apart ('instruction' in the prompt file); {missing} of "
+            f"{len(records)} prompts have none (IFEval's own prompts do not; posttrain's built-in verifiable prompts do)"
+        )
+    out = []
+    for r in records:
+        steerings = ()
+        if steering is not None:
+            steerings = tuple(steering.steering(t, mode=mode, weight=weight) for t in r.instruction_id_list if t in steering.directions)
+        out.append(Intervention(steerings, boost))
+    return out
 
 
 def write_per_item(path: str | Path, result: IFEvalResult) -> None:

@@ -417,7 +417,9 @@ def render(phrasing: str, kwargs: dict[str, Any]) -> str:
 # -- prompts -------------------------------------------------------------------------------------
 
 
-def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, types: list[str] | None = None) -> list[dict[str, Any]]:
+def build_prompts(
+    split: Split, n: int, seed: int, max_instructions: int = 2, types: list[str] | None = None, *, parts: bool = False
+) -> list[dict[str, Any]]:
     """``n`` IFEval-format prompts for ``split``: a query of that split, then instruction phrasings of that split.
 
     Prompts cycle through 1, 2, ..., ``max_instructions`` instructions (with the default 2: half one,
@@ -426,7 +428,8 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
     picked for the prompt; phrasings of a type are used in turn, queries in a seeded shuffled order. Records are
     ``{"key", "prompt", "instruction_id_list", "kwargs"}``, as :class:`posttrain.records.PromptRecord`
     reads them. The same arguments give the same records on any machine, and a build of ``n`` is the
-    first ``n`` records of any longer build with the same seed.
+    first ``n`` records of any longer build with the same seed. ``parts``: also ``"query"`` and
+    ``"instruction"`` (the text after the query: every phrase), which steering's fit and InstABoost need.
     """
     problems = []
     if split not in SPLITS:
@@ -475,14 +478,15 @@ def build_prompts(split: Split, n: int, seed: int, max_instructions: int = 2, ty
             turn[type_id] += 1
             uses[type_id] += 1
             all_kwargs.append(kwargs)
-        records.append(
-            {
-                "key": f"demo-{split}-{seed}-{index:04d}",
-                "prompt": " ".join([query, *phrases]),
-                "instruction_id_list": picked,
-                "kwargs": all_kwargs,
-            }
-        )
+        record = {
+            "key": f"demo-{split}-{seed}-{index:04d}",
+            "prompt": " ".join([query, *phrases]),
+            "instruction_id_list": picked,
+            "kwargs": all_kwargs,
+        }
+        if parts:
+            record |= {"query": query, "instruction": " ".join(phrases)}
+        records.append(record)
     return records
 
 
