@@ -35,6 +35,11 @@ PromptsOpt = Annotated[
 ]
 TypesOpt = Annotated[str | None, typer.Option("--types", help="Comma-separated instruction types \\[default: six parameter-free format types].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.", min=1)]
+MaxPerplexityOpt = Annotated[
+    float,
+    typer.Option("--max-perplexity", help="Fluency bound: perplexity at most this many times the unsteered answers' to the instructed prompts (fit rejects a layer or m beyond it; eval marks it).", min=1),
+]
+MaxRepetitionOpt = Annotated[float, typer.Option("--max-repetition", help="Fluency bound: a share of repeated word 4-grams at most this much above theirs.", min=0)]
 Bf16Opt = Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 for generation \\[default: bf16 where the hardware has native bf16].")]
 
 
@@ -92,8 +97,8 @@ def fit(
     validation: Annotated[int, typer.Option("--validation", help="Validation prompts per type, other queries than the fit's: they choose the layer and the boost.", min=1)] = 16,
     layers: Annotated[str | None, typer.Option("--layers", help="Comma-separated candidate layers \\[default: six from a fifth to seven tenths of the depth].")] = None,
     boost_prompts: Annotated[int, typer.Option("--boost-prompts", help="Validation prompts per type on which InstABoost's m is searched (1, 3, ..., 19).", min=1)] = 6,
-    max_perplexity: Annotated[float, typer.Option("--max-perplexity", help="Fluency bound: a layer or m is rejected when its text's perplexity is more than this many times the unsteered answers'.", min=1)] = 2.0,
-    max_repetition: Annotated[float, typer.Option("--max-repetition", help="Fluency bound: ... or its share of repeated 4-grams is more than this above theirs.", min=0)] = 0.10,
+    max_perplexity: MaxPerplexityOpt = 2.0,
+    max_repetition: MaxRepetitionOpt = 0.10,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     batch_size: BatchOpt = 64,
     bf16: Bf16Opt = None,
@@ -177,8 +182,8 @@ def evaluate(
     mode: Annotated[str, typer.Option("--mode", help="adjust (set the projection to c̄, Stolfo's) or add (add weight × the mean difference).")] = "adjust",
     weight: Annotated[float | None, typer.Option("--weight", help="Steering weight \\[default: 1 for adjust, the file's for add].")] = None,
     instaboost: Annotated[float | None, typer.Option("--instaboost", help="InstABoost's m \\[default: the one the fit chose].", min=1)] = None,
-    max_perplexity: Annotated[float, typer.Option("--max-perplexity", help="Fluency bound shown: perplexity at most this many times the unsteered answers'.", min=1)] = 2.0,
-    max_repetition: Annotated[float, typer.Option("--max-repetition", help="Fluency bound shown: repeated 4-grams at most this much above theirs.", min=0)] = 0.10,
+    max_perplexity: MaxPerplexityOpt = 2.0,
+    max_repetition: MaxRepetitionOpt = 0.10,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 192,
     batch_size: BatchOpt = 64,
     bf16: Bf16Opt = None,
