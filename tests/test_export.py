@@ -141,3 +141,30 @@ def test_export_of_an_unfinished_run_fails_clearly(tmp_path):
     (tmp_path / "run").mkdir()
     cli = runner.invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "out")])
     assert cli.exit_code == 1 and "final/" in cli.output and "Traceback" not in cli.output, cli.output
+
+
+def test_wegeft_run_saves_its_pairs_and_exports_merged(tmp_path):
+    """WeGeFT through `posttrain sft`: final/ holds the pairs (once each), loads onto the base, and export --merge
+    writes a plain transformers model that generates what the trained model generates."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.models.wegeft import load_wegeft
+
+    cfg, result = run(tmp_path, "wegeft")
+    final = result.final_dir
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["posttrain_adapter"] == "wegeft" and config["r"] == 8 and not (final / "model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    trained = trained_in_memory(cfg, result.run_dir)
+    expected = greedy(trained, tokenizer)
+    assert expected != greedy(AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")), tokenizer)
+    assert greedy(load_wegeft(AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")), final), tokenizer) == expected
+
+    merged_dir = tmp_path / "merged"
+    cli = runner.invoke(app, ["export", str(result.run_dir), "--merge", "-o", str(merged_dir)])
+    assert cli.exit_code == 0, cli.output
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.state_dict().keys() == AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")).state_dict().keys()
+    assert greedy(merged, AutoTokenizer.from_pretrained(merged_dir)) == expected

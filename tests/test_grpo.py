@@ -148,11 +148,12 @@ def test_function_reward_on_plain_prompts_rises_with_several_updates_per_batch(t
     assert not any(k.startswith("pass_rate/") for r in rows for k in r)
 
 
-def test_lora_reference_is_the_disabled_adapter_not_a_copy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["lora", "wegeft"])
+def test_lora_reference_is_the_disabled_adapter_not_a_copy(tmp_path, monkeypatch, kind):
     cfg = grpo_config(
         write_ifeval_prompts(tmp_path / "prompts.jsonl"),
         tmp_path / "run",
-        adapter={"kind": "lora", "r": 8},
+        adapter={"kind": kind, "r": 8},
         grpo={"beta": 0.04},
         train={"lr": 3e-2, "max_steps": 6},
     )
@@ -161,7 +162,7 @@ def test_lora_reference_is_the_disabled_adapter_not_a_copy(tmp_path, monkeypatch
     policy = apply_adapter(load_model(cfg.model, torch.device("cpu")), cfg.adapter)
     with torch.no_grad():
         for name, p in policy.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or name.endswith(".phi"):
                 p.normal_(0, 0.5)  # an adapter that has moved the model
     reference = grpo.make_reference(policy, cfg.grpo.beta, cfg.adapter.kind)
     assert reference.kind == "adapter" and reference.frozen is None
@@ -187,7 +188,7 @@ def test_lora_reference_is_the_disabled_adapter_not_a_copy(tmp_path, monkeypatch
     result = grpo.train(cfg)
     assert result.reference == "adapter" and len(loads) == 1
     rows = read_metrics(result.run_dir)
-    assert rows[0]["kl"] < 1e-6  # the adapter starts as the identity (lora_B = 0)
+    assert rows[0]["kl"] < 1e-6  # the adapter starts as the identity (lora_B = 0, WeGeFT's phi = 0)
     assert rows[-1]["kl"] > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 

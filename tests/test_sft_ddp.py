@@ -79,6 +79,27 @@ def test_two_processes_match_one_process(tmp_path):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, two)) <= 1e-6, ([r["loss"] for r in resumed], [r["loss"] for r in two])
 
 
+def test_wegeft_two_processes_match_one_process(tmp_path):
+    """WeGeFT's shared pairs take every layer's gradient on each process; DDP averages them as one process would."""
+    data = write_color_data(tmp_path / "data.jsonl", max_reps=6)
+    common = dict(data={"max_length": 256}, adapter={"kind": "wegeft", "r": 8}, train={"max_steps": STEPS, "lr": 5e-3, "bf16": False})
+    single_cfg = sft_config(data, tmp_path / "single", **common)
+    single_cfg["train"].update(micro_batch_size=2, grad_accum=2)
+    with torch_threads(1):
+        train(load_config(single_cfg))
+    ddp_cfg = sft_config(data, tmp_path / "ddp", **common)
+    ddp_cfg["train"].update(micro_batch_size=2, grad_accum=1)
+    torchrun_sft(write_yaml(ddp_cfg, tmp_path / "ddp.yaml"))
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-5, [(a["loss"], b["loss"]) for a, b in zip(one, two)]
+    assert all(abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"]) for a, b in zip(one, two))
+    assert one[-1]["loss"] < one[0]["loss"] - 0.5
+    w1 = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys() and all(k.startswith("pairs.") for k in w1)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+
+
 def test_ddp_resume_with_neftune_repeats_the_uninterrupted_run(tmp_path):
     data = write_color_data(tmp_path / "data.jsonl", max_reps=6)
     section = {"max_steps": STEPS, "save_every": 4, "keep_last": 5, "micro_batch_size": 2, "grad_accum": 1, "neftune_alpha": 5}

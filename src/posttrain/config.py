@@ -37,9 +37,11 @@ class ModelConfig(Strict):
 
 
 class AdapterConfig(Strict):
-    kind: Literal["full", "lora", "dora"] = "full"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
+    kind: Literal["full", "lora", "dora", "wegeft"] = Field(
+        "full", description="full, lora, dora, or wegeft (WeGeFT: ΔW = (α/r)·W·φᵀψ, one φ, ψ pair per module type shared by every layer)."
+    )
+    r: int = Field(None, gt=0, validate_default=False, description="Rank (default: 16; WeGeFT 64).")  # type: ignore[assignment]
+    alpha: float = Field(None, gt=0, validate_default=False, description="Scale numerator, scale = alpha / r (default: 32; WeGeFT 128).")  # type: ignore[assignment]
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     quantize: Literal["4bit"] | None = Field(
@@ -48,8 +50,12 @@ class AdapterConfig(Strict):
 
     @model_validator(mode="after")
     def _quantize_needs_an_adapter(self) -> AdapterConfig:
-        if self.quantize and self.kind == "full":
-            raise ValueError("adapter.quantize 4bit freezes the base model in 4 bits: it needs adapter.kind lora or dora, not full")
+        if self.r is None:  # WeGeFT's pair is shared by every layer: its authors' default rank is 64
+            self.r = 64 if self.kind == "wegeft" else 16
+        if self.alpha is None:
+            self.alpha = 128.0 if self.kind == "wegeft" else 32.0
+        if self.quantize and self.kind in ("full", "wegeft"):
+            raise ValueError(f"adapter.quantize 4bit freezes the base model in 4 bits: it needs adapter.kind lora or dora, not {self.kind}")
         return self
 
 

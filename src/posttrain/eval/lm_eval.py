@@ -10,6 +10,7 @@ whose ``dataset_kwargs.data_files`` name local files).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,7 +52,15 @@ def load_for_eval(model: str, *, dtype: str = "float32", device: str = "cpu") ->
     path = Path(model)
     if (path / "final").is_dir():  # a run directory: its final model or adapter
         path = path / "final"
-    if (path / "adapter_config.json").exists():
+    from posttrain.models.wegeft import is_wegeft_dir
+
+    if is_wegeft_dir(path):  # posttrain's own adapter: onto the base its config names
+        from posttrain.models.adapters import merged_with
+
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        merged = merged_with(AutoModelForCausalLM.from_pretrained(resolve(base_name), dtype=getattr(torch, dtype)), path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
         merged = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).merge_and_unload()

@@ -5,7 +5,8 @@ a LoRA/DoRA adapter directory (its ``adapter_config.json`` names the base), or a
 posttrain writes (its ``final/`` is a model or an adapter; its ``config.yaml`` names the base model).
 Adapters are loaded into their base's peft model and decoded in the same batch as the base's requests
 (:class:`~posttrain.generate.fast.FastDecoder` adds each row's adapter update); an adapter whose base is
-not served yet brings its base in too, under the base's name.
+not served yet brings its base in too, under the base's name. A WeGeFT adapter (posttrain's own, not
+peft's) is merged into its own copy of its base and served as a model.
 
 :class:`Steerer` is what a server offers its requests for steering and InstABoost (``posttrain serve
 --steer FILE``): the CLI wraps its steering file in one, since this layer cannot import
@@ -122,6 +123,10 @@ class Models:
             source = describe(path or name)
             if source.kind == "model":
                 return self._add_base(name, source.path)
+            from posttrain.models.wegeft import is_wegeft_dir
+
+            if is_wegeft_dir(source.path):  # merged into its own copy of the base: plain weights, the fast decoder
+                return self._add_base(name, source.base, wegeft=source.path)  # type: ignore[arg-type]
             base = self._base_for(source.base)  # type: ignore[arg-type]
             return self._add_adapter(name, source.path, base)
 
@@ -140,11 +145,12 @@ class Models:
             return served
         return self._add_base(base, base)
 
-    def _add_base(self, name: str, path: str) -> Served:
+    def _add_base(self, name: str, path: str, *, wegeft: str | None = None) -> Served:
+        """Serve the model at ``path``; ``wegeft``: a WeGeFT adapter directory merged into it first."""
         from posttrain.config import ModelConfig
         from posttrain.models.load import load_model, load_tokenizer, resolve
 
-        key = resolve(path)
+        key = str(Path(wegeft).resolve()) if wegeft else resolve(path)
         if key in self._bases and self._bases[key].name in self.names:
             # the same weights twice: a second name for the same scheduler
             served = self._bases[key]
@@ -152,8 +158,12 @@ class Models:
             self.names[name] = alias
             return alias
         model = load_model(ModelConfig(name=path, dtype=self.dtype), self.device)
+        if wegeft:
+            from posttrain.models.wegeft import load_wegeft
+
+            model = load_wegeft(model, wegeft).merge_and_unload()
         model.config.use_cache = True
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(wegeft or path)
         engine = Engine(model, tokenizer, batch_size=self.width, template=self.template, fast=self.fast)
         scheduler = Scheduler(engine, width=self.width, max_waiting=self.max_waiting)
         served = Served(name, scheduler, None, name, int(time.time()), _max_context(model.config, tokenizer))

@@ -1,4 +1,5 @@
-"""Adapters: full fine-tuning, or LoRA / DoRA (on a 4-bit NF4 base: QLoRA) through peft; saving and merging.
+"""Adapters: full fine-tuning, LoRA / DoRA (on a 4-bit NF4 base: QLoRA) through peft, or WeGeFT (our own,
+:mod:`posttrain.models.wegeft`); saving and merging.
 
 peft does the adapter work (``LoraConfig``, ``get_peft_model``, ``prepare_model_for_kbit_training``,
 ``merge_and_unload``) and bitsandbytes the 4-bit base; this module only maps our config onto them and
@@ -21,6 +22,12 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if cfg.kind == "wegeft":
+        from posttrain.models.wegeft import WeGeFTModel
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return WeGeFTModel(model, r=cfg.r, alpha=cfg.alpha, targets=cfg.target_modules)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantize:
@@ -64,15 +71,24 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, state_dict: di
     tokenizer.save_pretrained(out)
 
 
+def merged_with(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``base`` with the adapter saved in ``adapter_dir`` (peft's LoRA/DoRA, or WeGeFT) merged into its weights."""
+    from posttrain.models.wegeft import is_wegeft_dir, load_wegeft
+
+    if is_wegeft_dir(adapter_dir):
+        return load_wegeft(base, adapter_dir).merge_and_unload()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out: Path) -> Path:
     """Base model + adapter merged into one plain transformers model directory (fp32 unless configured)."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from posttrain.models.load import load_model
 
-    base = load_model(model_cfg, torch.device("cpu"))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = merged_with(load_model(model_cfg, torch.device("cpu")), adapter_dir)
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
     return out

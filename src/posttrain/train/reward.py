@@ -392,9 +392,9 @@ def load_reward_model(path: str | Path, *, device: str | torch.device | None = N
     if info["adapter"] == "full":
         lm = load_model(base.model_copy(update={"name": str(final), "gguf_file": None}), device)
     else:
-        from peft import PeftModel
+        from posttrain.models.adapters import merged_with
 
-        lm = PeftModel.from_pretrained(load_model(base, device), str(final)).merge_and_unload()
+        lm = merged_with(load_model(base, device), final)
     head = torch.nn.Linear(hidden_size(lm), 1)
     head.load_state_dict(load_file(final / SCORE_HEAD))
     model = RewardModel(lm, head.to(dtype=next(lm.parameters()).dtype)).eval().requires_grad_(False)
