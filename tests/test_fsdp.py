@@ -44,6 +44,10 @@ def greedy(final: Path, adapter: str, prompts: list[str], tokens: int = 8) -> li
     tokenizer = AutoTokenizer.from_pretrained(final)
     if adapter == "full":
         model = AutoModelForCausalLM.from_pretrained(final)
+    elif adapter == "wegeft":
+        from posttrain.models.wegeft import load_wegeft
+
+        model = load_wegeft(AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")), final)
     else:
         from peft import PeftModel
 
@@ -58,7 +62,7 @@ def greedy(final: Path, adapter: str, prompts: list[str], tokens: int = 8) -> li
     return out
 
 
-@pytest.mark.parametrize("adapter, checkpointing", [("full", True), ("lora", False)])
+@pytest.mark.parametrize("adapter, checkpointing", [("full", True), ("lora", False), ("wegeft", False)])
 def test_fsdp_matches_one_process(tmp_path, adapter, checkpointing):
     # 27 training rows at 4 a step: 6 steps and a short 7th of 3 rows (1 / 2 per process, micro-batches of
     # one row); 3 eval rows (2 / 1).
@@ -87,7 +91,8 @@ def test_fsdp_matches_one_process(tmp_path, adapter, checkpointing):
     name = "model.safetensors" if adapter == "full" else "adapter_model.safetensors"
     w1, w2 = load_file(tmp_path / "single" / "final" / name), load_file(tmp_path / "fsdp" / "final" / name)
     assert w1.keys() == w2.keys() and w1
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+    # WeGeFT's shared pair sums every layer's gradient, in another order under FSDP: 1.007e-5 seen after 7 steps
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= (2e-5 if adapter == "wegeft" else 1e-5)
     checkpoint = loop.latest_checkpoint(tmp_path / "fsdp")
     assert (checkpoint / loop.SHARDED_DIR / ".metadata").exists() and not (checkpoint / "trainable.safetensors").exists()
     with torch_threads(1):

@@ -138,6 +138,16 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     # The reference really is the disabled adapter: KL is 0 before the first update, then the adapter moves the policy away.
     assert abs(rows[0]["kl"]) < 1e-5 and all(r["kl"] != 0 for r in rows[1:])
 
+    # WeGeFT the same way: its switched-off pairs are the reference, no copy of the base
+    COPIES.clear()
+    CALLS.update(left=0)
+    wegeft = load_config(
+        ppo_config(prompts, tmp_path / "wegeft", spec, adapter={"kind": "wegeft", "r": 8}, train={"max_steps": 3, "lr": 5e-3}), cls=PPOConfig
+    )
+    rows = ppo.train(wegeft).records
+    assert COPIES == [(held_min + 1, held_max + 1)] * 3, COPIES
+    assert abs(rows[0]["kl"]) < 1e-5 and all(r["kl"] != 0 for r in rows[1:])
+
     COPIES.clear()
     CALLS.update(left=0)
     full = load_config(ppo_config(prompts, tmp_path / "full", spec, train={"max_steps": 1}), cls=PPOConfig)

@@ -180,3 +180,28 @@ def test_a_wegeft_adapter_is_served_merged_with_the_tokens_of_the_adapted_model(
         models.close()
     assert got == want
     assert not any(type(m).__name__ == "WeGeFTLinear" for m in served.engine.model.modules())  # merged: plain linears
+
+
+def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path):
+    """A WeGeFT run resumed from its step-4 checkpoint takes steps 5-8 exactly as the run that went straight on."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from posttrain.config import load_config
+    from posttrain.train import loop
+    from posttrain.train.sft import train
+    from sft_fixtures import sft_config, torch_threads, write_color_data
+
+    data = write_color_data(tmp_path / "data.jsonl")
+    cfg = sft_config(data, tmp_path / "run", adapter={"kind": "wegeft", "r": 8}, train={"max_steps": 8, "save_every": 4, "keep_last": 5, "lr": 5e-3})
+    with torch_threads(1):
+        straight = train(load_config(cfg)).losses
+        want = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-8")
+        shutil.rmtree(tmp_path / "run" / "final")
+        resumed = train(load_config({**cfg, "resume": True})).losses
+    assert loop.latest_checkpoint(tmp_path / "run").name == "step-8"
+    assert resumed == straight[4:]
+    got = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
