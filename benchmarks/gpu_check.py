@@ -14,6 +14,7 @@ Checks:
   sft-lora      LoRA SFT, bf16 autocast, packed rows           tokens/s, loss first → last, peak memory
   sft-full      full SFT, bf16 autocast                        tokens/s, loss, peak memory
   sft-bf16w     full SFT with bf16 weights (model.dtype)       tokens/s, loss, peak memory
+  sft-wegeft    WeGeFT SFT (r 64), bf16 autocast               tokens/s, loss, peak memory
   qlora         LoRA on a 4-bit NF4 base (CUDA, bitsandbytes)  tokens/s, loss, peak memory
   dpo           DPO (LoRA), bf16                               pairs/s, accuracy, loss
   grpo          GRPO, verifier rewards                         s/step, mean reward
@@ -330,6 +331,7 @@ def main() -> None:
             "sft-lora": lambda: c.sft("sft-lora", {"kind": "lora", "r": 16, "alpha": 32}),
             "sft-full": lambda: c.sft("sft-full", {"kind": "full"}),
             "sft-bf16w": lambda: c.sft("sft-bf16w", {"kind": "full"}, model={"dtype": "bfloat16", "gradient_checkpointing": True}),
+            "sft-wegeft": lambda: c.sft("sft-wegeft", {"kind": "wegeft", "r": 64, "alpha": 128}),
             "qlora": c.qlora,
             "dpo": c.dpo,
             "grpo": c.grpo,

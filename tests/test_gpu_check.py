@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "qlora", "dpo", "grpo", "demo", "decoders", "steer", "serve", "fsdp", "ddp-kto")
+CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "sft-wegeft", "qlora", "dpo", "grpo", "demo", "decoders", "steer", "serve", "fsdp", "ddp-kto")
 
 
 def test_gpu_check_runs_on_cpu(tmp_path):

@@ -187,11 +187,11 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path):
     import shutil
 
     from safetensors.torch import load_file
+    from sft_fixtures import sft_config, torch_threads, write_color_data
 
     from posttrain.config import load_config
     from posttrain.train import loop
     from posttrain.train.sft import train
-    from sft_fixtures import sft_config, torch_threads, write_color_data
 
     data = write_color_data(tmp_path / "data.jsonl")
     cfg = sft_config(data, tmp_path / "run", adapter={"kind": "wegeft", "r": 8}, train={"max_steps": 8, "save_every": 4, "keep_last": 5, "lr": 5e-3})
