@@ -34,6 +34,9 @@ METHODS = {
     "lora": ({"kind": "lora", "r": 16, "alpha": 32}, 4e-4),
     "dora": ({"kind": "dora", "r": 16, "alpha": 32}, 4e-4),
     "wegeft": ({"kind": "wegeft", "r": 64, "alpha": 128}, 1e-4),
+    # the largest rank under a tenth of LoRA r16's parameters on SmolLM2 (alpha / r kept at 2); run on its own:
+    # python benchmarks/adapters.py --methods wegeft48
+    "wegeft48": ({"kind": "wegeft", "r": 48, "alpha": 96}, 1e-4),
 }
 
 
@@ -71,7 +74,7 @@ def _numel(shape: list[int]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="full,lora,dora,wegeft")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-adapters"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # METHOD-SEED: one run, in this process (the parent's subprocess)
     parser.add_argument("--quick", action="store_true", help="The demo's --quick pipeline (a tiny random model): checks the script, measures nothing.")
