@@ -87,7 +87,7 @@ def test_the_boost_bias_equals_multiplying_and_renormalising_attention(tiny):
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     m = 5.0
-    boost = boost_columns(mask, spans, [len(x) for x in ids], math.log(m))
+    boost = boost_columns(width, spans, [len(x) for x in ids], math.log(m))
     assert (boost > 0).sum() == sum(b - a for a, b in spans)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")

@@ -1,6 +1,6 @@
 """The pipeline's eval stages: greedy responses to the held-out prompts and the IFEval subset, scored; steered if asked.
 
-With a ``steer:`` section (:class:`~posttrain.demo.pipeline.SteerConfig`), each prompt is steered toward
+With a ``steer:`` section (:class:`~posttrain.demo.config.SteerConfig`), each prompt is steered toward
 its instruction types the steering file has and, with ``instaboost``, its instruction (kept apart in the
 built prompts) gets InstABoost; the IFEval subset, which keeps no instruction apart, is steered only.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from posttrain.demo.pipeline import PipelineConfig
+    from posttrain.demo.config import PipelineConfig
 
 
 def evaluate_model(engine: Any, model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
@@ -29,20 +29,13 @@ def evaluate_model(engine: Any, model: str, prompts: Path, out: Path, cfg: Pipel
     params = SamplingParams(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0, bf16=cfg.generation.bf16)
     kwargs: dict[str, Any] = {}
     if cfg.steer.active:
-        from posttrain.generate.intervene import Intervention
         from posttrain.steer.vectors import SteeringSet
 
         instructions = [raw.get("instruction") for name in names for raw in read_jsonl(prompts / f"{name}.jsonl")]
         steering = SteeringSet.load(cfg.steer.file) if cfg.steer.file else None
-        interventions = []
-        for r, instruction in zip(records, instructions):
-            steerings = ()
-            if steering is not None:
-                steerings = tuple(
-                    steering.steering(t, mode=cfg.steer.mode, weight=cfg.steer.weight) for t in r.instruction_id_list if t in steering.directions
-                )
-            interventions.append(Intervention(steerings, cfg.steer.instaboost if instruction else 1.0))
-        kwargs = {"intervention": interventions, "instructions": instructions if cfg.steer.instaboost != 1 else None}
+        s = cfg.steer
+        interventions = ifeval.prompt_interventions(records, steering, s.mode, s.weight, s.instaboost, instructions)
+        kwargs = {"intervention": interventions, "instructions": instructions if s.instaboost != 1 else None}
     outputs = engine.generate([r.prompt for r in records], params, **kwargs)
     texts = iter([c[0].text for c in outputs])
     scores: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,15 @@ def generate_responses(
     """
     from posttrain.generate.params import SamplingParams
 
-    interventions = _interventions(records, steering, steer_mode, steer_weight, instaboost, instructions)
+    if instaboost != 1 and (instructions is None or len(instructions) != len(records) or not all(instructions)):
+        missing = len(records) if instructions is None else sum(not i for i in instructions)
+        raise ValueError(
+            f"InstABoost needs each prompt's instruction stored apart ('instruction' in the prompt file); {missing} of "
+            f"{len(records)} prompts have none (IFEval's own prompts do not; posttrain's built-in verifiable prompts do)"
+        )
+    interventions = None
+    if steering is not None or instaboost != 1:
+        interventions = prompt_interventions(records, steering, steer_mode, steer_weight, instaboost, instructions)
     if interventions is not None and base_url is not None:
         raise ValueError("steering and InstABoost run in this process: drop --base-url (or start the server with `posttrain serve --steer`)")
 
@@ -162,26 +171,19 @@ def generate_responses(
     return [completions[0].text for completions in outputs]
 
 
-def _interventions(
-    records: list[PromptRecord], steering: Any, mode: str, weight: float | None, boost: float, instructions: list[str | None] | None
-) -> list[Any] | None:
-    """Each prompt's intervention: steering toward its types that ``steering`` has, and the boost (None: neither asked for)."""
-    if steering is None and boost == 1:
-        return None
+def prompt_interventions(
+    records: Sequence[PromptRecord], steering: Any, mode: str, weight: float | None, boost: float, instructions: Sequence[str | None] | None
+) -> list[Any]:
+    """Each prompt's intervention: steering toward those of its types that ``steering`` (a SteeringSet, or None)
+    has, and InstABoost's ``boost`` where the prompt's instruction is given in ``instructions``."""
     from posttrain.generate.intervene import Intervention
 
-    if boost != 1 and (instructions is None or len(instructions) != len(records) or not all(instructions)):
-        missing = len(records) if instructions is None else sum(not i for i in instructions)
-        raise ValueError(
-            f"InstABoost needs each prompt's instruction stored apart ('instruction' in the prompt file); {missing} of "
-            f"{len(records)} prompts have none (IFEval's own prompts do not; posttrain's built-in verifiable prompts do)"
-        )
     out = []
-    for r in records:
+    for i, r in enumerate(records):
         steerings = ()
         if steering is not None:
             steerings = tuple(steering.steering(t, mode=mode, weight=weight) for t in r.instruction_id_list if t in steering.directions)
-        out.append(Intervention(steerings, boost))
+        out.append(Intervention(steerings, boost if instructions is not None and instructions[i] else 1.0))
     return out
 
 

@@ -226,6 +226,7 @@ class FastDecoder:
         self.rows = 0
         self.adapter_of: list[int] = []  # each row's adapter index (0: the base model)
         self.intervention_of: list[Intervention | None] = []  # each row's steering (its boost is in ``bias``)
+        self._steer: list[tuple[Intervention, torch.Tensor | None]] | None = None  # _steering_rows(), until rows change
 
     def start(
         self,
@@ -269,6 +270,7 @@ class FastDecoder:
         self.rows = rows
         self.adapter_of = [adapter] * rows
         self.intervention_of = [intervention] * rows
+        self._steer = None
 
     @property
     def capacity(self) -> int:
@@ -325,6 +327,7 @@ class FastDecoder:
         for r in rows:
             self.adapter_of[r] = adapter
             self.intervention_of[r] = intervention
+        self._steer = None
 
     def _make_room(self, width: int, max_new_tokens: int, keep: list[int]) -> None:
         """Make sure ``max_new_tokens`` more columns fit after the current one, with ``width`` before it.
@@ -374,6 +377,7 @@ class FastDecoder:
         self.rows = n
         self.adapter_of = self.adapter_of[:n]
         self.intervention_of = self.intervention_of[:n]
+        self._steer = None
         return order
 
     def _project(self, weight: torch.Tensor, x: torch.Tensor, layer: _Layer, part: str) -> torch.Tensor:
@@ -391,14 +395,17 @@ class FastDecoder:
         return out
 
     def _steering_rows(self) -> list[tuple[Intervention, torch.Tensor | None]]:
-        """Each steering intervention among the rows, with its rows (None: every row)."""
+        """Each steering intervention among the rows, with its rows (None: every row); kept until the rows change."""
+        if self._steer is not None:
+            return self._steer
         groups: dict[Intervention, list[int]] = {}
         for r, intervention in enumerate(self.intervention_of[: self.rows]):
             if intervention is not None and intervention.steerings:
                 groups.setdefault(intervention, []).append(r)
-        return [
+        self._steer = [
             (iv, None if len(rows) == self.rows else torch.tensor(rows, device=self.bias.device)) for iv, rows in groups.items()
         ]
+        return self._steer
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,)."""

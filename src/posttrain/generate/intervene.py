@@ -122,13 +122,14 @@ def steered(model: Any, steerings: Sequence[Steering]) -> Iterator[None]:
             handle.remove()
 
 
-def boost_columns(mask: torch.Tensor, spans: Sequence[tuple[int, int] | None], lengths: Sequence[int], log_boost: float) -> torch.Tensor:
-    """Per row of a left-padded (rows, width) ``mask``, ``log m`` at the columns of its prompt's instruction tokens.
+def boost_columns(
+    width: int, spans: Sequence[tuple[int, int] | None], lengths: Sequence[int], log_boost: float, device: Any = None
+) -> torch.Tensor:
+    """Per row of a left-padded batch ``width`` columns wide, ``log m`` at the columns of its prompt's instruction tokens.
 
     ``spans[r]``: the instruction's tokens ``[start, end)`` in row ``r``'s prompt of ``lengths[r]`` tokens,
-    whose last token sits in the mask's last column (None: no instruction)."""
-    boost = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    width = mask.shape[1]
+    whose last token sits in the last column (None: no instruction)."""
+    boost = torch.zeros((len(lengths), width), dtype=torch.float32, device=device)
     for r, (span, n) in enumerate(zip(spans, lengths)):
         if span is not None and log_boost:
             boost[r, width - n + span[0] : width - n + span[1]] = log_boost

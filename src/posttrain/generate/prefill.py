@@ -105,13 +105,9 @@ def prefill(
     runs = prefill_groups(lengths) if (prefix or engine._plain_cache()) else [(0, len(prompts))]
     width = lengths[0]  # the longest, as prompts come longest first
     parts, masks, logits = [], [], []
-    full_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        full_mask[r, :shared] = 1
-        full_mask[r, shared + width - len(p) + shared :] = 1
     boost = None
     if log_boost and spans is not None and any(span is not None for span in spans):
-        boost = boost_columns(full_mask, spans, [len(p) for p in prompts], log_boost).to(device)
+        boost = boost_columns(shared + width, spans, [len(p) for p in prompts], log_boost, device)
     for lo, hi in runs:
         rows, own = hi - lo, lengths[lo]
         ids = torch.full((rows, own), engine.pad_token_id, dtype=torch.long)
