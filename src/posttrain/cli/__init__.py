@@ -17,6 +17,7 @@ from rich.table import Table
 
 from posttrain.cli.common import TemplateOpt, UnsafeOpt, VerifiersOpt, err, fail, out, use_verifiers, user_errors
 from posttrain.cli.data import data_app
+from posttrain.cli.evals import register as register_evals
 from posttrain.cli.sandbox import sandbox_app
 from posttrain.cli.serve import register as register_serving
 from posttrain.cli.steer import steer_app
@@ -32,8 +33,13 @@ app.add_typer(data_app, name="data")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(synth_app, name="synth")
 app.add_typer(steer_app, name="steer")
-eval_app = typer.Typer(help="Evaluate instruction following: IFEval (exact), lm-evaluation-harness tasks.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate instruction following: IFEval (exact), FollowBench-style levels, MT-Bench and win rates with an LLM judge, arena ratings, "
+    "lm-evaluation-harness tasks.",
+    no_args_is_help=True,
+)
 app.add_typer(eval_app, name="eval")
+register_evals(eval_app)
 models_app = typer.Typer(help="Get real models to work with: fetch small ones and convert them once.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 register_serving(app)
@@ -295,6 +301,7 @@ def grpo(config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt
 class LabelBy(str, Enum):
     verifiers = "verifiers"
     reward_model = "reward-model"
+    judge = "judge"
 
 
 @app.command()
@@ -303,8 +310,13 @@ def label(
     data: Annotated[str, typer.Option("--data", help="Prompts: IFEval's format for --by verifiers; any format with prompts for --by reward-model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl: one preference record per labelled prompt.")],
     k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.", min=2)] = 8,
-    by: Annotated[LabelBy, typer.Option("--by", help="verifiers: chosen follows ≥ half the instructions (the most), rejected none (AutoIF). reward-model: best vs worst score.")] = LabelBy.verifiers,
-    reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="A `posttrain rm` run directory (or its final/), for --by reward-model.")] = None,
+    by: Annotated[Optional[LabelBy], typer.Option("--by", help="verifiers: chosen follows ≥ half the instructions (the most), rejected none (AutoIF). reward-model: best vs worst score. judge: best vs worst judge rating, ranked by the verifiers first on prompts with instructions (RLAIF). \\[default: judge with --judge, reward-model with --reward-model, else verifiers]")] = None,
+    reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="A `posttrain rm` run directory (or its final/): label by its scores.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", "-j", help="An LLM judge (any model; with --judge-base-url, the endpoint's name): label by its 1-10 ratings of each sample (RLAIF).")] = None,
+    judge_prompts: Annotated[Optional[Path], typer.Option("--judge-prompts", help="Judge prompts in FastChat's judge_prompts.jsonl format (its single-v1 is used) \\[default: posttrain's].", exists=True, dir_okay=False)] = None,
+    judge_base_url: Annotated[Optional[str], typer.Option("--judge-base-url", help="Ask the judge on this OpenAI-compatible endpoint.")] = None,
+    judge_max_new_tokens: Annotated[int, typer.Option("--judge-max-new-tokens", help="The judge's budget per rating.", min=1)] = 512,
+    judge_mode: Annotated[str, typer.Option("--judge-mode", help="text: the judge writes its judgement and its [[rating]] is parsed. probs: the rating is its expected value under the judge's token probabilities after 'Rating: [[' (in-process judges; what a small judge can give).")] = "text",
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (AutoIF's online DPO: 0.8).", min=0.0)] = 0.8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per response.", min=1)] = 512,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
@@ -320,20 +332,39 @@ def label(
     verifiers: VerifiersOpt = None,
     unsafe_exec: UnsafeOpt = False,
 ) -> None:
-    """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers or a reward model."""
+    """Sample K responses per prompt and write preference pairs (for posttrain dpo), labelled by the verifiers, a reward model or an LLM judge (RLAIF)."""
     from posttrain.config import resolve_bf16
     from posttrain.generate.client import EndpointError
     from posttrain.synth.label import label_file
 
+    if by is None:
+        by = LabelBy.judge if judge else LabelBy.reward_model if reward_model else LabelBy.verifiers
     if by is LabelBy.reward_model and reward_model is None:
         fail("--by reward-model needs --reward-model RUN (a `posttrain rm` run directory)")
+    if by is LabelBy.judge and judge is None:
+        fail("--by judge needs --judge MODEL")
+    if (by is LabelBy.judge and reward_model) or (by is LabelBy.reward_model and judge):
+        fail("label by one scorer: --judge or --reward-model, not both")
     use_verifiers(verifiers, unsafe_exec)
     with user_errors():
+        scorer, engine = None, None
+        if by is LabelBy.judge:
+            from posttrain.eval.judge import DEFAULT_PROMPTS, Judge, judge_scorer, open_backend, read_judge_prompts
+
+            engines: dict = {}
+            if judge == model and base_url is None and judge_base_url is None:  # one model samples and judges: load it once
+                from posttrain.generate.load import load_engine
+
+                engine = engines[f"|{judge}"] = load_engine(model, dtype="float32", batch_size=batch_size, template=template)
+            teacher = open_backend(judge, output.parent / f"{output.stem}-judge-cache", base_url=judge_base_url, api_key_env=api_key_env,
+                                   concurrency=concurrency, batch_size=batch_size, bf16=resolve_bf16(bf16), engines=engines, console=err)  # fmt: skip
+            prompts = read_judge_prompts(judge_prompts) if judge_prompts else DEFAULT_PROMPTS
+            scorer = judge_scorer(Judge(teacher, prompts, max_new_tokens=judge_max_new_tokens, mode=judge_mode))
         try:
             summary = label_file(
-                model, data, output, by=by.value, reward_model=reward_model, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-                seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16), template=template,
-                reference_logps=reference_logps, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                model, data, output, by=by.value, reward_model=reward_model, scorer=scorer, engine=engine, k=k, temperature=temperature,
+                max_new_tokens=max_new_tokens, seed=seed, format=format, limit=limit, batch_size=batch_size, bf16=resolve_bf16(bf16),
+                template=template, reference_logps=reference_logps, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
             )  # fmt: skip
         except EndpointError as e:
             fail(str(e))
@@ -344,6 +375,8 @@ def label(
     )
     if summary.empty_samples:
         err.print(f"[yellow]{summary.empty_samples} of {summary.samples} samples were empty[/] (never paired)")
+    if summary.unscored_samples:
+        err.print(f"[yellow]{summary.unscored_samples} of {summary.samples} samples got no readable rating from the judge[/] (never paired)")
 
 
 @app.command()

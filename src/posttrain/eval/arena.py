@@ -10,9 +10,11 @@ Our own code (a dozen lines of iteration), since the fit needs nothing a library
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 Battle = tuple[str, str, str]  # (model a, model b, "a" | "b" | "tie")
 SCALE, BASE = 400.0, 1000.0
@@ -82,3 +84,55 @@ def ratings_with_intervals(battles: Sequence[Battle], *, resamples: int = 200, s
         s = sorted(samples[m])
         out[m] = (point[m], s[int(tail * (resamples - 1))], s[round((1 - tail) * (resamples - 1))])
     return out
+
+
+def battle_outcome(preference: float | None) -> str | None:
+    """A pair's preference for model a (both orders averaged) as a battle outcome; None when no order parsed."""
+    if preference is None:
+        return None
+    return "a" if preference > 0.5 else "b" if preference < 0.5 else "tie"
+
+
+def arena_results(judge: Any, questions: Sequence[str], model_answers: dict[str, Sequence[str]], *, settings: dict[str, Any] | None = None) -> Any:
+    """Every pair of models battles on every question (judged in both position orders): ratings with intervals."""
+    from posttrain.eval.pairwise import both_orders, judge_counts
+    from posttrain.eval.results import Metric, Results
+
+    models = list(model_answers)
+    if len(models) < 2:
+        raise ValueError(f"an arena needs at least two models, got {models}")
+    battles: list[Battle] = []
+    results = Results("arena", settings={**(settings or {}), "judge": judge.name, "models": len(models), "questions": len(questions)})
+    unjudged = inconsistent = judged_both = 0
+    for x, y in itertools.combinations(models, 2):
+        outcomes = both_orders(judge, questions, model_answers[x], model_answers[y], what=f"judge {x} vs {y}")
+        counts = judge_counts(outcomes)
+        unjudged += counts["pairs without a verdict"]
+        inconsistent += counts["position-inconsistent pairs"]
+        judged_both += counts["pairs judged in both orders"]
+        for i, o in enumerate(outcomes):
+            outcome = battle_outcome(o.preference)
+            if outcome is not None:
+                battles.append((x, y, outcome))
+            results.items.append({"id": i, "model_a": x, "model_b": y, "question": questions[i], "answer_a": model_answers[x][i],
+                                  "answer_b": model_answers[y][i], "outcome": outcome, **o.to_dict()})  # fmt: skip
+    if not battles:
+        raise ValueError("no battle had a readable verdict in either order; see the judge's replies in items.jsonl")
+    rated = ratings_with_intervals(battles)
+    for m in models:
+        mine = [b for b in battles if m in b[:2]]
+        won = sum(0.5 if o == "tie" else float((o == "a") == (a == m)) for a, _, o in mine)
+        rating, low, high = rated.get(m, (BASE, BASE, BASE))
+        results.models[m] = {"rating": Metric(rating, low, high, len(mine)), "win share": Metric(100 * won / len(mine) if mine else math.nan, n=len(mine))}
+    results.models = dict(sorted(results.models.items(), key=lambda kv: -kv[1]["rating"].value))
+    results.notes.append(
+        f"{len(battles)} battles from {len(questions)} questions × {len(models) * (len(models) - 1) // 2} model pairs; "
+        f"{unjudged} pairs had no readable verdict in either order and are left out; {inconsistent} of {judged_both} pairs "
+        "judged in both orders got different verdicts by position."
+    )
+    results.notes.append(
+        "Rating: Bradley-Terry strength on the Elo scale (mean 1000; 400 points = 10:1 odds), a tie half a win each; a pair's "
+        "outcome is the judge's verdict averaged over both position orders. Intervals: battles resampled, refitted (200 times). "
+        "Win share: the share of a model's battles it won (ties half)."
+    )
+    return results

@@ -12,7 +12,11 @@ most) with one that follows none. Two departures from the paper, both on the saf
 * an empty response never enters a pair (it is not a response a DPO loop can train on).
 
 With a reward model instead of verifiers, the highest-scored response is chosen and the lowest-scored
-rejected; prompts whose responses all score the same are skipped. Skipped prompts are counted by
+rejected; prompts whose responses all score the same are skipped. With an LLM judge (RLAIF: Bai et al.,
+2022; Lee et al., 2023), the scores are the judge's 1-10 ratings, and a response whose rating cannot be
+read is unscored (NaN): it never enters a pair. When the prompts also carry verifiable instructions, the
+two signals mix: responses are ranked by the verifiers first (strict, then loose pass rate) and the
+judge's rating breaks ties, so a judge never prefers a response that follows fewer instructions. Skipped prompts are counted by
 reason in :class:`LabelSummary`: every prompt is either a pair or a counted skip.
 
 Output: one canonical preference record per line, ``{"prompt": [messages], "chosen": [assistant
@@ -68,13 +72,16 @@ class LabelSummary:
     """What labelling did. ``pairs + sum(skipped.values()) == prompts``.
 
     Skip reasons: ``no_chosen`` (no response follows at least half of the instructions), ``no_rejected``
-    (a chosen one, but none fails every instruction), ``tied`` (reward model: every response scored the
-    same), ``too_few`` (fewer than two non-empty responses).
+    (a chosen one, but none fails every instruction), ``tied`` (reward model or judge: every response
+    ranked the same), ``too_few`` (fewer than two distinct non-empty responses), ``unscored`` (fewer than
+    two scored ones: the judge's other ratings were unreadable). ``unscored_samples``: responses the scorer
+    returned no score for (NaN).
     """
 
     prompts: int = 0
     samples: int = 0
     empty_samples: int = 0
+    unscored_samples: int = 0
     pairs: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     by: str = "verifiers"
@@ -120,16 +127,31 @@ def pair_by_verifiers(
     return _preference(prompt, responses[chosen], responses[rejected], meta), None
 
 
-def pair_by_scores(prompt: Prompt, responses: list[str], scores: Sequence[float]) -> tuple[Record | None, str | None]:
-    """(preference record, None), or (None, skip reason): the highest-scored response against the lowest."""
-    usable = [i for i, r in enumerate(responses) if r.strip()]
-    if len({responses[i] for i in usable}) < 2:
+def pair_by_scores(
+    prompt: Prompt, responses: list[str], scores: Sequence[float], *, by: str = "reward_model", with_verifiers: bool = False
+) -> tuple[Record | None, str | None]:
+    """(preference record, None), or (None, skip reason): the highest-ranked response against the lowest.
+
+    Ranked by score (NaN: unscored, left out); ``with_verifiers`` (prompts with instructions): by strict
+    pass rate, then loose, then score."""
+    nonempty = [i for i, r in enumerate(responses) if r.strip()]
+    if len({responses[i] for i in nonempty}) < 2:
         return None, "too_few"
-    chosen = max(usable, key=lambda i: (scores[i], -i))
-    rejected = min(usable, key=lambda i: (scores[i], i))
-    if scores[chosen] == scores[rejected]:
+    usable = [i for i in nonempty if not math.isnan(scores[i])]
+    if len({responses[i] for i in usable}) < 2:
+        return None, "unscored"
+    rates = [_pass_rates(prompt.verifiable, r) for r in responses] if with_verifiers and prompt.verifiable is not None else None
+
+    def rank(i: int) -> tuple[float, ...]:
+        return (rates[i][0], rates[i][1], scores[i]) if rates else (scores[i],)
+
+    chosen = max(usable, key=lambda i: (rank(i), -i))
+    rejected = min(usable, key=lambda i: (rank(i), i))
+    if rank(chosen) == rank(rejected):
         return None, "tied"
-    meta = {"by": "reward_model", "chosen_index": chosen, "rejected_index": rejected, "scores": [float(s) for s in scores]}
+    meta: dict[str, Any] = {"by": by, "chosen_index": chosen, "rejected_index": rejected, "scores": [None if math.isnan(s) else float(s) for s in scores]}
+    if rates:
+        meta |= {"by": f"verifiers+{by}", "pass_rates_strict": [r[0] for r in rates], "pass_rates_loose": [r[1] for r in rates]}
     return _preference(prompt, responses[chosen], responses[rejected], meta), None
 
 
@@ -161,8 +183,13 @@ def label_prompts(
     min_pass_rate: float = CHOSEN_MIN_PASS_RATE,
     progress: bool = True,
     reference_logps: bool = False,
+    scored_by: str = "reward_model",
+    with_verifiers: bool = False,
 ) -> tuple[list[Record], LabelSummary]:
     """Sample ``k`` responses per prompt with ``engine`` and pair them: by verifiers, or by ``scorer`` when given.
+
+    ``scored_by`` names the scorer in the records' meta (``reward_model``, ``judge``); ``with_verifiers``
+    ranks by the verifiers first, the scores breaking ties, on prompts that have instructions.
 
     ``engine``: a :class:`~posttrain.generate.engine.Engine`, ``VLLMEngine`` or ``OpenAIEngine``. Returns
     the preference records (prompts order) and the summary. ``reference_logps``: record the sampling
@@ -191,15 +218,17 @@ def label_prompts(
     params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16, logprobs=reference_logps)
     outputs = engine.generate([p.engine_input() for p in prompts], params, progress=progress)
     responses = [[c.text for c in completions] for completions in outputs]
-    if scorer is None:  # code verifiers judge every sample in one sandbox round trip each
+    with_verifiers = with_verifiers and any(p.verifiable is not None for p in prompts)
+    if scorer is None or with_verifiers:  # code verifiers judge every sample in one sandbox round trip each
         prefetch((p.verifiable, r) for p, rs in zip(prompts, responses) if p.verifiable is not None for r in rs)
-    summary = LabelSummary(by="verifiers" if scorer is None else "reward_model")
+    summary = LabelSummary(by="verifiers" if scorer is None else f"verifiers+{scored_by}" if with_verifiers else scored_by)
     scores: list[Sequence[float]] = []
     if scorer is not None:
         flat = scorer([p.prompt for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs])
         flat = [float(s) for s in flat]
-        if len(flat) != sum(len(rs) for rs in responses) or not all(math.isfinite(s) for s in flat):
-            raise ValueError(f"the scorer must return one finite score per response ({sum(map(len, responses))}); got {len(flat)} values")
+        if len(flat) != sum(len(rs) for rs in responses) or any(math.isinf(s) for s in flat):
+            raise ValueError(f"the scorer must return one finite score (or NaN: unscored) per response ({sum(map(len, responses))}); got {len(flat)} values")
+        summary.unscored_samples = sum(math.isnan(s) for s in flat)
         scores = [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
     records, skipped = [], Counter()
     for i, (prompt, rs) in enumerate(zip(prompts, responses)):
@@ -207,7 +236,9 @@ def label_prompts(
         summary.samples += len(rs)
         summary.empty_samples += sum(not r.strip() for r in rs)
         record, reason = (
-            pair_by_verifiers(prompt, rs, min_pass_rate=min_pass_rate) if scorer is None else pair_by_scores(prompt, rs, scores[i])
+            pair_by_verifiers(prompt, rs, min_pass_rate=min_pass_rate)
+            if scorer is None
+            else pair_by_scores(prompt, rs, scores[i], by=scored_by, with_verifiers=with_verifiers)
         )
         if record is None:
             skipped[reason] += 1
@@ -265,16 +296,19 @@ def label_file(
     api_key_env: str = "OPENAI_API_KEY",
     concurrency: int = 8,
     cache_dir: str | Path | None = None,
+    engine: Any = None,
 ) -> LabelSummary:
     """``posttrain label``: read prompts, sample ``k`` responses each with ``model``, write preference pairs to ``output``.
 
     ``by="verifiers"`` needs IFEval-format prompts; ``by="reward-model"`` needs ``reward_model`` (a run
-    directory of ``posttrain rm``) or a ``scorer``. With ``base_url``, ``model`` is the endpoint's name
+    directory of ``posttrain rm``) or a ``scorer``; ``by="judge"`` a ``scorer`` giving a judge's ratings
+    (NaN where unreadable; :func:`posttrain.eval.judge.judge_scorer`), mixed with the verifiers on prompts
+    that have instructions. With ``base_url``, ``model`` is the endpoint's name
     for the model and sampling runs there (``concurrency`` requests at a time, the key from the
     environment variable ``api_key_env``, finished requests cached in ``cache_dir``, default
     ``$POSTTRAIN_CACHE/requests``); ``batch_size``, ``bf16``, ``template`` and ``device`` are then the
     server's business, and ``reference_logps`` is refused (see the module docstring). A reward model
-    still scores in this process.
+    still scores in this process. ``engine``: an engine already loaded for ``model`` (e.g. shared with the judge).
     """
     from posttrain.generate.load import load_engine
 
@@ -283,8 +317,10 @@ def label_file(
             "--reference-logps records log-probs measured in this process on the weights DPO starts from; with --base-url the "
             "samples come from a server, so leave it off (posttrain dpo then computes the reference log-probs itself)"
         )
-    if by not in ("verifiers", "reward-model"):
-        raise ValueError(f"by must be 'verifiers' or 'reward-model', not {by!r}")
+    if by not in ("verifiers", "reward-model", "judge"):
+        raise ValueError(f"by must be 'verifiers', 'reward-model' or 'judge', not {by!r}")
+    if by == "judge" and scorer is None:
+        raise ValueError("labelling by judge needs a scorer (posttrain label --judge MODEL builds one)")
     if by == "reward-model" and scorer is None:
         if reward_model is None:
             raise ValueError("labelling by reward model needs --reward-model RUN (a reward model run directory)")
@@ -294,15 +330,18 @@ def label_file(
     prompts = read_prompts(data, format=format, validate=verifiers_of)[:limit]
     if not prompts:
         raise ValueError(f"{data}: no prompts to label")
-    if base_url is not None:
+    if engine is not None:
+        pass
+    elif base_url is not None:
         from posttrain.generate.client import OpenAIEngine
 
-        engine: Any = OpenAIEngine(base_url, model, api_key_env=api_key_env, concurrency=concurrency, cache_dir=cache_dir)
+        engine = OpenAIEngine(base_url, model, api_key_env=api_key_env, concurrency=concurrency, cache_dir=cache_dir)
     else:
         engine = load_engine(model, dtype="float32", device=device, batch_size=batch_size, template=template)
     records, summary = label_prompts(
         engine, prompts, k=k, scorer=scorer, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
-        progress=progress, reference_logps=reference_logps,
+        progress=progress, reference_logps=reference_logps, scored_by="judge" if by == "judge" else "reward_model",
+        with_verifiers=by == "judge",
     )  # fmt: skip
     write_jsonl(output, records)
     return summary

@@ -490,10 +490,15 @@ def build_prompts(
     return records
 
 
-def _kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
+def kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
+    """The lower-cased words of ``kwargs``' strings (keywords, forbidden words, end phrase): the ``avoid`` set that a
+    prompt's later instructions' kwargs samplers (:attr:`InstructionType.sample`) must keep clear of."""
     words: set[str] = set()
     for value in kwargs.values():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 words |= _words(text)
     return frozenset(words)
+
+
+_kwarg_words = kwarg_words  # the name build_prompts and its tests use
