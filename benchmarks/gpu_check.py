@@ -210,6 +210,21 @@ class Checks:
         rows = metrics(self.work / "grpo")
         return f"{median(r['seconds'] for r in rows):.2f} s/step ({median(r['generation_seconds'] for r in rows):.2f} generating), reward {rows[0]['reward_mean']:.3f} → {rows[-1]['reward_mean']:.3f}"
 
+    def judge(self) -> str:
+        """MT-Bench grading with the model as its own judge, verdicts read from its token probabilities on the device."""
+        questions = self.work / "questions.jsonl"
+        rows = [
+            {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it about snow."]},
+            {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And 12 times 8?"], "reference": ["84", "96"]},
+        ]
+        questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = self.work / "judge"
+        self.posttrain("judge", "eval", "mt-bench", "-m", self.model, "-j", self.model, "--judge-mode", "probs", "--questions", str(questions),
+                       "--max-new-tokens", "16", "-o", str(out), *(["--bf16"] if self.bf16 else []))  # fmt: skip
+        result = json.loads((out / "results.json").read_text())["models"][self.model]
+        unread = result["unparsable judgements"]
+        return f"{int(unread['n'])} turns judged, {int(unread['value'])} unreadable, report {'written' if (out / 'report.html').is_file() else 'MISSING'}"
+
     def demo(self) -> str:
         t0 = time.perf_counter()
         self.posttrain("demo", "demo", "--quick", "--output-dir", str(self.work / "demo"), timeout=600)
@@ -335,6 +350,7 @@ def main() -> None:
             "qlora": c.qlora,
             "dpo": c.dpo,
             "grpo": c.grpo,
+            "judge": c.judge,
             "demo": c.demo,
             "decoders": c.decoders,
             "steer": c.steer,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "sft-wegeft", "qlora", "dpo", "grpo", "demo", "decoders", "steer", "serve", "fsdp", "ddp-kto")
+CHECKS = ("env", "sft-lora", "sft-full", "sft-bf16w", "sft-wegeft", "qlora", "dpo", "grpo", "judge", "demo", "decoders", "steer", "serve", "fsdp", "ddp-kto")
 
 
 def test_gpu_check_runs_on_cpu(tmp_path):
@@ -26,6 +26,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "steered sequences identical on both paths" in lines["steer"]
     assert "all on cpu, same order on every rank" in lines["fsdp"]
     assert "base + adapter), 0 errors" in lines["serve"] and "tok/s aggregate" in lines["serve"]
+    assert "4 turns judged" in lines["judge"] and "report written" in lines["judge"]
     assert (tmp_path / "out" / "gpu_check.txt").read_text().count("CHECK ") == len(CHECKS)
 
 
