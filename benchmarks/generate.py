@@ -17,14 +17,25 @@ reference the engine's decode loop was chosen against.
 (``generate/fast.py``) and on the model's own forward with its ``DynamicCache`` (``Engine(fast=False)``),
 alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward tokens/s>``.
 
-``--quick`` (under a minute): 32 prompts batched, 6 one at a time, 32 new tokens, fp32 and bf16.
-The last line is ``ratio=<batched / one-at-a-time tokens/s>`` for fp32. Not a test: run it by hand.
+Shares of the machine's limit, per run: *compute*, generated tokens/s × 2·N FLOPs (N the parameters a
+decode step multiplies by: the whole model, the LM head included, the embedding lookup not, tied weights
+once) over the matmul peak of that precision, measured in the same invocation
+(``benchmarks/matmul_peak.py --quick``'s shapes); *memory*, the tokens/s a step could reach if it only
+had to read the weights and the batch's KV cache once at the measured memory bandwidth (a large copy), the
+bound that matters at small batches. Prefill is timed on its own (``--prefill``: the prompts' forward only,
+tokens/s of prompt tokens and its compute share).
+
+``--quick`` (about a minute): 64 prompts batched at 64, 6 one at a time, 32 new tokens, fp32 and bf16.
+The last lines are ``ratio=<batched / one-at-a-time tokens/s>`` for fp32 and
+``limit_share=<share of the compute limit at the largest batch, in the faster precision>``. Not a test:
+run it by hand, with nothing else running.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -83,6 +94,48 @@ def timed_hf(engine: Engine, ids: list[list[int]], params: SamplingParams, batch
     return time.perf_counter() - start, tokens
 
 
+def decode_params(model: torch.nn.Module) -> int:
+    """N of 2·N FLOPs a token: every parameter a decode step multiplies by (the input embedding's lookup is not a matmul,
+    unless it is tied to the LM head, which is)."""
+    seen, total = set(), 0
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
+    for p in model.parameters():
+        if id(p) in seen or (p is embedding and p is not head):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large tensor copy (GB/s), the median of ``repeats``."""
+    src = torch.empty(size_mb * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    rates = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        rates.append(2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates[1:])
+
+
+def kv_bytes_per_token(model: torch.nn.Module, element_bytes: int) -> int:
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * element_bytes
+
+
+def shares(rate: float, batch: int, context: float, *, n_params: int, peak_gflops: float, bandwidth_gbs: float, model: torch.nn.Module, bf16: bool) -> tuple[float, float]:
+    """(share of the compute limit, share of the memory limit) of ``rate`` tokens/s at ``batch`` rows of ``context`` mean tokens."""
+    compute = rate * 2 * n_params / (peak_gflops * 1e9)
+    weight_bytes = n_params * (2 if bf16 else 4)  # bf16 runs read bf16 copies of the weights
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token(model, 2 if bf16 else 4)  # the cache is in the compute dtype
+    memory_limit = batch * bandwidth_gbs * 1e9 / step_bytes
+    return compute, rate / memory_limit
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a < 60 s run: fewer prompts and tokens")
@@ -90,6 +143,8 @@ def main() -> None:
     ap.add_argument("--single-prompts", type=int, default=None, help="prompts in the one-at-a-time runs (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to time besides one at a time (default: --batch-size)")
+    ap.add_argument("--prefill", action="store_true", help="also time the prompts' forward alone (prefill), per precision")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
@@ -97,7 +152,7 @@ def main() -> None:
     ap.add_argument("--decoders", action="store_true", help="compare the fast decoder with the model's forward (batched, fp32)")
     args = ap.parse_args()
     if args.quick:
-        args.prompts, args.single_prompts, args.max_new_tokens, args.no_hf = 32, 6, 32, True
+        args.prompts, args.single_prompts, args.max_new_tokens, args.no_hf, args.batch_size = 64, 6, 32, True, 64
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -119,32 +174,66 @@ def main() -> None:
         compare_decoders(engine, ids, SamplingParams(max_new_tokens=args.max_new_tokens), args.batch_size, args.repeats)
         return
 
-    rows, ratios = [], {}
-    for precision in args.precisions.split(","):
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=precision == "bf16")
-        runs: dict[str, list[float]] = {"batched": [], "one-at-a-time": []}
+    from matmul_peak import measure  # benchmarks/ is this script's folder
+
+    n_params = decode_params(engine.model)
+    bandwidth = memory_bandwidth_gbs()
+    precisions = args.precisions.split(",")
+    peaks = {p: measure(torch.bfloat16 if p == "bf16" else torch.float32, quick=True)["peak_gflops"] for p in precisions}
+    print(
+        f"limits: N = {n_params / 1e6:.1f}M parameters a token (2·N FLOPs); matmul peak "
+        + ", ".join(f"{p} {g:,.0f} GFLOP/s" for p, g in peaks.items())
+        + f"; memory bandwidth {bandwidth:,.1f} GB/s (copy)",
+        flush=True,
+    )
+    widths = sorted({int(b) for b in (args.batch_sizes or str(args.batch_size)).split(",")})
+    mean_prompt = sum(map(len, ids)) / len(ids)
+    context = mean_prompt + args.max_new_tokens / 2
+    rows, ratios, top_share = [], {}, {}
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=bf16)
+        modes = [(f"batch {b}", ids, b) for b in widths] + [("one-at-a-time", single, 1)]
+        runs: dict[str, list[float]] = {mode: [] for mode, _, _ in modes}
         outputs = {}
-        for _ in range(args.repeats):  # alternate, so drift in the machine's load hits both modes
-            for mode, prompts, width in (("batched", ids, args.batch_size), ("one-at-a-time", single, 1)):
+        for _ in range(args.repeats):  # alternate, so drift in the machine's load hits every mode
+            for mode, prompts, width in modes:
                 seconds, tokens, outputs[mode] = timed(engine, prompts, params, width)
                 runs[mode].append(tokens / seconds)
                 print(f"  {precision} {mode:<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
-        same = sum(a == b for a, b in zip(outputs["batched"], outputs["one-at-a-time"]))
-        for mode, rates in runs.items():
-            rows.append((precision, mode, statistics.median(rates)))
-        ratios[precision] = statistics.median(runs["batched"]) / statistics.median(runs["one-at-a-time"])
-        print(f"  {precision}: batched and one-at-a-time identical on {same}/{len(single)} prompts", flush=True)
+        largest = f"batch {widths[-1]}"
+        same = sum(a == b for a, b in zip(outputs[largest], outputs["one-at-a-time"]))
+        for mode, prompts, width in modes:
+            rate = statistics.median(runs[mode])
+            compute, memory = shares(rate, width, context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
+            rows.append((precision, mode, rate, compute, memory))
+        ratios[precision] = statistics.median(runs[largest]) / statistics.median(runs["one-at-a-time"])
+        top_share[precision] = next(r[3] for r in rows if r[0] == precision and r[1] == largest)
+        print(f"  {precision}: {largest} and one-at-a-time identical on {same}/{len(single)} prompts", flush=True)
+        if args.prefill:
+            rate = prefill_rate(engine, ids, bf16, widths[-1])
+            rows.append((precision, f"prefill, batch {widths[-1]}", rate, rate * 2 * n_params / (peaks[precision] * 1e9), float("nan")))
         if not args.no_hf:
-            seconds, tokens = timed_hf(engine, ids, params, args.batch_size)
-            rows.append((precision, "transformers generate", tokens / seconds))
-            print(f"  {precision} {'hf generate':<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
+            seconds, tokens = timed_hf(engine, ids, params, widths[-1])
+            rate = tokens / seconds
+            compute, memory = shares(rate, widths[-1], context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
+            rows.append((precision, f"transformers, batch {widths[-1]}", rate, compute, memory))
+            print(f"  {precision} {'hf generate':<14} {tokens:>6} tokens {seconds:>7.1f} s {rate:>8.1f} tok/s", flush=True)
 
-    print(f"\n{'precision':<10}{'mode':<24}{'tokens/s':>10}")
-    for precision, mode, rate in rows:
-        print(f"{precision:<10}{mode:<24}{rate:>10.1f}")
+    print(f"\n{'precision':<10}{'mode':<28}{'tokens/s':>10}{'compute limit':>15}{'memory limit':>14}")
+    for precision, mode, rate, compute, memory in rows:
+        print(f"{precision:<10}{mode:<28}{rate:>10.1f}{compute:>14.1%}{'' if math.isnan(memory) else f'{memory:>14.1%}'}")
     shown = ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items())
     print(f"batched / one-at-a-time: {shown}; load average now {os.getloadavg()[0]:.1f}")
     print(f"ratio={next(iter(ratios.values())):.2f}")
+    faster = max(top_share, key=lambda p: next(r[2] for r in rows if r[0] == p and r[1] == f"batch {widths[-1]}"))
+    print(f"limit_share={top_share[faster]:.3f}")
+
+
+def prefill_rate(engine: Engine, ids: list[list[int]], bf16: bool, batch_size: int) -> float:
+    """Prompt tokens/s of the prompts' forward alone (one new token each: the prefill and a single step)."""
+    seconds, _, _ = timed(engine, ids, SamplingParams(max_new_tokens=1, bf16=bf16), batch_size)
+    return sum(map(len, ids)) / seconds
 
 
 def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:

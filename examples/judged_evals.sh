@@ -12,7 +12,7 @@
 set -euo pipefail
 OUT=${1:-judged-evals}
 LIMIT=${2:-80}
-DATA=${DATA:-$(dirname "$0")/../../shared/data}
+DATA=${DATA:-$(cd "$(dirname "$0")/../../shared/data" && pwd)}
 MODEL=smollm2-135m-instruct
 mkdir -p "$OUT"
 posttrain models fetch "$MODEL" > /dev/null

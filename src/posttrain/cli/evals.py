@@ -158,7 +158,11 @@ def read_asked(path: Path, limit: int | None, *, need_reference: bool = False) -
     from posttrain.eval.judge import question_text
 
     first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
-    if first.startswith("{") and "turns" in json.loads(first):
+    try:
+        mt_bench_format = first.startswith("{") and "turns" in json.loads(first)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the first line is not JSON ({e.msg})") from None
+    if mt_bench_format:
         if need_reference:
             raise ValueError(f"{path}: MT-Bench questions carry no reference answers to compare against; give a model or a file of answers as --reference")
         from posttrain.eval.mt_bench import read_questions
@@ -224,7 +228,8 @@ def eval_winrate(
         the_judge = backends.judge(judge, judge_prompts, judge_max_new_tokens, judge_mode)
         model_answers = {m: answers(backends.model(m), chats, max_new_tokens=max_new_tokens, what=f"answers of {m}") for m in _models(model)}
         settings = {"prompts": str(prompts or reference), "n_prompts": len(asked), "max_new_tokens": max_new_tokens, "judge_mode": judge_mode}
-        results = winrate_results(the_judge, [a.question for a in asked], model_answers, reference_answers, reference=reference, settings=settings)
+        label = Path(reference).name if reference_file else reference
+        results = winrate_results(the_judge, [a.question for a in asked], model_answers, reference_answers, reference=label, settings=settings)
         results.write(output)
     show(results, output)
 

@@ -200,7 +200,8 @@ class Judge:
         raise ValueError(f"the judge prompts have none of {list(names)}; they have {sorted(self.prompts)}")
 
     def __call__(self, requests: Sequence[tuple[JudgePrompt, Mapping[str, str]]], *, what: str) -> list[Judgement]:
-        """One judgement per (prompt, fields); a ``single`` prompt's verdict is a rating, a ``pairwise`` one's "A", "B" or "tie"."""
+        """One judgement per (prompt, fields): a ``single`` prompt's verdict is a rating; a ``pairwise`` one's "A", "B" or "tie"
+        (text mode) or the probability that A is the better (probs mode)."""
         chats = [prompt.render(fields) for prompt, fields in requests]
         if self.mode == "probs":
             return self._by_probs(requests, chats)
