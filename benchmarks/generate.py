@@ -17,17 +17,20 @@ reference the engine's decode loop was chosen against.
 (``generate/fast.py``) and on the model's own forward with its ``DynamicCache`` (``Engine(fast=False)``),
 alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward tokens/s>``.
 
-Shares of the machine's limit, per run: *compute*, generated tokens/s × 2·N FLOPs (N the parameters a
-decode step multiplies by: the whole model, the LM head included, the embedding lookup not, tied weights
-once) over the matmul peak of that precision, measured in the same invocation
-(``benchmarks/matmul_peak.py --quick``'s shapes); *memory*, the tokens/s a step could reach if it only
-had to read the weights and the batch's KV cache once at the measured memory bandwidth (a large copy), the
-bound that matters at small batches. Prefill is timed on its own (``--prefill``: the prompts' forward only,
-tokens/s of prompt tokens and its compute share).
+Each run is timed twice: whole (prompts in, tokens out) and prefill alone (the same prompts at the same
+batch size with one new token: the prompts' forward and the first token). *Decode* tokens/s is what the
+one-token steps make: (generated − first tokens) / (whole − prefill seconds). Shares of the machine's
+limit, per run: *compute*, decode tokens/s × 2·N FLOPs (N the parameters a decode step multiplies by: the
+whole model, the LM head included, the embedding lookup not, tied weights once) over the matmul peak of
+that precision, measured in the same invocation (``benchmarks/matmul_peak.py --quick``'s shapes);
+*memory*, the tokens/s a step could reach if it only had to read the weights and the batch's KV cache
+once at the measured memory bandwidth (a large copy), the bound that matters at small batches. Prefill
+is reported beside it: prompt tokens/s and its compute share (2·N without the LM head, which the prefill
+computes for the last position only).
 
 ``--quick`` (about a minute): 64 prompts batched at 64, 6 one at a time, 32 new tokens, fp32 and bf16.
-The last lines are ``ratio=<batched / one-at-a-time tokens/s>`` for fp32 and
-``limit_share=<share of the compute limit at the largest batch, in the faster precision>``. Not a test:
+The last lines are ``ratio=<batched / one-at-a-time tokens/s>`` (whole runs) for fp32 and
+``limit_share=<decode's share of the compute limit at the largest batch, in the faster precision>``. Not a test:
 run it by hand, with nothing else running.
 """
 
@@ -144,7 +147,6 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to time besides one at a time (default: --batch-size)")
-    ap.add_argument("--prefill", action="store_true", help="also time the prompts' forward alone (prefill), per precision")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
@@ -193,26 +195,34 @@ def main() -> None:
     for precision in precisions:
         bf16 = precision == "bf16"
         params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=bf16)
+        first = SamplingParams(max_new_tokens=1, bf16=bf16)
         modes = [(f"batch {b}", ids, b) for b in widths] + [("one-at-a-time", single, 1)]
-        runs: dict[str, list[float]] = {mode: [] for mode, _, _ in modes}
+        runs: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode, _, _ in modes}  # (whole, decode, prefill) rates
         outputs = {}
         for _ in range(args.repeats):  # alternate, so drift in the machine's load hits every mode
             for mode, prompts, width in modes:
                 seconds, tokens, outputs[mode] = timed(engine, prompts, params, width)
-                runs[mode].append(tokens / seconds)
-                print(f"  {precision} {mode:<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
+                prefill_seconds, _, _ = timed(engine, prompts, first, width)
+                prompt_tokens = sum(map(len, prompts))
+                decode = (tokens - len(prompts)) / max(seconds - prefill_seconds, 1e-9)
+                runs[mode].append((tokens / seconds, decode, prompt_tokens / prefill_seconds))
+                print(
+                    f"  {precision} {mode:<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s; prefill {prefill_seconds:.1f} s "
+                    f"({prompt_tokens / prefill_seconds:,.0f} prompt tok/s), decode {decode:.1f} tok/s",
+                    flush=True,
+                )
         largest = f"batch {widths[-1]}"
         same = sum(a == b for a, b in zip(outputs[largest], outputs["one-at-a-time"]))
+        head = engine.model.get_output_embeddings().weight.numel()
         for mode, prompts, width in modes:
-            rate = statistics.median(runs[mode])
-            compute, memory = shares(rate, width, context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
-            rows.append((precision, mode, rate, compute, memory))
-        ratios[precision] = statistics.median(runs[largest]) / statistics.median(runs["one-at-a-time"])
-        top_share[precision] = next(r[3] for r in rows if r[0] == precision and r[1] == largest)
+            whole, decode, prefill = (statistics.median(r[k] for r in runs[mode]) for k in range(3))
+            compute, memory = shares(decode, width, context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
+            rows.append((precision, f"{mode}, whole", whole, math.nan, math.nan))
+            rows.append((precision, f"{mode}, decode", decode, compute, memory))
+            rows.append((precision, f"{mode}, prefill", prefill, prefill * 2 * (n_params - head) / (peaks[precision] * 1e9), math.nan))
+        ratios[precision] = statistics.median(r[0] for r in runs[largest]) / statistics.median(r[0] for r in runs["one-at-a-time"])
+        top_share[precision] = next(r[3] for r in rows if r[0] == precision and r[1] == f"{largest}, decode")
         print(f"  {precision}: {largest} and one-at-a-time identical on {same}/{len(single)} prompts", flush=True)
-        if args.prefill:
-            rate = prefill_rate(engine, ids, bf16, widths[-1])
-            rows.append((precision, f"prefill, batch {widths[-1]}", rate, rate * 2 * n_params / (peaks[precision] * 1e9), float("nan")))
         if not args.no_hf:
             seconds, tokens = timed_hf(engine, ids, params, widths[-1])
             rate = tokens / seconds
@@ -220,20 +230,15 @@ def main() -> None:
             rows.append((precision, f"transformers, batch {widths[-1]}", rate, compute, memory))
             print(f"  {precision} {'hf generate':<14} {tokens:>6} tokens {seconds:>7.1f} s {rate:>8.1f} tok/s", flush=True)
 
-    print(f"\n{'precision':<10}{'mode':<28}{'tokens/s':>10}{'compute limit':>15}{'memory limit':>14}")
+    print(f"\n{'precision':<10}{'mode':<32}{'tokens/s':>10}{'compute limit':>15}{'memory limit':>14}")
     for precision, mode, rate, compute, memory in rows:
-        print(f"{precision:<10}{mode:<28}{rate:>10.1f}{compute:>14.1%}{'' if math.isnan(memory) else f'{memory:>14.1%}'}")
+        cells = "".join(f"{'' if math.isnan(x) else f'{x:.1%}':>{w}}" for x, w in ((compute, 15), (memory, 14)))
+        print(f"{precision:<10}{mode:<32}{rate:>10.1f}{cells}")
     shown = ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items())
     print(f"batched / one-at-a-time: {shown}; load average now {os.getloadavg()[0]:.1f}")
     print(f"ratio={next(iter(ratios.values())):.2f}")
-    faster = max(top_share, key=lambda p: next(r[2] for r in rows if r[0] == p and r[1] == f"batch {widths[-1]}"))
+    faster = max(top_share, key=lambda p: next(r[2] for r in rows if r[0] == p and r[1] == f"batch {widths[-1]}, decode"))
     print(f"limit_share={top_share[faster]:.3f}")
-
-
-def prefill_rate(engine: Engine, ids: list[list[int]], bf16: bool, batch_size: int) -> float:
-    """Prompt tokens/s of the prompts' forward alone (one new token each: the prefill and a single step)."""
-    seconds, _, _ = timed(engine, ids, SamplingParams(max_new_tokens=1, bf16=bf16), batch_size)
-    return sum(map(len, ids)) / seconds
 
 
 def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from posttrain.generate.intervene import Intervention
+from posttrain.generate.kv_blocks import KVBlocks, attend, round_up
 
 HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
@@ -251,13 +252,14 @@ class FastDecoder:
         """
         rows, width = mask.shape
         self.max_rows = max(capacity, rows)
-        columns = width + 2 * max_new_tokens
+        columns = round_up(width + 2 * max_new_tokens)
         self.keys, self.values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values
-            kb = k.new_zeros((rows, self.kv_heads, columns, self.head_dim))
-            vb = v.new_zeros((rows, self.kv_heads, columns, self.head_dim))
-            kb[:, :, :width], vb[:, :, :width] = k, v
+            kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, k)
+            vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, v)
+            kb.write(slice(None), 0, k)
+            vb.write(slice(None), 0, v)
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
@@ -286,8 +288,8 @@ class FastDecoder:
         grown = min(self.max_rows, max(needed, 2 * self.capacity))
         extra = grown - self.capacity
         for buffers in (self.keys, self.values):
-            for i, b in enumerate(buffers):
-                buffers[i] = torch.cat([b, b.new_zeros((extra, *b.shape[1:]))])
+            for b in buffers:
+                b.grow_rows(extra)
         self.bias = torch.cat([self.bias, self.bias.new_zeros((extra, self.bias.shape[1]))])
 
     def admit(
@@ -314,8 +316,8 @@ class FastDecoder:
         t = self.length
         index = torch.tensor(rows, device=self.bias.device)
         for layer, kb, vb in zip(cache.layers, self.keys, self.values):
-            kb[index, :, t - width : t] = layer.keys
-            vb[index, :, t - width : t] = layer.values
+            kb.write(index, t - width, layer.keys)
+            vb.write(index, t - width, layer.values)
         bias = torch.full((len(rows), self.bias.shape[1]), float("-inf"), device=self.bias.device)
         real = boost if boost is not None else torch.zeros(mask.shape, device=self.bias.device)
         bias[:, t - width : t] = torch.where(mask == 1, real, bias[:, t - width : t])
@@ -342,14 +344,15 @@ class FastDecoder:
         first = int(torch.isfinite(self.bias[keep]).float().argmax(-1).min()) if keep else t
         used = t - first  # the kept rows' columns [first, t)
         length = max(used, width)
-        grown = max(columns, length + 2 * max_new_tokens)
+        grown = max(columns, round_up(length + 2 * max_new_tokens))
         bias = self.bias.new_zeros((self.capacity, grown))
         bias[:, : length - used] = float("-inf")
         bias[:, length - used : length] = self.bias[:, first:t]
         for buffers in (self.keys, self.values):
             for i, b in enumerate(buffers):
-                moved = b.new_zeros((b.shape[0], b.shape[1], grown, b.shape[3])) if grown > columns else b
-                moved[:, :, length - used : length] = b[:, :, first:t].clone()
+                kept = b.read(first, t)
+                moved = b.resized(grown) if grown > columns else b
+                moved.write(slice(None), length - used, kept)
                 buffers[i] = moved
         self.bias, self.length = bias, length
 
@@ -368,7 +371,7 @@ class FastDecoder:
             dst = torch.tensor(holes, device=self.bias.device)
             for buffers in (self.keys, self.values):
                 for b in buffers:
-                    b[dst] = b[src]
+                    b.move_rows(dst, src)
             self.bias[dst] = self.bias[src]
             for hole, mover in zip(holes, movers):
                 order[hole] = mover
@@ -418,10 +421,8 @@ class FastDecoder:
         x = self.embed(tokens)  # (rows, hidden)
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head dim)
-        bias = self.bias[:rows, None, None, : t + 1]
         steer = self._steering_rows()
-        for i, (layer, all_keys, all_values) in enumerate(zip(self.layers, self.keys, self.values)):
-            keys, values = all_keys[:rows], all_values[:rows]
+        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
             # x is (rows, hidden) with its features contiguous per column (the transpose of W @ x.T): see the module docstring
             qkv = self._project(layer.qkv, layer.norm1(x), layer, "qkv")
             if layer.qkv_bias is not None:
@@ -431,11 +432,9 @@ class FastDecoder:
             v = qkv[:, (h + kv) * d :].reshape(rows, kv, 1, d)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys[:, :, t : t + 1] = k
-            values[:, :, t : t + 1] = v
-            scores = torch.matmul(q, keys[:, :, : t + 1].transpose(-1, -2)) * layer.scaling  # (rows, kv, group, t+1)
-            probs = (scores.float() + bias).softmax(-1).to(q.dtype)
-            attn = torch.matmul(probs, values[:, :, : t + 1]).reshape(rows, h * d)
+            keys.write(slice(0, rows), t, k)
+            values.write(slice(0, rows), t, v)
+            attn = attend(q, keys, values, rows, t, self.bias, layer.scaling)
             x = x + self._project(layer.o, attn, layer, "o")
             gate, up = self._project(layer.gate_up, layer.norm2(x), layer, "gate_up").T.chunk(2)  # (intermediate, rows) each
             x = x + self._project(layer.down, (layer.act(gate) * up).T, layer, "down")

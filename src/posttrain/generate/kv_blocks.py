@@ -1,0 +1,90 @@
+"""The fast decoder's key/value buffers, stored as blocks of columns so attention reads them without copies.
+
+A layer's keys (or values) for rows x kv heads x columns x head dim are kept as ``(blocks, rows, kv heads,
+BLOCK, head dim)``: column c lives in block ``c // BLOCK`` at ``c % BLOCK``. Attention over the first
+``t + 1`` columns is then one batched matmul per block on a contiguous ``(rows x kv heads, BLOCK, head dim)``
+tensor. With the plain ``(rows, kv heads, columns, head dim)`` layout the first ``t + 1`` columns are a
+strided slice, and torch's CPU ``bmm`` copies such a slice to contiguous memory before it multiplies in
+bf16 (measured on SmolLM2-135M at 128 rows and 215 cached columns: 4.2 ms a layer for the strided
+attention in bf16, of which 2.3 ms are the copies; 1.5 ms with blocks; fp32 3.1 vs 2.7 ms). Columns past
+``t`` in the last block are masked. Our own code: a few index helpers around ``torch.bmm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64  # columns a block holds
+
+
+def round_up(columns: int) -> int:
+    """``columns`` rounded up to whole blocks."""
+    return -(-columns // BLOCK) * BLOCK
+
+
+class KVBlocks:
+    """One layer's keys or values; ``data`` is ``(blocks, rows, kv heads, BLOCK, head dim)``."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    @classmethod
+    def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor) -> KVBlocks:
+        return cls(like.new_zeros((round_up(columns) // BLOCK, rows, kv_heads, BLOCK, head_dim)))
+
+    @property
+    def columns(self) -> int:
+        return self.data.shape[0] * BLOCK
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[1]
+
+    def write(self, rows: slice | torch.Tensor, start: int, src: torch.Tensor) -> None:
+        """Columns ``[start, start + src.shape[2])`` of ``rows`` set to ``src`` (rows, kv heads, columns, head dim)."""
+        end, c = start + src.shape[2], start
+        while c < end:
+            block, offset = divmod(c, BLOCK)
+            n = min(BLOCK - offset, end - c)
+            self.data[block, rows, :, offset : offset + n] = src[:, :, c - start : c - start + n]
+            c += n
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """A copy of columns ``[start, end)`` of every row: (rows, kv heads, end - start, head dim)."""
+        pieces, c = [], start
+        while c < end:
+            block, offset = divmod(c, BLOCK)
+            n = min(BLOCK - offset, end - c)
+            pieces.append(self.data[block, :, :, offset : offset + n])
+            c += n
+        if not pieces:
+            return self.data.new_zeros((self.rows, self.data.shape[2], 0, self.data.shape[4]))
+        return torch.cat(pieces, dim=2)
+
+    def grow_rows(self, extra: int) -> None:
+        self.data = torch.cat([self.data, self.data.new_zeros((self.data.shape[0], extra, *self.data.shape[2:]))], dim=1)
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.data[:, dst] = self.data[:, src]
+
+    def resized(self, columns: int) -> KVBlocks:
+        """Empty buffers of the same rows with ``columns`` columns (rounded up to whole blocks)."""
+        rows, kv, _, d = self.data.shape[1:]
+        return KVBlocks.zeros(rows, kv, columns, d, self.data)
+
+
+def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, rows: int, t: int, bias: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of one query per row over columns ``[0, t]``: ``q`` (rows, kv heads, group, head dim), ``bias`` (rows, columns)
+    additive (padding -inf). Returns (rows, kv heads x group x head dim)."""
+    _, kv, group, d = q.shape
+    n = t // BLOCK + 1  # blocks holding columns 0..t
+    q3 = q.reshape(rows * kv, group, d)
+    key_blocks = [keys.data[i, :rows].view(rows * kv, BLOCK, d) for i in range(n)]
+    scores = torch.cat([torch.bmm(q3, k.transpose(1, 2)) for k in key_blocks], dim=-1) * scaling  # (rows x kv, group, n x BLOCK)
+    scores = scores.view(rows, kv, group, n * BLOCK).float() + bias[:rows, None, None, : n * BLOCK]
+    scores[..., t + 1 :] = float("-inf")  # the last block's columns not yet written
+    probs = scores.softmax(-1).to(q.dtype).view(rows * kv, group, n * BLOCK)
+    out = torch.bmm(probs[:, :, :BLOCK], values.data[0, :rows].view(rows * kv, BLOCK, d))
+    for i in range(1, n):
+        out = out.baddbmm(probs[:, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :rows].view(rows * kv, BLOCK, d))
+    return out.reshape(rows, kv * group * d)
