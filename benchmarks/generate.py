@@ -167,7 +167,7 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"{name}: {len(ids)} IFEval prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), {args.max_new_tokens} new tokens, greedy; "
-        f"batch {args.batch_size} vs 1 ({len(single)} prompts); {platform.machine()}, {os.cpu_count()} cores, "
+        f"batch {args.batch_sizes or args.batch_size} vs 1 ({len(single)} prompts); {platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads; load average {load[0]:.1f}; {date.today()}",
         flush=True,
     )

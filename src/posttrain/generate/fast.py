@@ -13,9 +13,10 @@ that carry numerics (its RMSNorms, its rotary embedding, its activation); what c
   ``DynamicCache`` joins every layer's keys and values with ``torch.cat`` at every step (with the rotary
   embedding's joins, 9-13% of a model-forward step's CPU time at 64 rows);
 * q, k and v come from one matmul, gate and up from another (weights joined once per call);
-* attention for one query is two batched matmuls over the cache with the query heads grouped by their
-  key/value head (no copy of keys and values per query head); the CPU's fused SDPA kernel took 1.6-1.9 ms
-  a layer for it at 64 rows;
+* attention for one query is batched matmuls over the cache with the query heads grouped by their
+  key/value head (no copy of keys and values per query head), one per block of 64 columns, the cache being
+  stored in such blocks (:mod:`posttrain.generate.kv_blocks`: a strided slice of one long buffer was copied
+  by CPU ``bmm`` in bf16); the CPU's fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
 * every projection is computed as ``W @ x.T`` (weight rows first), the hidden state kept as the
   transpose of that product, features running down its columns, so no step copies it into the other
   layout. On this CPU's BLAS that product is faster than ``x @ W.T`` (``F.linear``) for these shapes:
