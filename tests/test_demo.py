@@ -41,6 +41,15 @@ def test_quick_demo_writes_report_and_summary(quick_run):
     assert summary["sample"]["kept"] > 0 and summary["label"]["pairs"] > 0
     assert summary["sft"]["steps"] == 4 and summary["dpo"]["steps"] == 4
     assert set(summary["gain_start_to_dpo"]) == {"heldout", "ifeval"}
+    # every accuracy and gain carries a 95% bootstrap interval (paired by prompt) that holds its point estimate
+    for split in ("heldout", "ifeval"):
+        cis = summary["intervals"][split]
+        for key in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"):
+            for label in ("start", "SFT", "DPO"):
+                low, high = cis["scores"][label][key]
+                assert 0 <= low <= summary["scores"][label][split][key] <= high <= 100, (split, label, key)
+            low, high = cis["gain"][key]
+            assert low <= summary["gain_start_to_dpo"][split][key] <= high, (split, key)
     page = (out / "report.html").read_text()
     assert page.count("<table>") >= 3 and page.count("data:image/png;base64,") == 3
     assert "Responses before and after" in page and "class=example" in page

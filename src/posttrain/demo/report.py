@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
 MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
@@ -48,6 +49,8 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
         "stage_seconds": sum(t["seconds"] for t in timings.values()),
         "scores": scores,
         "gain_start_to_dpo": gain,
+        # 95% bootstrap intervals, paired by prompt: {split: {"scores": {model: {key: [low, high]}}, "gain": {key: [low, high]}}}
+        "intervals": {split: found for split in ("heldout", "ifeval") if (found := intervals({label: root / stage for label, stage in MODELS}, split))},
         "prompts": _json(root / "prompts" / "stage.json"),
         "sample": {k: v for k, v in _json(root / "sample" / "stage.json").items() if k not in ("inputs",)},
         "label": _json(root / "label" / "summary.json"),
@@ -85,7 +88,10 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
             if s:
                 table.add_row(label, *(f"{s[k]:.1f}" for k, _ in HEADLINE))
         if split in summary["gain_start_to_dpo"]:
-            table.add_row("DPO − start", *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" for k, _ in HEADLINE), style="bold")
+            ci = summary.get("intervals", {}).get(split, {}).get("gain", {})
+            table.add_row(
+                "DPO − start", *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" + _ci(ci.get(k), signed=True) for k, _ in HEADLINE), style="bold"
+            )
         if table.row_count:
             console.print(table)
     console.print(
@@ -129,6 +135,13 @@ def plot_per_type(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _ci(interval: list[float] | None, *, signed: bool = False) -> str:
+    """`` [low, high]`` of a 95% interval, or nothing."""
+    if not interval:
+        return ""
+    return f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if signed else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
 def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     groups = [
         (split, key, f"{'held-out' if split == 'heldout' else 'IFEval'}\n{name}")
@@ -142,10 +155,14 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
     for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
         values = [summary["scores"][label].get(split, {}).get(key, 0) for split, key, _ in groups]
-        bars = ax.bar([j + (i - 1) * 0.27 for j in range(len(groups))], values, width=0.27, color=color, label=label)
+        cis = [summary.get("intervals", {}).get(split, {}).get("scores", {}).get(label, {}).get(key) for split, key, _ in groups]
+        errors = [[v - c[0] if c else 0 for v, c in zip(values, cis)], [c[1] - v if c else 0 for v, c in zip(values, cis)]]
+        bars = ax.bar(
+            [j + (i - 1) * 0.27 for j in range(len(groups))], values, width=0.27, color=color, label=label, yerr=errors, capsize=2, ecolor="#323f4b"
+        )
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(range(len(groups)), [g[2] for g in groups], fontsize=7)
-    ax.set_ylabel("%")
+    ax.set_ylabel("% (95% bootstrap intervals)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncols=3, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
@@ -223,15 +240,23 @@ def _figure(path: Path | None, alt: str) -> str:
 
 def _scores_table(summary: dict[str, Any], split: str) -> str:
     rows = []
+    cis = summary.get("intervals", {}).get(split, {})
     for label, _ in MODELS:
         s = summary["scores"][label].get(split)
         if s:
-            rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{s[k]:.1f}</td>" for k, _ in HEADLINE) + "</tr>")
+            own = cis.get("scores", {}).get(label, {})
+            rows.append(
+                f"<tr><td>{label}</td>" + "".join(f"<td>{s[k]:.1f}<span class=muted>{_ci(own.get(k))}</span></td>" for k, _ in HEADLINE) + "</tr>"
+            )
     gain = summary["gain_start_to_dpo"].get(split)
     if gain:
+        ci = cis.get("gain", {})
         rows.append(
             "<tr class=gain><td>DPO − start</td>"
-            + "".join(f"<td class={'up' if gain[k] > 0 else 'down' if gain[k] < 0 else ''}>{gain[k]:+.1f}</td>" for k, _ in HEADLINE)
+            + "".join(
+                f"<td class={'up' if gain[k] > 0 else 'down' if gain[k] < 0 else ''}>{gain[k]:+.1f}<span class=muted>{_ci(ci.get(k), signed=True)}</span></td>"
+                for k, _ in HEADLINE
+            )
             + "</tr>"
         )
     if not rows:
@@ -279,7 +304,9 @@ def _response(item: dict[str, Any], title: str) -> str:
 def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
     gain = summary["gain_start_to_dpo"].get("heldout", {}).get("prompt_loose")
     lead = (
-        f"Held-out prompt-level loose accuracy: <b>{gain:+.1f} points</b> from the starting model to the DPO model."
+        f"Held-out prompt-level loose accuracy: <b>{gain:+.1f} points</b>"
+        f"{_ci(summary.get('intervals', {}).get('heldout', {}).get('gain', {}).get('prompt_loose'), signed=True)} from the starting model to the DPO model. "
+        "Brackets: 95% bootstrap intervals over prompts (gains paired: both models on the same resampled prompts); these sets are small."
         if gain is not None
         else ""
     )

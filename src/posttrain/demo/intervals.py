@@ -1,0 +1,62 @@
+"""95% bootstrap intervals for the demo's accuracies and gains, paired by prompt.
+
+Each evaluation stage writes one line per prompt (its instructions' strict and loose verdicts). An
+interval resamples the prompts with replacement, ``RESAMPLES`` times with a fixed seed, recomputes the four
+IFEval accuracies (prompt-level: the share of prompts whose every instruction is followed; instruction-
+level: followed instructions over all instructions of the resampled prompts) and takes the 2.5th and
+97.5th percentiles. A gain (DPO − start) is paired: both models' verdicts on the same resampled prompts,
+so the interval reflects which prompts were drawn, not two independent draws. Our own few lines, like
+:func:`posttrain.verify.stats.bootstrap_interval`, which does the same for a plain mean.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+RESAMPLES = 1000
+LEVEL = 0.95
+KEYS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
+
+
+def _items(path: Path) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def accuracies(items: list[dict[str, Any]], index: list[int]) -> dict[str, float]:
+    """The four accuracies (percent) of the prompts at ``index`` (repeats allowed)."""
+    out = {}
+    for kind in ("strict", "loose"):
+        verdicts = [items[i][kind] for i in index]
+        out[f"prompt_{kind}"] = 100 * sum(all(v) for v in verdicts) / len(verdicts)
+        out[f"inst_{kind}"] = 100 * sum(sum(v) for v in verdicts) / max(1, sum(len(v) for v in verdicts))
+    return out
+
+
+def _percentiles(samples: list[float]) -> list[float]:
+    s = sorted(samples)
+    tail = (1 - LEVEL) / 2
+    return [s[int(tail * (len(s) - 1))], s[round((1 - tail) * (len(s) - 1))]]
+
+
+def intervals(per_model: dict[str, Path], split: str, *, gain: tuple[str, str] = ("start", "DPO"), seed: int = 0) -> dict[str, Any]:
+    """``{"scores": {model: {key: [low, high]}}, "gain": {key: [low, high]}}`` for ``split`` (``{split}.jsonl`` in each
+    model's evaluation directory); a model without the file is left out, and the gain needs both of ``gain``."""
+    items = {label: found for label, directory in per_model.items() if (found := _items(directory / f"{split}.jsonl"))}
+    if not items:
+        return {}
+    n = len(next(iter(items.values())))
+    if any(len(v) != n for v in items.values()):
+        raise ValueError(f"{split}: the models were scored on different numbers of prompts ({ {k: len(v) for k, v in items.items()} })")
+    rng = random.Random(seed)
+    draws = [[rng.randrange(n) for _ in range(n)] for _ in range(RESAMPLES)]
+    samples = {label: [accuracies(v, index) for index in draws] for label, v in items.items()}
+    out: dict[str, Any] = {"scores": {label: {k: _percentiles([s[k] for s in ss]) for k in KEYS} for label, ss in samples.items()}}
+    base, final = gain
+    if base in samples and final in samples:
+        out["gain"] = {k: _percentiles([b[k] - a[k] for a, b in zip(samples[base], samples[final])]) for k in KEYS}
+    return out
