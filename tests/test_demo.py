@@ -153,3 +153,24 @@ def test_report_renders_in_headless_chromium(quick_run, tmp_path):
     histogram = image.histogram()
     assert sum(1 for count in histogram if count > 50) > 40
     assert histogram[255] < 0.95 * sum(histogram)
+
+
+def test_seeds_run_the_pipeline_once_per_seed_and_summarize_the_gains(tmp_path):
+    out = tmp_path / "seeds"
+    result = _invoke("demo", "--quick", "--seeds", "2", "--output-dir", str(out))
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    for s in (0, 1):  # each seed its own run, its sampling/training seed and its label seed moved by s
+        written = yaml.safe_load((out / f"seed-{s}" / "pipeline.yaml").read_text())
+        assert written["seed"] == s and written["label"]["seed"] == 1 + s and (out / f"seed-{s}" / "report.html").is_file()
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert seeds["seeds"] == [0, 1] and set(seeds["splits"]) == {"heldout", "ifeval"}
+    for split, rows in seeds["splits"].items():
+        per_run = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["gain_start_to_dpo"][split] for s in (0, 1)]
+        for key, row in rows.items():
+            assert row["gains"] == [g[key] for g in per_run]
+            assert row["min"] <= row["mean"] <= row["max"] and row["mean"] == pytest.approx(sum(row["gains"]) / 2)
+            low, high = row["interval"]
+            assert low <= row["mean"] <= high
+    assert "over 2 seeds" in result.output and "95% interval" in result.output

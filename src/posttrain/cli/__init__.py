@@ -433,6 +433,7 @@ def run_pipeline(
 def demo(
     output_dir: OutputDirOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="The same pipeline on a tiny random built-in model (< 2 min): a smoke test, not a gain.")] = False,
+    seeds: Annotated[int, typer.Option("--seeds", help="Run the pipeline under N seeds (sampling and training), each in OUTPUT_DIR/seed-S/, and report the gains' mean, range and 95% interval (OUTPUT_DIR/seeds.json). N times the time.", min=1)] = 1,
     set_: SetOpt = None,
 ) -> None:
     """The main job: make SmolLM2-135M-Instruct follow instructions better, on this machine's CPU (about 15 min on 2 cores).
@@ -442,9 +443,10 @@ def demo(
     preference pairs by verifier pass rate and runs DPO, then evaluates on held-out prompts and an IFEval
     subset and writes OUTPUT_DIR/report.html. The same as `posttrain run examples/demo_smollm2.yaml`.
     """
-    from posttrain.config import ConfigError
-    from posttrain.demo.pipeline import demo_config, load_pipeline
+    from posttrain.config import ConfigError, model_problem
+    from posttrain.demo.pipeline import PipelineError, demo_config, load_pipeline
     from posttrain.models.fetch import FETCHABLE, FetchError, fetch, is_fetched
+    from posttrain.train.loop import TrainingError
 
     try:
         cfg = load_pipeline(None, list(set_ or []) + ([f"output_dir={output_dir}"] if output_dir else []), base=demo_config(quick))
@@ -456,7 +458,19 @@ def demo(
             fetch(cfg.model, progress=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
         except FetchError as e:
             fail(str(e))
-    _run_pipeline(cfg)
+    if seeds == 1:
+        _run_pipeline(cfg)
+        return
+    from posttrain.demo.seeds import run_seeds
+
+    problem = model_problem(cfg.model)
+    if problem:
+        fail(f"model: {problem}")
+    with user_errors():
+        try:
+            run_seeds(cfg, seeds, console=err)
+        except (PipelineError, ConfigError, TrainingError) as e:
+            fail(str(e))
 
 
 def main() -> None:

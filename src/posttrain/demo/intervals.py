@@ -60,3 +60,23 @@ def intervals(per_model: dict[str, Path], split: str, *, gain: tuple[str, str] =
     if base in samples and final in samples:
         out["gain"] = {k: _percentiles([b[k] - a[k] for a, b in zip(samples[base], samples[final])]) for k in KEYS}
     return out
+
+
+def seed_gain_intervals(runs: list[Path], split: str, *, base: str = "eval-start", final: str = "eval-dpo", seed: int = 0) -> dict[str, list[float]]:
+    """The 95% interval of the gain averaged over several runs of the pipeline (one per seed) on the same prompts:
+    each resample draws prompts once and takes, for every run, its final model's accuracy minus its starting
+    model's on them, then the mean over runs. ``{}`` when a run lacks the files."""
+    pairs = [(_items(run / base / f"{split}.jsonl"), _items(run / final / f"{split}.jsonl")) for run in runs]
+    if not pairs or any(a is None or b is None for a, b in pairs):
+        return {}
+    n = len(pairs[0][0])
+    if any(len(a) != n or len(b) != n for a, b in pairs):
+        raise ValueError(f"{split}: the runs were scored on different prompts")
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {k: [] for k in KEYS}
+    for _ in range(RESAMPLES):
+        index = [rng.randrange(n) for _ in range(n)]
+        gains = [(accuracies(a, index), accuracies(b, index)) for a, b in pairs]  # type: ignore[arg-type]
+        for k in KEYS:
+            samples[k].append(sum(after[k] - before[k] for before, after in gains) / len(gains))
+    return {k: _percentiles(v) for k, v in samples.items()}
