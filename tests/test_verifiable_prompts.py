@@ -128,7 +128,7 @@ def test_no_prompt_combines_conflicting_types_or_clashing_words(train: list[dict
         assert len(set(ids)) == len(ids)
         assert not any(vp.conflicts(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]), ids
         for i, kwargs in enumerate(record["kwargs"]):
-            others = [vp._kwarg_words(k) for j, k in enumerate(record["kwargs"]) if j != i]
+            others = [vp.kwarg_words(k) for j, k in enumerate(record["kwargs"]) if j != i]
             if "forbidden_words" in kwargs and others:
                 assert not set(kwargs["forbidden_words"]) & set().union(*others), record["prompt"]
 

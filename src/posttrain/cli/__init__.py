@@ -393,9 +393,11 @@ def export(
     out.print(f"wrote {escape(str(path))}")
 
 
-def _run_pipeline(cfg) -> None:
+def _run_pipeline(cfg, seeds: int = 1) -> None:
+    """The pipeline once, or once per seed (``posttrain demo --seeds``)."""
     from posttrain.config import ConfigError, model_problem
     from posttrain.demo.pipeline import PipelineError, run
+    from posttrain.demo.seeds import run_seeds
     from posttrain.train.loop import TrainingError
 
     problem = model_problem(cfg.model)
@@ -403,7 +405,7 @@ def _run_pipeline(cfg) -> None:
         fail(f"model: {problem}")
     with user_errors():
         try:
-            run(cfg, console=err)
+            run(cfg, console=err) if seeds == 1 else run_seeds(cfg, seeds, console=err)
         except (PipelineError, ConfigError, TrainingError) as e:
             fail(str(e))
 
@@ -443,10 +445,9 @@ def demo(
     preference pairs by verifier pass rate and runs DPO, then evaluates on held-out prompts and an IFEval
     subset and writes OUTPUT_DIR/report.html. The same as `posttrain run examples/demo_smollm2.yaml`.
     """
-    from posttrain.config import ConfigError, model_problem
-    from posttrain.demo.pipeline import PipelineError, demo_config, load_pipeline
+    from posttrain.config import ConfigError
+    from posttrain.demo.pipeline import demo_config, load_pipeline
     from posttrain.models.fetch import FETCHABLE, FetchError, fetch, is_fetched
-    from posttrain.train.loop import TrainingError
 
     try:
         cfg = load_pipeline(None, list(set_ or []) + ([f"output_dir={output_dir}"] if output_dir else []), base=demo_config(quick))
@@ -458,19 +459,7 @@ def demo(
             fetch(cfg.model, progress=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
         except FetchError as e:
             fail(str(e))
-    if seeds == 1:
-        _run_pipeline(cfg)
-        return
-    from posttrain.demo.seeds import run_seeds
-
-    problem = model_problem(cfg.model)
-    if problem:
-        fail(f"model: {problem}")
-    with user_errors():
-        try:
-            run_seeds(cfg, seeds, console=err)
-        except (PipelineError, ConfigError, TrainingError) as e:
-            fail(str(e))
+    _run_pipeline(cfg, seeds)
 
 
 def main() -> None:

@@ -11,10 +11,12 @@ so the interval reflects which prompts were drawn, not two independent draws. Ou
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
+
+from posttrain.records import read_jsonl
+from posttrain.verify.stats import percentile_interval
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -24,7 +26,7 @@ KEYS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
 def _items(path: Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(read_jsonl(path))
 
 
 def accuracies(items: list[dict[str, Any]], index: list[int]) -> dict[str, float]:
@@ -38,9 +40,7 @@ def accuracies(items: list[dict[str, Any]], index: list[int]) -> dict[str, float
 
 
 def _percentiles(samples: list[float]) -> list[float]:
-    s = sorted(samples)
-    tail = (1 - LEVEL) / 2
-    return [s[int(tail * (len(s) - 1))], s[round((1 - tail) * (len(s) - 1))]]
+    return list(percentile_interval(samples, level=LEVEL))
 
 
 def intervals(per_model: dict[str, Path], split: str, *, gain: tuple[str, str] = ("start", "DPO"), seed: int = 0) -> dict[str, Any]:

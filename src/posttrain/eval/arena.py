@@ -16,6 +16,11 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from posttrain.eval.judge import Judge
+from posttrain.eval.pairwise import both_orders, judge_counts
+from posttrain.eval.results import Metric, Results
+from posttrain.verify.stats import percentile_interval
+
 Battle = tuple[str, str, str]  # (model a, model b, "a" | "b" | "tie")
 SCALE, BASE = 400.0, 1000.0
 
@@ -78,12 +83,7 @@ def ratings_with_intervals(battles: Sequence[Battle], *, resamples: int = 200, s
         fit = bradley_terry(rng.choices(list(battles), k=len(battles)), models)
         for m in models:
             samples[m].append(fit[m])
-    tail = (1 - level) / 2
-    out = {}
-    for m in models:
-        s = sorted(samples[m])
-        out[m] = (point[m], s[int(tail * (resamples - 1))], s[round((1 - tail) * (resamples - 1))])
-    return out
+    return {m: (point[m], *percentile_interval(samples[m], level=level)) for m in models}
 
 
 def battle_outcome(preference: float | None) -> str | None:
@@ -93,11 +93,8 @@ def battle_outcome(preference: float | None) -> str | None:
     return "a" if preference > 0.5 else "b" if preference < 0.5 else "tie"
 
 
-def arena_results(judge: Any, questions: Sequence[str], model_answers: dict[str, Sequence[str]], *, settings: dict[str, Any] | None = None) -> Any:
+def arena_results(judge: Judge, questions: Sequence[str], model_answers: dict[str, Sequence[str]], *, settings: dict[str, Any] | None = None) -> Results:
     """Every pair of models battles on every question (judged in both position orders): ratings with intervals."""
-    from posttrain.eval.pairwise import both_orders, judge_counts
-    from posttrain.eval.results import Metric, Results
-
     models = list(model_answers)
     if len(models) < 2:
         raise ValueError(f"an arena needs at least two models, got {models}")

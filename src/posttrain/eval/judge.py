@@ -219,7 +219,7 @@ class Judge:
         from posttrain.eval.verdict_probs import VerdictProbs
 
         if self._probs is None:
-            self._probs = VerdictProbs(self.teacher.engine, self.teacher.name, self.teacher.cache, bf16=self.teacher.bf16)
+            self._probs = VerdictProbs(self.teacher)
         out: list[Judgement | None] = [None] * len(requests)
         for kind in ("single", "pairwise"):
             todo = [i for i, (prompt, _) in enumerate(requests) if prompt.type == kind]

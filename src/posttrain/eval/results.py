@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.records import write_jsonl
+from posttrain.records import read_jsonl, write_jsonl
 from posttrain.verify.stats import bootstrap_interval
 
 
@@ -103,7 +103,7 @@ def read_results(directory: str | Path) -> Results:
     root = Path(directory)
     data = json.loads((root / "results.json").read_text(encoding="utf-8"))
     items_path = root / "items.jsonl"
-    items = [json.loads(line) for line in items_path.read_text(encoding="utf-8").splitlines() if line.strip()] if items_path.is_file() else []
+    items = list(read_jsonl(items_path)) if items_path.is_file() else []
     return Results.from_dict(data, items)
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from posttrain.eval.judging import Verdict
+from posttrain.synth.teacher import Teacher
 
 MIN_MASS = 0.5
 PREFIX = {"single": "Rating: [[", "pairwise": "Verdict: [["}
@@ -35,36 +36,33 @@ def _single_token(tokenizer: Any, text: str) -> int | None:
 
 
 class VerdictProbs:
-    """Verdicts from an in-process engine's next-token distribution; ``cache``: the judge's request cache."""
+    """Verdicts from the next-token distribution of a :class:`~posttrain.synth.teacher.Teacher`'s in-process engine,
+    cached in the teacher's request cache under its own keys."""
 
-    def __init__(self, engine: Any, name: str, cache: Any, *, bf16: bool = False) -> None:
+    def __init__(self, teacher: Teacher) -> None:
+        engine = teacher.engine
         if not hasattr(engine, "model") or not hasattr(engine, "prompts"):
             raise ValueError("--judge-mode probs reads the judge's token probabilities, so the judge must run in this process (not at an endpoint)")
-        self.engine, self.name, self.cache, self.bf16 = engine, name, cache, bf16
+        self.teacher = teacher
         tok = engine.tokenizer
         self.digits = {d: _single_token(tok, str(d)) for d in range(1, 11)}
         if any(self.digits[d] is None for d in range(1, 10)):
-            raise ValueError(f"{name}: the digits 1-9 are not single tokens of its tokenizer, so ratings cannot be read from probabilities")
+            raise ValueError(f"{self.teacher.name}: the digits 1-9 are not single tokens of its tokenizer, so ratings cannot be read from probabilities")
         self.zero = _single_token(tok, "0")
         self.letters = {c: _single_token(tok, c) for c in "ABC"}
         if any(v is None for v in self.letters.values()):
-            raise ValueError(f"{name}: A, B and C are not single tokens of its tokenizer")
-
-    def key(self, kind: str, chat: Sequence[Mapping[str, str]]) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps([self.name, "verdict-probs", kind, PREFIX[kind], list(chat)], sort_keys=True).encode()).hexdigest()
+            raise ValueError(f"{self.teacher.name}: A, B and C are not single tokens of its tokenizer")
 
     def __call__(self, kind: str, chats: Sequence[Sequence[Mapping[str, str]]]) -> list[tuple[Verdict, str]]:
         """(verdict, a text saying how it was read) per chat; ``kind`` "single" or "pairwise"; cached per chat."""
-        cached, _ = self.cache.load(self.name)
+        cached, _ = self.teacher.cache.load(self.teacher.name)
         out = []
         for chat in chats:
-            key = self.key(kind, chat)
+            key = self.teacher.key(list(chat), {"verdict_probs": kind, "prefix": PREFIX[kind]})
             if key not in cached:
                 probs = self._probs(kind, chat)
                 cached[key] = {"key": key, "replies": [json.dumps(probs)], "truncated": [False]}
-                self.cache.append(self.name, cached[key])
+                self.teacher.cache.append(self.teacher.name, cached[key])
             out.append(self._verdict(kind, json.loads(cached[key]["replies"][0])))
         return out
 
@@ -74,10 +72,10 @@ class VerdictProbs:
 
         from posttrain.models.load import cache_kwarg
 
-        engine = self.engine
+        engine = self.teacher.engine
         text = engine.prompts.render(list(chat)) + PREFIX[kind]
         ids = torch.tensor([engine.tokenizer(text, add_special_tokens=False)["input_ids"]], device=engine.device)
-        autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=self.teacher.bf16)
         cache = {cache_kwarg(engine.model): DynamicCache(config=engine.model.config), "use_cache": True} if kind == "single" else {}
         with torch.inference_mode(), autocast:
             step = engine.model(input_ids=ids, logits_to_keep=1, **cache)

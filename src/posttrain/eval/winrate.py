@@ -31,6 +31,7 @@ import numpy as np
 from posttrain.eval.judge import Judge
 from posttrain.eval.pairwise import PairOutcome, both_orders, judge_counts
 from posttrain.eval.results import Metric, Results, mean_metric
+from posttrain.verify.stats import percentile_interval
 
 LC_C = 10.0  # inverse L2 strength: weak, only so that a clean sweep has a finite fit
 
@@ -82,8 +83,7 @@ def lc_interval(preferences: Sequence[float], delta_len: Sequence[float], diffic
         idx = [rng.randrange(n) for _ in range(n)]
         gamma = None if difficulty is None else [difficulty[i] for i in idx]
         rates.append(fit_length_controlled([preferences[i] for i in idx], [delta_len[i] for i in idx], gamma).win_rate)
-    rates.sort()
-    return rates[int(0.025 * (resamples - 1))], rates[round(0.975 * (resamples - 1))]
+    return percentile_interval(rates)
 
 
 def instruction_difficulty(preferences_by_model: Sequence[Sequence[float | None]]) -> list[float]:

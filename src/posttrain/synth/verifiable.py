@@ -472,7 +472,7 @@ def build_prompts(
         for type_id in picked:
             kind = TYPE_BY_ID[type_id]
             kwargs = kind.sample(rng, query, avoid)
-            avoid |= _kwarg_words(kwargs)
+            avoid |= kwarg_words(kwargs)
             phrasings = kind.phrasings(split)
             phrases.append(render(phrasings[turn[type_id] % len(phrasings)], kwargs))
             turn[type_id] += 1
@@ -500,5 +500,3 @@ def kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
                 words |= _words(text)
     return frozenset(words)
 
-
-_kwarg_words = kwarg_words  # the name build_prompts and its tests use
