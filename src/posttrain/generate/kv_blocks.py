@@ -5,8 +5,8 @@ BLOCK, head dim)``: column c lives in block ``c // BLOCK`` at ``c % BLOCK``. Att
 ``t + 1`` columns is then one batched matmul per block on a contiguous ``(rows x kv heads, BLOCK, head dim)``
 tensor. With the plain ``(rows, kv heads, columns, head dim)`` layout the first ``t + 1`` columns are a
 strided slice, and torch's CPU ``bmm`` copies such a slice to contiguous memory before it multiplies in
-bf16 (measured on SmolLM2-135M at 128 rows and 215 cached columns: 4.2 ms a layer for the strided
-attention in bf16, of which 2.3 ms are the copies; 1.5 ms with blocks; fp32 3.1 vs 2.7 ms). Columns past
+bf16 (``python benchmarks/decode_profile.py``, SmolLM2-135M, one layer at 128 rows and 207 columns: 4.64 ms
+for the strided attention in bf16, 2.32 ms of it copies; 1.94 ms with blocks; fp32 3.34 vs 2.76 ms). Columns past
 ``t`` in the last block are masked. Our own code: a few index helpers around ``torch.bmm``.
 """
 
