@@ -25,7 +25,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.generate.context import bf16_weights
 from posttrain.generate.fast import FastDecoder
-from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend
+from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, step_bias
 from posttrain.models.fetch import is_fetched
 from posttrain.models.load import cache_kwarg, load_model
 
@@ -90,7 +90,7 @@ def attention_layouts(model, rows: int, t: int, dtype: torch.dtype, repeats: int
         return torch.matmul(probs, values[:, :, : t + 1]).reshape(rows, -1)
 
     def blocked():
-        return attend(q, kb, vb, rows, t, bias, 0.125)
+        return attend(q.reshape(rows * kv, group, d) * 0.125, kb, vb, t, step_bias(bias, rows, t))
 
     out = {}
     for name, fn in (("strided", strided), ("blocks", blocked)):

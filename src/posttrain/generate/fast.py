@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from posttrain.generate.intervene import Intervention
-from posttrain.generate.kv_blocks import KVBlocks, attend, round_up
+from posttrain.generate.kv_blocks import KVBlocks, attend, round_up, step_bias
 
 HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
@@ -163,6 +163,14 @@ class _Delta:
         if any(m is not None for m in scales):
             self.magnitude = torch.cat([m if m is not None else ref.new_ones(out) for m, out in zip(scales, outs)])
 
+    def fold(self, columns: torch.Tensor, rows: torch.Tensor) -> None:
+        """Scale the update as the joined weight is scaled: its inputs by ``columns`` (a norm's weight folded
+        into the projection), its outputs by ``rows`` (attention's scaling folded into q); see :class:`_Layer`."""
+        if not self.empty:
+            dtype = self.a.dtype
+            self.a = (self.a.float() * columns.float()).to(dtype)
+            self.b = (self.b.float() * rows.float()[:, None]).to(dtype)
+
     def apply(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out`` (rows, out) is W x for rows ``x`` (rows, in); returns the adapted output (before any bias)."""
         delta = (x @ self.a.T) @ self.b.T
@@ -172,20 +180,35 @@ class _Delta:
 
 
 class _Layer:
+    """One decoder layer's weights as the step uses them.
+
+    The two RMSNorms' weights are folded into the projections they feed (``W diag(g)``: q, k and v; gate and
+    up), and attention's scaling into q's rows (rotary embedding is linear, so scaling q before it is the
+    same), each folded weight computed in float32 and rounded once to the model's dtype; an adapter's
+    update is folded the same way (:meth:`_Delta.fold`). The step then normalises without a weight and
+    never scales its scores: two fewer elementwise passes a layer and one fewer per attention.
+    """
+
     def __init__(self, layer: Any, adapters: list[str]):
         attn, mlp = layer.self_attn, layer.mlp
-        self.norm1, self.norm2, self.act = layer.input_layernorm, layer.post_attention_layernorm, mlp.act_fn
+        self.eps1, self.eps2 = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
+        self.act = mlp.act_fn
+        g1, g2 = layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()
         q, k, v, o = (_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         gate, up, down = (_linear(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         weights, biases = (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias)
-        self.qkv = torch.cat(weights)
+        dtype = q.weight.dtype
+        # per output row: attention's scaling on q's rows, 1 on k's and v's
+        row_scale = torch.ones(sum(w.shape[0] for w in weights), device=q.weight.device)
+        row_scale[: q.weight.shape[0]] = attn.scaling
+        self.qkv = (torch.cat(weights).float() * g1 * row_scale[:, None]).to(dtype)
         self.qkv_bias = None  # Qwen2 has biases on q, k and v; a model with some of them gets zeros for the rest
         if any(b is not None for b in biases):
-            self.qkv_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            joined = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            self.qkv_bias = (joined.float() * row_scale).to(dtype)[:, None]
         self.o = o.weight
-        self.gate_up = torch.cat([gate.weight, up.weight])
+        self.gate_up = (torch.cat([gate.weight, up.weight]).float() * g2).to(dtype)
         self.down = down.weight
-        self.scaling = attn.scaling
         # per adapter (index i + 1 in the decoder's rows), its updates of the four joined projections
         self.deltas = [
             {
@@ -196,6 +219,18 @@ class _Layer:
             }
             for name in adapters
         ]
+        for deltas in self.deltas:
+            deltas["qkv"].fold(g1, row_scale)
+            deltas["gate_up"].fold(g2, torch.ones(self.gate_up.shape[0], device=g2.device))
+
+
+def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation of ``x`` (features, rows) down its columns, without a weight (folded, see :class:`_Layer`).
+
+    The same float32 operations as transformers' Llama RMSNorm (its mean of squares: another reduction, e.g.
+    ``vector_norm``, rounds differently and flips near-tied greedy tokens), rounded once to the model's dtype."""
+    h = x.float()  # x itself in float32
+    return (h * h.pow(2).mean(0, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
 
 
 class FastDecoder:
@@ -385,17 +420,16 @@ class FastDecoder:
         return order
 
     def _project(self, weight: torch.Tensor, x: torch.Tensor, layer: _Layer, part: str) -> torch.Tensor:
-        """``W @ x.T``, transposed back to (rows, out), with each adapted row's update."""
-        out = torch.mm(weight, x.T).T
+        """``W @ x`` for ``x`` (in, rows): (out, rows), with each adapted row's update."""
+        out = torch.mm(weight, x)
         if not self.adapters or not any(self.adapter_of):
             return out
-        out = out.contiguous()
         for a in set(self.adapter_of) - {0}:
             delta = layer.deltas[a - 1][part]
             if delta.empty:
                 continue
             index = torch.tensor([r for r, i in enumerate(self.adapter_of) if i == a], device=out.device)
-            out[index] = delta.apply(out[index], x[index])
+            out[:, index] = delta.apply(out[:, index].T, x[:, index].T).T
         return out
 
     def _steering_rows(self) -> list[tuple[Intervention, torch.Tensor | None]]:
@@ -418,42 +452,40 @@ class FastDecoder:
         if rows != self.rows:
             raise ValueError(f"{rows} tokens for {self.rows} rows")
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        group = h // kv
-        x = self.embed(tokens)  # (rows, hidden)
+        group, half, qk = h // kv, d // 2, (h + kv) * d
+        # the hidden state is (hidden, rows): features down the columns, each projection's W @ x as it comes
+        x = self.embed(tokens).T.contiguous()
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head dim)
+        cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
+        sin_low, sin_high = sin[:half], sin[half:]
+        bias = step_bias(self.bias, rows, t)
         steer = self._steering_rows()
         for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
-            # x is (rows, hidden) with its features contiguous per column (the transpose of W @ x.T): see the module docstring
-            qkv = self._project(layer.qkv, layer.norm1(x), layer, "qkv")
+            qkv = self._project(layer.qkv, _normed(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
             if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            q = qkv[:, : h * d].reshape(rows, kv, group, d)
-            k = qkv[:, h * d : (h + kv) * d].reshape(rows, kv, 1, d)
-            v = qkv[:, (h + kv) * d :].reshape(rows, kv, 1, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys.write(slice(0, rows), t, k)
-            values.write(slice(0, rows), t, v)
-            attn = attend(q, keys, values, rows, t, self.bias, layer.scaling)
-            x = x + self._project(layer.o, attn, layer, "o")
-            gate, up = self._project(layer.gate_up, layer.norm2(x), layer, "gate_up").T.chunk(2)  # (intermediate, rows) each
-            x = x + self._project(layer.down, (layer.act(gate) * up).T, layer, "down")
+                qkv += layer.qkv_bias
+            # rotary embedding of q and k together: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)
+            both = qkv[:qk].view(h + kv, d, rows)
+            rotated = both * cos
+            rotated[:, :half].addcmul_(both[:, half:], sin_low, value=-1)
+            rotated[:, half:].addcmul_(both[:, :half], sin_high)
+            keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
+            values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
+            q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
+            attn = attend(q, keys, values, t, bias)  # (rows, heads x head dim)
+            x = x + self._project(layer.o, attn.T, layer, "o")
+            gate, up = self._project(layer.gate_up, _normed(x, layer.eps2), layer, "gate_up").chunk(2)  # (intermediate, rows) each
+            x = x + self._project(layer.down, layer.act(gate).mul_(up), layer, "down")
             for intervention, index in steer:
                 for s in intervention.at(i):
                     if index is None:
-                        x = s.apply(x)
+                        x = s.apply(x.T).T.contiguous()
                     else:
-                        x[index] = s.apply(x[index])
+                        x.T[index] = s.apply(x.T[index])
         self.length = t + 1
-        hidden = self.final_norm(x).T  # (hidden, rows), contiguous
-        # W @ h.T a slice of the vocabulary at a time, each slice's transpose written while it is in cache
+        hidden = self.final_norm(x.T).T  # (hidden, rows), contiguous
+        # W @ h a slice of the vocabulary at a time, each slice's transpose written while it is in cache
         logits = hidden.new_empty((rows, self.lm_head.shape[0]))
         for lo in range(0, self.lm_head.shape[0], HEAD_SLICE):
             logits[:, lo : lo + HEAD_SLICE] = torch.mm(self.lm_head[lo : lo + HEAD_SLICE], hidden).T
         return logits if self.lm_bias is None else logits + self.lm_bias
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -73,18 +73,30 @@ class KVBlocks:
         return KVBlocks.zeros(rows, kv, columns, d, self.data)
 
 
-def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, rows: int, t: int, bias: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of one query per row over columns ``[0, t]``: ``q`` (rows, kv heads, group, head dim), ``bias`` (rows, columns)
-    additive (padding -inf). Returns (rows, kv heads x group x head dim)."""
-    _, kv, group, d = q.shape
+def step_bias(bias: torch.Tensor, rows: int, t: int) -> torch.Tensor:
+    """The additive mask one step's attention uses, for every layer: ``bias``'s first ``rows`` rows over whole
+    blocks up to column ``t``, the last block's columns past ``t`` (not yet written) masked."""
+    n = t // BLOCK + 1
+    out = bias[:rows, : n * BLOCK].clone()
+    out[:, t + 1 :] = float("-inf")
+    return out
+
+
+def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, t: int, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over columns ``[0, t]``.
+
+    ``q`` (rows x kv heads, group, head dim), contiguous and already scaled; ``bias`` (rows, whole blocks' columns)
+    from :func:`step_bias`. Scores are added to the float32 mask in one op (type promotion) and the softmax runs
+    in float32. Returns (rows, kv heads x group x head dim)."""
+    batch, group, d = q.shape
+    rows = bias.shape[0]
+    kv = batch // rows
     n = t // BLOCK + 1  # blocks holding columns 0..t
-    q3 = q.reshape(rows * kv, group, d)
-    key_blocks = [keys.data[i, :rows].view(rows * kv, BLOCK, d) for i in range(n)]
-    scores = torch.cat([torch.bmm(q3, k.transpose(1, 2)) for k in key_blocks], dim=-1) * scaling  # (rows x kv, group, n x BLOCK)
-    scores = scores.view(rows, kv, group, n * BLOCK).float() + bias[:rows, None, None, : n * BLOCK]
-    scores[..., t + 1 :] = float("-inf")  # the last block's columns not yet written
-    probs = scores.softmax(-1).to(q.dtype).view(rows * kv, group, n * BLOCK)
-    out = torch.bmm(probs[:, :, :BLOCK], values.data[0, :rows].view(rows * kv, BLOCK, d))
+    key_blocks = [keys.data[i, :rows].view(batch, BLOCK, d).transpose(1, 2) for i in range(n)]
+    # scores (rows x kv, group, n x BLOCK)
+    scores = torch.bmm(q, key_blocks[0]) if n == 1 else torch.cat([torch.bmm(q, k) for k in key_blocks], dim=-1)
+    probs = (scores.view(rows, kv, group, n * BLOCK) + bias[:, None, None]).softmax(-1).to(q.dtype).view(batch, group, n * BLOCK)
+    out = torch.bmm(probs[:, :, :BLOCK], values.data[0, :rows].view(batch, BLOCK, d))
     for i in range(1, n):
-        out = out.baddbmm(probs[:, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :rows].view(rows * kv, BLOCK, d))
-    return out.reshape(rows, kv * group * d)
+        out = out.baddbmm(probs[:, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :rows].view(batch, BLOCK, d))
+    return out.view(rows, kv * group * d)
