@@ -28,6 +28,14 @@ once at the measured memory bandwidth (a large copy), the bound that matters at 
 is reported beside it: prompt tokens/s and its compute share (2·N without the LM head, which the prefill
 computes for the last position only).
 
+``--llamacpp``: the same prompts (posttrain's token ids, chat template applied) through llama.cpp on a
+GGUF of the same model in the same precision (f32 for fp32, bf16 for bf16), at the same batch sizes and one
+at a time, with the same prefill/decode split (``benchmarks/llamacpp_generate.py``, run in the venv
+``benchmarks/llamacpp.sh`` builds; the GGUF from ``benchmarks/llamacpp_gguf.sh``, llama.cpp's own
+converter; both cached under benchmarks/.cache/llamacpp). Its rows join the table, and the last line is
+``llamacpp_ratio=<posttrain's / llama.cpp's whole tokens/s at the largest batch, faster precision>``.
+When llama.cpp cannot be built or converted, the benchmark says so plainly and goes on without it.
+
 ``--quick`` (about a minute): 64 prompts batched at 64, 6 one at a time, 32 new tokens, fp32 and bf16.
 The last lines are ``ratio=<batched / one-at-a-time tokens/s>`` (whole runs) for fp32 and
 ``limit_share=<decode's share of the compute limit at the largest batch, in the faster precision>``. Not a test:
@@ -42,6 +50,9 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -130,7 +141,9 @@ def kv_bytes_per_token(model: torch.nn.Module, element_bytes: int) -> int:
     return 2 * c.num_hidden_layers * heads * head_dim * element_bytes
 
 
-def shares(rate: float, batch: int, context: float, *, n_params: int, peak_gflops: float, bandwidth_gbs: float, model: torch.nn.Module, bf16: bool) -> tuple[float, float]:
+def shares(
+    rate: float, batch: int, context: float, *, n_params: int, peak_gflops: float, bandwidth_gbs: float, model: torch.nn.Module, bf16: bool
+) -> tuple[float, float]:
     """(share of the compute limit, share of the memory limit) of ``rate`` tokens/s at ``batch`` rows of ``context`` mean tokens."""
     compute = rate * 2 * n_params / (peak_gflops * 1e9)
     weight_bytes = n_params * (2 if bf16 else 4)  # bf16 runs read bf16 copies of the weights
@@ -152,6 +165,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (bf16 is slow where it is emulated)")
     ap.add_argument("--decoders", action="store_true", help="compare the fast decoder with the model's forward (batched, fp32)")
+    ap.add_argument("--llamacpp", action="store_true", help="also time llama.cpp on a GGUF of the same model (built once, cached)")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.single_prompts, args.max_new_tokens, args.no_hf, args.batch_size = 64, 6, 32, True, 64
@@ -191,7 +205,8 @@ def main() -> None:
     widths = sorted({int(b) for b in (args.batch_sizes or str(args.batch_size)).split(",")})
     mean_prompt = sum(map(len, ids)) / len(ids)
     context = mean_prompt + args.max_new_tokens / 2
-    rows, ratios, top_share = [], {}, {}
+    rows, ratios, top_share, llama_ratio = [], {}, {}, {}
+    llama = llamacpp_setup(name) if args.llamacpp else None
     for precision in precisions:
         bf16 = precision == "bf16"
         params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=bf16)
@@ -216,17 +231,67 @@ def main() -> None:
         head = engine.model.get_output_embeddings().weight.numel()
         for mode, prompts, width in modes:
             whole, decode, prefill = (statistics.median(r[k] for r in runs[mode]) for k in range(3))
-            compute, memory = shares(decode, width, context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
+            compute, memory = shares(
+                decode,
+                width,
+                context,
+                n_params=n_params,
+                peak_gflops=peaks[precision],
+                bandwidth_gbs=bandwidth,
+                model=engine.model,
+                bf16=bf16,
+            )
             rows.append((precision, f"{mode}, whole", whole, math.nan, math.nan))
             rows.append((precision, f"{mode}, decode", decode, compute, memory))
             rows.append((precision, f"{mode}, prefill", prefill, prefill * 2 * (n_params - head) / (peaks[precision] * 1e9), math.nan))
         ratios[precision] = statistics.median(r[0] for r in runs[largest]) / statistics.median(r[0] for r in runs["one-at-a-time"])
         top_share[precision] = next(r[3] for r in rows if r[0] == precision and r[1] == f"{largest}, decode")
         print(f"  {precision}: {largest} and one-at-a-time identical on {same}/{len(single)} prompts", flush=True)
+        if llama is not None:
+            llama_runs = llamacpp_runs(llama, precision, ids, engine, args.max_new_tokens, widths, len(single))
+            for run in llama_runs:
+                width = run["batch"]
+                mode = f"llama.cpp, {'one-at-a-time' if width == 1 else f'batch {width}'}"
+                prompt_tokens = sum(map(len, ids[: len(single)] if width == 1 else ids))
+                n_prompts = len(single) if width == 1 else len(ids)
+                whole = run["tokens"] / run["seconds"]
+                decode = (run["tokens"] - n_prompts) / max(run["seconds"] - run["prefill_seconds"], 1e-9)
+                compute, memory = shares(
+                    decode,
+                    width,
+                    context,
+                    n_params=n_params,
+                    peak_gflops=peaks[precision],
+                    bandwidth_gbs=bandwidth,
+                    model=engine.model,
+                    bf16=bf16,
+                )
+                rows.append((precision, f"{mode}, whole", whole, math.nan, math.nan))
+                rows.append((precision, f"{mode}, decode", decode, compute, memory))
+                rows.append((precision, f"{mode}, prefill", prompt_tokens / run["prefill_seconds"], math.nan, math.nan))
+                agree = sum(a == b for a, b in zip(run["outputs"], outputs[f"batch {widths[-1]}"]))
+                print(
+                    f"  {precision} {mode:<24} {run['tokens']:>6} tokens {run['seconds']:>7.1f} s {whole:>8.1f} tok/s; decode {decode:.1f} tok/s; "
+                    f"same tokens as posttrain's batch {widths[-1]} on {agree}/{len(run['outputs'])} prompts",
+                    flush=True,
+                )
+            if llama_runs:
+                ours = statistics.median(r[0] for r in runs[largest])
+                theirs = next(r["tokens"] / r["seconds"] for r in llama_runs if r["batch"] == widths[-1])
+                llama_ratio[precision] = ours / theirs
         if not args.no_hf:
             seconds, tokens = timed_hf(engine, ids, params, widths[-1])
             rate = tokens / seconds
-            compute, memory = shares(rate, widths[-1], context, n_params=n_params, peak_gflops=peaks[precision], bandwidth_gbs=bandwidth, model=engine.model, bf16=bf16)
+            compute, memory = shares(
+                rate,
+                widths[-1],
+                context,
+                n_params=n_params,
+                peak_gflops=peaks[precision],
+                bandwidth_gbs=bandwidth,
+                model=engine.model,
+                bf16=bf16,
+            )
             rows.append((precision, f"transformers, batch {widths[-1]}", rate, compute, memory))
             print(f"  {precision} {'hf generate':<14} {tokens:>6} tokens {seconds:>7.1f} s {rate:>8.1f} tok/s", flush=True)
 
@@ -239,6 +304,75 @@ def main() -> None:
     print(f"ratio={next(iter(ratios.values())):.2f}")
     faster = max(top_share, key=lambda p: next(r[2] for r in rows if r[0] == p and r[1] == f"batch {widths[-1]}, decode"))
     print(f"limit_share={top_share[faster]:.3f}")
+    if args.llamacpp:
+        if llama_ratio.get(faster):
+            print(
+                f"posttrain / llama.cpp whole tokens/s at batch {widths[-1]}: " + ", ".join(f"{p} {r:.2f}x" for p, r in llama_ratio.items())
+            )
+            print(f"llamacpp_ratio={llama_ratio[faster]:.2f}")
+        else:
+            print("llamacpp_ratio=unavailable (llama.cpp was not run: see the note above)")
+
+
+def llamacpp_setup(name: str) -> dict | None:
+    """The llama.cpp venv's python and the model's folder, or None (with the reason printed) when it cannot be built."""
+    from posttrain.models.fetch import fetched_path
+
+    here = Path(__file__).resolve().parent
+    built = subprocess.run(["bash", str(here / "llamacpp.sh")], check=False, capture_output=True, text=True)
+    if built.returncode != 0:
+        print(
+            f"note: no llama.cpp side: {built.stderr.strip().splitlines()[-1] if built.stderr.strip() else 'benchmarks/llamacpp.sh failed'}",
+            flush=True,
+        )
+        return None
+    if name != REAL_MODEL:
+        print("note: no llama.cpp side: it needs the fetched model's folder to convert", flush=True)
+        return None
+    return {"python": built.stdout.strip().splitlines()[-1], "model_dir": fetched_path(name), "here": here}
+
+
+def llamacpp_runs(
+    llama: dict, precision: str, ids: list[list[int]], engine: Engine, max_new_tokens: int, widths: list[int], single: int
+) -> list[dict]:
+    """llama.cpp's runs of ``ids`` at ``widths`` and one at a time (``single`` prompts), in ``precision``'s GGUF; [] when it fails."""
+    outtype = {"fp32": "f32", "bf16": "bf16"}[precision]
+    env = {**os.environ, "PYTHON": sys.executable}
+    made = subprocess.run(
+        ["bash", str(llama["here"] / "llamacpp_gguf.sh"), str(llama["model_dir"]), outtype],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if made.returncode != 0:
+        print(
+            f"note: no llama.cpp side in {precision}: {made.stderr.strip().splitlines()[-1] if made.stderr.strip() else 'llamacpp_gguf.sh failed'}",
+            flush=True,
+        )
+        return []
+    gguf = made.stdout.strip().splitlines()[-1]
+    job = {
+        "prompts": ids,
+        "end_ids": sorted(engine.end_token_ids),
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": [*widths, 1],
+        "single_prompts": single,
+        "threads": torch.get_num_threads(),
+        "prefill": True,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        done = subprocess.run(
+            [llama["python"], str(llama["here"] / "llamacpp_generate.py"), gguf, f.name], check=False, capture_output=True, text=True
+        )
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        print(f"note: llama.cpp failed in {precision}: {(done.stderr.strip().splitlines() or ['no message'])[-1]}", flush=True)
+        return []
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:

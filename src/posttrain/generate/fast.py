@@ -6,21 +6,22 @@ what lets the engine put a new sequence into a finished sequence's row (continuo
 at 32. The step itself is also cheaper than the model's forward (numbers below).
 
 The engine prefills with the model's own forward (``engine.py``) and then, for these architectures, runs
-the one-token steps through :class:`FastDecoder`. Same weights, and the model's own modules for the parts
-that carry numerics (its RMSNorms, its rotary embedding, its activation); what changes:
+the one-token steps through :class:`FastDecoder`. Same weights, the model's own rotary embedding, activation
+and final norm, and the layers' RMSNorms computed with the float32 operations transformers uses; what changes:
 
 * keys and values go into a buffer allocated once per call and written in place, one column a step.
   ``DynamicCache`` joins every layer's keys and values with ``torch.cat`` at every step (with the rotary
   embedding's joins, 9-13% of a model-forward step's CPU time at 64 rows);
-* q, k and v come from one matmul, gate and up from another (weights joined once per call);
+* q, k and v come from one matmul, gate and up from another (weights joined once per call), each norm's
+  weight folded into the projection after it and attention's scaling into q's rows (:class:`_Layer`), so
+  neither is an elementwise pass of its own; rotary embedding runs on q and k together;
 * attention for one query is batched matmuls over the cache with the query heads grouped by their
   key/value head (no copy of keys and values per query head), one per block of 64 columns, the cache being
   stored in such blocks (:mod:`posttrain.generate.kv_blocks`: a strided slice of one long buffer was copied
   by CPU ``bmm`` in bf16); the CPU's fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
-* every projection is computed as ``W @ x.T`` (weight rows first), the hidden state kept as the
-  transpose of that product, features running down its columns, so no step copies it into the other
-  layout. On this CPU's BLAS that product is faster than ``x @ W.T`` (``F.linear``) for these shapes:
-  SmolLM2's 49k x 576 vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs
+* every projection is computed as ``W @ x`` with the hidden state kept as (features, rows), so each
+  product is used in the layout it comes in and no step copies it into the other. On this CPU's BLAS
+  that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576 vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs
   8.07 ms (1.15 vs 2.69 at 32 rows). The logits are wanted one row per sequence, so the vocabulary
   projection runs ``HEAD_SLICE`` vocabulary rows at a time and writes each slice's transpose while it is
   still in cache (a transpose of the whole 49k x 128 product afterwards reads and writes it all from memory).
@@ -29,8 +30,9 @@ that carry numerics (its RMSNorms, its rotary embedding, its activation); what c
 2 cores, 2026-12-02, after the two changes above), ms per step, this decoder vs the model's forward:
 32 rows 216 vs 351 (1.63x), 64 rows 335 vs 522 (1.56x), 128 rows 682 vs 915 (1.34x); per row 6.7,
 5.2 and 5.3 ms. (Its earlier run, with ``F.linear`` layouts and a whole-vocabulary transpose:
-1.15x, 1.08x, 1.04x.) End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py
---decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
+1.15x, 1.08x, 1.04x.) With the folded norms and scaling and the (features, rows) layout, a bf16
+step at 128 rows went from 191 to 158 ms (``python benchmarks/decode_profile.py``, 2026-12-06, machine D in
+docs/PERFORMANCE.md). End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py --decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
 samples, batches of 128) ran at 137 tok/s.
 
 In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
