@@ -31,8 +31,9 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
 32 rows 216 vs 351 (1.63x), 64 rows 335 vs 522 (1.56x), 128 rows 682 vs 915 (1.34x); per row 6.7,
 5.2 and 5.3 ms. (Its earlier run, with ``F.linear`` layouts and a whole-vocabulary transpose:
 1.15x, 1.08x, 1.04x.) With the folded norms and scaling and the (features, rows) layout, a bf16
-step at 128 rows went from 191 to 158 ms (``python benchmarks/decode_profile.py``, 2026-12-06, machine D in
-docs/PERFORMANCE.md). End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py --decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
+step at 128 rows and a 200-token cache took 167 and 212 ms against the previous source's 243 and 240 ms
+(``python benchmarks/decode_profile.py --rows 128 --precisions bf16``, the two sources alternating, 2026-12-06,
+machine D in docs/PERFORMANCE.md: a noisy machine, hence the range). End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py --decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
 samples, batches of 128) ran at 137 tok/s.
 
 In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
