@@ -186,6 +186,33 @@ def test_fast_decoder_logits_match_the_forward(tiny):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_with_nothing_in_a_block_skip_it_and_logits_still_match_the_forward(tiny):
+    """A short prompt left-padded beside a long one has no key in the first blocks: attention multiplies only
+    the rows that have (``block_rows``), and every row's logits still equal the forward's over its tokens."""
+    from transformers import DynamicCache
+
+    from posttrain.generate.kv_blocks import BLOCK, block_rows, step_bias
+
+    model, _ = tiny
+    lengths = [150, 90, 20]  # longest first, as the engine fills a batch; 150 columns span three blocks
+    width = max(lengths)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), width + 1), generator=gen)
+    mask = torch.tensor([[0] * (width - n) + [1] * (n + 1) for n in lengths])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
+        decoder = fast.FastDecoder(model)
+        decoder.start(cache, mask[:, :-1], max_new_tokens=4)
+        spans = block_rows(step_bias(decoder.bias, len(lengths), width))
+        assert spans == [2, 2, 3], spans  # the 20-token row starts at column 130: nothing in blocks 0 and 1
+        assert width // BLOCK + 1 == len(spans)
+        got = decoder.step(ids[:, -1], positions[:, -1])
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fast_decoder_leaves_hooked_and_adapted_models_to_their_forward(llama):
     """A hook (a steering vector, an instrument) or a LoRA layer must run: such models use their own forward."""
     from peft import LoraConfig, get_peft_model

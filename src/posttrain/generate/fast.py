@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from posttrain.generate.intervene import Intervention
-from posttrain.generate.kv_blocks import KVBlocks, attend, round_up, step_bias
+from posttrain.generate.kv_blocks import KVBlocks, attend, block_rows, round_up, step_bias
 
 HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
@@ -462,6 +462,7 @@ class FastDecoder:
         cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
         sin_low, sin_high = sin[:half], sin[half:]
         bias = step_bias(self.bias, rows, t)
+        spans = block_rows(bias)  # the rows each block of the cache is multiplied for
         steer = self._steering_rows()
         for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
             qkv = self._project(layer.qkv, _normed(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
@@ -475,7 +476,7 @@ class FastDecoder:
             keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
             values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
             q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
-            attn = attend(q, keys, values, t, bias)  # (rows, heads x head dim)
+            attn = attend(q, keys, values, t, bias, spans)  # (rows, heads x head dim)
             x = x + self._project(layer.o, attn.T, layer, "o")
             gate, up = self._project(layer.gate_up, _normed(x, layer.eps2), layer, "gate_up").chunk(2)  # (intermediate, rows) each
             x = x + self._project(layer.down, layer.act(gate).mul_(up), layer, "down")

@@ -82,21 +82,54 @@ def step_bias(bias: torch.Tensor, rows: int, t: int) -> torch.Tensor:
     return out
 
 
-def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, t: int, bias: torch.Tensor) -> torch.Tensor:
+def block_rows(bias: torch.Tensor) -> list[int]:
+    """For each block of a step's mask ``bias`` (rows, whole blocks' columns): how many leading rows cover every
+    row with a column in that block it may attend to (0: no row has one).
+
+    Rows are left-padded to the longest prompt of their batch, and the engine fills a batch longest prompt
+    first, so a short prompt's row has nothing in the first blocks and the rows that do form a prefix:
+    :func:`attend` multiplies only those rows' keys and values there. After refills and compactions the
+    prefix is wider than it needs to be, never narrower."""
+    rows, columns = bias.shape
+    wanted = torch.isfinite(bias.view(rows, columns // BLOCK, BLOCK)).any(-1)  # (rows, blocks)
+    index = torch.arange(1, rows + 1, device=bias.device)[:, None]
+    return (index * wanted).amax(0).tolist()
+
+
+def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, t: int, bias: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
     """Attention of one query per row over columns ``[0, t]``.
 
     ``q`` (rows x kv heads, group, head dim), contiguous and already scaled; ``bias`` (rows, whole blocks' columns)
-    from :func:`step_bias`. Scores are added to the float32 mask in one op (type promotion) and the softmax runs
-    in float32. Returns (rows, kv heads x group x head dim)."""
+    from :func:`step_bias`; ``spans``: :func:`block_rows` of it (None: every row in every block). Scores are
+    added to the float32 mask in one op (type promotion) and the softmax runs in float32. A row past a block's
+    span has every column of that block masked, so its scores there are left 0 (made -inf by the mask) and its
+    products with that block's values skipped (they would add exact zeros). Returns (rows, kv heads x group x
+    head dim)."""
     batch, group, d = q.shape
     rows = bias.shape[0]
     kv = batch // rows
     n = t // BLOCK + 1  # blocks holding columns 0..t
-    key_blocks = [keys.data[i, :rows].view(batch, BLOCK, d).transpose(1, 2) for i in range(n)]
-    # scores (rows x kv, group, n x BLOCK)
-    scores = torch.bmm(q, key_blocks[0]) if n == 1 else torch.cat([torch.bmm(q, k) for k in key_blocks], dim=-1)
+    spans = spans if spans is not None else [rows] * n
+
+    def keys_of(i: int, hi: int) -> torch.Tensor:
+        return keys.data[i, :hi].view(hi * kv, BLOCK, d).transpose(1, 2)
+
+    if all(hi == rows for hi in spans):
+        scores = torch.bmm(q, keys_of(0, rows)) if n == 1 else torch.cat([torch.bmm(q, keys_of(i, rows)) for i in range(n)], dim=-1)
+    else:
+        scores = q.new_zeros((batch, group, n * BLOCK))
+        for i, hi in enumerate(spans):
+            if hi:
+                scores[: hi * kv, :, i * BLOCK : (i + 1) * BLOCK] = torch.bmm(q[: hi * kv], keys_of(i, hi))
     probs = (scores.view(rows, kv, group, n * BLOCK) + bias[:, None, None]).softmax(-1).to(q.dtype).view(batch, group, n * BLOCK)
-    out = torch.bmm(probs[:, :, :BLOCK], values.data[0, :rows].view(batch, BLOCK, d))
-    for i in range(1, n):
-        out = out.baddbmm(probs[:, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :rows].view(batch, BLOCK, d))
+    out = None
+    for i, hi in enumerate(spans):
+        if not hi:
+            continue
+        p, v = probs[: hi * kv, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :hi].view(hi * kv, BLOCK, d)
+        if out is None and hi == rows:
+            out = torch.bmm(p, v)
+        else:
+            out = q.new_zeros((batch, group, d)) if out is None else out
+            out[: hi * kv].baddbmm_(p, v)
     return out.view(rows, kv * group * d)
