@@ -38,11 +38,19 @@ def test_quick_demo_writes_report_and_summary(quick_run):
         held = summary["scores"][label]["heldout"]
         assert held["prompts"] == 12 and 0 <= held["prompt_loose"] <= 100
         assert summary["scores"][label]["ifeval"]["prompts"] == 6
+        assert summary["scores"][label]["test"]["prompts"] == 6
     assert summary["sample"]["kept"] > 0 and summary["label"]["pairs"] > 0
     assert summary["sft"]["steps"] == 4 and summary["dpo"]["steps"] == 4
-    assert set(summary["gain_start_to_dpo"]) == {"heldout", "ifeval"}
+    assert set(summary["gain_start_to_dpo"]) == {"test", "heldout", "ifeval"}
+    # the frozen test split: built from its own queries, none of them a development or training prompt's, with its hash
+    import hashlib
+
+    test_file = out / "prompts" / "test.jsonl"
+    assert summary["prompts"]["test_sha256"] == hashlib.sha256(test_file.read_bytes()).hexdigest()
+    dev = {json.loads(line)["prompt"] for name in ("train", "heldout") for line in (out / "prompts" / f"{name}.jsonl").read_text().splitlines()}
+    assert not dev & {json.loads(line)["prompt"] for line in test_file.read_text().splitlines()}
     # every accuracy and gain carries a 95% bootstrap interval (paired by prompt) that holds its point estimate
-    for split in ("heldout", "ifeval"):
+    for split in ("test", "heldout", "ifeval"):
         cis = summary["intervals"][split]
         for key in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"):
             for label in ("start", "SFT", "DPO"):
@@ -51,10 +59,11 @@ def test_quick_demo_writes_report_and_summary(quick_run):
             low, high = cis["gain"][key]
             assert low <= summary["gain_start_to_dpo"][split][key] <= high, (split, key)
     page = (out / "report.html").read_text()
-    assert page.count("<table>") >= 3 and page.count("data:image/png;base64,") == 3
+    assert page.count("<table>") >= 4 and page.count("data:image/png;base64,") == 3
+    assert "Frozen test prompts (only scored)" in page and "Development prompts" in page
     assert "Responses before and after" in page and "class=example" in page
     # the printed summary table, and the merged models the later stages read
-    assert "held-out prompts" in output and "DPO − start" in output
+    assert "frozen test prompts" in output and "development prompts" in output and "DPO − start" in output
     assert (out / "sft" / "merged" / "config.json").is_file() and (out / "dpo" / "merged" / "config.json").is_file()
     # training data came from verified samples only
     kept = [json.loads(line) for line in (out / "sample" / "kept.jsonl").read_text().splitlines()]
@@ -165,7 +174,7 @@ def test_seeds_run_the_pipeline_once_per_seed_and_summarize_the_gains(tmp_path):
         written = yaml.safe_load((out / f"seed-{s}" / "pipeline.yaml").read_text())
         assert written["seed"] == s and written["label"]["seed"] == 1 + s and (out / f"seed-{s}" / "report.html").is_file()
     seeds = json.loads((out / "seeds.json").read_text())
-    assert seeds["seeds"] == [0, 1] and set(seeds["splits"]) == {"heldout", "ifeval"}
+    assert seeds["seeds"] == [0, 1] and set(seeds["splits"]) == {"test", "heldout", "ifeval"}
     for split, rows in seeds["splits"].items():
         per_run = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["gain_start_to_dpo"][split] for s in (0, 1)]
         for key, row in rows.items():

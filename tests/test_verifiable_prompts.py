@@ -89,6 +89,27 @@ def test_train_and_heldout_share_no_query_and_no_phrasing(train: list[dict[str, 
             assert _template_pattern(phrasing).search(heldout_text), f"held-out phrasing never used: {phrasing!r}"
 
 
+def test_the_frozen_test_split_shares_no_query_and_no_phrasing_with_the_others(
+    train: list[dict[str, Any]], heldout: list[dict[str, Any]]
+) -> None:
+    """The test split's queries come from their own file and its phrasings from their own tuples: nothing of it is in
+    a train or development prompt, nothing of theirs in a test prompt, and every test phrasing is used."""
+    split = vp.split_queries()
+    assert len(split["test"]) >= 48 and not set(split["test"]) & set(vp.queries())
+    test = vp.build_prompts("test", 150, seed=0)
+    test_text, other_text = "\n".join(r["prompt"] for r in test), "\n".join(r["prompt"] for r in train + heldout)
+    assert all(any(r["prompt"].startswith(q) for q in split["test"]) for r in test)
+    assert not [q for q in split["test"] if q in other_text]
+    for kind in vp.TYPES:
+        assert len(kind.test) >= 2 and not set(kind.test) & set(kind.train + kind.heldout), kind.id
+        for phrasing in kind.test:
+            assert not _template_pattern(phrasing).search(other_text), f"test phrasing found in a train or development prompt: {phrasing!r}"
+            assert _template_pattern(phrasing).search(test_text), f"test phrasing never used: {phrasing!r}"
+        for phrasing in kind.train + kind.heldout:
+            assert not _template_pattern(phrasing).search(test_text), f"train or development phrasing found in a test prompt: {phrasing!r}"
+    assert {t for r in test for t in r["instruction_id_list"]} == set(vp.TYPE_BY_ID)
+
+
 def test_records_are_valid_ifeval_prompts_every_reader_accepts(
     train: list[dict[str, Any]], heldout: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -160,7 +181,7 @@ def test_types_argument_restricts_and_is_validated() -> None:
     with pytest.raises(ValueError, match="max_instructions must be >= 1"):
         vp.build_prompts("train", 5, seed=0, max_instructions=0)
     with pytest.raises(ValueError, match="split must be one of"):
-        vp.build_prompts("test", 5, seed=0)  # type: ignore[arg-type]
+        vp.build_prompts("dev", 5, seed=0)  # type: ignore[arg-type]
 
 
 # -- phrasings say what the verifiers check ------------------------------------------------------
@@ -214,7 +235,7 @@ def test_counted_phrasings_state_the_threshold_their_verifier_checks(type_id: st
     """Render every phrasing: the count it states is the kwargs' count, and the real verifier passes and fails the boundary responses."""
     kind = vp.TYPE_BY_ID[type_id]
     name, comparison, make = _COUNTED[type_id]
-    for phrasing in kind.train + kind.heldout:
+    for phrasing in kind.train + kind.heldout + kind.test:
         for seed in range(6):
             kwargs = kind.sample(random.Random(seed), "How do I keep basil alive on a windowsill?", frozenset())
             relation, threshold = _stated(vp.render(phrasing, kwargs))
@@ -260,7 +281,7 @@ def test_uncounted_types_pass_a_compliant_response_and_fail_another(type_id: str
     verifier = registry.get(type_id, **kwargs)
     assert verifier.check(good).passed, verifier.check(good).reason
     assert not verifier.check(bad).passed, bad
-    for phrasing in vp.TYPE_BY_ID[type_id].train + vp.TYPE_BY_ID[type_id].heldout:
+    for phrasing in vp.TYPE_BY_ID[type_id].train + vp.TYPE_BY_ID[type_id].heldout + vp.TYPE_BY_ID[type_id].test:
         text = vp.render(phrasing, kwargs)
         assert not _STATED.search(text), f"an uncounted instruction states a count: {text!r}"
         for value in kwargs.values():  # the phrasing names every value it is checked against

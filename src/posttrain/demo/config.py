@@ -12,6 +12,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain.config import DPOConfig, SFTConfig, Strict, resolve_bf16
 
+# The evaluation splits, in the order the report shows them: (name, title). "test" is the frozen split (its own
+# queries and phrasings, posttrain.synth.verifiable, never used to choose anything); "heldout" is the
+# development split (never trained on, but the default preset was tuned on it); "ifeval" IFEval's own prompts.
+EVAL_SPLITS: tuple[tuple[str, str], ...] = (
+    ("test", "frozen test prompts (only scored)"),
+    ("heldout", "development prompts (held out from training; presets tuned on them)"),
+    ("ifeval", "IFEval subset"),
+)
+
 
 class PromptsConfig(Strict):
     """Where the verifiable prompts come from: the built-in demo set, or your own IFEval-format files."""
@@ -20,13 +29,16 @@ class PromptsConfig(Strict):
     heldout: str | None = Field(None, description="IFEval-format JSONL of held-out prompts (default: the built-in demo prompts).")
     ifeval: str | None = Field(None, description="IFEval-format JSONL for the fixed benchmark subset (default: the bundled IFEval subset).")
     n_train: int = Field(96, gt=0, description="Training prompts (first N of the file, or built).")
-    n_heldout: int = Field(64, gt=0)
+    test: str | None = Field(None, description="IFEval-format JSONL of frozen test prompts (default: the built-in test split).")
+    n_heldout: int = Field(64, gt=0, description="Development prompts: held out from training; choose presets on these.")
+    n_test: int = Field(48, ge=0, description="Frozen test prompts, only scored (0: none).")
     n_ifeval: int = Field(60, ge=0, description="IFEval prompts evaluated (0: none).")
     max_instructions: int = Field(2, ge=1, le=3, description="Instructions per built prompt: 1 to this.")
     types: list[str] | None = Field(None, description="Instruction types of built prompts (default: all the demo's types).")
     seed: int = 0
     verifiers: list[str] = Field(
-        default_factory=list, description="Verifier libraries (JSONL of code verifiers, as posttrain synth autoif writes) whose ids your prompt files use."
+        default_factory=list,
+        description="Verifier libraries (JSONL of code verifiers, as posttrain synth autoif writes) whose ids your prompt files use.",
     )
 
 
@@ -46,8 +58,12 @@ class GenerationConfig(Strict):
         description="bf16 forwards. Default (null or auto): on where the hardware has native bf16 (a GPU with bf16, a CPU with "
         "AVX512-BF16, AMX or Arm BF16), where it is the fast path; fp32 elsewhere, where bf16 is emulated and several times slower.",
     )
-    backend: Literal["engine", "openai"] = Field("engine", description="engine: generate in this process; openai: on the endpoint at base_url.")
-    base_url: str | None = Field(None, validate_default=True, description="The endpoint's API root, e.g. http://127.0.0.1:8000/v1 (backend openai).")
+    backend: Literal["engine", "openai"] = Field(
+        "engine", description="engine: generate in this process; openai: on the endpoint at base_url."
+    )
+    base_url: str | None = Field(
+        None, validate_default=True, description="The endpoint's API root, e.g. http://127.0.0.1:8000/v1 (backend openai)."
+    )
     model: str | None = Field(None, description="The endpoint's name for the starting model (default: the pipeline's model).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (unset or empty: none).")
     concurrency: int = Field(8, gt=0, description="Requests in flight (backend openai).")
@@ -95,10 +111,17 @@ class LabelStageConfig(Strict):
 class SteerConfig(Strict):
     """Steering and InstABoost in the eval stages (eval-start, eval-sft, eval-dpo): see ``posttrain steer``."""
 
-    file: str | None = Field(None, description="A steering file (`posttrain steer fit`, fitted on the starting model): each prompt is steered toward its instruction types the file has.")
+    file: str | None = Field(
+        None,
+        description="A steering file (`posttrain steer fit`, fitted on the starting model): each prompt is steered toward its instruction types the file has.",
+    )
     mode: Literal["adjust", "add"] = "adjust"
     weight: float | None = Field(None, description="Steering weight (default: 1 for adjust, the file's for add).")
-    instaboost: float = Field(1.0, ge=1, description="InstABoost's m on each built prompt's instruction (1: off). The IFEval subset keeps no instruction apart: it is not boosted.")
+    instaboost: float = Field(
+        1.0,
+        ge=1,
+        description="InstABoost's m on each built prompt's instruction (1: off). The IFEval subset keeps no instruction apart: it is not boosted.",
+    )
 
     @property
     def active(self) -> bool:

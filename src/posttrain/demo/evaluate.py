@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 
 
 def evaluate_model(engine: Any, model: str, prompts: Path, out: Path, cfg: PipelineConfig) -> dict[str, Any]:
-    """Greedy responses of ``engine`` (``model``) to the held-out and IFEval prompts, scored strict and loose:
+    """Greedy responses of ``engine`` (``model``) to the test, development and IFEval prompts, scored strict and loose:
     ``scores.json`` and per-item files."""
+    from posttrain.demo.config import EVAL_SPLITS
     from posttrain.eval import ifeval
     from posttrain.generate.params import SamplingParams
     from posttrain.records import read_jsonl
     from posttrain.verify.scoring import read_prompt_records
 
-    names = [name for name in ("heldout", "ifeval") if (prompts / f"{name}.jsonl").stat().st_size]
+    names = [name for name, _ in EVAL_SPLITS if (prompts / f"{name}.jsonl").exists() and (prompts / f"{name}.jsonl").stat().st_size]
     sets = {name: read_prompt_records(prompts / f"{name}.jsonl") for name in names}
     records = [r for rs in sets.values() for r in rs]
     params = SamplingParams(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0, bf16=cfg.generation.bf16)

@@ -132,7 +132,9 @@ class Stages:
     def __call__(self, name: str, inputs: dict[str, Any], after: tuple[str, ...], work: Callable[[Path], dict[str, Any] | None]) -> Path:
         # A stage's key covers its inputs and the *runs* of the stages it reads: a stage that ran again
         # (even with the same inputs: sampling on another machine may differ) makes its readers run again.
-        key = key_of({"stage": name, "version": STAGE_VERSION, "code": code_versions(), "inputs": inputs, "after": [self.runs[a] for a in after]})
+        key = key_of(
+            {"stage": name, "version": STAGE_VERSION, "code": code_versions(), "inputs": inputs, "after": [self.runs[a] for a in after]}
+        )
         out = self.root / name
         marker = out / "stage.json"
         done = json.loads(marker.read_text()) if marker.exists() else {}
@@ -188,7 +190,9 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     libraries = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.prompts.verifiers]
     prompts_key = {"prompts": cfg.prompts.model_dump(exclude={"verifiers"})} | ({"verifier_libraries": libraries} if libraries else {})
     parts = cfg.steer.instaboost != 1  # InstABoost needs each prompt's instruction apart
-    prompts = stage("prompts", prompts_key | ({"parts": True} if parts else {}), (), lambda out: build_prompt_files(cfg.prompts, out, parts=parts))
+    prompts = stage(
+        "prompts", prompts_key | ({"parts": True} if parts else {}), (), lambda out: build_prompt_files(cfg.prompts, out, parts=parts)
+    )
     start_model = {"model": cfg.model, "fingerprint": model_fingerprint(cfg.model), "template": cfg.template}
     # only a pipeline that steers has it in its eval stages' keys: the others keep the keys they had
     steer = {"steer": cfg.steer.model_dump() | {"file_sha256": _sha256(cfg.steer.file)}} if cfg.steer.active else {}
@@ -247,14 +251,30 @@ def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False) -> d
         return [r.model_dump(mode="json") for r in read_prompt_records(path)[:n]]
 
     train = given(p.train, p.n_train) if p.train else build_prompts("train", p.n_train, p.seed, p.max_instructions, p.types, parts=parts)
-    heldout = given(p.heldout, p.n_heldout) if p.heldout else build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types, parts=parts)
+    heldout = (
+        given(p.heldout, p.n_heldout)
+        if p.heldout
+        else build_prompts("heldout", p.n_heldout, p.seed, p.max_instructions, p.types, parts=parts)
+    )
     ifeval = (given(p.ifeval, p.n_ifeval) if p.ifeval else ifeval_subset(p.n_ifeval)) if p.n_ifeval else []
-    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval}
+    test = (
+        (given(p.test, p.n_test) if p.test else build_prompts("test", p.n_test, p.seed, p.max_instructions, p.types, parts=parts))
+        if p.n_test
+        else []
+    )
+    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval + test}
     if overlap:
-        raise PipelineError(f"{len(overlap)} held-out or IFEval prompt(s) are also training prompts (first: {next(iter(overlap))[:80]!r})")
-    for name, records in (("train", train), ("heldout", heldout), ("ifeval", ifeval)):
+        raise PipelineError(
+            f"{len(overlap)} development, test or IFEval prompt(s) are also training prompts (first: {next(iter(overlap))[:80]!r})"
+        )
+    shared = {r["prompt"] for r in test} & {r["prompt"] for r in heldout}
+    if shared:
+        raise PipelineError(f"{len(shared)} test prompt(s) are also development prompts (first: {next(iter(shared))[:80]!r})")
+    for name, records in (("train", train), ("heldout", heldout), ("ifeval", ifeval), ("test", test)):
         write_jsonl(out / f"{name}.jsonl", records)
-    return {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval)}
+    # the test split's content hash: a report's test figures are comparable only between runs with the same one
+    test_sha256 = hashlib.sha256((out / "test.jsonl").read_bytes()).hexdigest()
+    return {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval), "test": len(test), "test_sha256": test_sha256}
 
 
 class _LoggedEngine:

@@ -1,9 +1,9 @@
 """The pipeline's report: ``summary.json``, a printed table, and a self-contained ``report.html``.
 
-The page has the headline table (start, SFT and DPO models on the held-out prompts and the IFEval
-subset), what each stage made and how long it took, plots (pass rate per instruction type, the
+The page has the headline tables (start, SFT and DPO models on the frozen test prompts, the development
+prompts and the IFEval subset, each named as such), what each stage made and how long it took, plots (pass rate per instruction type, the
 headline accuracies, SFT and DPO training curves; matplotlib PNGs embedded as data URIs, also saved
-beside the page) and held-out responses before and after for the same prompts. Plain HTML and CSS,
+beside the page) and development-prompt responses before and after for the same prompts. Plain HTML and CSS,
 no scripts, so it opens anywhere and renders the same in a headless browser (:func:`screenshot`).
 """
 
@@ -18,10 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from posttrain.demo.config import EVAL_SPLITS
 from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
 MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
+SHORT = {"test": "Test", "heldout": "Development", "ifeval": "IFEval"}  # split names on plots and in the lead
 HEADLINE = (
     ("prompt_strict", "prompt strict"),
     ("inst_strict", "inst strict"),
@@ -39,7 +41,7 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
     """Everything the report shows, as JSON-able data (also ``summary.json``)."""
     scores = {label: _json(root / stage / "scores.json") for label, stage in MODELS}
     gain = {}
-    for split in ("heldout", "ifeval"):
+    for split, _ in EVAL_SPLITS:
         if scores["start"].get(split) and scores["DPO"].get(split):
             gain[split] = {k: scores["DPO"][split][k] - scores["start"][split][k] for k, _ in HEADLINE}
     return {
@@ -50,7 +52,9 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
         "scores": scores,
         "gain_start_to_dpo": gain,
         # 95% bootstrap intervals, paired by prompt: {split: {"scores": {model: {key: [low, high]}}, "gain": {key: [low, high]}}}
-        "intervals": {split: found for split in ("heldout", "ifeval") if (found := intervals({label: root / stage for label, stage in MODELS}, split))},
+        "intervals": {
+            split: found for split, _ in EVAL_SPLITS if (found := intervals({label: root / stage for label, stage in MODELS}, split))
+        },
         "prompts": _json(root / "prompts" / "stage.json"),
         "sample": {k: v for k, v in _json(root / "sample" / "stage.json").items() if k not in ("inputs",)},
         "label": _json(root / "label" / "summary.json"),
@@ -78,7 +82,7 @@ def write(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: flo
 def print_summary(summary: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    for split, title in (("heldout", "held-out prompts (never trained on)"), ("ifeval", "IFEval subset")):
+    for split, title in EVAL_SPLITS:
         table = Table(title=f"{title}, %", title_justify="left")
         table.add_column("model")
         for _, name in HEADLINE:
@@ -90,7 +94,9 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
         if split in summary["gain_start_to_dpo"]:
             ci = summary.get("intervals", {}).get(split, {}).get("gain", {})
             table.add_row(
-                "DPO − start", *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" + _ci(ci.get(k), signed=True) for k, _ in HEADLINE), style="bold"
+                "DPO − start",
+                *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" + _ci(ci.get(k), signed=True) for k, _ in HEADLINE),
+                style="bold",
             )
         if table.row_count:
             console.print(table)
@@ -126,7 +132,7 @@ def plot_per_type(summary: dict[str, Any], path: Path) -> Path | None:
         ax.barh(ys, [per[label].get(t, {}).get("loose", 0) for t in types], height=0.27, color=color, label=label)
     ax.set_yticks(range(len(types)), [f"{type_label(t)} ({per['start'].get(t, {}).get('count', 0)})" for t in types], fontsize=8)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("instructions followed, held-out prompts, loose (%)")
+    ax.set_xlabel("instructions followed, development prompts, loose (%)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -144,8 +150,8 @@ def _ci(interval: list[float] | None, *, signed: bool = False) -> str:
 
 def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     groups = [
-        (split, key, f"{'held-out' if split == 'heldout' else 'IFEval'}\n{name}")
-        for split in ("heldout", "ifeval")
+        (split, key, f"{SHORT[split]}\n{name}")
+        for split, _ in EVAL_SPLITS
         for key, name in HEADLINE
         if summary["scores"]["start"].get(split)
     ]
@@ -158,7 +164,14 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
         cis = [summary.get("intervals", {}).get(split, {}).get("scores", {}).get(label, {}).get(key) for split, key, _ in groups]
         errors = [[v - c[0] if c else 0 for v, c in zip(values, cis)], [c[1] - v if c else 0 for v, c in zip(values, cis)]]
         bars = ax.bar(
-            [j + (i - 1) * 0.27 for j in range(len(groups))], values, width=0.27, color=color, label=label, yerr=errors, capsize=2, ecolor="#323f4b"
+            [j + (i - 1) * 0.27 for j in range(len(groups))],
+            values,
+            width=0.27,
+            color=color,
+            label=label,
+            yerr=errors,
+            capsize=2,
+            ecolor="#323f4b",
         )
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(range(len(groups)), [g[2] for g in groups], fontsize=7)
@@ -246,7 +259,9 @@ def _scores_table(summary: dict[str, Any], split: str) -> str:
         if s:
             own = cis.get("scores", {}).get(label, {})
             rows.append(
-                f"<tr><td>{label}</td>" + "".join(f"<td>{s[k]:.1f}<span class=muted>{_ci(own.get(k))}</span></td>" for k, _ in HEADLINE) + "</tr>"
+                f"<tr><td>{label}</td>"
+                + "".join(f"<td>{s[k]:.1f}<span class=muted>{_ci(own.get(k))}</span></td>" for k, _ in HEADLINE)
+                + "</tr>"
             )
     gain = summary["gain_start_to_dpo"].get(split)
     if gain:
@@ -268,7 +283,8 @@ def _scores_table(summary: dict[str, Any], split: str) -> str:
 def _stage_table(summary: dict[str, Any]) -> str:
     sample, label = summary.get("sample", {}), summary.get("label", {})
     made = {
-        "prompts": f"{summary['prompts'].get('train', 0)} train · {summary['prompts'].get('heldout', 0)} held-out · {summary['prompts'].get('ifeval', 0)} IFEval",
+        "prompts": f"{summary['prompts'].get('train', 0)} train · {summary['prompts'].get('heldout', 0)} development · {summary['prompts'].get('test', 0)} test "
+        f"(sha256 {str(summary['prompts'].get('test_sha256', ''))[:12]}) · {summary['prompts'].get('ifeval', 0)} IFEval",
         "sample": f"{sample.get('samples', 0)} samples, {sample.get('sample_pass_rate', 0):.0f}% follow every instruction; kept {sample.get('kept', 0)} from {sample.get('prompts_with_kept', 0)} prompts",
         "sft": f"{summary['sft'].get('steps', '?')} steps, final loss {summary['sft'].get('final_loss') or float('nan'):.3f}",
         "label": f"{label.get('pairs', 0)} pairs from {label.get('prompts', 0)} prompts; skipped {label.get('skipped', {})}",
@@ -302,10 +318,11 @@ def _response(item: dict[str, Any], title: str) -> str:
 
 
 def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
-    gain = summary["gain_start_to_dpo"].get("heldout", {}).get("prompt_loose")
+    lead_split = next((s for s, _ in EVAL_SPLITS if s in summary["gain_start_to_dpo"]), "heldout")
+    gain = summary["gain_start_to_dpo"].get(lead_split, {}).get("prompt_loose")
     lead = (
-        f"Held-out prompt-level loose accuracy: <b>{gain:+.1f} points</b>"
-        f"{_ci(summary.get('intervals', {}).get('heldout', {}).get('gain', {}).get('prompt_loose'), signed=True)} from the starting model to the DPO model. "
+        f"{SHORT[lead_split]} prompt-level loose accuracy: <b>{gain:+.1f} points</b>"
+        f"{_ci(summary.get('intervals', {}).get(lead_split, {}).get('gain', {}).get('prompt_loose'), signed=True)} from the starting model to the DPO model. "
         "Brackets: 95% bootstrap intervals over prompts (gains paired: both models on the same resampled prompts); these sets are small."
         if gain is not None
         else ""
@@ -319,15 +336,17 @@ def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str
 <body>
 <h1>Instruction following: {html.escape(cfg.model)}</h1>
 <p class=muted>posttrain pipeline in <code>{html.escape(str(root))}</code>, {summary["seconds"] / 60:.1f} min. Start → rejection-sampling SFT → verifier-labelled DPO.
-Held-out prompts use everyday queries and instruction phrasings never seen in training; the IFEval subset is a fixed set of IFEval's own prompts.</p>
+Which split each figure comes from: <b>test</b> prompts have their own queries and instruction phrasings, written apart
+and never used to choose a preset or a hyperparameter, only scored; <b>development</b> prompts use queries and phrasings never
+seen in training, but the default preset was tuned on them, so their gains flatter; the IFEval subset is a fixed set of
+IFEval's own prompts.</p>
 <p>{lead}</p>
-<h2>Held-out prompts (%)</h2>{_scores_table(summary, "heldout")}
-<h2>IFEval subset (%)</h2>{_scores_table(summary, "ifeval") or "<p class=muted>not evaluated</p>"}
+{"".join(f"<h2>{html.escape(title[0].upper() + title[1:])} (%)</h2>" + (_scores_table(summary, split) or "<p class=muted>not evaluated</p>") for split, title in EVAL_SPLITS)}
 {_figure(figures.get("headline"), "accuracy by model")}
-<h2>Pass rate per instruction type (held-out)</h2>{_figure(figures.get("per_type"), "pass rate per instruction type")}
+<h2>Pass rate per instruction type (development prompts)</h2>{_figure(figures.get("per_type"), "pass rate per instruction type")}
 <h2>Training</h2>{_figure(figures.get("training"), "training curves")}
 <h2>Stages</h2>{_stage_table(summary)}
-<h2>Responses before and after (held-out)</h2>{examples or "<p class=muted>none</p>"}
+<h2>Responses before and after (development prompts)</h2>{examples or "<p class=muted>none</p>"}
 </body></html>
 """
 

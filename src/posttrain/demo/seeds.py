@@ -15,23 +15,33 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from posttrain.demo.config import EVAL_SPLITS as SPLITS
 from posttrain.demo.config import PipelineConfig
 from posttrain.demo.intervals import KEYS, seed_gain_intervals
-
-SPLITS = (("heldout", "held-out prompts"), ("ifeval", "IFEval subset"))
 
 
 def seed_configs(cfg: PipelineConfig, n: int) -> list[PipelineConfig]:
     root = Path(cfg.output_dir)
     return [
-        cfg.model_copy(update={"seed": cfg.seed + s, "output_dir": str(root / f"seed-{s}"), "label": cfg.label.model_copy(update={"seed": cfg.label.seed + s})})
+        cfg.model_copy(
+            update={
+                "seed": cfg.seed + s,
+                "output_dir": str(root / f"seed-{s}"),
+                "label": cfg.label.model_copy(update={"seed": cfg.label.seed + s}),
+            }
+        )
         for s in range(n)
     ]
 
 
 def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
     per_run = [json.loads((run / "summary.json").read_text()) for run in runs]
-    out: dict[str, Any] = {"seeds": seeds, "runs": [str(r) for r in runs], "stage_seconds": [s["stage_seconds"] for s in per_run], "splits": {}}
+    out: dict[str, Any] = {
+        "seeds": seeds,
+        "runs": [str(r) for r in runs],
+        "stage_seconds": [s["stage_seconds"] for s in per_run],
+        "splits": {},
+    }
     for split, _ in SPLITS:
         gains = [s["gain_start_to_dpo"].get(split) for s in per_run]
         if not all(gains):

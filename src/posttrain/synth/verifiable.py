@@ -32,8 +32,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Any, Literal
 
-Split = Literal["train", "heldout"]
-SPLITS: tuple[Split, ...] = ("train", "heldout")
+Split = Literal["train", "heldout", "test"]
+SPLITS: tuple[Split, ...] = ("train", "heldout", "test")
 
 HELDOUT_EVERY = 5  # a query is held out when the hash of its text is 0 modulo this (~20%)
 
@@ -59,11 +59,25 @@ def queries() -> tuple[str, ...]:
     return tuple(lines)
 
 
+@cache
+def test_queries() -> tuple[str, ...]:
+    """The frozen test split's queries (``data/test_queries.txt``): written apart from ``queries.txt``, none of
+    them in it, and never used to choose a preset or a hyperparameter (only scored)."""
+    lines = [line.strip() for line in _data_text("test_queries.txt").splitlines() if line.strip()]
+    known = {q.lower() for q in queries()}
+    shared = [q for q in lines if q.lower() in known]
+    if shared or len(set(lines)) != len(lines):
+        raise ValueError(f"test_queries.txt must hold distinct queries not in queries.txt; {len(shared)} shared, first {shared[:1]}")
+    return tuple(lines)
+
+
 def split_queries() -> dict[Split, tuple[str, ...]]:
-    """``{"train": ..., "heldout": ...}``, each in file order."""
+    """``{"train": ..., "heldout": ..., "test": ...}``, each in file order. Train and held-out (the development
+    split: presets were tuned on it) divide ``queries.txt`` by hash; test comes from its own file."""
     return {
         "train": tuple(q for q in queries() if not is_heldout(q)),
         "heldout": tuple(q for q in queries() if is_heldout(q)),
+        "test": test_queries(),
     }
 
 
@@ -155,9 +169,10 @@ class InstructionType:
     sample: Sampler
     train: tuple[str, ...]
     heldout: tuple[str, ...]
+    test: tuple[str, ...]  # the frozen test split's phrasings: in neither of the other two
 
     def phrasings(self, split: Split) -> tuple[str, ...]:
-        return self.train if split == "train" else self.heldout
+        return {"train": self.train, "heldout": self.heldout, "test": self.test}[split]
 
 
 # Counts are chosen so that every phrasing is plural and a short answer can meet it. "Fewer than N",
@@ -175,6 +190,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Every single letter in your reply must be lowercase.",
             "Answer in English and keep the whole response in small letters, with no uppercase.",
         ),
+        test=(
+            "Use no uppercase letters anywhere in what you write.",
+            "Keep every word of your answer in lowercase, in English.",
+        ),
     ),
     InstructionType(
         "change_case:english_capital", "all capitals", _fixed(),
@@ -186,6 +205,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "Type your whole reply in block capitals.",
             "Every letter of your answer should be uppercase.",
+        ),
+        test=(
+            "Write the complete answer in English with capital letters throughout.",
+            "Make your response entirely uppercase.",
         ),
     ),
     InstructionType(
@@ -199,6 +222,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Your response must not contain the comma character at all.",
             "Leave out every comma and use other punctuation instead.",
         ),
+        test=(
+            "Commas are not allowed anywhere in your response.",
+            "Answer without using a single comma character.",
+        ),
     ),
     InstructionType(
         "startend:end_checker", "ends with phrase", _end_phrase,
@@ -210,6 +237,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             'Close your response with exactly "{end_phrase}" and add nothing afterwards.',
             'Your final sentence must be exactly "{end_phrase}" with no text following it.',
+        ),
+        test=(
+            'The last words of your response have to be "{end_phrase}", with nothing following.',
+            'Conclude with exactly "{end_phrase}" and stop there.',
         ),
     ),
     InstructionType(
@@ -223,6 +254,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Enclose the full response in a pair of double quotation marks.",
             'Place a double quote character (") at the very beginning and the very end of your answer.',
         ),
+        test=(
+            "Put the entire reply between double quotation marks.",
+            "Surround everything you write with double quotes.",
+        ),
     ),
     InstructionType(
         "detectable_format:title", "title in << >>", _fixed(),
@@ -234,6 +269,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "Your reply needs a title surrounded by double angular brackets, like <<title here>>.",
             "Add a heading written inside double angle brackets, e.g. <<Helpful Tips>>.",
+        ),
+        test=(
+            "Begin with a title inside double angular brackets, for instance <<Main Points>>.",
+            "Give the response a name in double angle brackets, like <<Short Guide>>.",
         ),
     ),
     InstructionType(
@@ -247,6 +286,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Below your main answer, write a brief {postscript_marker} note with a final remark.",
             "Put an afterthought at the bottom, introduced by {postscript_marker} as a postscript.",
         ),
+        test=(
+            "End with a postscript that begins with {postscript_marker}.",
+            "After the main text, add a line starting with {postscript_marker} that makes one final point.",
+        ),
     ),
     InstructionType(
         "detectable_format:json_format", "JSON", _fixed(),
@@ -258,6 +301,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "The entire output must be valid JSON that a parser can read.",
             "Respond with a single JSON object containing your answer, with no text outside it.",
+        ),
+        test=(
+            "Format your whole answer as JSON.",
+            "Output nothing but a JSON object holding your response.",
         ),
     ),
     InstructionType(
@@ -271,6 +318,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Present your answer as a list of precisely {num_bullets} markdown bullets, each starting with *.",
             "Use exactly {num_bullets} bullet points, no more and no fewer, with * at the start of each line.",
         ),
+        test=(
+            "Write your answer as exactly {num_bullets} markdown bullet points, lines starting with *.",
+            "List exactly {num_bullets} points, each on its own line beginning with *.",
+        ),
     ),
     InstructionType(
         "keywords:existence", "includes keywords", _existence,
@@ -282,6 +333,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "Work the words {keywords} into your response.",
             "Be sure your answer contains both {keywords}.",
+        ),
+        test=(
+            "Your answer has to include the words {keywords}.",
+            "Mention {keywords} in what you write.",
         ),
     ),
     InstructionType(
@@ -295,6 +350,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Never write {forbidden_words} anywhere in your reply.",
             "Stay away from the words {forbidden_words} when you answer.",
         ),
+        test=(
+            "Do not write the words {forbidden_words} at all.",
+            "The words {forbidden_words} must not appear in your reply.",
+        ),
     ),
     InstructionType(
         "keywords:frequency", "keyword N+ times", _frequency,
@@ -306,6 +365,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             'Repeat the word "{keyword}" {frequency} or more times in your reply.',
             'Say "{keyword}" no fewer than {frequency} times.',
+        ),
+        test=(
+            'Include the word "{keyword}" {frequency} or more times.',
+            'Your answer needs the word "{keyword}" at least {frequency} times.',
         ),
     ),
     InstructionType(
@@ -319,6 +382,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Your reply must be shorter than {num_words} words.",
             "Write at most {num_words_max} words.",
         ),
+        test=(
+            "Respond using fewer than {num_words} words.",
+            "Your answer should have no more than {num_words_max} words.",
+        ),
     ),
     InstructionType(
         "length_constraints:number_sentences", "under N sentences", _ranged("num_sentences", 3, 6, relation="less than"),
@@ -330,6 +397,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "Use no more than {num_sentences_max} sentences.",
             "Limit yourself to at most {num_sentences_max} sentences.",
+        ),
+        test=(
+            "Respond in fewer than {num_sentences} sentences.",
+            "Keep it to no more than {num_sentences_max} sentences.",
         ),
     ),
     InstructionType(
@@ -343,6 +414,10 @@ TYPES: tuple[InstructionType, ...] = (
             "Emphasize {num_highlights} or more sections with markdown highlighting, e.g. *like this*.",
             "Put at least {num_highlights} separate phrases in *asterisks* to highlight them.",
         ),
+        test=(
+            "Highlight {num_highlights} or more phrases with markdown asterisks, as in *key idea*.",
+            "Use markdown emphasis on at least {num_highlights} parts of the answer, written like *this part*.",
+        ),
     ),
     InstructionType(
         "detectable_content:number_placeholders", "N+ [placeholders]", _ranged("num_placeholders", 2, 4),
@@ -354,6 +429,10 @@ TYPES: tuple[InstructionType, ...] = (
         heldout=(
             "Leave {num_placeholders} or more blanks for me to fill in, written in square brackets like [time].",
             "Use no fewer than {num_placeholders} square-bracket placeholders such as [place].",
+        ),
+        test=(
+            "Include {num_placeholders} or more placeholders in square brackets, like [company].",
+            "Put at least {num_placeholders} fill-in fields in square brackets, such as [amount], in your answer.",
         ),
     ),
 )  # fmt: skip
@@ -499,4 +578,3 @@ def kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
             if isinstance(text, str):
                 words |= _words(text)
     return frozenset(words)
-
