@@ -1,10 +1,10 @@
 """The pipeline's report: ``summary.json``, a printed table, and a self-contained ``report.html``.
 
 The page has the headline tables (start, SFT and DPO models on the frozen test prompts, the development
-prompts and the IFEval subset, each named as such), what each stage made and how long it took, plots (pass rate per instruction type, the
-headline accuracies, SFT and DPO training curves; matplotlib PNGs embedded as data URIs, also saved
-beside the page) and development-prompt responses before and after for the same prompts. Plain HTML and CSS,
-no scripts, so it opens anywhere and renders the same in a headless browser (:func:`screenshot`).
+prompts and the IFEval subset, each named as such), what each stage made and how long it took, plots (pass
+rate per instruction type, the headline accuracies, SFT and DPO training curves; matplotlib PNGs embedded as
+data URIs, also saved beside the page) and development-prompt responses before and after for the same
+prompts. Plain HTML and CSS, no scripts, so it opens anywhere and renders the same in a headless browser (:func:`screenshot`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
 MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
-SHORT = {"test": "Test", "heldout": "Development", "ifeval": "IFEval"}  # split names on plots and in the lead
+SHORT = {"test": "Test", "heldout": "Development", "ifeval": "IFEval"}  # split names in the lead
+TICK = {"test": "test", "heldout": "dev", "ifeval": "IFEval"}  # and under the headline plot's bars
 HEADLINE = (
     ("prompt_strict", "prompt strict"),
     ("inst_strict", "inst strict"),
@@ -150,7 +151,7 @@ def _ci(interval: list[float] | None, *, signed: bool = False) -> str:
 
 def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     groups = [
-        (split, key, f"{SHORT[split]}\n{name}")
+        (split, key, f"{TICK[split]}\n{name}")
         for split, _ in EVAL_SPLITS
         for key, name in HEADLINE
         if summary["scores"]["start"].get(split)
@@ -158,7 +159,7 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     if not groups:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(9, 0.85 * len(groups)), 3.6), dpi=110)
     for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
         values = [summary["scores"][label].get(split, {}).get(key, 0) for split, key, _ in groups]
         cis = [summary.get("intervals", {}).get(split, {}).get("scores", {}).get(label, {}).get(key) for split, key, _ in groups]
