@@ -152,6 +152,30 @@ def shares(
     return compute, rate / memory_limit
 
 
+def table_rows(
+    precision: str,
+    mode: str,
+    width: int,
+    rates: tuple[float, float, float],
+    *,
+    context: float,
+    n_params: int,
+    head: int,
+    peak: float,
+    bandwidth: float,
+    model: torch.nn.Module,
+    bf16: bool,
+) -> list[tuple[str, str, float, float, float]]:
+    """The table's whole, decode and prefill rows of one run (``rates``: those tokens/s), with their shares of the limits."""
+    whole, decode, prefill = rates
+    compute, memory = shares(decode, width, context, n_params=n_params, peak_gflops=peak, bandwidth_gbs=bandwidth, model=model, bf16=bf16)
+    return [
+        (precision, f"{mode}, whole", whole, math.nan, math.nan),
+        (precision, f"{mode}, decode", decode, compute, memory),
+        (precision, f"{mode}, prefill", prefill, prefill * 2 * (n_params - head) / (peak * 1e9), math.nan),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a < 60 s run: fewer prompts and tokens")
@@ -229,21 +253,17 @@ def main() -> None:
         largest = f"batch {widths[-1]}"
         same = sum(a == b for a, b in zip(outputs[largest], outputs["one-at-a-time"]))
         head = engine.model.get_output_embeddings().weight.numel()
+        limits = {
+            "context": context,
+            "n_params": n_params,
+            "head": head,
+            "peak": peaks[precision],
+            "bandwidth": bandwidth,
+            "model": engine.model,
+            "bf16": bf16,
+        }
         for mode, prompts, width in modes:
-            whole, decode, prefill = (statistics.median(r[k] for r in runs[mode]) for k in range(3))
-            compute, memory = shares(
-                decode,
-                width,
-                context,
-                n_params=n_params,
-                peak_gflops=peaks[precision],
-                bandwidth_gbs=bandwidth,
-                model=engine.model,
-                bf16=bf16,
-            )
-            rows.append((precision, f"{mode}, whole", whole, math.nan, math.nan))
-            rows.append((precision, f"{mode}, decode", decode, compute, memory))
-            rows.append((precision, f"{mode}, prefill", prefill, prefill * 2 * (n_params - head) / (peaks[precision] * 1e9), math.nan))
+            rows += table_rows(precision, mode, width, tuple(statistics.median(r[k] for r in runs[mode]) for k in range(3)), **limits)
         ratios[precision] = statistics.median(r[0] for r in runs[largest]) / statistics.median(r[0] for r in runs["one-at-a-time"])
         top_share[precision] = next(r[3] for r in rows if r[0] == precision and r[1] == f"{largest}, decode")
         print(f"  {precision}: {largest} and one-at-a-time identical on {same}/{len(single)} prompts", flush=True)
@@ -256,19 +276,7 @@ def main() -> None:
                 n_prompts = len(single) if width == 1 else len(ids)
                 whole = run["tokens"] / run["seconds"]
                 decode = (run["tokens"] - n_prompts) / max(run["seconds"] - run["prefill_seconds"], 1e-9)
-                compute, memory = shares(
-                    decode,
-                    width,
-                    context,
-                    n_params=n_params,
-                    peak_gflops=peaks[precision],
-                    bandwidth_gbs=bandwidth,
-                    model=engine.model,
-                    bf16=bf16,
-                )
-                rows.append((precision, f"{mode}, whole", whole, math.nan, math.nan))
-                rows.append((precision, f"{mode}, decode", decode, compute, memory))
-                rows.append((precision, f"{mode}, prefill", prompt_tokens / run["prefill_seconds"], math.nan, math.nan))
+                rows += table_rows(precision, mode, width, (whole, decode, prompt_tokens / run["prefill_seconds"]), **limits)
                 agree = sum(a == b for a, b in zip(run["outputs"], outputs[f"batch {widths[-1]}"]))
                 print(
                     f"  {precision} {mode:<24} {run['tokens']:>6} tokens {run['seconds']:>7.1f} s {whole:>8.1f} tok/s; decode {decode:.1f} tok/s; "

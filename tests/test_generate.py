@@ -168,19 +168,25 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
     assert any(moved), "some compaction should have moved a live row into a finished row's place"
 
 
-def test_fast_decoder_logits_match_the_forward(tiny):
-    """One step's logits against the model's forward over the whole sequence (fp32: rounding only)."""
+def decoder_after_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> fast.FastDecoder:
+    """A FastDecoder started from the model's own prefill of ``ids`` (left-padded by ``mask``)."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    decoder = fast.FastDecoder(model)
+    decoder.start(cache, mask, max_new_tokens=4)
+    return decoder
+
+
+def test_fast_decoder_logits_match_the_forward(tiny):
+    """One step's logits against the model's forward over the whole sequence (fp32: rounding only)."""
     model, _ = tiny
     ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8], [1, 1, 1, 4, 6, 2, 30]])  # the second row left-padded
     mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
-        decoder = fast.FastDecoder(model)
-        decoder.start(cache, mask[:, :-1], max_new_tokens=4)
+        decoder = decoder_after_prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
         got = decoder.step(ids[:, -1], positions[:, -1])
         want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -189,8 +195,6 @@ def test_fast_decoder_logits_match_the_forward(tiny):
 def test_rows_with_nothing_in_a_block_skip_it_and_logits_still_match_the_forward(tiny):
     """A short prompt left-padded beside a long one has no key in the first blocks: attention multiplies only
     the rows that have (``block_rows``), and every row's logits still equal the forward's over its tokens."""
-    from transformers import DynamicCache
-
     from posttrain.generate.kv_blocks import BLOCK, block_rows, step_bias
 
     model, _ = tiny
@@ -201,10 +205,7 @@ def test_rows_with_nothing_in_a_block_skip_it_and_logits_still_match_the_forward
     mask = torch.tensor([[0] * (width - n) + [1] * (n + 1) for n in lengths])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
-        decoder = fast.FastDecoder(model)
-        decoder.start(cache, mask[:, :-1], max_new_tokens=4)
+        decoder = decoder_after_prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
         spans = block_rows(step_bias(decoder.bias, len(lengths), width))
         assert spans == [2, 2, 3], spans  # the 20-token row starts at column 130: nothing in blocks 0 and 1
         assert width // BLOCK + 1 == len(spans)
