@@ -4,8 +4,9 @@
 
 Runs inside the venv ``benchmarks/llamacpp.sh`` makes (llama-cpp-python built from source), never in the
 project's. ``JOB.json``: ``{"prompts": [[token ids], ...], "end_ids": [...], "max_new_tokens": N,
-"batch_sizes": [B, ...], "threads": T, "prefill": true}``: the token ids posttrain's tokenizer gave, with the
-chat template applied, so both sides decode the same prompts. For each batch size the prompts go through
+"batch_sizes": [B, ...], "single_prompts": S, "threads": T, "prefill": true}``. The prompts are the token
+ids posttrain's tokenizer gave, with the chat template applied, so both sides decode the same prompts;
+``S`` is how many of them the batch-1 run decodes (default all). For each batch size the prompts go through
 in groups of ``B`` sequences, each group prefilled in one ``llama_decode`` (every prompt's tokens, logits
 at its last token only) and then decoded one token per live sequence a step until each has emitted an end
 token or ``max_new_tokens``: llama.cpp's own batched API (one sequence id per prompt, the KV cache split

@@ -21,8 +21,9 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
   by CPU ``bmm`` in bf16); the CPU's fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
 * every projection is computed as ``W @ x`` with the hidden state kept as (features, rows), so each
   product is used in the layout it comes in and no step copies it into the other. On this CPU's BLAS
-  that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576 vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs
-  8.07 ms (1.15 vs 2.69 at 32 rows). The logits are wanted one row per sequence, so the vocabulary
+  that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576
+  vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs 8.07 ms (1.15 vs 2.69 at
+  32 rows). The logits are wanted one row per sequence, so the vocabulary
   projection runs ``HEAD_SLICE`` vocabulary rows at a time and writes each slice's transpose while it is
   still in cache (a transpose of the whole 49k x 128 product afterwards reads and writes it all from memory).
 
@@ -33,8 +34,9 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
 1.15x, 1.08x, 1.04x.) With the folded norms and scaling and the (features, rows) layout, a bf16
 step at 128 rows and a 200-token cache took 167 and 212 ms against the previous source's 243 and 240 ms
 (``python benchmarks/decode_profile.py --rows 128 --precisions bf16``, the two sources alternating, 2026-12-06,
-machine D in docs/PERFORMANCE.md: a noisy machine, hence the range). End to end: see docs/PERFORMANCE.md (``benchmarks/generate.py --decoders``). Where sequences wait, the refills are what count: the demo's sampling stage (320
-samples, batches of 128) ran at 137 tok/s.
+machine D in docs/PERFORMANCE.md: a noisy machine, hence the range). End to end: see docs/PERFORMANCE.md
+(``benchmarks/generate.py --decoders``). Where sequences wait, the refills are what count: the demo's
+sampling stage (320 samples, batches of 128) ran at 137 tok/s.
 
 In fp32 the logits agree with the model's forward to rounding (within 1e-5 in the tests), and greedy and sampled tokens
 agree with the model's own decode in the tests; bf16 rounds differently, as any other kernel order would.
@@ -166,12 +168,14 @@ class _Delta:
         if any(m is not None for m in scales):
             self.magnitude = torch.cat([m if m is not None else ref.new_ones(out) for m, out in zip(scales, outs)])
 
-    def fold(self, columns: torch.Tensor, rows: torch.Tensor) -> None:
+    def fold(self, columns: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Scale the update as the joined weight is scaled: its inputs by ``columns`` (a norm's weight folded
         into the projection), its outputs by ``rows`` (attention's scaling folded into q); see :class:`_Layer`."""
-        if not self.empty:
-            dtype = self.a.dtype
-            self.a = (self.a.float() * columns.float()).to(dtype)
+        if self.empty:
+            return
+        dtype = self.a.dtype
+        self.a = (self.a.float() * columns.float()).to(dtype)
+        if rows is not None:
             self.b = (self.b.float() * rows.float()[:, None]).to(dtype)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +228,7 @@ class _Layer:
         ]
         for deltas in self.deltas:
             deltas["qkv"].fold(g1, row_scale)
-            deltas["gate_up"].fold(g2, torch.ones(self.gate_up.shape[0], device=g2.device))
+            deltas["gate_up"].fold(g2)
 
 
 def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,10 +33,6 @@ class KVBlocks:
         return cls(like.new_zeros((round_up(columns) // BLOCK, rows, kv_heads, BLOCK, head_dim)))
 
     @property
-    def columns(self) -> int:
-        return self.data.shape[0] * BLOCK
-
-    @property
     def rows(self) -> int:
         return self.data.shape[1]
 
