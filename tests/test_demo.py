@@ -86,6 +86,34 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_reruns_it_and_what_follows
     assert rerun == {"dpo", "eval-dpo"}, stages
 
 
+def test_full_ifeval_adds_its_own_stages_and_reuses_the_rest(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # 4 new tokens instead of 1280: the stages and the report, not the budget, are under test here
+    result = _invoke("demo", "--quick", "--full-ifeval", "--output-dir", str(copy), "--set", "full_ifeval.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((copy / "summary.json").read_text())
+    assert all(summary["stages"][name]["reused"] for name in STAGE_DIRS), summary["stages"]
+    assert not summary["stages"]["eval-full-start"]["reused"] and not summary["stages"]["eval-full-dpo"]["reused"]
+    for label in ("start", "DPO"):
+        assert summary["scores"][label]["ifeval_all"]["prompts"] == 541
+        assert summary["scores"][label]["ifeval_unused"]["prompts"] == 421
+        assert summary["scores"][label]["heldout"]["prompts"] == 12  # the fast splits are still there
+    assert "ifeval_all" not in summary["scores"]["SFT"]  # only the start and final models take the long evaluation
+    # the 421 are the 541's own responses, re-scored: the same text for the same key
+    every = {json.loads(line)["key"]: json.loads(line)["response"] for line in (copy / "eval-full-dpo" / "ifeval_all.jsonl").read_text().splitlines()}
+    unused = [json.loads(line) for line in (copy / "eval-full-dpo" / "ifeval_unused.jsonl").read_text().splitlines()]
+    assert len(unused) == 421 and all(every[item["key"]] == item["response"] for item in unused)
+    for split in ("ifeval_unused", "ifeval_all"):
+        low, high = summary["intervals"][split]["gain"]["prompt_loose"]
+        assert low <= summary["gain_start_to_dpo"][split]["prompt_loose"] <= high
+    page = (copy / "report.html").read_text()
+    assert "Ifeval prompts never used for a choice" not in page and "IFEval prompts never used for a choice" in page
+    assert "not scored: run with" not in page
+    assert "not scored: run with" in (out / "report.html").read_text()  # the run without it says how to get it
+
+
 def test_an_upgrade_of_the_code_runs_every_stage_again(tmp_path, monkeypatch):
     from rich.console import Console
 

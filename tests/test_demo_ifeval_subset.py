@@ -1,28 +1,39 @@
-"""The demo's bundled IFEval subset: the selection rule, applied to IFEval's file, gives the bundled file; the reader."""
+"""The demo's bundled IFEval: IFEval's own file; the fast subset its rule picks, the unused rest, the reader."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from posttrain import demo
-from posttrain.demo.ifeval_subset import IFEVAL_SUBSET_SIZE, fits_short_response, ifeval_subset, select_ifeval_subset
+from posttrain.demo.ifeval_subset import (
+    IFEVAL_SUBSET_SIZE,
+    fits_short_response,
+    ifeval_all,
+    ifeval_subset,
+    ifeval_unused,
+    select_ifeval_subset,
+)
 from posttrain.records import PromptRecord
 from posttrain.verify.scoring import verifiers_of
 
 IFEVAL_INPUT = Path("/work/shared/data/ifeval_input_data.jsonl")
 
 
-@pytest.mark.skipif(not IFEVAL_INPUT.exists(), reason="IFEval's input_data.jsonl is not in shared/data")
-def test_bundled_ifeval_subset_is_the_rule_applied_to_ifeval() -> None:
-    lines = IFEVAL_INPUT.read_text(encoding="utf-8").splitlines(keepends=True)
-    expected = "".join(select_ifeval_subset(lines))
-    bundled = Path(demo.__file__).with_name("data").joinpath("ifeval_subset.jsonl").read_text(encoding="utf-8")
-    assert bundled == expected
-    assert len(ifeval_subset()) == IFEVAL_SUBSET_SIZE == 120
-    assert set(bundled.splitlines(keepends=True)) <= set(lines)  # IFEval's lines, byte for byte
+def test_bundled_ifeval_is_ifevals_file_and_splits_into_subset_and_unused() -> None:
+    bundled = Path(demo.__file__).with_name("data").joinpath("ifeval_input_data.jsonl").read_bytes()
+    assert hashlib.sha256(bundled).hexdigest().startswith("67ffeee0fcb87c31")  # IFEval's input_data.jsonl (IFEVAL_NOTICE.md)
+    if IFEVAL_INPUT.exists():
+        assert bundled == IFEVAL_INPUT.read_bytes()
+    everything, subset, unused = ifeval_all(), ifeval_subset(), ifeval_unused()
+    assert (len(everything), len(subset), len(unused)) == (541, IFEVAL_SUBSET_SIZE, 421)
+    keys = [r["key"] for r in everything]
+    assert sorted(keys) == sorted([r["key"] for r in subset] + [r["key"] for r in unused])  # disjoint, and together all
+    assert [r["key"] for r in subset] == [k for k in keys if k in {r["key"] for r in subset}]  # IFEval's order
+    assert subset == [json.loads(line) for line in select_ifeval_subset(bundled.decode().splitlines(keepends=True))]
 
 
 def test_ifeval_subset_rule_and_reader() -> None:

@@ -19,7 +19,16 @@ EVAL_SPLITS: tuple[tuple[str, str], ...] = (
     ("test", "frozen test prompts (only scored)"),
     ("heldout", "development prompts (held out from training; presets tuned on them)"),
     ("ifeval", "IFEval subset"),
+    ("ifeval_unused", "IFEval prompts never used for a choice (--full-ifeval)"),
+    ("ifeval_all", "all of IFEval (--full-ifeval)"),
 )
+#: The splits ``full_ifeval`` scores, in their own stages (eval-full-start, eval-full-dpo) with their own token budget.
+FULL_IFEVAL_SPLITS = ("ifeval_unused", "ifeval_all")
+
+
+def eval_stage(split: str, model_stage: str) -> str:
+    """The stage directory holding ``split``'s scores for a model whose eval stage is ``model_stage`` (``eval-start`` ...)."""
+    return model_stage.replace("eval-", "eval-full-", 1) if split in FULL_IFEVAL_SPLITS else model_stage
 
 
 class PromptsConfig(Strict):
@@ -128,6 +137,15 @@ class SteerConfig(Strict):
         return self.file is not None or self.instaboost != 1
 
 
+class FullIFEvalConfig(Strict):
+    """All of IFEval, scored on the start and final models in stages of their own (``posttrain demo --full-ifeval``)."""
+
+    enabled: bool = Field(
+        False, description="Score all 541 IFEval prompts (and the 421 never used for a choice) on the start and DPO models."
+    )
+    max_new_tokens: int = Field(1280, gt=0, description="lm-eval's budget for IFEval: long enough for its 300+-word instructions.")
+
+
 class PipelineConfig(Strict):
     model: str = Field("smollm2-135m-instruct", description="Starting model: a fetched name, zoo name, local directory or hub id.")
     template: str | None = Field(None, description="Chat template override (default: the tokenizer's own).")
@@ -142,6 +160,7 @@ class PipelineConfig(Strict):
     dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of a DPO config (adapter, train, dpo ...).")
     examples: int = Field(6, ge=0, description="Held-out responses shown before and after in the report.")
     steer: SteerConfig = SteerConfig()
+    full_ifeval: FullIFEvalConfig = FullIFEvalConfig()
 
     @field_validator("sft", "dpo")
     @classmethod

@@ -1,9 +1,15 @@
-"""The demo's fixed IFEval subset: prompts from IFEval itself that a ~256-token response can satisfy.
+"""IFEval's prompts as the demo uses them: a fixed fast subset, and the prompts never used for any choice.
 
-Shipped as ``data/ifeval_subset.jsonl`` (lines byte-identical to IFEval's; see ``IFEVAL_NOTICE.md``).
-:func:`ifeval_subset` reads it; :func:`select_ifeval_subset` is the rule that made it, applied to
-IFEval's ``input_data.jsonl``, and :func:`fits_short_response` its test of one prompt. The demo's
-training and held-out prompts are built by :mod:`posttrain.synth.verifiable`.
+IFEval's ``input_data.jsonl`` (all 541 prompts) ships as ``data/ifeval_input_data.jsonl``, byte for byte
+(see ``IFEVAL_NOTICE.md``), so the package needs nothing from outside to score it.
+
+- :func:`ifeval_subset`: the demo's fast subset, the first :data:`IFEVAL_SUBSET_SIZE` prompts that
+  :func:`fits_short_response` (a ~256-token response can satisfy them; :func:`select_ifeval_subset` is the
+  rule). Presets were tuned while these were scored, so they are development prompts, not a test.
+- :func:`ifeval_all`: all 541 (``posttrain demo --full-ifeval``); :func:`ifeval_unused`: the 421 outside the
+  subset, which no choice of preset or hyperparameter ever saw: the demo's held-out IFEval figure.
+
+The demo's training, development and test prompts are built by :mod:`posttrain.synth.verifiable`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from functools import cache
 from importlib.resources import files
 from typing import Any
 
@@ -65,10 +72,26 @@ def select_ifeval_subset(lines: Iterable[str], size: int = IFEVAL_SUBSET_SIZE) -
     return chosen
 
 
+@cache
+def _lines() -> tuple[str, ...]:
+    text = files("posttrain.demo").joinpath("data", "ifeval_input_data.jsonl").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines(keepends=True) if line.strip())
+
+
+def ifeval_all() -> list[dict[str, Any]]:
+    """All 541 IFEval prompts, in IFEval's order, its fields as they are."""
+    return [json.loads(line) for line in _lines()]
+
+
+def ifeval_unused() -> list[dict[str, Any]]:
+    """The IFEval prompts outside :func:`ifeval_subset` (421), in IFEval's order: never scored while a preset was chosen."""
+    chosen = set(select_ifeval_subset(_lines()))
+    return [json.loads(line) for line in _lines() if line not in chosen]
+
+
 def ifeval_subset(n: int | None = None) -> list[dict[str, Any]]:
-    """The bundled IFEval subset's first ``n`` records (all :data:`IFEVAL_SUBSET_SIZE` with ``None``), IFEval's fields as they are."""
-    text = files("posttrain.demo").joinpath("data", "ifeval_subset.jsonl").read_text(encoding="utf-8")
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The fast subset's first ``n`` records (all :data:`IFEVAL_SUBSET_SIZE` with ``None``), IFEval's fields as they are."""
+    records = [json.loads(line) for line in select_ifeval_subset(_lines())]
     if n is not None and not 0 <= n <= len(records):
         raise ValueError(f"ifeval_subset: n must be between 0 and {len(records)}, got {n}")
     return records if n is None else records[:n]

@@ -10,6 +10,9 @@ One pipeline, read top to bottom in :func:`run`::
     label       K samples per training prompt from the SFT model, paired by verifier pass rate (``posttrain label``)
     dpo         DPO on those pairs, from the SFT model, merged
     eval-dpo
+    eval-full-start, eval-full-dpo
+                only with ``full_ifeval.enabled`` (``--full-ifeval``): both models on all 541 IFEval prompts at 1280
+                new tokens, scored on all and on the 421 never used for a choice
     report      report.html, summary.json and the summary table
 
 The steps are posttrain's own pieces (the generation engine, the verifiers, :func:`posttrain.synth.label.label_prompts`,
@@ -50,7 +53,7 @@ from posttrain.demo.config import (  # noqa: F401 — re-exported: callers know 
     SampleConfig,
     SteerConfig,
 )
-from posttrain.demo.evaluate import evaluate_model
+from posttrain.demo.evaluate import evaluate_full_ifeval, evaluate_model
 from posttrain.records import write_jsonl
 
 STAGE_VERSION = 1
@@ -200,6 +203,9 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     def evaluate(model: str) -> Callable[[Path], dict[str, Any]]:
         return lambda out: evaluate_model(_engine(model, cfg), model, prompts, out, cfg)
 
+    def full_ifeval(model: str) -> Callable[[Path], dict[str, Any]]:
+        return lambda out: evaluate_full_ifeval(_engine(model, cfg), model, out, cfg)
+
     stage("eval-start", {**start_model, "generation": gen, **steer}, ("prompts",), evaluate(cfg.model))
     sample = stage(
         "sample",
@@ -228,6 +234,11 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
         lambda out: train_stage("dpo", cfg, sft_model, label / "pairs.jsonl", out),
     )
     stage("eval-dpo", {"generation": gen, **steer}, ("prompts", "dpo"), evaluate(str(dpo / "merged")))
+    if cfg.full_ifeval.enabled:  # all of IFEval at lm-eval's budget: stages of their own, so the others keep their keys
+        # its own token budget: the preset's max_new_tokens is not in its key, so tuning it keeps this (long) stage
+        full = {"full_ifeval": cfg.full_ifeval.model_dump(), "generation": {k: v for k, v in gen.items() if k != "max_new_tokens"}, **steer}
+        stage("eval-full-start", {**start_model, **full}, (), full_ifeval(cfg.model))
+        stage("eval-full-dpo", full, ("dpo",), full_ifeval(str(dpo / "merged")))
 
     from posttrain.demo import report
 

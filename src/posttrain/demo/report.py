@@ -18,13 +18,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from posttrain.demo.config import EVAL_SPLITS
+from posttrain.demo.config import EVAL_SPLITS, FULL_IFEVAL_SPLITS, eval_stage
 from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
 MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
-SHORT = {"test": "Test", "heldout": "Development", "ifeval": "IFEval"}  # split names in the lead
-TICK = {"test": "test", "heldout": "dev", "ifeval": "IFEval"}  # and under the headline plot's bars
+SHORT = {
+    "test": "Test",
+    "heldout": "Development",
+    "ifeval": "IFEval",
+    "ifeval_unused": "Unused IFEval",
+    "ifeval_all": "All-IFEval",
+}  # in the lead
+TICK = {
+    "test": "test",
+    "heldout": "dev",
+    "ifeval": "IFEval",
+    "ifeval_unused": "IFEval\nunused",
+    "ifeval_all": "IFEval\nall",
+}  # under the bars
 HEADLINE = (
     ("prompt_strict", "prompt strict"),
     ("inst_strict", "inst strict"),
@@ -40,7 +52,10 @@ def _json(path: Path) -> dict[str, Any]:
 
 def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Everything the report shows, as JSON-able data (also ``summary.json``)."""
-    scores = {label: _json(root / stage / "scores.json") for label, stage in MODELS}
+    scores = {
+        label: _json(root / stage / "scores.json") | _json(root / eval_stage("ifeval_all", stage) / "scores.json")
+        for label, stage in MODELS
+    }
     gain = {}
     for split, _ in EVAL_SPLITS:
         if scores["start"].get(split) and scores["DPO"].get(split):
@@ -54,7 +69,9 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
         "gain_start_to_dpo": gain,
         # 95% bootstrap intervals, paired by prompt: {split: {"scores": {model: {key: [low, high]}}, "gain": {key: [low, high]}}}
         "intervals": {
-            split: found for split, _ in EVAL_SPLITS if (found := intervals({label: root / stage for label, stage in MODELS}, split))
+            split: found
+            for split, _ in EVAL_SPLITS
+            if (found := intervals({label: root / eval_stage(split, stage) for label, stage in MODELS}, split))
         },
         "prompts": _json(root / "prompts" / "stage.json"),
         "sample": {k: v for k, v in _json(root / "sample" / "stage.json").items() if k not in ("inputs",)},
@@ -161,7 +178,8 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(9, 0.85 * len(groups)), 3.6), dpi=110)
     for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
-        values = [summary["scores"][label].get(split, {}).get(key, 0) for split, key, _ in groups]
+        scored = [summary["scores"][label].get(split, {}).get(key) for split, key, _ in groups]  # None: not scored (SFT on all of IFEval)
+        values = [v or 0 for v in scored]
         cis = [summary.get("intervals", {}).get(split, {}).get("scores", {}).get(label, {}).get(key) for split, key, _ in groups]
         errors = [[v - c[0] if c else 0 for v, c in zip(values, cis)], [c[1] - v if c else 0 for v, c in zip(values, cis)]]
         bars = ax.bar(
@@ -174,7 +192,7 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
             capsize=2,
             ecolor="#323f4b",
         )
-        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.0f}" for v in scored], fontsize=6)
     ax.set_xticks(range(len(groups)), [g[2] for g in groups], fontsize=7)
     ax.set_ylabel("% (95% bootstrap intervals)")
     ax.set_ylim(0, 100)
@@ -298,6 +316,14 @@ def _stage_table(summary: dict[str, Any]) -> str:
     return f"<table><tr><th>stage</th><th>seconds</th><th style='text-align:left'>made</th></tr>{rows}</table>"
 
 
+def _not_scored(split: str) -> str:
+    return (
+        "<p class=muted>not scored: run with <code>--full-ifeval</code></p>"
+        if split in FULL_IFEVAL_SPLITS
+        else "<p class=muted>not evaluated</p>"
+    )
+
+
 def pick_examples(root: Path, n: int) -> list[dict[str, Any]]:
     """Held-out prompts with start and DPO responses: the ones DPO turned from failing to passing first."""
     start, dpo = root / "eval-start" / "heldout.jsonl", root / "eval-dpo" / "heldout.jsonl"
@@ -340,9 +366,10 @@ def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str
 Which split each figure comes from: <b>test</b> prompts have their own queries and instruction phrasings, written apart
 and never used to choose a preset or a hyperparameter, only scored; <b>development</b> prompts use queries and phrasings never
 seen in training, but the default preset was tuned on them, so their gains flatter; the IFEval subset is a fixed set of
-IFEval's own prompts.</p>
+IFEval's own prompts, scored while the preset was tuned (development too); <b>unused IFEval</b> is the other 421 of IFEval's
+541 prompts, never scored for a choice, at lm-eval's 1280 new tokens (<code>--full-ifeval</code>).</p>
 <p>{lead}</p>
-{"".join(f"<h2>{html.escape(title[0].upper() + title[1:])} (%)</h2>" + (_scores_table(summary, split) or "<p class=muted>not evaluated</p>") for split, title in EVAL_SPLITS)}
+{"".join(f"<h2>{html.escape(title[0].upper() + title[1:])} (%)</h2>" + (_scores_table(summary, split) or _not_scored(split)) for split, title in EVAL_SPLITS)}
 {_figure(figures.get("headline"), "accuracy by model")}
 <h2>Pass rate per instruction type (development prompts)</h2>{_figure(figures.get("per_type"), "pass rate per instruction type")}
 <h2>Training</h2>{_figure(figures.get("training"), "training curves")}

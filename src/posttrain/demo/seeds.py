@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.demo.config import EVAL_SPLITS as SPLITS
-from posttrain.demo.config import PipelineConfig
+from posttrain.demo.config import PipelineConfig, eval_stage
 from posttrain.demo.intervals import KEYS, seed_gain_intervals
 
 
@@ -46,7 +46,7 @@ def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
         gains = [s["gain_start_to_dpo"].get(split) for s in per_run]
         if not all(gains):
             continue
-        interval = seed_gain_intervals(runs, split)
+        interval = seed_gain_intervals(runs, split, base=eval_stage(split, "eval-start"), final=eval_stage(split, "eval-dpo"))
         out["splits"][split] = {
             k: {
                 "gains": [g[k] for g in gains],
