@@ -23,8 +23,16 @@ REQUIRED_TYPES = {
     "startend:quotation", "detectable_format:title", "detectable_content:postscript", "detectable_format:json_format",
     "detectable_format:number_bullet_lists", "keywords:existence", "keywords:forbidden_words", "length_constraints:number_words",
     "detectable_format:number_highlighted_sections", "detectable_content:number_placeholders", "length_constraints:number_sentences",
-    "keywords:frequency",
+    "keywords:frequency", "keywords:letter_frequency", "language:response_language", "length_constraints:number_paragraphs",
+    "length_constraints:nth_paragraph_first_word", "detectable_format:constrained_response", "detectable_format:multiple_sections",
+    "combination:two_responses", "combination:repeat_prompt", "change_case:capital_word_frequency",
 }  # fmt: skip
+
+
+def test_types_are_all_of_ifevals() -> None:
+    from posttrain.verify.ifeval import IFEVAL_VERIFIERS
+
+    assert len(REQUIRED_TYPES) == 25 and REQUIRED_TYPES == {v.id for v in IFEVAL_VERIFIERS}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +143,7 @@ def test_types_cover_the_brief_with_enough_phrasings() -> None:
     for kind in vp.TYPES:
         assert len(set(kind.train + kind.heldout)) >= 4 and len(kind.heldout) >= 1 and len(kind.train) >= 2, kind.id
         assert vp.type_label(kind.id) == kind.label and kind.label
-    assert vp.type_label("combination:repeat_prompt") == "combination:repeat_prompt"
+    assert vp.type_label("no_such:type") == "no_such:type"
     assert [row["id"] for row in vp.describe()] == [t.id for t in vp.TYPES]
 
 
@@ -155,13 +163,13 @@ def test_no_prompt_combines_conflicting_types_or_clashing_words(train: list[dict
 
 
 def test_types_are_spread_evenly_and_instruction_counts_mixed() -> None:
-    records = vp.build_prompts("heldout", 64, seed=0)
+    records = vp.build_prompts("heldout", 112, seed=0)  # 168 instructions over 25 types
     per_type = Counter(t for r in records for t in r["instruction_id_list"])
     assert set(per_type) == set(vp.TYPE_BY_ID)
     assert min(per_type.values()) >= 5, per_type
     assert max(per_type.values()) - min(per_type.values()) <= 2, per_type
     sizes = Counter(len(r["instruction_id_list"]) for r in records)
-    assert sizes[1] == sizes[2] == 32
+    assert sizes[1] == sizes[2] == 56
     assert all(len(r["instruction_id_list"]) == 1 for r in vp.build_prompts("train", 20, seed=0, max_instructions=1))
     three = vp.build_prompts("train", 60, seed=0, max_instructions=3)
     assert Counter(len(r["instruction_id_list"]) for r in three) == {1: 20, 2: 20, 3: 20}
@@ -227,6 +235,23 @@ _COUNTED = {
         "at least",
         lambda count, k: "Text " + " ".join(f"[slot {i}]" for i in range(count)),
     ),
+    "keywords:letter_frequency": ("let_frequency", "let_relation", lambda count, k: " ".join([k["letter"]] * count)),
+    "change_case:capital_word_frequency": (
+        "capital_frequency",
+        "capital_relation",
+        lambda count, k: " ".join(["NOTE"] * count) + " and done.",
+    ),
+    "length_constraints:number_paragraphs": ("num_paragraphs", "exactly", lambda count, k: "\n***\n".join(["Some text."] * count)),
+    "length_constraints:nth_paragraph_first_word": (
+        "num_paragraphs",
+        "exactly",
+        lambda count, k: "\n\n".join(f"{k['first_word'].title() if i + 1 == k['nth_paragraph'] else 'Plain'} text." for i in range(count)),
+    ),
+    "detectable_format:multiple_sections": (
+        "num_sections",
+        "at least",
+        lambda count, k: "\n".join(f"{k['section_spliter']} {i + 1}\nSome text." for i in range(count)),
+    ),
 }
 
 
@@ -272,7 +297,21 @@ _CASES: dict[str, tuple[dict[str, Any], str, str]] = {
     "detectable_format:json_format": ({}, '```json\n{"answer": "Water it daily."}\n```', 'Here you go: {"answer": "Water it daily."}'),
     "keywords:existence": ({"keywords": ["basil", "morning"]}, "Water the basil every morning.", "Water the basil every evening."),
     "keywords:forbidden_words": ({"forbidden_words": ["very", "just"]}, "Water it daily; adjust as needed.", "Just water it daily."),
+    "language:response_language": (
+        {"language": "fr"},
+        "Arrosez le basilic chaque matin et gardez-le au soleil pendant toute la journée.",
+        "Water the basil every morning and keep it in the sun all day long.",
+    ),
+    "detectable_format:constrained_response": ({}, "Basil likes sun. My answer is yes.", "Basil likes sun. My answer is probably yes."),
+    "combination:two_responses": ({}, "Water it daily.\n******\nKeep it warm.", "Water it daily.\n******\nWater it daily."),
+    "combination:repeat_prompt": (
+        {"prompt_to_repeat": "How do I keep basil alive?"},
+        "How do I keep basil alive? Water it daily.",
+        "Water it daily. How do I keep basil alive?",
+    ),
 }
+# What a phrasing names instead of the kwarg's own value: a language by name; the request to repeat is the prompt's query itself.
+_NAMED = {"fr": "French", "How do I keep basil alive?": None}
 
 
 @pytest.mark.parametrize("type_id", sorted(_CASES))
@@ -286,7 +325,8 @@ def test_uncounted_types_pass_a_compliant_response_and_fail_another(type_id: str
         assert not _STATED.search(text), f"an uncounted instruction states a count: {text!r}"
         for value in kwargs.values():  # the phrasing names every value it is checked against
             for word in value if isinstance(value, list) else [value]:
-                assert word in text, (phrasing, word)
+                named = _NAMED.get(word, word)
+                assert named is None or named in text, (phrasing, named)
 
 
 def test_every_type_is_tested_against_its_verifier() -> None:

@@ -24,15 +24,24 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any
 
-Split = Literal["train", "heldout", "test"]
+from posttrain.synth.instruction_types import (  # noqa: F401 — the table's names, as callers know them
+    TYPE_BY_ID,
+    TYPES,
+    InstructionType,
+    Split,
+    content_words,
+    describe,
+    kwarg_words,
+    render,
+    render_values,
+    type_label,
+)
+
 SPLITS: tuple[Split, ...] = ("train", "heldout", "test")
 
 HELDOUT_EVERY = 5  # a query is held out when the hash of its text is 0 modulo this (~20%)
@@ -81,368 +90,45 @@ def split_queries() -> dict[Split, tuple[str, ...]]:
     }
 
 
-# -- kwargs --------------------------------------------------------------------------------------
-
-# Kwargs samplers take (rng, query, avoid): ``avoid`` holds the lower-cased words the prompt's other
-# instruction already uses (its keywords, forbidden words, end phrase), so that no prompt asks for a
-# word and forbids it, or forbids a word of the phrase it must end with.
-Sampler = Callable[[random.Random, str, frozenset[str]], dict[str, Any]]
-
-END_PHRASES = (
-    "Any other questions?", "Is there anything else I can help with?", "Hope this helps!", "Let me know if you have more questions.",
-    "Have a great day!", "That is all for now.", "Good luck!", "Thanks for asking.",
-)  # fmt: skip
-# Words that fit an answer on any topic (to include), and words an answer is likely to use (to forbid).
-TOPIC_FREE_WORDS = (
-    "today", "example", "remember", "patience", "habit", "plan", "morning", "friend", "practice", "moment", "choice", "routine",
-)  # fmt: skip
-LIKELY_WORDS = (
-    "very", "really", "just", "also", "important", "good", "great", "best", "always", "easy", "simple", "usually", "quickly", "tips",
-)  # fmt: skip
-_STOPWORDS = frozenset((
-    "about", "after", "also", "away", "before", "best", "better", "does", "doesn", "each", "easiest", "easy", "every", "from", "good",
-    "have", "help", "into", "keep", "know", "less", "long", "make", "many", "more", "much", "need", "often", "other", "really", "should",
-    "some", "than", "that", "their", "them", "there", "they", "thing", "things", "this", "want", "ways", "what", "when", "where", "which",
-    "while", "will", "with", "without", "would", "could", "your", "write", "short", "brief", "quick", "little", "simple",
-))  # fmt: skip
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", text.lower()))
-
-
-def content_words(query: str) -> list[str]:
-    """Words of ``query`` worth asking for or forbidding: alphabetic, 4+ letters, not stop words, in order."""
-    seen: list[str] = []
-    for word in re.findall(r"[A-Za-z]+", query):
-        word = word.lower()
-        if len(word) >= 4 and word not in _STOPWORDS and word not in seen:
-            seen.append(word)
-    return seen
-
-
-def _pick(rng: random.Random, pool: Iterable[str], avoid: Iterable[str]) -> str:
-    avoid = set(avoid)
-    return rng.choice([w for w in pool if w not in avoid])
-
-
-def _existence(rng: random.Random, query: str, avoid: frozenset[str]) -> dict[str, Any]:
-    own = [w for w in content_words(query) if w not in avoid]
-    first = rng.choice(own) if own else _pick(rng, TOPIC_FREE_WORDS, avoid)
-    return {"keywords": [first, _pick(rng, TOPIC_FREE_WORDS, avoid | {first})]}
-
-
-def _forbidden(rng: random.Random, query: str, avoid: frozenset[str]) -> dict[str, Any]:
-    first = _pick(rng, LIKELY_WORDS, avoid)
-    own = [w for w in content_words(query) if w not in avoid and w != first]
-    second = rng.choice(own) if own and rng.random() < 0.5 else _pick(rng, LIKELY_WORDS, avoid | {first})
-    return {"forbidden_words": [first, second]}
-
-
-def _frequency(rng: random.Random, query: str, avoid: frozenset[str]) -> dict[str, Any]:
-    own = [w for w in content_words(query) if w not in avoid]
-    keyword = rng.choice(own) if own and rng.random() < 0.6 else _pick(rng, TOPIC_FREE_WORDS, avoid)
-    return {"keyword": keyword, "frequency": rng.randint(2, 3), "relation": "at least"}
-
-
-def _end_phrase(rng: random.Random, query: str, avoid: frozenset[str]) -> dict[str, Any]:
-    return {"end_phrase": rng.choice([p for p in END_PHRASES if not _words(p) & avoid])}
-
-
-def _fixed(**kwargs: Any) -> Sampler:
-    return lambda rng, query, avoid: dict(kwargs)
-
-
-def _ranged(name: str, low: int, high: int, step: int = 1, **extra: Any) -> Sampler:
-    return lambda rng, query, avoid: {name: rng.randrange(low, high + 1, step), **extra}
-
-
-# -- instruction types ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstructionType:
-    """One verifier id with its label, kwargs sampler and phrasings (``str.format`` templates over :func:`render_values`)."""
-
-    id: str
-    label: str
-    sample: Sampler
-    train: tuple[str, ...]
-    heldout: tuple[str, ...]
-    test: tuple[str, ...]  # the frozen test split's phrasings: in neither of the other two
-
-    def phrasings(self, split: Split) -> tuple[str, ...]:
-        return {"train": self.train, "heldout": self.heldout, "test": self.test}[split]
-
-
-# Counts are chosen so that every phrasing is plural and a short answer can meet it. "Fewer than N",
-# "under N", "less than N" and "shorter than N" are IFEval's "less than" N; "at most M" and "no more
-# than M" are "less than" M + 1 (the ``*_max`` values), so kwargs always say what the text says.
-TYPES: tuple[InstructionType, ...] = (
-    InstructionType(
-        "change_case:english_lowercase", "lowercase", _fixed(),
-        train=(
-            "Write your entire answer in lowercase letters, with no capital letters at all.",
-            "Please reply in English using only lowercase letters.",
-            "Do not capitalize anything in your response, not even the first word of a sentence.",
-        ),
-        heldout=(
-            "Every single letter in your reply must be lowercase.",
-            "Answer in English and keep the whole response in small letters, with no uppercase.",
-        ),
-        test=(
-            "Use no uppercase letters anywhere in what you write.",
-            "Keep every word of your answer in lowercase, in English.",
-        ),
-    ),
-    InstructionType(
-        "change_case:english_capital", "all capitals", _fixed(),
-        train=(
-            "Write your entire answer in English and in capital letters only.",
-            "Please reply using only uppercase letters.",
-            "Your whole response must be in all caps, in English.",
-        ),
-        heldout=(
-            "Type your whole reply in block capitals.",
-            "Every letter of your answer should be uppercase.",
-        ),
-        test=(
-            "Write the complete answer in English with capital letters throughout.",
-            "Make your response entirely uppercase.",
-        ),
-    ),
-    InstructionType(
-        "punctuation:no_comma", "no commas", _fixed(),
-        train=(
-            "Do not use any commas in your answer.",
-            "Please avoid commas entirely in your response.",
-            "Write your reply without a single comma.",
-        ),
-        heldout=(
-            "Your response must not contain the comma character at all.",
-            "Leave out every comma and use other punctuation instead.",
-        ),
-        test=(
-            "Commas are not allowed anywhere in your response.",
-            "Answer without using a single comma character.",
-        ),
-    ),
-    InstructionType(
-        "startend:end_checker", "ends with phrase", _end_phrase,
-        train=(
-            'End your response with the exact phrase "{end_phrase}" and write nothing after it.',
-            'Finish your answer with the words "{end_phrase}" with nothing after them.',
-            'Make "{end_phrase}" the very last words of your reply.',
-        ),
-        heldout=(
-            'Close your response with exactly "{end_phrase}" and add nothing afterwards.',
-            'Your final sentence must be exactly "{end_phrase}" with no text following it.',
-        ),
-        test=(
-            'The last words of your response have to be "{end_phrase}", with nothing following.',
-            'Conclude with exactly "{end_phrase}" and stop there.',
-        ),
-    ),
-    InstructionType(
-        "startend:quotation", "in quotation marks", _fixed(),
-        train=(
-            "Wrap your entire response in double quotation marks.",
-            'Put your whole answer inside double quotes, like "this".',
-            "Start and end your reply with a double quotation mark.",
-        ),
-        heldout=(
-            "Enclose the full response in a pair of double quotation marks.",
-            'Place a double quote character (") at the very beginning and the very end of your answer.',
-        ),
-        test=(
-            "Put the entire reply between double quotation marks.",
-            "Surround everything you write with double quotes.",
-        ),
-    ),
-    InstructionType(
-        "detectable_format:title", "title in << >>", _fixed(),
-        train=(
-            "Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
-            "Include a title in double angle brackets, for example <<A Quick Answer>>.",
-            "Start with a short title enclosed in << and >>.",
-        ),
-        heldout=(
-            "Your reply needs a title surrounded by double angular brackets, like <<title here>>.",
-            "Add a heading written inside double angle brackets, e.g. <<Helpful Tips>>.",
-        ),
-        test=(
-            "Begin with a title inside double angular brackets, for instance <<Main Points>>.",
-            "Give the response a name in double angle brackets, like <<Short Guide>>.",
-        ),
-    ),
-    InstructionType(
-        "detectable_content:postscript", "postscript", lambda rng, query, avoid: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))},
-        train=(
-            "After your answer, add a postscript that starts with {postscript_marker} and gives one extra tip.",
-            "Include a short postscript beginning with {postscript_marker} at the end of your reply.",
-            "Close with a note marked {postscript_marker} that adds one more thought.",
-        ),
-        heldout=(
-            "Below your main answer, write a brief {postscript_marker} note with a final remark.",
-            "Put an afterthought at the bottom, introduced by {postscript_marker} as a postscript.",
-        ),
-        test=(
-            "End with a postscript that begins with {postscript_marker}.",
-            "After the main text, add a line starting with {postscript_marker} that makes one final point.",
-        ),
-    ),
-    InstructionType(
-        "detectable_format:json_format", "JSON", _fixed(),
-        train=(
-            "Wrap your whole response in valid JSON.",
-            "Give your answer as a JSON object and nothing else.",
-            "Reply only with JSON, optionally inside markdown code fences.",
-        ),
-        heldout=(
-            "The entire output must be valid JSON that a parser can read.",
-            "Respond with a single JSON object containing your answer, with no text outside it.",
-        ),
-        test=(
-            "Format your whole answer as JSON.",
-            "Output nothing but a JSON object holding your response.",
-        ),
-    ),
-    InstructionType(
-        "detectable_format:number_bullet_lists", "exactly N bullets", _ranged("num_bullets", 2, 5),
-        train=(
-            "Answer with exactly {num_bullets} bullet points, using markdown bullets such as * like this.",
-            "Give exactly {num_bullets} markdown bullet points, each line starting with *, and no other bullets.",
-            "Your response must contain exactly {num_bullets} bullet points in markdown.",
-        ),
-        heldout=(
-            "Present your answer as a list of precisely {num_bullets} markdown bullets, each starting with *.",
-            "Use exactly {num_bullets} bullet points, no more and no fewer, with * at the start of each line.",
-        ),
-        test=(
-            "Write your answer as exactly {num_bullets} markdown bullet points, lines starting with *.",
-            "List exactly {num_bullets} points, each on its own line beginning with *.",
-        ),
-    ),
-    InstructionType(
-        "keywords:existence", "includes keywords", _existence,
-        train=(
-            "Make sure to include the words {keywords} in your answer.",
-            "Your response must mention {keywords}.",
-            "Use the words {keywords} somewhere in your reply.",
-        ),
-        heldout=(
-            "Work the words {keywords} into your response.",
-            "Be sure your answer contains both {keywords}.",
-        ),
-        test=(
-            "Your answer has to include the words {keywords}.",
-            "Mention {keywords} in what you write.",
-        ),
-    ),
-    InstructionType(
-        "keywords:forbidden_words", "forbidden words", _forbidden,
-        train=(
-            "Do not use the words {forbidden_words} in your answer.",
-            "Avoid the words {forbidden_words} completely.",
-            "Your response must not contain the words {forbidden_words}.",
-        ),
-        heldout=(
-            "Never write {forbidden_words} anywhere in your reply.",
-            "Stay away from the words {forbidden_words} when you answer.",
-        ),
-        test=(
-            "Do not write the words {forbidden_words} at all.",
-            "The words {forbidden_words} must not appear in your reply.",
-        ),
-    ),
-    InstructionType(
-        "keywords:frequency", "keyword N+ times", _frequency,
-        train=(
-            'Use the word "{keyword}" at least {frequency} times.',
-            'The word "{keyword}" should appear at least {frequency} times in your response.',
-            'Mention "{keyword}" at least {frequency} times in your answer.',
-        ),
-        heldout=(
-            'Repeat the word "{keyword}" {frequency} or more times in your reply.',
-            'Say "{keyword}" no fewer than {frequency} times.',
-        ),
-        test=(
-            'Include the word "{keyword}" {frequency} or more times.',
-            'Your answer needs the word "{keyword}" at least {frequency} times.',
-        ),
-    ),
-    InstructionType(
-        "length_constraints:number_words", "under N words", _ranged("num_words", 40, 120, 10, relation="less than"),
-        train=(
-            "Answer in fewer than {num_words} words.",
-            "Keep your response under {num_words} words.",
-            "Use less than {num_words} words in total.",
-        ),
-        heldout=(
-            "Your reply must be shorter than {num_words} words.",
-            "Write at most {num_words_max} words.",
-        ),
-        test=(
-            "Respond using fewer than {num_words} words.",
-            "Your answer should have no more than {num_words_max} words.",
-        ),
-    ),
-    InstructionType(
-        "length_constraints:number_sentences", "under N sentences", _ranged("num_sentences", 3, 6, relation="less than"),
-        train=(
-            "Answer in fewer than {num_sentences} sentences.",
-            "Keep your reply under {num_sentences} sentences.",
-            "Your response should contain less than {num_sentences} sentences.",
-        ),
-        heldout=(
-            "Use no more than {num_sentences_max} sentences.",
-            "Limit yourself to at most {num_sentences_max} sentences.",
-        ),
-        test=(
-            "Respond in fewer than {num_sentences} sentences.",
-            "Keep it to no more than {num_sentences_max} sentences.",
-        ),
-    ),
-    InstructionType(
-        "detectable_format:number_highlighted_sections", "N+ highlights", _ranged("num_highlights", 2, 3),
-        train=(
-            "Highlight at least {num_highlights} parts of your answer with markdown, i.e. *highlighted part*.",
-            "Use markdown to highlight at least {num_highlights} phrases, like *this*.",
-            "Mark at least {num_highlights} key words or phrases with asterisks, such as *important*.",
-        ),
-        heldout=(
-            "Emphasize {num_highlights} or more sections with markdown highlighting, e.g. *like this*.",
-            "Put at least {num_highlights} separate phrases in *asterisks* to highlight them.",
-        ),
-        test=(
-            "Highlight {num_highlights} or more phrases with markdown asterisks, as in *key idea*.",
-            "Use markdown emphasis on at least {num_highlights} parts of the answer, written like *this part*.",
-        ),
-    ),
-    InstructionType(
-        "detectable_content:number_placeholders", "N+ [placeholders]", _ranged("num_placeholders", 2, 4),
-        train=(
-            "Include at least {num_placeholders} placeholders in square brackets, such as [name].",
-            "Add at least {num_placeholders} placeholders like [date] that I can fill in later.",
-            "Your reply should contain at least {num_placeholders} bracketed placeholders, for example [address].",
-        ),
-        heldout=(
-            "Leave {num_placeholders} or more blanks for me to fill in, written in square brackets like [time].",
-            "Use no fewer than {num_placeholders} square-bracket placeholders such as [place].",
-        ),
-        test=(
-            "Include {num_placeholders} or more placeholders in square brackets, like [company].",
-            "Put at least {num_placeholders} fill-in fields in square brackets, such as [amount], in your answer.",
-        ),
-    ),
-)  # fmt: skip
-TYPE_BY_ID: dict[str, InstructionType] = {t.id: t for t in TYPES}
+# -- which types share a prompt ----------------------------------------------------------------
 
 _JSON_CONFLICTS = (
     "detectable_format:title", "detectable_format:number_bullet_lists", "startend:quotation", "startend:end_checker",
     "detectable_content:postscript", "detectable_format:number_highlighted_sections", "detectable_content:number_placeholders",
-    "punctuation:no_comma", "length_constraints:number_sentences",
+    "punctuation:no_comma", "length_constraints:number_sentences", "length_constraints:number_paragraphs",
+    "length_constraints:nth_paragraph_first_word", "detectable_format:multiple_sections", "combination:two_responses",
+    "combination:repeat_prompt", "detectable_format:constrained_response",
 )  # fmt: skip
+_CASES = ("change_case:english_lowercase", "change_case:english_capital")
+_PARAGRAPHS = ("length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word")
+
+
+def _pairs(reason: str, *groups: tuple[str, ...]) -> dict[frozenset[str], str]:
+    """Every pair across ``groups[0]`` and each later group, with ``reason``."""
+    return {frozenset((a, b)): reason for a in groups[0] for group in groups[1:] for b in group if a != b}
+
+
+_NEWER_CONFLICTS: dict[frozenset[str], str] = {
+    **_pairs("English words or an English sentence in a reply in another language", ("language:response_language",),
+             _CASES, ("startend:end_checker", "keywords:existence", "keywords:frequency", "combination:repeat_prompt",
+                      "detectable_format:constrained_response")),
+    **_pairs("the fixed answers and section markers are case-sensitive", ("detectable_format:constrained_response",
+             "detectable_format:multiple_sections"), _CASES),
+    **_pairs("a capital-word count meets a whole-response case", ("change_case:capital_word_frequency",), _CASES),
+    **_pairs("two ways to divide paragraphs, or parts that are not paragraphs", _PARAGRAPHS, _PARAGRAPHS,
+             ("combination:two_responses", "length_constraints:number_sentences")),
+    **_pairs("a title, a postscript, sections, a list or a repeated request count as paragraphs",
+             ("length_constraints:nth_paragraph_first_word",), ("detectable_format:title", "detectable_content:postscript",
+             "detectable_format:multiple_sections", "combination:repeat_prompt", "detectable_format:number_bullet_lists")),
+    **_pairs("which of the two responses should carry it is unclear", ("combination:two_responses",),
+             ("startend:quotation", "detectable_format:number_bullet_lists", "length_constraints:number_sentences",
+              "combination:repeat_prompt", "detectable_format:constrained_response")),
+    **_pairs("the repeated request must come first and keep its own words and commas", ("combination:repeat_prompt",),
+             ("startend:quotation", "punctuation:no_comma", "keywords:forbidden_words", "detectable_format:title",
+              "detectable_format:multiple_sections", "keywords:letter_frequency")),
+    **_pairs("the other instruction's words may hold the counted letter", ("keywords:letter_frequency",),
+             ("keywords:existence", "keywords:frequency", "startend:end_checker")),
+}  # fmt: skip
 #: Pairs never combined in one prompt, each with the reason.
 CONFLICTS: dict[frozenset[str], str] = {
     frozenset(("change_case:english_lowercase", "change_case:english_capital")): "a response cannot be all lowercase and all capitals",
@@ -452,45 +138,13 @@ CONFLICTS: dict[frozenset[str], str] = {
     frozenset(("detectable_content:postscript", "startend:end_checker")): "both want the last word",
     frozenset(("detectable_format:number_bullet_lists", "detectable_format:number_highlighted_sections")): "a line starting *highlight* counts as a bullet",
     frozenset(("detectable_format:number_bullet_lists", "length_constraints:number_sentences")): "each bullet is a sentence, so the counts fight",
+    **_NEWER_CONFLICTS,
 }  # fmt: skip
 
 
 def conflicts(a: str, b: str) -> bool:
     """Whether instruction types ``a`` and ``b`` may not share a prompt (a type never pairs with itself)."""
     return a == b or frozenset((a, b)) in CONFLICTS
-
-
-def type_label(type_id: str) -> str:
-    """A short human label for an instruction type ("lowercase", "no commas", ...); unknown ids come back as they are."""
-    found = TYPE_BY_ID.get(type_id)
-    return found.label if found else type_id
-
-
-def describe() -> list[dict[str, Any]]:
-    """One row per instruction type: ``id``, ``label``, and how many phrasings each split has."""
-    return [{"id": t.id, "label": t.label, "train_phrasings": len(t.train), "heldout_phrasings": len(t.heldout)} for t in TYPES]
-
-
-def _quoted(words: list[str], conjunction: str) -> str:
-    quoted = [f'"{w}"' for w in words]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" {conjunction} {quoted[-1]}"
-
-
-def render_values(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What templates can name: the kwargs, keyword lists quoted and joined, and ``*_max`` = threshold - 1 for "less than"."""
-    values = dict(kwargs)
-    if "keywords" in kwargs:
-        values["keywords"] = _quoted(kwargs["keywords"], "and")
-    if "forbidden_words" in kwargs:
-        values["forbidden_words"] = _quoted(kwargs["forbidden_words"], "or")
-    for name in ("num_words", "num_sentences"):
-        if name in kwargs:
-            values[f"{name}_max"] = kwargs[name] - 1
-    return values
-
-
-def render(phrasing: str, kwargs: dict[str, Any]) -> str:
-    return phrasing.format(**render_values(kwargs))
 
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -567,14 +221,3 @@ def build_prompts(
             record |= {"query": query, "instruction": " ".join(phrases)}
         records.append(record)
     return records
-
-
-def kwarg_words(kwargs: dict[str, Any]) -> frozenset[str]:
-    """The lower-cased words of ``kwargs``' strings (keywords, forbidden words, end phrase): the ``avoid`` set that a
-    prompt's later instructions' kwargs samplers (:attr:`InstructionType.sample`) must keep clear of."""
-    words: set[str] = set()
-    for value in kwargs.values():
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                words |= _words(text)
-    return frozenset(words)
