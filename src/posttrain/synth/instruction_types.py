@@ -124,6 +124,17 @@ def _ranged(name: str, low: int, high: int, step: int = 1, **extra: Any) -> Samp
     return lambda rng, query, avoid: {name: rng.randrange(low, high + 1, step), **extra}
 
 
+def _bounded(name: str, *, at_most: tuple[int, int, int], at_least: tuple[int, int, int]) -> Sampler:
+    """A length bound, either way round as IFEval asks it: ``relation`` "less than" (thresholds ``at_most``: low,
+    high, step) three times in five, else "at least" (``at_least``), each low enough for the demo's token budget."""
+
+    def sample(rng: random.Random, query: str, avoid: frozenset[str]) -> dict[str, Any]:
+        relation, (low, high, step) = ("less than", at_most) if rng.random() < 0.6 else ("at least", at_least)
+        return {name: rng.randrange(low, high + 1, step), "relation": relation}
+
+    return sample
+
+
 # -- instruction types ---------------------------------------------------------------------------
 
 
@@ -339,35 +350,35 @@ TYPES: tuple[InstructionType, ...] = (
         ),
     ),
     InstructionType(
-        "length_constraints:number_words", "under N words", _ranged("num_words", 40, 120, 10, relation="less than"),
+        "length_constraints:number_words", "word count", _bounded("num_words", at_most=(40, 120, 10), at_least=(30, 70, 10)),
         train=(
-            "Answer in fewer than {num_words} words.",
-            "Keep your response under {num_words} words.",
-            "Use less than {num_words} words in total.",
+            "Answer in {num_words_bound} words.",
+            "Your response should contain {num_words_bound} words.",
+            "Use {num_words_bound} words in total.",
         ),
         heldout=(
-            "Your reply must be shorter than {num_words} words.",
-            "Write at most {num_words_max} words.",
+            "Your reply must be {num_words_bound} words long.",
+            "Your reply should run to {num_words_bound_alt} words.",
         ),
         test=(
-            "Respond using fewer than {num_words} words.",
-            "Your answer should have no more than {num_words_max} words.",
+            "Respond using {num_words_bound} words.",
+            "Your answer should have {num_words_bound_alt} words.",
         ),
     ),
     InstructionType(
-        "length_constraints:number_sentences", "under N sentences", _ranged("num_sentences", 3, 6, relation="less than"),
+        "length_constraints:number_sentences", "sentence count", _bounded("num_sentences", at_most=(3, 6, 1), at_least=(2, 4, 1)),
         train=(
-            "Answer in fewer than {num_sentences} sentences.",
-            "Keep your reply under {num_sentences} sentences.",
-            "Your response should contain less than {num_sentences} sentences.",
+            "Write your answer in {num_sentences_bound} sentences.",
+            "Your reply should have {num_sentences_bound} sentences.",
+            "Your response should contain {num_sentences_bound} sentences.",
         ),
         heldout=(
-            "Use no more than {num_sentences_max} sentences.",
-            "Limit yourself to at most {num_sentences_max} sentences.",
+            "Build your reply from {num_sentences_bound_alt} sentences.",
+            "Write your reply in {num_sentences_bound_alt} sentences.",
         ),
         test=(
-            "Respond in fewer than {num_sentences} sentences.",
-            "Keep it to no more than {num_sentences_max} sentences.",
+            "Respond in {num_sentences_bound} sentences.",
+            "Your answer needs {num_sentences_bound_alt} sentences.",
         ),
     ),
     InstructionType(
@@ -568,15 +579,17 @@ def _quoted(words: list[str], conjunction: str) -> str:
 
 
 def render_values(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What templates can name: the kwargs, keyword lists quoted and joined, and ``*_max`` = threshold - 1 for "less than"."""
+    """What templates can name: the kwargs, keyword lists quoted and joined, and length bounds in words (``*_bound``, ``*_bound_alt``)."""
     values = dict(kwargs)
     if "keywords" in kwargs:
         values["keywords"] = _quoted(kwargs["keywords"], "and")
     if "forbidden_words" in kwargs:
         values["forbidden_words"] = _quoted(kwargs["forbidden_words"], "or")
     for name in ("num_words", "num_sentences"):
-        if name in kwargs:
-            values[f"{name}_max"] = kwargs[name] - 1
+        if name in kwargs:  # "fewer than N" / "at most N-1", or "at least N" / "no fewer than N"
+            count, below = kwargs[name], kwargs.get("relation") == "less than"
+            values[f"{name}_bound"] = f"fewer than {count}" if below else f"at least {count}"
+            values[f"{name}_bound_alt"] = f"at most {count - 1}" if below else f"no fewer than {count}"
     for name in ("let_relation", "capital_relation"):
         if name in kwargs:
             values[f"{name}_text"] = "fewer than" if kwargs[name] == "less than" else kwargs[name]
