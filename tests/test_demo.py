@@ -114,6 +114,37 @@ def test_full_ifeval_adds_its_own_stages_and_reuses_the_rest(quick_run, tmp_path
     assert "not scored: run with" in (out / "report.html").read_text()  # the run without it says how to get it
 
 
+def test_dpo_rounds_sample_each_round_from_the_last_rounds_model(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = _invoke("demo", "--quick", "--output-dir", str(copy), "--set", "dpo.rounds=2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((copy / "summary.json").read_text())
+    stages = summary["stages"]
+    # round 1 keeps the keys it had without rounds: reused; round 2 and the final evaluation are new
+    assert all(stages[name]["reused"] for name in STAGE_DIRS if name != "eval-dpo"), stages
+    assert not stages["label-2"]["reused"] and not stages["dpo-2"]["reused"] and not stages["eval-dpo"]["reused"]
+    assert list(stages).index("dpo-2") < list(stages).index("eval-dpo")
+    # round 2's pairs were sampled from round 1's DPO model, round 1's from SFT's: the log-probs each recorded carry
+    # the sampler's weights fingerprint
+    from posttrain.generate.engine import Engine
+    from posttrain.models.load import weights_fingerprint
+
+    round2 = [json.loads(line) for line in (copy / "label-2" / "pairs.jsonl").read_text().splitlines()]
+    round1 = [json.loads(line) for line in (copy / "label" / "pairs.jsonl").read_text().splitlines()]
+    sampler = {stage: weights_fingerprint(Engine.from_name(str(copy / stage / "merged")).model) for stage in ("sft", "dpo")}
+    assert sampler["sft"] != sampler["dpo"]
+    assert round2 and {r["meta"]["reference"]["model"] for r in round2} == {sampler["dpo"]}
+    assert {r["meta"]["reference"]["model"] for r in round1} == {sampler["sft"]}
+    assert [r["pairs"] for r in (x["label"] for x in summary["rounds"])] == [len(round1), len(round2)]
+    assert summary["rounds"][1]["dpo"]["steps"] > 0
+    assert "round 2:" in (copy / "report.html").read_text()
+    # and the pipeline says what is wrong with a bad count before loading anything
+    with pytest.raises(ConfigError, match=r"dpo.rounds"):
+        pipeline.load_pipeline(None, ["dpo.rounds=0"], base=pipeline.demo_config(quick=True))
+
+
 def test_an_upgrade_of_the_code_runs_every_stage_again(tmp_path, monkeypatch):
     from rich.console import Console
 

@@ -31,6 +31,16 @@ def eval_stage(split: str, model_stage: str) -> str:
     return model_stage.replace("eval-", "eval-full-", 1) if split in FULL_IFEVAL_SPLITS else model_stage
 
 
+def round_stages(number: int) -> tuple[str, str]:
+    """The label and DPO stage names of DPO round ``number`` (1-based): ``label``/``dpo``, then ``label-2``/``dpo-2`` ..."""
+    return ("label", "dpo") if number == 1 else (f"label-{number}", f"dpo-{number}")
+
+
+def round_label_seed(seed: int, number: int) -> int:
+    """Round ``number``'s sampling seed: ``label.seed`` in round 1, then far from any other run's (``--seeds`` adds 0, 1, 2)."""
+    return seed + 1000 * (number - 1)
+
+
 class PromptsConfig(Strict):
     """Where the verifiable prompts come from: the built-in demo set, or your own IFEval-format files."""
 
@@ -157,7 +167,10 @@ class PipelineConfig(Strict):
     sample: SampleConfig = SampleConfig()
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides of an SFT config (adapter, train, data.max_length ...).")
     label: LabelStageConfig = LabelStageConfig()
-    dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of a DPO config (adapter, train, dpo ...).")
+    dpo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of a DPO config (adapter, train, dpo ...), and rounds: N label + DPO rounds (online DPO; default 1).",
+    )
     examples: int = Field(6, ge=0, description="Held-out responses shown before and after in the report.")
     steer: SteerConfig = SteerConfig()
     full_ifeval: FullIFEvalConfig = FullIFEvalConfig()
@@ -172,8 +185,13 @@ class PipelineConfig(Strict):
         if "path" in data:
             problems.append(f"{name}.data.path: set by the pipeline (the previous stage's output), not here")
         target = SFTConfig if name == "sft" else DPOConfig
+        own = dict(raw)
+        if name == "dpo" and "rounds" in own:  # the pipeline's, not DPOConfig's: how many label + DPO rounds
+            rounds = own.pop("rounds")
+            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+                problems.append(f"dpo.rounds: a whole number of rounds, 1 or more, got {rounds!r}")
         try:
-            target.model_validate({**raw, "model": {"name": "x"}, "data": {**data, "path": "x"}, "output_dir": "x"})
+            target.model_validate({**own, "model": {"name": "x"}, "data": {**data, "path": "x"}, "output_dir": "x"})
         except ValidationError as err:
             problems += [
                 f"{name}.{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
@@ -182,6 +200,16 @@ class PipelineConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return raw
+
+    @property
+    def dpo_rounds(self) -> int:
+        """``dpo.rounds``: label + DPO rounds, each sampling fresh pairs from the previous round's model (AutoIF's online DPO)."""
+        return int(self.dpo.get("rounds", 1))
+
+    @property
+    def dpo_overrides(self) -> dict[str, Any]:
+        """The ``dpo`` section as DPO config overrides (without ``rounds``, which is the pipeline's)."""
+        return {k: v for k, v in self.dpo.items() if k != "rounds"}
 
     @model_validator(mode="after")
     def _steer_in_process(self) -> PipelineConfig:

@@ -9,6 +9,8 @@ One pipeline, read top to bottom in :func:`run`::
     eval-sft
     label       K samples per training prompt from the SFT model, paired by verifier pass rate (``posttrain label``)
     dpo         DPO on those pairs, from the SFT model, merged
+    label-2, dpo-2, ...
+                only with ``dpo.rounds`` > 1 (online DPO): fresh pairs from the last round's model, DPO from it
     eval-dpo
     eval-full-start, eval-full-dpo
                 only with ``full_ifeval.enabled`` (``--full-ifeval``): both models on all 541 IFEval prompts at 1280
@@ -52,6 +54,8 @@ from posttrain.demo.config import (  # noqa: F401 — re-exported: callers know 
     PromptsConfig,
     SampleConfig,
     SteerConfig,
+    round_label_seed,
+    round_stages,
 )
 from posttrain.demo.evaluate import evaluate_full_ifeval, evaluate_model
 from posttrain.records import write_jsonl
@@ -221,24 +225,31 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     )
     sft_model = str(sft / "merged")
     stage("eval-sft", {"generation": gen, **steer}, ("prompts", "sft"), evaluate(sft_model))
-    label = stage(
-        "label",
-        {"generation": gen, "label": cfg.label.model_dump(), "reference_logps": cfg.generation.backend == "engine"},
-        ("prompts", "sft"),
-        lambda out: label_stage(cfg, sft_model, prompts / "train.jsonl", out),
-    )
-    dpo = stage(
-        "dpo",
-        {"dpo": deep_merge(DPO_DEFAULTS, cfg.dpo), "seed": cfg.seed},
-        ("label", "sft"),
-        lambda out: train_stage("dpo", cfg, sft_model, label / "pairs.jsonl", out),
-    )
-    stage("eval-dpo", {"generation": gen, **steer}, ("prompts", "dpo"), evaluate(str(dpo / "merged")))
+    # label + DPO, dpo.rounds times: each round samples fresh pairs from the model the last one made (AutoIF's online
+    # DPO), which is also that round's DPO start and reference. Round 1 is "label"/"dpo" (the keys it always had).
+    policy, before = sft_model, "sft"
+    for number in range(1, cfg.dpo_rounds + 1):
+        label_name, dpo_name = round_stages(number)
+        label_cfg = cfg.label.model_copy(update={"seed": round_label_seed(cfg.label.seed, number)})
+        label = stage(
+            label_name,
+            {"generation": gen, "label": label_cfg.model_dump(), "reference_logps": cfg.generation.backend == "engine"},
+            ("prompts", before),
+            lambda out, model=policy, lc=label_cfg: label_stage(cfg, model, prompts / "train.jsonl", out, lc),
+        )
+        dpo = stage(
+            dpo_name,
+            {"dpo": deep_merge(DPO_DEFAULTS, cfg.dpo_overrides), "seed": cfg.seed},
+            (label_name, before),
+            lambda out, model=policy, pairs=label / "pairs.jsonl": train_stage("dpo", cfg, model, pairs, out),
+        )
+        policy, before = str(dpo / "merged"), dpo_name
+    stage("eval-dpo", {"generation": gen, **steer}, ("prompts", before), evaluate(policy))
     if cfg.full_ifeval.enabled:  # all of IFEval at lm-eval's budget: stages of their own, so the others keep their keys
         # its own token budget: the preset's max_new_tokens is not in its key, so tuning it keeps this (long) stage
         full = {"full_ifeval": cfg.full_ifeval.model_dump(), "generation": {k: v for k, v in gen.items() if k != "max_new_tokens"}, **steer}
         stage("eval-full-start", {**start_model, **full}, (), full_ifeval(cfg.model))
-        stage("eval-full-dpo", full, ("dpo",), full_ifeval(str(dpo / "merged")))
+        stage("eval-full-dpo", full, (before,), full_ifeval(policy))
 
     from posttrain.demo import report
 
@@ -437,7 +448,7 @@ def rejection_sample(cfg: PipelineConfig, train_prompts: Path, out: Path) -> dic
     return info
 
 
-def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path) -> dict[str, Any]:
+def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path, label: LabelStageConfig | None = None) -> dict[str, Any]:
     """``posttrain label --reference-logps`` on the training prompts with the SFT model: ``pairs.jsonl`` and ``summary.json``.
 
     The SFT model is also DPO's starting point and reference: the log-probs it measured while sampling the
@@ -450,16 +461,17 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path)
     from posttrain.synth.label import label_prompts
     from posttrain.verify.scoring import verifiers_of
 
+    label = label or cfg.label
     prompts = read_prompts(train_prompts, validate=verifiers_of)
     records, summary = label_prompts(
         _engine(model, cfg),
         prompts,
-        k=cfg.label.k,
-        temperature=cfg.label.temperature,
+        k=label.k,
+        temperature=label.temperature,
         max_new_tokens=cfg.generation.max_new_tokens,
-        seed=cfg.label.seed,
+        seed=label.seed,
         bf16=cfg.generation.bf16,
-        min_pass_rate=cfg.label.min_pass_rate,
+        min_pass_rate=label.min_pass_rate,
         reference_logps=cfg.generation.backend == "engine",
     )
     write_jsonl(out / "pairs.jsonl", records)
@@ -475,7 +487,7 @@ def train_stage(kind: Literal["sft", "dpo"], cfg: PipelineConfig, model: str, da
     """SFT or DPO from ``model`` on ``data`` into ``out/run``, merged into ``out/merged`` for the next stage."""
     from posttrain.train import dpo, sft
 
-    defaults, overrides, cls = (SFT_DEFAULTS, cfg.sft, SFTConfig) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo, DPOConfig)
+    defaults, overrides, cls = (SFT_DEFAULTS, cfg.sft, SFTConfig) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo_overrides, DPOConfig)
     raw = deep_merge(defaults, overrides)
     raw = deep_merge(raw, {"model": {"name": model}, "data": {"path": str(data), "template": cfg.template}, "output_dir": str(out / "run")})
     raw.setdefault("train", {}).setdefault("seed", cfg.seed)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from posttrain.demo.config import EVAL_SPLITS, FULL_IFEVAL_SPLITS, eval_stage
+from posttrain.demo.config import EVAL_SPLITS, FULL_IFEVAL_SPLITS, eval_stage, round_stages
 from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
@@ -78,8 +78,21 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
         "label": _json(root / "label" / "summary.json"),
         "sft": {k: v for k, v in _json(root / "sft" / "stage.json").items() if k in ("steps", "final_loss")},
         "dpo": {k: v for k, v in _json(root / "dpo" / "stage.json").items() if k in ("steps", "final_loss")},
+        # every DPO round (dpo.rounds): its pairs and its training; round 1 is "label" and "dpo" above too
+        "rounds": [
+            {
+                "label": _json(root / label_name / "summary.json"),
+                "dpo": {k: v for k, v in _json(root / dpo_name / "stage.json").items() if k in ("steps", "final_loss")},
+            }
+            for label_name, dpo_name in _round_dirs(cfg)
+        ],
         "stages": timings,
     }
+
+
+def _round_dirs(cfg: Any) -> list[tuple[str, str]]:
+    """The (label, DPO) stage names of each DPO round the pipeline ran (``dpo.rounds``; 1 when the config has none)."""
+    return [round_stages(n) for n in range(1, getattr(cfg, "dpo_rounds", 1) + 1)]
 
 
 def write(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -91,7 +104,7 @@ def write(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: flo
     figures = {
         "per_type": plot_per_type(summary, plots / "per_type.png"),
         "headline": plot_headline(summary, plots / "headline.png"),
-        "training": plot_training(root, plots / "training.png"),
+        "training": plot_training(root, plots / "training.png", cfg),
     }
     (root / "report.html").write_text(render_html(root, cfg, summary, figures), encoding="utf-8")
     return summary
@@ -204,11 +217,15 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def plot_training(root: Path, path: Path) -> Path | None:
-    """SFT loss; DPO loss and reward accuracy; per optimizer step."""
+def plot_training(root: Path, path: Path, cfg: Any = None) -> Path | None:
+    """SFT loss; DPO loss and reward accuracy; per optimizer step (DPO rounds in turn, a dotted line between them)."""
     from posttrain.train.loop import read_metrics
 
-    sft, dpo = read_metrics(root / "sft" / "run"), read_metrics(root / "dpo" / "run")
+    sft, dpo, bounds = read_metrics(root / "sft" / "run"), [], []
+    for _, dpo_name in _round_dirs(cfg):  # rounds one after another on one step axis
+        offset = dpo[-1]["step"] if dpo else 0
+        dpo += [{**r, "step": r["step"] + offset} for r in read_metrics(root / dpo_name / "run")]
+        bounds.append(dpo[-1]["step"] if dpo else 0)
     if not sft and not dpo:
         return None
     plt = _pyplot()
@@ -234,7 +251,9 @@ def plot_training(root: Path, path: Path) -> Path | None:
             )
             b2.set_ylim(0, 1.05)
             b2.set_ylabel("reward accuracy", fontsize=8)
-    b.set_title("DPO on verifier-labelled pairs", fontsize=9)
+    for step in bounds[:-1]:
+        b.axvline(step, color="#9aa5b1", lw=0.8, ls=":")
+    b.set_title("DPO on verifier-labelled pairs" + (f" ({len(bounds)} rounds)" if len(bounds) > 1 else ""), fontsize=9)
     b.set_xlabel("optimizer step")
     b.grid(alpha=0.3)
     fig.tight_layout()
@@ -309,6 +328,12 @@ def _stage_table(summary: dict[str, Any]) -> str:
         "label": f"{label.get('pairs', 0)} pairs from {label.get('prompts', 0)} prompts; skipped {label.get('skipped', {})}",
         "dpo": f"{summary['dpo'].get('steps', '?')} steps, final loss {summary['dpo'].get('final_loss') or float('nan'):.3f}",
     }
+    for number, made_in in enumerate(summary.get("rounds", [])[1:], start=2):
+        pairs, dpo = made_in["label"], made_in["dpo"]
+        made[f"label-{number}"] = (
+            f"round {number}: {pairs.get('pairs', 0)} pairs from {pairs.get('prompts', 0)} prompts, sampled from the last round's model"
+        )
+        made[f"dpo-{number}"] = f"round {number}: {dpo.get('steps', '?')} steps, final loss {dpo.get('final_loss') or float('nan'):.3f}"
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{t['seconds']:.0f}{' (reused)' if t.get('reused') else ''}</td><td style='text-align:left'>{html.escape(made.get(name, ''))}</td></tr>"
         for name, t in summary["stages"].items()
