@@ -70,6 +70,16 @@ def test_quick_demo_writes_report_and_summary(quick_run):
     assert kept and all(k["meta"]["pass_rate"] == 1.0 for k in kept)
 
 
+def test_report_says_what_its_numbers_mean(quick_run):
+    out, _ = quick_run
+    page = (out / "report.html").read_text()
+    notes = page.split("What these numbers mean, and what they do not", 1)[1]
+    # one prompt's worth on each split, from the run's own counts (12 development prompts: 8.3 points)
+    assert "development 12 (8.3 points)" in notes and "test 6 (16.7 points)" in notes
+    assert "at most 24 new tokens" in notes  # the quick preset's budget, not a fixed text
+    assert "The model." not in notes  # a random built-in model: no note about the fetched, quantized one
+
+
 def test_rerun_reuses_every_stage_and_a_changed_stage_reruns_it_and_what_follows(quick_run, tmp_path):
     out, _ = quick_run
     copy = tmp_path / "copy"
