@@ -41,7 +41,7 @@ def test_quick_demo_writes_report_and_summary(quick_run):
         assert summary["scores"][label]["test"]["prompts"] == 6
     assert summary["sample"]["kept"] > 0 and summary["label"]["pairs"] > 0
     assert summary["sft"]["steps"] == 4 and summary["dpo"]["steps"] == 4
-    assert set(summary["gain_start_to_dpo"]) == {"test", "heldout", "ifeval"}
+    assert set(summary["gain_start_to_final"]) == {"test", "heldout", "ifeval"}
     # the frozen test split: built from its own queries, none of them a development or training prompt's, with its hash
     import hashlib
 
@@ -57,7 +57,7 @@ def test_quick_demo_writes_report_and_summary(quick_run):
                 low, high = cis["scores"][label][key]
                 assert 0 <= low <= summary["scores"][label][split][key] <= high <= 100, (split, label, key)
             low, high = cis["gain"][key]
-            assert low <= summary["gain_start_to_dpo"][split][key] <= high, (split, key)
+            assert low <= summary["gain_start_to_final"][split][key] <= high, (split, key)
     page = (out / "report.html").read_text()
     assert page.count("<table>") >= 4 and page.count("data:image/png;base64,") == 3
     assert "Frozen test prompts (only scored)" in page and "Development prompts" in page
@@ -68,6 +68,38 @@ def test_quick_demo_writes_report_and_summary(quick_run):
     # training data came from verified samples only
     kept = [json.loads(line) for line in (out / "sample" / "kept.jsonl").read_text().splitlines()]
     assert kept and all(k["meta"]["pass_rate"] == 1.0 for k in kept)
+
+
+def test_grpo_as_the_final_stage_replaces_label_and_dpo(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = _invoke("demo", "--quick", "--output-dir", str(copy), "--set", "final_stage=grpo")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((copy / "summary.json").read_text())
+    stages = summary["stages"]
+    assert [name for name in stages if not stages[name]["reused"]] == ["grpo", "eval-grpo"], stages  # up to SFT: reused
+    assert "label" not in stages and "dpo" not in stages
+    assert summary["final"] == {"label": "GRPO", "stage": "eval-grpo"}
+    assert summary["grpo"]["steps"] == 2  # 16 training prompts, 8 a step, one epoch
+    assert 0 <= summary["grpo"]["first_reward"] <= 1 and 0 <= summary["grpo"]["last_reward"] <= 1
+    # the GRPO model is the one scored: its responses came from grpo/merged, not from the SFT or DPO model
+    final = [json.loads(line)["response"] for line in (copy / "eval-grpo" / "heldout.jsonl").read_text().splitlines()]
+    assert summary["scores"]["GRPO"]["heldout"]["prompts"] == len(final) == 12
+    gain = summary["gain_start_to_final"]["heldout"]["prompt_loose"]
+    assert gain == summary["scores"]["GRPO"]["heldout"]["prompt_loose"] - summary["scores"]["start"]["heldout"]["prompt_loose"]
+    low, high = summary["intervals"]["heldout"]["gain"]["prompt_loose"]
+    assert low <= gain <= high
+    page = (copy / "report.html").read_text()
+    assert "GRPO − start" in page and "GRPO on verifier rewards" in page and "DPO − start" not in page
+    # settings that cannot apply are refused before anything loads
+    base = pipeline.demo_config(quick=True)
+    with pytest.raises(ConfigError, match=r"dpo.rounds: DPO rounds run only with final_stage dpo"):
+        pipeline.load_pipeline(None, ["final_stage=grpo", "dpo.rounds=2"], base=base)
+    with pytest.raises(ConfigError, match=r"grpo: settings for a GRPO stage, but final_stage is dpo"):
+        pipeline.load_pipeline(None, ["grpo.train.lr=1e-4"], base=base)
+    with pytest.raises(ConfigError, match=r"grpo\.grpo\.group_size"):
+        pipeline.load_pipeline(None, ["final_stage=grpo", "grpo.grpo.group_size=1"], base=base)
 
 
 def test_report_says_what_its_numbers_mean(quick_run):
@@ -117,7 +149,7 @@ def test_full_ifeval_adds_its_own_stages_and_reuses_the_rest(quick_run, tmp_path
     assert len(unused) == 421 and all(every[item["key"]] == item["response"] for item in unused)
     for split in ("ifeval_unused", "ifeval_all"):
         low, high = summary["intervals"][split]["gain"]["prompt_loose"]
-        assert low <= summary["gain_start_to_dpo"][split]["prompt_loose"] <= high
+        assert low <= summary["gain_start_to_final"][split]["prompt_loose"] <= high
     page = (copy / "report.html").read_text()
     assert "Ifeval prompts never used for a choice" not in page and "IFEval prompts never used for a choice" in page
     assert "not scored: run with" not in page
@@ -245,7 +277,7 @@ def test_seeds_run_the_pipeline_once_per_seed_and_summarize_the_gains(tmp_path):
     seeds = json.loads((out / "seeds.json").read_text())
     assert seeds["seeds"] == [0, 1] and set(seeds["splits"]) == {"test", "heldout", "ifeval"}
     for split, rows in seeds["splits"].items():
-        per_run = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["gain_start_to_dpo"][split] for s in (0, 1)]
+        per_run = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["gain_start_to_final"][split] for s in (0, 1)]
         for key, row in rows.items():
             assert row["gains"] == [g[key] for g in per_run]
             assert row["min"] <= row["mean"] <= row["max"] and row["mean"] == pytest.approx(sum(row["gains"]) / 2)

@@ -11,6 +11,8 @@ One pipeline, read top to bottom in :func:`run`::
     dpo         DPO on those pairs, from the SFT model, merged
     label-2, dpo-2, ...
                 only with ``dpo.rounds`` > 1 (online DPO): fresh pairs from the last round's model, DPO from it
+    grpo        instead of label and dpo with ``final_stage: grpo``: GRPO from the SFT model, verifier rewards
+    eval-grpo   (then in place of eval-dpo)
     eval-dpo
     eval-full-start, eval-full-dpo
                 only with ``full_ifeval.enabled`` (``--full-ifeval``): both models on all 541 IFEval prompts at 1280
@@ -47,6 +49,7 @@ from posttrain import hub
 from posttrain.config import ConfigError, DPOConfig, SFTConfig, load_config
 from posttrain.demo.config import (  # noqa: F401 — re-exported: callers know them as pipeline's
     DPO_DEFAULTS,
+    GRPO_DEFAULTS,
     SFT_DEFAULTS,
     GenerationConfig,
     LabelStageConfig,
@@ -54,6 +57,7 @@ from posttrain.demo.config import (  # noqa: F401 — re-exported: callers know 
     PromptsConfig,
     SampleConfig,
     SteerConfig,
+    eval_stage,
     round_label_seed,
     round_stages,
 )
@@ -227,8 +231,17 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
     stage("eval-sft", {"generation": gen, **steer}, ("prompts", "sft"), evaluate(sft_model))
     # label + DPO, dpo.rounds times: each round samples fresh pairs from the model the last one made (AutoIF's online
     # DPO), which is also that round's DPO start and reference. Round 1 is "label"/"dpo" (the keys it always had).
+    # Or, with final_stage grpo, GRPO from the SFT model on the training prompts, rewarded by the verifiers.
     policy, before = sft_model, "sft"
-    for number in range(1, cfg.dpo_rounds + 1):
+    if cfg.final_stage == "grpo":
+        grpo = stage(
+            "grpo",
+            {"grpo": grpo_settings(cfg), "seed": cfg.seed},
+            ("prompts", "sft"),
+            lambda out: train_stage("grpo", cfg, sft_model, prompts / "train.jsonl", out),
+        )
+        policy, before = str(grpo / "merged"), "grpo"
+    for number in range(1, cfg.dpo_rounds + 1 if cfg.final_stage == "dpo" else 1):
         label_name, dpo_name = round_stages(number)
         label_cfg = cfg.label.model_copy(update={"seed": round_label_seed(cfg.label.seed, number)})
         label = stage(
@@ -244,12 +257,13 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
             lambda out, model=policy, pairs=label / "pairs.jsonl": train_stage("dpo", cfg, model, pairs, out),
         )
         policy, before = str(dpo / "merged"), dpo_name
-    stage("eval-dpo", {"generation": gen, **steer}, ("prompts", before), evaluate(policy))
+    final = f"eval-{cfg.final_stage}"
+    stage(final, {"generation": gen, **steer}, ("prompts", before), evaluate(policy))
     if cfg.full_ifeval.enabled:  # all of IFEval at lm-eval's budget: stages of their own, so the others keep their keys
         # its own token budget: the preset's max_new_tokens is not in its key, so tuning it keeps this (long) stage
         full = {"full_ifeval": cfg.full_ifeval.model_dump(), "generation": {k: v for k, v in gen.items() if k != "max_new_tokens"}, **steer}
         stage("eval-full-start", {**start_model, **full}, (), full_ifeval(cfg.model))
-        stage("eval-full-dpo", full, (before,), full_ifeval(policy))
+        stage(eval_stage("ifeval_all", final), full, (before,), full_ifeval(policy))
 
     from posttrain.demo import report
 
@@ -483,12 +497,24 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path,
     return {"pairs": summary.pairs, "skipped": summary.skipped}
 
 
-def train_stage(kind: Literal["sft", "dpo"], cfg: PipelineConfig, model: str, data: Path, out: Path) -> dict[str, Any]:
-    """SFT or DPO from ``model`` on ``data`` into ``out/run``, merged into ``out/merged`` for the next stage."""
-    from posttrain.train import dpo, sft
+def grpo_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The GRPO stage's config sections: the demo's defaults, the pipeline's generation budget and verifiers, then its ``grpo``."""
+    own = {"grpo": {"max_new_tokens": cfg.generation.max_new_tokens, "generation_batch_size": cfg.generation.batch_size}}
+    if cfg.prompts.verifiers:
+        own["grpo"]["verifiers"] = list(cfg.prompts.verifiers)
+    return deep_merge(deep_merge(GRPO_DEFAULTS, own), cfg.grpo)
 
-    defaults, overrides, cls = (SFT_DEFAULTS, cfg.sft, SFTConfig) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo_overrides, DPOConfig)
-    raw = deep_merge(defaults, overrides)
+
+def train_stage(kind: Literal["sft", "dpo", "grpo"], cfg: PipelineConfig, model: str, data: Path, out: Path) -> dict[str, Any]:
+    """SFT, DPO or GRPO from ``model`` on ``data`` into ``out/run``, merged into ``out/merged`` for the next stage."""
+    from posttrain.config import GRPOConfig
+    from posttrain.train import dpo, grpo, sft
+
+    raw, cls, trainer = {
+        "sft": (deep_merge(SFT_DEFAULTS, cfg.sft), SFTConfig, sft.train),
+        "dpo": (deep_merge(DPO_DEFAULTS, cfg.dpo_overrides), DPOConfig, dpo.train),
+        "grpo": (deep_merge(grpo_settings(cfg), {"data": {"format": "ifeval"}}), GRPOConfig, grpo.train),
+    }[kind]
     raw = deep_merge(raw, {"model": {"name": model}, "data": {"path": str(data), "template": cfg.template}, "output_dir": str(out / "run")})
     raw.setdefault("train", {}).setdefault("seed", cfg.seed)
     if cfg.device:
@@ -497,9 +523,15 @@ def train_stage(kind: Literal["sft", "dpo"], cfg: PipelineConfig, model: str, da
         config = cls.model_validate(raw)
     except ValidationError as err:
         raise ConfigError([f"{kind}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from err
-    result = (sft.train if kind == "sft" else dpo.train)(config)
+    result = trainer(config)
     sft.export(result.run_dir, out / "merged")
-    return {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None}
+    info = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None}
+    if kind == "grpo":  # the verifiers' mean reward of each step's samples: the curve GRPO climbs
+        info |= {
+            "first_reward": result.rewards[0] if result.rewards else None,
+            "last_reward": result.rewards[-1] if result.rewards else None,
+        }
+    return info
 
 
 def _yaml(obj: Any) -> str:

@@ -22,7 +22,15 @@ from posttrain.demo.config import EVAL_SPLITS, FULL_IFEVAL_SPLITS, eval_stage, r
 from posttrain.demo.intervals import intervals
 from posttrain.records import read_jsonl
 
-MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))
+MODELS = (("start", "eval-start"), ("SFT", "eval-sft"), ("DPO", "eval-dpo"))  # with final_stage grpo: ("GRPO", "eval-grpo")
+
+
+def models_of(summary: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(label, eval stage) of the start, SFT and final models of the run ``summary`` describes."""
+    final = summary.get("final") or {"label": "DPO", "stage": "eval-dpo"}
+    return (*MODELS[:2], (final["label"], final["stage"]))
+
+
 SHORT = {
     "test": "Test",
     "heldout": "Development",
@@ -52,32 +60,42 @@ def _json(path: Path) -> dict[str, Any]:
 
 def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Everything the report shows, as JSON-able data (also ``summary.json``)."""
+    final = {"label": getattr(cfg, "final_label", "DPO"), "stage": f"eval-{getattr(cfg, 'final_stage', 'dpo')}"}
+    models = models_of({"final": final})
     scores = {
         label: _json(root / stage / "scores.json") | _json(root / eval_stage("ifeval_all", stage) / "scores.json")
-        for label, stage in MODELS
+        for label, stage in models
     }
     gain = {}
     for split, _ in EVAL_SPLITS:
-        if scores["start"].get(split) and scores["DPO"].get(split):
-            gain[split] = {k: scores["DPO"][split][k] - scores["start"][split][k] for k, _ in HEADLINE}
+        if scores["start"].get(split) and scores[final["label"]].get(split):
+            gain[split] = {k: scores[final["label"]][split][k] - scores["start"][split][k] for k, _ in HEADLINE}
     return {
         "model": cfg.model,
+        "final": final,
         "output_dir": str(root),
         "seconds": seconds,
         "stage_seconds": sum(t["seconds"] for t in timings.values()),
         "scores": scores,
-        "gain_start_to_dpo": gain,
+        "gain_start_to_final": gain,
         # 95% bootstrap intervals, paired by prompt: {split: {"scores": {model: {key: [low, high]}}, "gain": {key: [low, high]}}}
         "intervals": {
             split: found
             for split, _ in EVAL_SPLITS
-            if (found := intervals({label: root / eval_stage(split, stage) for label, stage in MODELS}, split))
+            if (
+                found := intervals(
+                    {label: root / eval_stage(split, stage) for label, stage in models}, split, gain=("start", final["label"])
+                )
+            )
         },
         "prompts": _json(root / "prompts" / "stage.json"),
         "sample": {k: v for k, v in _json(root / "sample" / "stage.json").items() if k not in ("inputs",)},
         "label": _json(root / "label" / "summary.json"),
         "sft": {k: v for k, v in _json(root / "sft" / "stage.json").items() if k in ("steps", "final_loss")},
         "dpo": {k: v for k, v in _json(root / "dpo" / "stage.json").items() if k in ("steps", "final_loss")},
+        "grpo": {
+            k: v for k, v in _json(root / "grpo" / "stage.json").items() if k in ("steps", "final_loss", "first_reward", "last_reward")
+        },
         # every DPO round (dpo.rounds): its pairs and its training; round 1 is "label" and "dpo" above too
         "rounds": [
             {
@@ -118,15 +136,15 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
         table.add_column("model")
         for _, name in HEADLINE:
             table.add_column(name, justify="right")
-        for label, _ in MODELS:
+        for label, _ in models_of(summary):
             s = summary["scores"][label].get(split)
             if s:
                 table.add_row(label, *(f"{s[k]:.1f}" for k, _ in HEADLINE))
-        if split in summary["gain_start_to_dpo"]:
+        if split in summary["gain_start_to_final"]:
             ci = summary.get("intervals", {}).get(split, {}).get("gain", {})
             table.add_row(
-                "DPO − start",
-                *(f"{summary['gain_start_to_dpo'][split][k]:+.1f}" + _ci(ci.get(k), signed=True) for k, _ in HEADLINE),
+                f"{summary['final']['label']} − start",
+                *(f"{summary['gain_start_to_final'][split][k]:+.1f}" + _ci(ci.get(k), signed=True) for k, _ in HEADLINE),
                 style="bold",
             )
         if table.row_count:
@@ -152,13 +170,14 @@ def plot_per_type(summary: dict[str, Any], path: Path) -> Path | None:
     """Held-out instruction-level loose pass rate per instruction type, one bar per model."""
     from posttrain.synth.verifiable import type_label
 
-    per = {label: summary["scores"][label].get("heldout", {}).get("per_type", {}) for label, _ in MODELS}
-    types = sorted(per["start"] or per["DPO"], key=lambda t: per["start"].get(t, {}).get("loose", 0))
+    models = models_of(summary)
+    per = {label: summary["scores"][label].get("heldout", {}).get("per_type", {}) for label, _ in models}
+    types = sorted(per["start"] or per[models[-1][0]], key=lambda t: per["start"].get(t, {}).get("loose", 0))
     if not types:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(types) + 1.4), dpi=110)
-    for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
+    for i, ((label, _), color) in enumerate(zip(models, COLORS)):
         ys = [j + (1 - i) * 0.27 for j in range(len(types))]
         ax.barh(ys, [per[label].get(t, {}).get("loose", 0) for t in types], height=0.27, color=color, label=label)
     ax.set_yticks(range(len(types)), [f"{type_label(t)} ({per['start'].get(t, {}).get('count', 0)})" for t in types], fontsize=8)
@@ -190,7 +209,7 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(9, 0.85 * len(groups)), 3.6), dpi=110)
-    for i, ((label, _), color) in enumerate(zip(MODELS, COLORS)):
+    for i, ((label, _), color) in enumerate(zip(models_of(summary), COLORS)):
         scored = [summary["scores"][label].get(split, {}).get(key) for split, key, _ in groups]  # None: not scored (SFT on all of IFEval)
         values = [v or 0 for v in scored]
         cis = [summary.get("intervals", {}).get(split, {}).get("scores", {}).get(label, {}).get(key) for split, key, _ in groups]
@@ -221,6 +240,8 @@ def plot_training(root: Path, path: Path, cfg: Any = None) -> Path | None:
     """SFT loss; DPO loss and reward accuracy; per optimizer step (DPO rounds in turn, a dotted line between them)."""
     from posttrain.train.loop import read_metrics
 
+    if getattr(cfg, "final_stage", "dpo") == "grpo":
+        return _plot_sft_and_grpo(read_metrics(root / "sft" / "run"), read_metrics(root / "grpo" / "run"), path)
     sft, dpo, bounds = read_metrics(root / "sft" / "run"), [], []
     for _, dpo_name in _round_dirs(cfg):  # rounds one after another on one step axis
         offset = dpo[-1]["step"] if dpo else 0
@@ -262,6 +283,30 @@ def plot_training(root: Path, path: Path, cfg: Any = None) -> Path | None:
     return path
 
 
+def _plot_sft_and_grpo(sft: list[dict[str, Any]], grpo: list[dict[str, Any]], path: Path) -> Path | None:
+    """SFT loss, and GRPO's mean verifier reward per step (the curve it climbs)."""
+    rewards = [r for r in grpo if "reward_mean" in r]
+    if not sft and not rewards:
+        return None
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+    a.plot([r["step"] for r in sft], [r["loss"] for r in sft], color=COLORS[1], lw=1.5)
+    a.set_title("SFT on verified samples", fontsize=9)
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("loss (mean over trained tokens)")
+    a.grid(alpha=0.3)
+    b.plot([r["step"] for r in rewards], [r["reward_mean"] for r in rewards], color=COLORS[2], lw=1.5)
+    b.set_title("GRPO: mean verifier reward of each step's samples", fontsize=9)
+    b.set_xlabel("step")
+    b.set_ylabel("reward (share of instructions followed, loose)")
+    b.set_ylim(0, 1.05)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # -- the page ------------------------------------------------------------------------------------
 
 
@@ -292,7 +337,7 @@ def _figure(path: Path | None, alt: str) -> str:
 def _scores_table(summary: dict[str, Any], split: str) -> str:
     rows = []
     cis = summary.get("intervals", {}).get(split, {})
-    for label, _ in MODELS:
+    for label, _ in models_of(summary):
         s = summary["scores"][label].get(split)
         if s:
             own = cis.get("scores", {}).get(label, {})
@@ -301,11 +346,11 @@ def _scores_table(summary: dict[str, Any], split: str) -> str:
                 + "".join(f"<td>{s[k]:.1f}<span class=muted>{_ci(own.get(k))}</span></td>" for k, _ in HEADLINE)
                 + "</tr>"
             )
-    gain = summary["gain_start_to_dpo"].get(split)
+    gain = summary["gain_start_to_final"].get(split)
     if gain:
         ci = cis.get("gain", {})
         rows.append(
-            "<tr class=gain><td>DPO − start</td>"
+            f"<tr class=gain><td>{summary['final']['label']} − start</td>"
             + "".join(
                 f"<td class={'up' if gain[k] > 0 else 'down' if gain[k] < 0 else ''}>{gain[k]:+.1f}<span class=muted>{_ci(ci.get(k), signed=True)}</span></td>"
                 for k, _ in HEADLINE
@@ -328,6 +373,11 @@ def _stage_table(summary: dict[str, Any]) -> str:
         "label": f"{label.get('pairs', 0)} pairs from {label.get('prompts', 0)} prompts; skipped {label.get('skipped', {})}",
         "dpo": f"{summary['dpo'].get('steps', '?')} steps, final loss {summary['dpo'].get('final_loss') or float('nan'):.3f}",
     }
+    grpo = summary.get("grpo") or {}
+    if grpo:
+        made["grpo"] = (
+            f"{grpo.get('steps', '?')} steps, mean reward {grpo.get('first_reward') or float('nan'):.3f} → {grpo.get('last_reward') or float('nan'):.3f}"
+        )
     for number, made_in in enumerate(summary.get("rounds", [])[1:], start=2):
         pairs, dpo = made_in["label"], made_in["dpo"]
         made[f"label-{number}"] = (
@@ -387,9 +437,9 @@ def what_it_means(cfg: Any, summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def pick_examples(root: Path, n: int) -> list[dict[str, Any]]:
-    """Held-out prompts with start and DPO responses: the ones DPO turned from failing to passing first."""
-    start, dpo = root / "eval-start" / "heldout.jsonl", root / "eval-dpo" / "heldout.jsonl"
+def pick_examples(root: Path, n: int, final: str = "eval-dpo") -> list[dict[str, Any]]:
+    """Held-out prompts with start and final (``final``: its eval stage) responses: the ones it turned from failing to passing first."""
+    start, dpo = root / "eval-start" / "heldout.jsonl", root / final / "heldout.jsonl"
     if not (start.exists() and dpo.exists()) or n == 0:
         return []
     pairs = list(zip(read_jsonl(start), read_jsonl(dpo)))
@@ -408,24 +458,25 @@ def _response(item: dict[str, Any], title: str) -> str:
 
 
 def render_html(root: Path, cfg: Any, summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
-    lead_split = next((s for s, _ in EVAL_SPLITS if s in summary["gain_start_to_dpo"]), "heldout")
-    gain = summary["gain_start_to_dpo"].get(lead_split, {}).get("prompt_loose")
+    final = summary["final"]["label"]
+    lead_split = next((s for s, _ in EVAL_SPLITS if s in summary["gain_start_to_final"]), "heldout")
+    gain = summary["gain_start_to_final"].get(lead_split, {}).get("prompt_loose")
     lead = (
         f"{SHORT[lead_split]} prompt-level loose accuracy: <b>{gain:+.1f} points</b>"
-        f"{_ci(summary.get('intervals', {}).get(lead_split, {}).get('gain', {}).get('prompt_loose'), signed=True)} from the starting model to the DPO model. "
+        f"{_ci(summary.get('intervals', {}).get(lead_split, {}).get('gain', {}).get('prompt_loose'), signed=True)} from the starting model to the {final} model. "
         "Brackets: 95% bootstrap intervals over prompts (gains paired: both models on the same resampled prompts); these sets are small."
         if gain is not None
         else ""
     )
     examples = "".join(
-        f"<div class=example><div class=prompt>{html.escape(e['before']['prompt'])}</div><div class=pair>{_response(e['before'], 'start')}{_response(e['after'], 'DPO')}</div></div>"
-        for e in pick_examples(root, cfg.examples)
+        f"<div class=example><div class=prompt>{html.escape(e['before']['prompt'])}</div><div class=pair>{_response(e['before'], 'start')}{_response(e['after'], final)}</div></div>"
+        for e in pick_examples(root, cfg.examples, summary["final"]["stage"])
     )
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>posttrain pipeline report: {html.escape(cfg.model)}</title><style>{CSS}</style></head>
 <body>
 <h1>Instruction following: {html.escape(cfg.model)}</h1>
-<p class=muted>posttrain pipeline in <code>{html.escape(str(root))}</code>, {summary["seconds"] / 60:.1f} min. Start → rejection-sampling SFT → verifier-labelled DPO.
+<p class=muted>posttrain pipeline in <code>{html.escape(str(root))}</code>, {summary["seconds"] / 60:.1f} min. Start → rejection-sampling SFT → {"GRPO on verifier rewards" if final == "GRPO" else "verifier-labelled DPO"}.
 Which split each figure comes from: <b>test</b> prompts have their own queries and instruction phrasings, written apart
 and never used to choose a preset or a hyperparameter, only scored; <b>development</b> prompts use queries and phrasings never
 seen in training, but the default preset was tuned on them, so their gains flatter; the IFEval subset is a fixed set of

@@ -3,7 +3,7 @@
 Run ``s`` (s = 0 .. N-1) is the same pipeline with ``seed + s`` (rejection sampling, SFT and DPO) and
 ``label.seed + s`` (the pairs' samples), in ``OUTPUT_DIR/seed-s/`` with its own report; the prompts (built
 from ``prompts.seed``) are the same in every run, so the runs' gains are paired by prompt.
-``OUTPUT_DIR/seeds.json`` and the printed table give, per split and accuracy, each run's DPO − start gain,
+``OUTPUT_DIR/seeds.json`` and the printed table give, per split and accuracy, each run's final − start gain (DPO or GRPO),
 their mean and range, and the 95% bootstrap interval of the mean gain (prompts resampled once for all runs:
 :func:`posttrain.demo.intervals.seed_gain_intervals`).
 """
@@ -36,17 +36,19 @@ def seed_configs(cfg: PipelineConfig, n: int) -> list[PipelineConfig]:
 
 def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
     per_run = [json.loads((run / "summary.json").read_text()) for run in runs]
+    final = per_run[0]["final"]  # the same pipeline in every run: the same final stage
     out: dict[str, Any] = {
         "seeds": seeds,
+        "final": final["label"],
         "runs": [str(r) for r in runs],
         "stage_seconds": [s["stage_seconds"] for s in per_run],
         "splits": {},
     }
     for split, _ in SPLITS:
-        gains = [s["gain_start_to_dpo"].get(split) for s in per_run]
+        gains = [s["gain_start_to_final"].get(split) for s in per_run]
         if not all(gains):
             continue
-        interval = seed_gain_intervals(runs, split, base=eval_stage(split, "eval-start"), final=eval_stage(split, "eval-dpo"))
+        interval = seed_gain_intervals(runs, split, base=eval_stage(split, "eval-start"), final=eval_stage(split, final["stage"]))
         out["splits"][split] = {
             k: {
                 "gains": [g[k] for g in gains],
@@ -55,7 +57,7 @@ def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
                 "max": max(g[k] for g in gains),
                 "interval": interval.get(k),
                 "start": statistics.fmean(s["scores"]["start"][split][k] for s in per_run),
-                "dpo": statistics.fmean(s["scores"]["DPO"][split][k] for s in per_run),
+                "final": statistics.fmean(s["scores"][final["label"]][split][k] for s in per_run),
             }
             for k in KEYS
         }
@@ -85,13 +87,14 @@ def print_seeds(summary: dict[str, Any], console: Any) -> None:
         rows = summary["splits"].get(split)
         if not rows:
             continue
-        table = Table(title=f"{title}: DPO − start over {len(summary['seeds'])} seeds, points", title_justify="left")
-        for column in ("accuracy", "start", "DPO", "each seed's gain", "mean gain", "95% interval"):
+        final = summary.get("final", "DPO")
+        table = Table(title=f"{title}: {final} − start over {len(summary['seeds'])} seeds, points", title_justify="left")
+        for column in ("accuracy", "start", final, "each seed's gain", "mean gain", "95% interval"):
             table.add_column(column, justify="left" if column == "accuracy" else "right")
         for key, r in rows.items():
             ci = r["interval"]
             table.add_row(
-                key.replace("_", " "), f"{r['start']:.1f}", f"{r['dpo']:.1f}", " / ".join(f"{g:+.1f}" for g in r["gains"]), f"{r['mean']:+.1f}",
+                key.replace("_", " "), f"{r['start']:.1f}", f"{r['final']:.1f}", " / ".join(f"{g:+.1f}" for g in r["gains"]), f"{r['mean']:+.1f}",
                 f"[{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "",
             )  # fmt: skip
         console.print(table)
