@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from posttrain.cli import app
 from posttrain.config import ConfigError
 from posttrain.demo import pipeline, report
+from posttrain.verify import sandbox
 
 STAGE_DIRS = ("prompts", "eval-start", "sample", "sft", "eval-sft", "label", "dpo", "eval-dpo")
 
@@ -100,6 +101,65 @@ def test_grpo_as_the_final_stage_replaces_label_and_dpo(quick_run, tmp_path):
         pipeline.load_pipeline(None, ["grpo.train.lr=1e-4"], base=base)
     with pytest.raises(ConfigError, match=r"grpo\.grpo\.group_size"):
         pipeline.load_pipeline(None, ["final_stage=grpo", "grpo.grpo.group_size=1"], base=base)
+
+
+def _hand_library(path: Path) -> list:
+    """A verifier library as `posttrain synth autoif` writes it: two instructions, each checked by code run in the sandbox."""
+    from posttrain.verify import code
+
+    specs = [
+        ("End your answer with an exclamation mark.", "def evaluate(response):\n    return response.strip().endswith('!')\n"),
+        ("Do not use the letter z anywhere in your answer.", "def evaluate(response):\n    return 'z' not in response.lower()\n"),
+    ]
+    checks = [
+        code.CodeCheck(
+            id=code.check_id(instruction, [function]),
+            instruction=instruction,
+            functions=[function],
+            provenance={"source": "written for this test", "teacher": "hand"},
+        )
+        for instruction, function in specs
+    ]
+    code.write_library(path, checks)
+    return checks
+
+
+@pytest.mark.skipif(all(sandbox.probe(i) for i in sandbox.ISOLATIONS), reason="no sandbox works here (bubblewrap or user namespaces)")
+def test_invented_instructions_join_training_and_are_scored_per_verifier(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    library = tmp_path / "autoif" / "verifiers.jsonl"
+    checks = _hand_library(library)
+    sets = ["--set", f"synth.autoif={library.parent}", "--set", "synth.n_train=8", "--set", "synth.n_heldout=6"]
+    result = _invoke("demo", "--quick", "--output-dir", str(copy), *sets)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((copy / "summary.json").read_text())
+    assert not summary["stages"]["prompts"]["reused"]  # new prompts: every stage runs again
+    train = [json.loads(line) for line in (copy / "prompts" / "train.jsonl").read_text().splitlines()]
+    ids = {c.id for c in checks}
+    assert len(train) == 16 + 8 and sum(r["instruction_id_list"][0] in ids for r in train) == 8
+    invented = [json.loads(line) for line in (copy / "prompts" / "invented.jsonl").read_text().splitlines()]
+    assert len(invented) == 6 and {r["instruction_id_list"][0] for r in invented} == ids
+    from posttrain.synth.verifiable import split_queries
+
+    heldout = split_queries()["heldout"]
+    assert all(any(r["prompt"].startswith(q) for q in heldout) for r in invented)  # development queries only
+    for label in ("start", "SFT", "DPO"):
+        assert summary["scores"][label]["invented"]["prompts"] == 6
+    # the verdicts are the library's own code run on the responses (here: "no letter z" is plain to recompute)
+    no_z = next(c.id for c in checks if "letter z" in c.instruction)
+    items = [json.loads(line) for line in (copy / "eval-start" / "invented.jsonl").read_text().splitlines()]
+    assert [i["strict"][0] for i in items if i["instruction_id_list"] == [no_z]] == [
+        "z" not in i["response"].lower() for i in items if i["instruction_id_list"] == [no_z]
+    ]
+    rows = {r["id"]: r for r in summary["invented"]}
+    assert set(rows) == ids and all(r["source"] == "hand · written for this test" for r in rows.values())
+    assert rows[no_z]["loose"]["start"] == summary["scores"]["start"]["invented"]["per_type"][no_z]["loose"]
+    page = (copy / "report.html").read_text()
+    assert "Invented instructions: who wrote each verifier" in page and "Do not use the letter z" in page
+    with pytest.raises(ConfigError, match=r"synth.autoif: .*nowhere"):
+        pipeline.load_pipeline(None, [f"synth.autoif={tmp_path / 'nowhere'}"], base=pipeline.demo_config(quick=True))
 
 
 def test_report_says_what_its_numbers_mean(quick_run):

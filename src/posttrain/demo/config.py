@@ -18,6 +18,7 @@ from posttrain.config import DPOConfig, GRPOConfig, SFTConfig, Strict, resolve_b
 EVAL_SPLITS: tuple[tuple[str, str], ...] = (
     ("test", "frozen test prompts (only scored)"),
     ("heldout", "development prompts (held out from training; presets tuned on them)"),
+    ("invented", "invented instructions (synth.autoif's code verifiers) on development queries"),
     ("ifeval", "IFEval subset"),
     ("ifeval_unused", "IFEval prompts never used for a choice (--full-ifeval)"),
     ("ifeval_all", "all of IFEval (--full-ifeval)"),
@@ -147,6 +148,18 @@ class SteerConfig(Strict):
         return self.file is not None or self.instaboost != 1
 
 
+class SynthConfig(Strict):
+    """Invented instructions in the loop (:mod:`posttrain.demo.invented`): code verifiers ``posttrain synth autoif`` made."""
+
+    autoif: str | None = Field(
+        None,
+        description="A `posttrain synth autoif` output directory (or its verifiers.jsonl): its instructions join the training "
+        "prompts, and an 'invented' split scores them on development queries.",
+    )
+    n_train: int = Field(24, ge=0, description="Training prompts with an invented instruction, added to prompts.n_train.")
+    n_heldout: int = Field(16, ge=0, description="Development prompts with an invented instruction (the 'invented' split).")
+
+
 class FullIFEvalConfig(Strict):
     """All of IFEval, scored on the start and final models in stages of their own (``posttrain demo --full-ifeval``)."""
 
@@ -182,6 +195,7 @@ class PipelineConfig(Strict):
     examples: int = Field(6, ge=0, description="Held-out responses shown before and after in the report.")
     steer: SteerConfig = SteerConfig()
     full_ifeval: FullIFEvalConfig = FullIFEvalConfig()
+    synth: SynthConfig = SynthConfig()
 
     @field_validator("sft", "dpo", "grpo")
     @classmethod
@@ -230,6 +244,24 @@ class PipelineConfig(Strict):
             raise ValueError("dpo.rounds: DPO rounds run only with final_stage dpo (this pipeline ends with grpo)")
         if self.final_stage == "dpo" and self.grpo:
             raise ValueError("grpo: settings for a GRPO stage, but final_stage is dpo (set final_stage: grpo to run it)")
+        return self
+
+    @property
+    def verifier_libraries(self) -> list[str]:
+        """Every code-verifier library the pipeline's prompts may name: ``prompts.verifiers`` and ``synth.autoif``'s."""
+        from posttrain.demo.invented import library_path
+
+        return [*self.prompts.verifiers, *([str(library_path(self.synth.autoif))] if self.synth.autoif else [])]
+
+    @model_validator(mode="after")
+    def _autoif_found(self) -> PipelineConfig:
+        if self.synth.autoif:
+            from posttrain.demo.invented import library_path
+
+            try:
+                library_path(self.synth.autoif)
+            except FileNotFoundError as err:  # a ValueError, so it is listed with the config's other problems
+                raise ValueError(str(err)) from None
         return self
 
     @model_validator(mode="after")

@@ -57,6 +57,7 @@ from posttrain.demo.config import (  # noqa: F401 — re-exported: callers know 
     PromptsConfig,
     SampleConfig,
     SteerConfig,
+    SynthConfig,
     eval_stage,
     round_label_seed,
     round_stages,
@@ -197,12 +198,17 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
 
     from posttrain.verify.code import load_libraries
 
-    load_libraries(cfg.prompts.verifiers)  # code verifiers the prompt files name: every stage that scores uses them
-    libraries = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.prompts.verifiers]
+    load_libraries(cfg.verifier_libraries)  # code verifiers the prompts name: every stage that scores uses them
+    libraries = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.verifier_libraries]
     prompts_key = {"prompts": cfg.prompts.model_dump(exclude={"verifiers"})} | ({"verifier_libraries": libraries} if libraries else {})
+    if cfg.synth.autoif:  # only then in the key: pipelines without invented instructions keep theirs
+        prompts_key["synth"] = cfg.synth.model_dump(exclude={"autoif"})
     parts = cfg.steer.instaboost != 1  # InstABoost needs each prompt's instruction apart
     prompts = stage(
-        "prompts", prompts_key | ({"parts": True} if parts else {}), (), lambda out: build_prompt_files(cfg.prompts, out, parts=parts)
+        "prompts",
+        prompts_key | ({"parts": True} if parts else {}),
+        (),
+        lambda out: build_prompt_files(cfg.prompts, out, parts=parts, synth=cfg.synth),
     )
     start_model = {"model": cfg.model, "fingerprint": model_fingerprint(cfg.model), "template": cfg.template}
     # only a pipeline that steers has it in its eval stages' keys: the others keep the keys they had
@@ -276,9 +282,10 @@ def _sha256(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
-def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False) -> dict[str, Any]:
-    """``train.jsonl``, ``heldout.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``; ``parts``: built prompts keep
-    their query and instruction apart too."""
+def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False, synth: SynthConfig | None = None) -> dict[str, Any]:
+    """``train.jsonl``, ``heldout.jsonl``, ``test.jsonl`` and ``ifeval.jsonl`` (IFEval format) in ``out``; ``parts``: built
+    prompts keep their query and instruction apart too. With ``synth.autoif``: invented instructions join the
+    training prompts, and ``invented.jsonl`` holds them on development queries (:mod:`posttrain.demo.invented`)."""
     from posttrain.demo.ifeval_subset import ifeval_subset
     from posttrain.synth.verifiable import build_prompts
     from posttrain.verify.scoring import read_prompt_records
@@ -298,7 +305,14 @@ def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False) -> d
         if p.n_test
         else []
     )
-    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval + test}
+    invented: list[dict[str, Any]] = []
+    if synth is not None and synth.autoif:
+        from posttrain.demo.invented import invented_prompts, load_checks
+
+        checks = load_checks(synth.autoif)
+        train = train + invented_prompts(checks, "train", synth.n_train, p.seed)
+        invented = invented_prompts(checks, "heldout", synth.n_heldout, p.seed)
+    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout + ifeval + test + invented}
     if overlap:
         raise PipelineError(
             f"{len(overlap)} development, test or IFEval prompt(s) are also training prompts (first: {next(iter(overlap))[:80]!r})"
@@ -308,9 +322,12 @@ def build_prompt_files(p: PromptsConfig, out: Path, *, parts: bool = False) -> d
         raise PipelineError(f"{len(shared)} test prompt(s) are also development prompts (first: {next(iter(shared))[:80]!r})")
     for name, records in (("train", train), ("heldout", heldout), ("ifeval", ifeval), ("test", test)):
         write_jsonl(out / f"{name}.jsonl", records)
+    if invented:
+        write_jsonl(out / "invented.jsonl", invented)
     # the test split's content hash: a report's test figures are comparable only between runs with the same one
     test_sha256 = hashlib.sha256((out / "test.jsonl").read_bytes()).hexdigest()
-    return {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval), "test": len(test), "test_sha256": test_sha256}
+    counts = {"train": len(train), "heldout": len(heldout), "ifeval": len(ifeval), "test": len(test), "test_sha256": test_sha256}
+    return counts | ({"invented": len(invented), "invented_in_train": synth.n_train} if invented and synth else {})
 
 
 class _LoggedEngine:
@@ -500,8 +517,8 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path,
 def grpo_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The GRPO stage's config sections: the demo's defaults, the pipeline's generation budget and verifiers, then its ``grpo``."""
     own = {"grpo": {"max_new_tokens": cfg.generation.max_new_tokens, "generation_batch_size": cfg.generation.batch_size}}
-    if cfg.prompts.verifiers:
-        own["grpo"]["verifiers"] = list(cfg.prompts.verifiers)
+    if cfg.verifier_libraries:
+        own["grpo"]["verifiers"] = cfg.verifier_libraries
     return deep_merge(deep_merge(GRPO_DEFAULTS, own), cfg.grpo)
 
 

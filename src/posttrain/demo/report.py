@@ -34,6 +34,7 @@ def models_of(summary: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 SHORT = {
     "test": "Test",
     "heldout": "Development",
+    "invented": "Invented",
     "ifeval": "IFEval",
     "ifeval_unused": "Unused IFEval",
     "ifeval_all": "All-IFEval",
@@ -41,6 +42,7 @@ SHORT = {
 TICK = {
     "test": "test",
     "heldout": "dev",
+    "invented": "invented",
     "ifeval": "IFEval",
     "ifeval_unused": "IFEval\nunused",
     "ifeval_all": "IFEval\nall",
@@ -105,7 +107,18 @@ def collect(root: Path, cfg: Any, timings: dict[str, dict[str, Any]], seconds: f
             for label_name, dpo_name in _round_dirs(cfg)
         ],
         "stages": timings,
+        "invented": _invented_rows(cfg, scores),
     }
+
+
+def _invented_rows(cfg: Any, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """With ``synth.autoif``: one row per invented verifier (where it came from, each model's pass rate)."""
+    synth = getattr(cfg, "synth", None)
+    if synth is None or not synth.autoif:
+        return []
+    from posttrain.demo.invented import load_checks, verifier_rows
+
+    return verifier_rows(load_checks(synth.autoif), scores)
 
 
 def _round_dirs(cfg: Any) -> list[tuple[str, str]]:
@@ -363,11 +376,37 @@ def _scores_table(summary: dict[str, Any], split: str) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _invented_table(summary: dict[str, Any]) -> str:
+    """The invented instructions (synth.autoif): each code verifier, who wrote it, and how each model does on it."""
+    rows = summary.get("invented") or []
+    if not rows:
+        return ""
+    labels = [label for label, _ in models_of(summary)]
+    head = "<tr><th>verifier</th><th style='text-align:left'>instruction</th><th style='text-align:left'>written by</th><th>prompts</th>"
+    head += "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
+    body = "".join(
+        f"<tr><td><code>{html.escape(r['id'])}</code></td><td style='text-align:left'>{html.escape(r['instruction'])}</td>"
+        f"<td style='text-align:left'>{html.escape(r['source'])}</td><td>{r['prompts']}</td>"
+        + "".join(f"<td>{'' if r['loose'].get(label) is None else format(r['loose'][label], '.0f')}</td>" for label in labels)
+        + "</tr>"
+        for r in rows
+    )
+    return (
+        "<h2>Invented instructions: who wrote each verifier, and each model's pass rate (loose %, development queries)</h2>"
+        f"<table>{head}{body}</table>"
+    )
+
+
 def _stage_table(summary: dict[str, Any]) -> str:
     sample, label = summary.get("sample", {}), summary.get("label", {})
     made = {
         "prompts": f"{summary['prompts'].get('train', 0)} train · {summary['prompts'].get('heldout', 0)} development · {summary['prompts'].get('test', 0)} test "
-        f"(sha256 {str(summary['prompts'].get('test_sha256', ''))[:12]}) · {summary['prompts'].get('ifeval', 0)} IFEval",
+        f"(sha256 {str(summary['prompts'].get('test_sha256', ''))[:12]}) · {summary['prompts'].get('ifeval', 0)} IFEval"
+        + (
+            f" · invented instructions: {summary['prompts']['invented_in_train']} of the train prompts, {summary['prompts']['invented']} development"
+            if summary["prompts"].get("invented")
+            else ""
+        ),
         "sample": f"{sample.get('samples', 0)} samples, {sample.get('sample_pass_rate', 0):.0f}% follow every instruction; kept {sample.get('kept', 0)} from {sample.get('prompts_with_kept', 0)} prompts",
         "sft": f"{summary['sft'].get('steps', '?')} steps, final loss {summary['sft'].get('final_loss') or float('nan'):.3f}",
         "label": f"{label.get('pairs', 0)} pairs from {label.get('prompts', 0)} prompts; skipped {label.get('skipped', {})}",
@@ -481,10 +520,12 @@ Which split each figure comes from: <b>test</b> prompts have their own queries a
 and never used to choose a preset or a hyperparameter, only scored; <b>development</b> prompts use queries and phrasings never
 seen in training, but the default preset was tuned on them, so their gains flatter; the IFEval subset is a fixed set of
 IFEval's own prompts, scored while the preset was tuned (development too); <b>unused IFEval</b> is the other 421 of IFEval's
-541 prompts, never scored for a choice, at lm-eval's 1280 new tokens (<code>--full-ifeval</code>).</p>
+541 prompts, never scored for a choice, at lm-eval's 1280 new tokens (<code>--full-ifeval</code>); <b>invented</b>
+instructions (with <code>synth.autoif</code>) are those a model wrote, with the code that checks them, on development queries.</p>
 <p>{lead}</p>
-{"".join(f"<h2>{html.escape(title[0].upper() + title[1:])} (%)</h2>" + (_scores_table(summary, split) or _not_scored(split)) for split, title in EVAL_SPLITS)}
+{"".join(f"<h2>{html.escape(title[0].upper() + title[1:])} (%)</h2>" + (_scores_table(summary, split) or _not_scored(split)) for split, title in EVAL_SPLITS if split != "invented" or summary["scores"]["start"].get(split))}
 {_figure(figures.get("headline"), "accuracy by model")}
+{_invented_table(summary)}
 <h2>Pass rate per instruction type (development prompts)</h2>{_figure(figures.get("per_type"), "pass rate per instruction type")}
 <h2>Training</h2>{_figure(figures.get("training"), "training curves")}
 <h2>Stages</h2>{_stage_table(summary)}
