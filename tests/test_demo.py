@@ -30,6 +30,16 @@ def quick_run(tmp_path_factory) -> tuple[Path, str]:
     return out, result.output
 
 
+def _rerun_copy(quick_run, tmp_path: Path, *args: str) -> tuple[Path, dict]:
+    """The quick run copied and run again with ``args``: the copy and its summary."""
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = _invoke("demo", "--quick", "--output-dir", str(copy), *args)
+    assert result.exit_code == 0, result.output
+    return copy, json.loads((copy / "summary.json").read_text())
+
+
 def test_quick_demo_writes_report_and_summary(quick_run):
     out, output = quick_run
     for name in STAGE_DIRS:
@@ -72,12 +82,7 @@ def test_quick_demo_writes_report_and_summary(quick_run):
 
 
 def test_grpo_as_the_final_stage_replaces_label_and_dpo(quick_run, tmp_path):
-    out, _ = quick_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    result = _invoke("demo", "--quick", "--output-dir", str(copy), "--set", "final_stage=grpo")
-    assert result.exit_code == 0, result.output
-    summary = json.loads((copy / "summary.json").read_text())
+    copy, summary = _rerun_copy(quick_run, tmp_path, "--set", "final_stage=grpo")
     stages = summary["stages"]
     assert [name for name in stages if not stages[name]["reused"]] == ["grpo", "eval-grpo"], stages  # up to SFT: reused
     assert "label" not in stages and "dpo" not in stages
@@ -126,15 +131,10 @@ def _hand_library(path: Path) -> list:
 
 @pytest.mark.skipif(all(sandbox.probe(i) for i in sandbox.ISOLATIONS), reason="no sandbox works here (bubblewrap or user namespaces)")
 def test_invented_instructions_join_training_and_are_scored_per_verifier(quick_run, tmp_path):
-    out, _ = quick_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
     library = tmp_path / "autoif" / "verifiers.jsonl"
     checks = _hand_library(library)
     sets = ["--set", f"synth.autoif={library.parent}", "--set", "synth.n_train=8", "--set", "synth.n_heldout=6"]
-    result = _invoke("demo", "--quick", "--output-dir", str(copy), *sets)
-    assert result.exit_code == 0, result.output
-    summary = json.loads((copy / "summary.json").read_text())
+    copy, summary = _rerun_copy(quick_run, tmp_path, *sets)
     assert not summary["stages"]["prompts"]["reused"]  # new prompts: every stage runs again
     train = [json.loads(line) for line in (copy / "prompts" / "train.jsonl").read_text().splitlines()]
     ids = {c.id for c in checks}
@@ -217,12 +217,7 @@ def test_full_ifeval_adds_its_own_stages_and_reuses_the_rest(quick_run, tmp_path
 
 
 def test_dpo_rounds_sample_each_round_from_the_last_rounds_model(quick_run, tmp_path):
-    out, _ = quick_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    result = _invoke("demo", "--quick", "--output-dir", str(copy), "--set", "dpo.rounds=2")
-    assert result.exit_code == 0, result.output
-    summary = json.loads((copy / "summary.json").read_text())
+    copy, summary = _rerun_copy(quick_run, tmp_path, "--set", "dpo.rounds=2")
     stages = summary["stages"]
     # round 1 keeps the keys it had without rounds: reused; round 2 and the final evaluation are new
     assert all(stages[name]["reused"] for name in STAGE_DIRS if name != "eval-dpo"), stages

@@ -249,6 +249,14 @@ def plot_headline(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _sft_panel(ax: Any, sft: list[dict[str, Any]]) -> None:
+    ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], color=COLORS[1], lw=1.5)
+    ax.set_title("SFT on verified samples", fontsize=9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over trained tokens)")
+    ax.grid(alpha=0.3)
+
+
 def plot_training(root: Path, path: Path, cfg: Any = None) -> Path | None:
     """SFT loss; DPO loss and reward accuracy; per optimizer step (DPO rounds in turn, a dotted line between them)."""
     from posttrain.train.loop import read_metrics
@@ -264,12 +272,7 @@ def plot_training(root: Path, path: Path, cfg: Any = None) -> Path | None:
         return None
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
-    if sft:
-        a.plot([r["step"] for r in sft], [r["loss"] for r in sft], color=COLORS[1], lw=1.5)
-    a.set_title("SFT on verified samples", fontsize=9)
-    a.set_xlabel("optimizer step")
-    a.set_ylabel("loss (mean over trained tokens)")
-    a.grid(alpha=0.3)
+    _sft_panel(a, sft)
     if dpo:
         b.plot([r["step"] for r in dpo], [r["loss"] for r in dpo], color=COLORS[2], lw=1.5, label="DPO loss")
         b.set_ylabel("DPO loss")
@@ -303,11 +306,7 @@ def _plot_sft_and_grpo(sft: list[dict[str, Any]], grpo: list[dict[str, Any]], pa
         return None
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
-    a.plot([r["step"] for r in sft], [r["loss"] for r in sft], color=COLORS[1], lw=1.5)
-    a.set_title("SFT on verified samples", fontsize=9)
-    a.set_xlabel("optimizer step")
-    a.set_ylabel("loss (mean over trained tokens)")
-    a.grid(alpha=0.3)
+    _sft_panel(a, sft)
     b.plot([r["step"] for r in rewards], [r["reward_mean"] for r in rewards], color=COLORS[2], lw=1.5)
     b.set_title("GRPO: mean verifier reward of each step's samples", fontsize=9)
     b.set_xlabel("step")
