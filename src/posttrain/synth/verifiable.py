@@ -29,18 +29,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from posttrain.synth.instruction_types import (  # noqa: F401 — the table's names, as callers know them
-    TYPE_BY_ID,
-    TYPES,
-    InstructionType,
-    Split,
-    content_words,
-    describe,
-    kwarg_words,
-    render,
-    render_values,
-    type_label,
-)
+from posttrain.synth.instruction_kwargs import content_words, kwarg_words, render, render_values  # noqa: F401 — as callers know them
+from posttrain.synth.instruction_types import TYPE_BY_ID, TYPES, InstructionType, Split, describe, type_label  # noqa: F401
 
 SPLITS: tuple[Split, ...] = ("train", "heldout", "test")
 
