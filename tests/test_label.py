@@ -274,3 +274,36 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     assert result.reference_from_sampler == taken and not result.reference_from_cache
     stats = json.loads((result.run_dir / "data_stats.json").read_text())
     assert stats["reference"] == {"from_cache": False, "from_sampler": taken, "scored_by_process": [len(data) - taken]}
+
+
+def test_rejected_pass_rate_bound_pairs_both_against_one(tmp_path):
+    """AutoIF's rule (the default) skips a prompt whose worst response still follows one of two instructions;
+    ``max_rejected_pass_rate=0.5`` pairs it, against the least-followed response, never one as good as the chosen."""
+    from posttrain.synth.label import pair_by_verifiers
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps(
+            {
+                "key": 1,
+                "prompt": "Tell me about Paris.",
+                "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma"],
+                "kwargs": [{}, {}],
+            }
+        )
+        + "\n"
+    )
+    (prompt,) = read_prompts(path, validate=verifiers_of)
+    both, lower_only, comma_free_only = "paris is old and lovely.", "paris, old and lovely.", "Paris is old and lovely."
+    record, why = pair_by_verifiers(prompt, [both, lower_only, comma_free_only])
+    assert record is None and why == "no_rejected"
+    record, why = pair_by_verifiers(prompt, [lower_only, both, comma_free_only], max_rejected_pass_rate=0.5)
+    assert why is None
+    assert record["chosen"][0]["content"] == both and record["rejected"][0]["content"] == lower_only  # the first of equals
+    assert record["meta"]["chosen_pass_rate"] == 1.0 and record["meta"]["rejected_pass_rate"] == 0.5
+    # never a pair of equals: with every response following one of two, nothing is chosen over anything
+    record, why = pair_by_verifiers(prompt, [lower_only, comma_free_only], max_rejected_pass_rate=0.5)
+    assert record is None and why == "no_rejected"
+    # a response following nothing still goes first, as under AutoIF's rule
+    record, _ = pair_by_verifiers(prompt, [both, lower_only, "Paris, old."], max_rejected_pass_rate=0.5)
+    assert record["rejected"][0]["content"] == "Paris, old." and record["meta"]["rejected_pass_rate"] == 0.0

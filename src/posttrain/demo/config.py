@@ -125,6 +125,13 @@ class LabelStageConfig(Strict):
     k: int = Field(4, ge=2)
     temperature: float = Field(0.8, gt=0)
     min_pass_rate: float = Field(0.5, gt=0, le=1, description="The chosen response follows at least this share of instructions (strict).")
+    max_rejected_pass_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The rejected response follows at most this share of instructions (loose), and fewer than the chosen one. "
+        "0 (AutoIF): it follows none; 0.5 also pairs 'both of two' against 'one of two'.",
+    )
     seed: int = 1
 
 

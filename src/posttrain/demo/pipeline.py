@@ -252,7 +252,12 @@ def run(cfg: PipelineConfig, *, console: Any = None) -> dict[str, Any]:
         label_cfg = cfg.label.model_copy(update={"seed": round_label_seed(cfg.label.seed, number)})
         label = stage(
             label_name,
-            {"generation": gen, "label": label_cfg.model_dump(), "reference_logps": cfg.generation.backend == "engine"},
+            # max_rejected_pass_rate in the key only when set: labels made by AutoIF's rule keep their keys
+            {
+                "generation": gen,
+                "label": label_cfg.model_dump(exclude={"max_rejected_pass_rate"} if not label_cfg.max_rejected_pass_rate else set()),
+                "reference_logps": cfg.generation.backend == "engine",
+            },
             ("prompts", before),
             lambda out, model=policy, lc=label_cfg: label_stage(cfg, model, prompts / "train.jsonl", out, lc),
         )
@@ -503,6 +508,7 @@ def label_stage(cfg: PipelineConfig, model: str, train_prompts: Path, out: Path,
         seed=label.seed,
         bf16=cfg.generation.bf16,
         min_pass_rate=label.min_pass_rate,
+        max_rejected_pass_rate=label.max_rejected_pass_rate,
         reference_logps=cfg.generation.backend == "engine",
     )
     write_jsonl(out / "pairs.jsonl", records)

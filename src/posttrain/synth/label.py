@@ -62,6 +62,7 @@ Scorer = Callable[[list[Any], list[str]], Sequence[float]]
 
 DEFAULT_TEMPERATURE = 0.8  # AutoIF's online DPO sampling temperature
 CHOSEN_MIN_PASS_RATE = 0.5  # AutoIF: chosen pass rate >= 0.5, rejected pass rate = 0
+REJECTED_MAX_PASS_RATE = 0.0  # AutoIF's: the rejected response follows none (0.5: "one of two" against "both")
 
 
 # -- labelling ----------------------------------------------------------------------------------
@@ -72,7 +73,8 @@ class LabelSummary:
     """What labelling did. ``pairs + sum(skipped.values()) == prompts``.
 
     Skip reasons: ``no_chosen`` (no response follows at least half of the instructions), ``no_rejected``
-    (a chosen one, but none fails every instruction), ``tied`` (reward model or judge: every response
+    (a chosen one, but none follows at most ``max_rejected_pass_rate`` of the instructions, AutoIF's 0: fails
+    every one, and fewer than the chosen one), ``tied`` (reward model or judge: every response
     ranked the same), ``too_few`` (fewer than two distinct non-empty responses), ``unscored`` (fewer than
     two scored ones: the judge's other ratings were unreadable). ``unscored_samples``: responses the scorer
     returned no score for (NaN).
@@ -98,10 +100,17 @@ def _pass_rates(record: PromptRecord, response: str) -> tuple[float, float]:
 
 
 def pair_by_verifiers(
-    prompt: Prompt, responses: list[str], *, min_pass_rate: float = CHOSEN_MIN_PASS_RATE
+    prompt: Prompt,
+    responses: list[str],
+    *,
+    min_pass_rate: float = CHOSEN_MIN_PASS_RATE,
+    max_rejected_pass_rate: float = REJECTED_MAX_PASS_RATE,
 ) -> tuple[Record | None, str | None]:
     """(preference record, None), or (None, skip reason): chosen the most-followed (strict) with a rate
-    of at least ``min_pass_rate``, rejected the first response that follows nothing even under loose scoring."""
+    of at least ``min_pass_rate``; rejected the least-followed (loose; the first of equals) if it follows
+    at most ``max_rejected_pass_rate`` of the instructions and fewer than the chosen one (strict). With the
+    default 0 that is AutoIF's rule, the first response that follows nothing even under loose scoring; 0.5
+    also pairs a response that follows both of two instructions against one that follows one."""
     if prompt.verifiable is None:
         raise ValueError("labelling by verifiers needs IFEval-format prompts (instruction_id_list and kwargs)")
     rates = [_pass_rates(prompt.verifiable, r) if r.strip() else (0.0, 0.0) for r in responses]
@@ -111,8 +120,8 @@ def pair_by_verifiers(
     chosen = max(usable, key=lambda i: (rates[i][0], rates[i][1], -i))
     if rates[chosen][0] < min_pass_rate:
         return None, "no_chosen"
-    rejected = next((i for i in usable if rates[i][1] == 0.0), None)
-    if rejected is None:
+    rejected = min(usable, key=lambda i: (rates[i][1], i))
+    if rates[rejected][1] > max_rejected_pass_rate or rates[rejected][1] >= rates[chosen][0]:
         return None, "no_rejected"
     meta = {
         "by": "verifiers",
@@ -181,6 +190,7 @@ def label_prompts(
     seed: int = 0,
     bf16: bool = False,
     min_pass_rate: float = CHOSEN_MIN_PASS_RATE,
+    max_rejected_pass_rate: float = REJECTED_MAX_PASS_RATE,
     progress: bool = True,
     reference_logps: bool = False,
     scored_by: str = "reward_model",
@@ -236,7 +246,7 @@ def label_prompts(
         summary.samples += len(rs)
         summary.empty_samples += sum(not r.strip() for r in rs)
         record, reason = (
-            pair_by_verifiers(prompt, rs, min_pass_rate=min_pass_rate)
+            pair_by_verifiers(prompt, rs, min_pass_rate=min_pass_rate, max_rejected_pass_rate=max_rejected_pass_rate)
             if scorer is None
             else pair_by_scores(prompt, rs, scores[i], by=scored_by, with_verifiers=with_verifiers)
         )
