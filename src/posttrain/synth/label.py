@@ -11,6 +11,10 @@ most) with one that follows none. Two departures from the paper, both on the saf
   leniently a response is read;
 * an empty response never enters a pair (it is not a response a DPO loop can train on).
 
+``max_rejected_pass_rate`` (default 0, the rule above) loosens the rejected side: the least-followed
+response may follow up to that share of the instructions, and fewer than the chosen one (the demo uses
+0.5: a response that follows both of two instructions against one that follows one).
+
 With a reward model instead of verifiers, the highest-scored response is chosen and the lowest-scored
 rejected; prompts whose responses all score the same are skipped. With an LLM judge (RLAIF: Bai et al.,
 2022; Lee et al., 2023), the scores are the judge's 1-10 ratings, and a response whose rating cannot be
