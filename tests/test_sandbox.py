@@ -102,11 +102,15 @@ def test_cannot_read_the_home_directory(sandbox):
     secret = home / f".posttrain-sandbox-test-{os.getpid()}"
     secret.write_text(SECRET)
     try:
+        # The walk skips the interpreter's own prefix, which the sandbox binds read-only on purpose (here it lies
+        # under the home directory: pyenv, 51,000 files, 0.2 s to walk idle and past the 1.5 s limit on a loaded machine).
         result = attack(sandbox, f"""
-            import os
+            import os, sys
             def evaluate(response):
                 seen = []
+                prefixes = {{sys.prefix, sys.base_prefix}}
                 for root, dirs, files in os.walk({str(home)!r}):
+                    dirs[:] = [d for d in dirs if os.path.join(root, d) not in prefixes]
                     seen += files
                 return open({str(secret)!r}).read() == {SECRET!r} or len(seen) > 0 and not all('python' in f or f.endswith(('.py', '.so', '.pyc')) for f in seen)
         """)
