@@ -1,18 +1,21 @@
-"""DPO's CPU forward on short pairs: each sequence alone (``SequenceLogps(one_by_one=True)``, the CPU default) vs packed rows.
+"""DPO's CPU forward on short pairs: one row with shared prompts (``SequenceLogps(one_row=True)``, the CPU default) vs packed rows.
 
     python benchmarks/dpo_rows.py RUN_DIR [--steps 6] [--repeats 2] [--bf16 | --fp32]
 
 ``RUN_DIR`` is a finished ``posttrain demo`` run (e.g. ``runs/demo``): its SFT model (``sft/merged``) and
 round-1 pairs (``label/pairs.jsonl``), with the demo's DPO settings (LoRA r 16, 4 pairs a step, lr 4e-4,
 beta 0.1). Each run is a fresh subprocess, ``posttrain dpo --max-steps N``, in rotation A B A B; the packed
-variant only switches ``one_by_one`` off. Wall time includes loading, the reference pass and saving.
-The one-by-one default was chosen on ``dpo_vs_trl.py``'s longer Orca pairs; this measures the demo's short ones.
+variant only switches ``one_row`` off (the rows as the batch packs them, each as wide as its longest
+sequence: the GPU path). Wall time includes loading, the reference pass and saving. Until 2026-12-06 the
+CPU default ran each sequence alone (a pair's prompt once, on a KV cache); its figures are in
+docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +28,7 @@ import sys
 import posttrain.train.sequences as seqs
 if sys.argv[1] == "packed":
     original = seqs.SequenceLogps.__init__
-    seqs.SequenceLogps.__init__ = lambda self, model, one_by_one=False: original(self, model, one_by_one=False)
+    seqs.SequenceLogps.__init__ = lambda self, model, one_row=False: original(self, model, one_row=False)
 from posttrain.cli import app
 app(sys.argv[2:])
 """
@@ -39,7 +42,9 @@ def run(variant: str, run_dir: Path, out: Path, steps: int, bf16: bool) -> tuple
     }  # fmt: skip
     args = ["dpo", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], "--max-steps", str(steps), "-o", str(out)]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD, variant, *args], check=True, capture_output=True)
+    # Each run its own cache: a reference precompute one run caches would otherwise spare the next one.
+    env = {**os.environ, "POSTTRAIN_CACHE": str(out.parent / f"{out.name}-cache")}
+    subprocess.run([sys.executable, "-c", CHILD, variant, *args], check=True, capture_output=True, env=env)
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return wall, [r["pairs_per_s"] for r in rows if "pairs_per_s" in r]
@@ -54,7 +59,7 @@ def main() -> None:
     precision.add_argument("--bf16", dest="bf16", action="store_true", default=True)
     precision.add_argument("--fp32", dest="bf16", action="store_false")
     a = parser.parse_args()
-    results: dict[str, list[tuple[float, list[float]]]] = {"one_by_one": [], "packed": []}
+    results: dict[str, list[tuple[float, list[float]]]] = {"one_row": [], "packed": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             for variant, runs in results.items():
@@ -66,7 +71,7 @@ def main() -> None:
     for v in results:
         print(f"{v:10s} median wall {walls[v]:6.1f} s, median step {step_rate[v]:.2f} pairs/s")
     print(
-        f"precision={'bf16' if a.bf16 else 'fp32'} wall_ratio={walls['one_by_one'] / walls['packed']:.2f} step_ratio={step_rate['packed'] / step_rate['one_by_one']:.2f}"
+        f"precision={'bf16' if a.bf16 else 'fp32'} wall_ratio={walls['packed'] / walls['one_row']:.2f} step_ratio={step_rate['one_row'] / step_rate['packed']:.2f}"
     )
 
 

@@ -20,8 +20,8 @@ Variants (each run a fresh subprocess with its own empty caches, in rotation A B
 
 * ``posttrain``: posttrain's defaults: ``train.bf16`` left to posttrain (bf16 autocast where the CPU
   has native bf16 dot products, as this one does), 4 pairs per forward pass (DPO's default
-  ``micro_batch_size``) with gradient accumulation 2; a pass's chosen and rejected sequences each run
-  alone on CPU (padded to a multiple of 32 tokens) and the LM head once over all of them; reference
+  ``micro_batch_size``) with gradient accumulation 2; on CPU a pass's sequences run as one row (padded
+  to a multiple of 32 tokens), each pair's prompt once, and the LM head once over them all; reference
   log-probs precomputed once, before step 1, over every pair.
 * ``posttrain-fp32`` / ``posttrain-bf16``: the same with ``train.bf16`` set off / on explicitly (the
   default variant list adds the one that differs from ``posttrain`` on this machine).
@@ -227,6 +227,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
 
     from posttrain.config import load_config
     from posttrain.train import dpo, loop
+    from posttrain.train.sequences import shared_row
 
     precompute = [0.0]
     real_reference = dpo.reference_logps
@@ -253,9 +254,9 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
     def counting_batch(*args, **kwargs):
         batch = real_batch(*args, **kwargs)
         if torch.is_grad_enabled():  # training steps only, not the reference precompute (under no_grad)
-            # On CPU posttrain runs each sequence alone, padded to a multiple of SHAPE_QUANTUM tokens.
-            q = dpo.SHAPE_QUANTUM
-            computed.append(sum(-(-(s.end - s.start) // q) * q for s in batch.segments))
+            # On CPU posttrain runs the batch as one row, each pair's prompt once (SequenceLogps.one_row).
+            spans = [(s.row, s.start, s.end) for s in sorted(batch.segments, key=lambda s: s.index)]
+            computed.append(len(shared_row(batch.input_ids, batch.target_ids, spans)[0]))
         return batch
 
     dpo.reference_logps, loop.Metrics.log, dpo.pair_batch = timed_reference, timed_log, counting_batch

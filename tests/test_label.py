@@ -256,7 +256,7 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
 
     tokenizer = load_tokenizer("tiny-llama")
     data = prepare(out, tokenizer, RenderOptions(max_length=128), format="preference")
-    module = dpo.SequenceLogps(model, one_by_one=True)
+    module = dpo.SequenceLogps(model, one_row=True)
     pad = tokenizer.pad_token_id
     taken_table, _, taken, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "a", given=given)
     computed, _, none, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "b")

@@ -1,7 +1,7 @@
 """Direct preference optimisation and its variants, one loop read top to bottom.
 
 Each step: pairs → chosen and rejected sequences of a micro-batch packed into rows (no padding between
-them) → ONE forward pass over them (on CPU the decoder runs each sequence alone inside it, see
+them) → ONE forward pass over them (on CPU over one row in which a pair's prompt runs once, see
 :class:`SequenceLogps`) → summed (or per-token averaged) response log-probs → the variant's loss from
 :mod:`posttrain.train.losses` → backward → step → log.
 
@@ -211,13 +211,14 @@ def train(config: DPOConfig) -> DPOResult:
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    logps_module = SequenceLogps(model, one_by_one=rt.device.type == "cpu")
+    one_row = rt.device.type == "cpu" and cfg.model.attn_implementation == "sdpa"  # see SequenceLogps
+    logps_module = SequenceLogps(model, one_row=one_row)
     needs_reference = kind.needs_reference
     precompute = needs_reference and cfg.dpo.reference == "precompute"
     fingerprint = weights_fingerprint(logps_module) if precompute else None  # of the whole initial weights, before any sharding
     ref_model: torch.nn.Module | None = None
     if needs_reference and cfg.dpo.reference == "model":
-        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_by_one=rt.device.type == "cpu").to(rt.device)
+        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_row=one_row).to(rt.device)
     step_module = rt.wrap(logps_module, model)  # under FSDP logps_module itself is now sharded
     ref_table = ref_eval_table = None
     ref_cached, from_sampler, ref_shares = None, 0, None

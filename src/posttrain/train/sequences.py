@@ -1,8 +1,8 @@
 """The DPO family's forward pass: a micro-batch's chosen and rejected (and KTO's mismatched) sequences packed
 into rows, and each sequence's summed response log-prob from one pass over them (:class:`SequenceLogps`).
 
-Our own code: packing pairs without padding between them, and running each sequence alone on CPU
-(sharing a pair's prompt), is where DPO's speed on a CPU comes from.
+Our own code: packing pairs without padding between them, and on CPU one row per pass in which a
+pair's prompt runs once, is where DPO's speed on a CPU comes from.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from posttrain.data.chat import IGNORE
 from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.train.losses import token_logps
 
-SHAPE_QUANTUM = 32  # SequenceLogps(one_by_one=True) pads each sequence to a multiple of this many tokens
+SHAPE_QUANTUM = 32  # SequenceLogps(one_row=True) pads its row to a multiple of this many tokens
 
 
 class SequenceLogps(torch.nn.Module):
@@ -25,36 +25,34 @@ class SequenceLogps(torch.nn.Module):
     padding) and ``spans[j]`` = (row, start, end) where sequence j lies; the result has one entry per
     sequence, in ``spans``' order.
 
-    ``one_by_one`` runs the decoder on each sequence alone instead of on the rows (the default on CPU).
-    On CPU, scaled-dot-product attention costs rows × width² whatever the mask (causal or
-    block-diagonal: fully masked blocks are still computed), so a 512-wide row holding two 256-token
-    sequences costs twice what the two cost apart, and matmuls need no big batch to run at full speed:
-    on the DPO benchmark's data, forward+backward took 8% (bf16) to 14% (fp32) less CPU time this way,
-    4 pairs per pass. A pair's chosen and rejected sequences start with the same prompt: it runs once, and
-    both responses run on its keys and values (:meth:`_one_by_one`). Each sequence run alone, and each
-    group's responses, are right-padded to a multiple of ``SHAPE_QUANTUM`` tokens (causal
-    attention: the padding changes nothing before it) because bf16 matmuls on CPU go through oneDNN,
-    which keeps compiled kernels for every shape it meets: with exact lengths, resident memory grew by
-    ~6 MB per new length, 1.3 GB to 2.1 GB over one epoch. On GPUs one call over the rows keeps them busy.
+    ``one_row`` (the default on CPU) lays the sequences out again in a single row and runs the decoder
+    once over it, with :mod:`posttrain.train.packed_attention`'s attention: each sequence attends only to
+    itself (the work is Σ nᵢ², not rows × width²), and a pair's chosen and rejected sequences, which start
+    with the same prompt, run that prompt once: the rejected one is placed as its response alone, with
+    positions that continue the prompt, and attends to the chosen sequence's prompt tokens. One call over
+    one row keeps the matmuls as tall as the batch, without the rows' padding (the batch's rows are as
+    wide as its longest sequence, so short sequences leave much of them empty). Measured on the demo's
+    pairs (SmolLM2-135M, LoRA, 4 pairs a pass, fp32, 2-core CPU without bf16): see docs/PERFORMANCE.md
+    (``benchmarks/dpo_rows.py``). The row is right-padded to a multiple of ``SHAPE_QUANTUM`` tokens
+    because bf16 matmuls on CPU go through oneDNN, which keeps compiled kernels for every shape it meets
+    (with exact lengths resident memory grew by ~6 MB per new length). Models whose attention is not
+    plain causal self-attention in every layer (sliding windows, softcapping) run the rows as given,
+    as on GPUs, where one call over the rows keeps them busy.
     """
 
-    def __init__(self, model: torch.nn.Module, one_by_one: bool = False):
-        from posttrain.models.load import plain_cache
+    def __init__(self, model: torch.nn.Module, one_row: bool = False):
+        from posttrain.train.packed_attention import supported
 
         super().__init__()
         self.model = model
-        self.one_by_one = one_by_one
-        self.plain_cache = one_by_one and plain_cache(model.config)  # whether _one_by_one may share prompts
+        self.one_row = one_row and supported(model)
 
     def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, spans: list[tuple[int, int, int]]):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if self.one_by_one:
+        if self.one_row:
             if attention_mask is not None:
-                raise ValueError("one_by_one takes packed rows (no attention mask)")
-            # Each sequence's hidden states (padding cut off again), end to end in one row: the LM head
-            # then runs once for the whole batch.
-            pieces = self._one_by_one(decoder, input_ids, target_ids, spans)
-            hidden = torch.cat(pieces, dim=1)
+                raise ValueError("one_row takes packed rows (no attention mask)")
+            hidden = self._one_row(decoder, input_ids, target_ids, spans)  # every span end to end: the LM head runs once
             target_ids = torch.cat([target_ids[row, start:end] for row, start, end in spans])[None]
             example_ids = torch.cat([torch.full((end - start,), j, device=hidden.device) for j, (_, start, end) in enumerate(spans)])[None]
         else:
@@ -65,60 +63,53 @@ class SequenceLogps(torch.nn.Module):
         counts = torch.zeros(len(spans), dtype=torch.long, device=where.device).index_add(0, where, (target_ids != IGNORE).flatten().long())
         return sums, counts
 
-    def _one_by_one(self, decoder: torch.nn.Module, input_ids, target_ids, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """Hidden states [1, n, H] of each span, each sequence run alone; a prompt its sequences share runs once.
+    def _one_row(self, decoder: torch.nn.Module, input_ids, target_ids, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Hidden states [1, Σn, H] of the spans end to end, from one decoder call over one row (:func:`shared_row`)."""
+        from posttrain.train.packed_attention import packed_attention
 
-        Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
-        responses after their prompt; KTO's mismatched sequence too) form a group: the decoder runs that
-        prefix once, keeping its keys and values, then every member's continuation in one call on top of
-        them (gradients reach the prefix through the cache). What it saves is the prompt's share of the
-        compute, less on a CPU where the prompts are short: the shorter runs use its matmuls less well (the
-        demo's pairs, whose prompts are short, gain little). Not under gradient
-        checkpointing, which runs the decoder without a cache, nor for caches other than plain attention
-        layers (sliding windows). A shared prompt runs at its exact length (padding it would put the
-        padding inside the cache).
-        """
-        from transformers import DynamicCache
+        ids, positions, index = shared_row(input_ids, target_ids, spans)
+        with packed_attention(self.model):
+            hidden = decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False)[0]
+        return hidden[:, index]
 
-        from posttrain.models.load import cache_kwarg
 
-        share = self.plain_cache and not (decoder.training and getattr(decoder, "gradient_checkpointing", False))
-        groups: dict[tuple[int, ...], list[int]] = {}
-        prefix_of: list[int] = []
-        for j, (row, start, end) in enumerate(spans):
-            scored = (target_ids[row, start:end] != IGNORE).nonzero()
-            p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
-            prefix_of.append(p)
-            key = (p, *input_ids[row, start : start + p].tolist()) if share else (j,)
-            groups.setdefault(key, []).append(j)
-        pieces: list[torch.Tensor | None] = [None] * len(spans)
-        for members in groups.values():
-            if len(members) == 1:
-                row, start, end = spans[members[0]]
-                n = end - start
-                width = -(-n // SHAPE_QUANTUM) * SHAPE_QUANTUM
-                ids = torch.nn.functional.pad(input_ids[row, start:end], (0, width - n))[None]
-                positions = torch.arange(width, device=ids.device)[None]
-                pieces[members[0]] = decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, :n]
-                continue
-            row, start, _ = spans[members[0]]
-            p = prefix_of[members[0]]
-            cache = DynamicCache(config=decoder.config)
-            ids = input_ids[row, start : start + p][None]
-            shared = decoder(input_ids=ids, position_ids=torch.arange(p, device=ids.device)[None], use_cache=True, **{cache_kwarg(decoder): cache})[0]
-            rest = [spans[j][2] - spans[j][1] - p for j in members]
-            width = -(-max(rest) // SHAPE_QUANTUM) * SHAPE_QUANTUM
-            after = shared
-            if width:
-                ids = torch.stack([torch.nn.functional.pad(input_ids[r, s + p : e], (0, width - (e - s - p))) for r, s, e in (spans[j] for j in members)])
-                positions = torch.arange(p, p + width, device=ids.device).expand(len(members), -1)
-                expanded = DynamicCache(config=decoder.config)
-                for layer, cached in enumerate(cache.layers):
-                    expanded.update(cached.keys.expand(len(members), -1, -1, -1), cached.values.expand(len(members), -1, -1, -1), layer)
-                after = decoder(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg(decoder): expanded})[0]
-            for k, j in enumerate(members):
-                pieces[j] = torch.cat([shared, after[k : k + 1, : rest[k]]], dim=1) if rest[k] else shared
-        return pieces  # type: ignore[return-value]
+def shared_row(
+    input_ids: torch.Tensor, target_ids: torch.Tensor, spans: list[tuple[int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, positions, index): the spans' sequences in one row, a prompt they share once; ``row[index]`` is every span end to end.
+
+    Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
+    responses after their prompt; KTO's mismatched sequence too) form a group: the first member is
+    placed whole, each other member only from there on, with positions continuing the prompt (what
+    :func:`posttrain.train.packed_attention.runs` reads as a continuation of the group's prompt). The
+    row is right-padded to a multiple of ``SHAPE_QUANTUM`` with a run of its own. ``index`` maps each
+    span's positions to the row: a continuing member's prompt positions are its group's first member's.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    shared: list[int] = []
+    for j, (row, start, end) in enumerate(spans):
+        scored = (target_ids[row, start:end] != IGNORE).nonzero()
+        p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
+        shared.append(p)
+        key = (p, *input_ids[row, start : start + p].tolist()) if p < end - start else (-1 - j,)
+        groups.setdefault(key, []).append(j)
+    pieces, placed, at = [], {}, 0
+    for members in groups.values():
+        for k, j in enumerate(members):
+            row, start, end = spans[j]
+            lo = shared[j] if k else 0
+            pieces.append((input_ids[row, start + lo : end], torch.arange(lo, end - start)))
+            placed[j] = (at, members[0], lo)
+            at += end - start - lo
+    width = -(-at // SHAPE_QUANTUM) * SHAPE_QUANTUM
+    ids = torch.cat([t for t, _ in pieces] + [input_ids.new_zeros(width - at)])
+    positions = torch.cat([q for _, q in pieces] + [torch.arange(width - at)]).to(ids.device)
+    index = []
+    for j, (_, start, end) in enumerate(spans):
+        offset, first, lo = placed[j]
+        own = torch.arange(offset, offset + end - start - lo)
+        index.append(torch.cat([torch.arange(placed[first][0], placed[first][0] + lo), own]) if lo else own)
+    return ids, positions, torch.cat(index).to(ids.device)
 
 
 def pack(examples: list[dict], pad_id: int) -> Batch:
