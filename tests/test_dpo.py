@@ -139,6 +139,29 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
             assert called == [torch.Size([1, -(-tokens // dpo.SHAPE_QUANTUM) * dpo.SHAPE_QUANTUM])], (mismatched, called, tokens)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_row_gradients_equal_the_rows_gradients(tmp_path, checkpointing):
+    # Training through the CPU forward: the prompt each pair shares gets the gradients of both its
+    # sequences. Under gradient checkpointing, which recomputes the attention in the backward, after the
+    # forward has put the model's own attention back, it runs the rows as given (it once raised there).
+    data, rows, pad = packing_setup(tmp_path)
+    model = rows.model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = dpo.pair_batch(data, [0, 3, 5, 7], pad, mismatched=True)
+
+    def gradients(module):
+        model.zero_grad()
+        sums, _ = dpo.run_logps(module, batch, torch.device("cpu"))
+        (sums * torch.linspace(-1.0, 2.0, len(sums))).sum().backward()  # every sequence weighted differently
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, got = gradients(rows), gradients(dpo.SequenceLogps(model, one_row=True))
+    assert want.keys() == got.keys() and len(want) > 10
+    for name, g in want.items():
+        assert (got[name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-7, name
+
+
 def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):
     # The precompute packs the whole data set at once; its table must still put every sequence's sum in its
     # pair's row and its kind's column (chosen, rejected, and KTO's mismatched).

@@ -36,8 +36,8 @@ class SequenceLogps(torch.nn.Module):
     (``benchmarks/dpo_rows.py``). The row is right-padded to a multiple of ``SHAPE_QUANTUM`` tokens
     because bf16 matmuls on CPU go through oneDNN, which keeps compiled kernels for every shape it meets
     (with exact lengths resident memory grew by ~6 MB per new length). Models whose attention is not
-    plain causal self-attention in every layer (sliding windows, softcapping) run the rows as given,
-    as on GPUs, where one call over the rows keeps them busy.
+    plain causal self-attention in every layer (sliding windows, softcapping), and training under
+    gradient checkpointing, run the rows as given, as on GPUs, where one call over the rows keeps them busy.
     """
 
     def __init__(self, model: torch.nn.Module, one_row: bool = False):
@@ -49,7 +49,9 @@ class SequenceLogps(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, target_ids, example_ids, spans: list[tuple[int, int, int]]):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if self.one_row:
+        # Gradient checkpointing recomputes the layers in the backward, after _one_row has given the model
+        # its own attention back: those passes run the rows as given.
+        if self.one_row and not (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
             if attention_mask is not None:
                 raise ValueError("one_row takes packed rows (no attention mask)")
             hidden = self._one_row(decoder, input_ids, target_ids, spans)  # every span end to end: the LM head runs once
