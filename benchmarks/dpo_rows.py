@@ -1,4 +1,4 @@
-"""DPO's CPU forward on short pairs: one row with shared prompts (``SequenceLogps(one_row=True)``, the CPU default) vs packed rows.
+"""DPO's CPU forward on short pairs: one row with shared prompts (``Forward(one_row=True)``, the CPU default) vs packed rows.
 
     python benchmarks/dpo_rows.py RUN_DIR [--steps 6] [--repeats 2] [--bf16 | --fp32]
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 CHILD = """
 import sys
-import posttrain.train.sequences as seqs
+import posttrain.train.forward as forward
 if sys.argv[1] == "packed":
-    original = seqs.SequenceLogps.__init__
-    seqs.SequenceLogps.__init__ = lambda self, model, one_row=False: original(self, model, one_row=False)
+    original = forward.Forward.__init__
+    forward.Forward.__init__ = lambda self, model, head=None, one_row=False: original(self, model, head, one_row=False)
 from posttrain.cli import app
 app(sys.argv[2:])
 """

@@ -227,7 +227,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
 
     from posttrain.config import load_config
     from posttrain.train import dpo, loop
-    from posttrain.train.sequences import shared_row
+    from posttrain.train.forward import shared_row
 
     precompute = [0.0]
     real_reference = dpo.reference_logps
@@ -254,7 +254,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
     def counting_batch(*args, **kwargs):
         batch = real_batch(*args, **kwargs)
         if torch.is_grad_enabled():  # training steps only, not the reference precompute (under no_grad)
-            # On CPU posttrain runs the batch as one row, each pair's prompt once (SequenceLogps.one_row).
+            # On CPU posttrain runs the batch as one row, each pair's prompt once (Forward with one_row).
             spans = [(s.row, s.start, s.end) for s in sorted(batch.segments, key=lambda s: s.index)]
             computed.append(len(shared_row(batch.input_ids, batch.target_ids, spans)[0]))
         return batch

@@ -14,6 +14,7 @@ from sft_fixtures import COLORS, torch_threads
 
 from posttrain.config import load_config
 from posttrain.train import dpo, loop
+from posttrain.train.forward import SHAPE_QUANTUM, Forward, run
 from posttrain.train.runtime import Runtime
 
 WRONG = {obj: sorted(set(COLORS.values()) - {color})[i % 3] for i, (obj, color) in enumerate(sorted(COLORS.items()))}
@@ -106,7 +107,7 @@ def packing_setup(tmp_path: Path):
     tokenizer = load_tokenizer("tiny-llama")
     data = prepare(path, tokenizer, RenderOptions(max_length=128), format="preference", cache=tmp_path / "tok")
     model = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"), dtype=torch.float32).eval()
-    return data, dpo.SequenceLogps(model), tokenizer.pad_token_id
+    return data, Forward(model), tokenizer.pad_token_id
 
 
 def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
@@ -114,7 +115,7 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
 
     # Both ways of running a packed batch: the rows in one call (GPUs), one row with shared prompts (CPU).
     data, rows, pad = packing_setup(tmp_path)
-    one_row = dpo.SequenceLogps(rows.model, one_row=True)
+    one_row = Forward(rows.model, one_row=True)
     assert one_row.one_row
     pairs = [0, 3, 5, 7, 11]
     widths = []  # the decoder's input widths
@@ -125,10 +126,10 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
         assert batch.input_ids.shape[0] < len(examples) and batch.attention_mask is None  # rows hold several sequences
         widths.clear()
         with torch.no_grad():
-            sums, counts = dpo.run_logps(module, batch, torch.device("cpu"))
+            sums, counts = run(module, batch, "sums", "counts")
             called = list(widths)
             for j, example in enumerate(examples):
-                alone, count = dpo.run_logps(rows, collate_padded([example], pad), torch.device("cpu"))
+                alone, count = run(rows, collate_padded([example], pad), "sums", "counts")
                 assert abs(sums[j].item() - alone.item()) <= 1e-4 * max(1.0, abs(alone.item())), (mismatched, j)
                 assert counts[j].item() == count.item() == sum(label != -100 for label in example["labels"])
         if module is one_row:
@@ -136,7 +137,7 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
             # before the first scored one) runs once for its 2 (or, with KTO's mismatched one, 3) sequences.
             prompt = [int(np.flatnonzero(np.asarray(data[2 * i]["labels"]) != -100)[0]) for i in pairs]
             tokens = sum(len(ex["input_ids"]) for ex in examples) - (2 if mismatched else 1) * sum(prompt)
-            assert called == [torch.Size([1, -(-tokens // dpo.SHAPE_QUANTUM) * dpo.SHAPE_QUANTUM])], (mismatched, called, tokens)
+            assert called == [torch.Size([1, -(-tokens // SHAPE_QUANTUM) * SHAPE_QUANTUM])], (mismatched, called, tokens)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -152,11 +153,11 @@ def test_one_row_gradients_equal_the_rows_gradients(tmp_path, checkpointing):
 
     def gradients(module):
         model.zero_grad()
-        sums, _ = dpo.run_logps(module, batch, torch.device("cpu"))
+        sums = run(module, batch, "sums")
         (sums * torch.linspace(-1.0, 2.0, len(sums))).sum().backward()  # every sequence weighted differently
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    want, got = gradients(rows), gradients(dpo.SequenceLogps(model, one_row=True))
+    want, got = gradients(rows), gradients(Forward(model, one_row=True))
     assert want.keys() == got.keys() and len(want) > 10
     for name, g in want.items():
         assert (got[name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-7, name
@@ -173,7 +174,7 @@ def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):
         assert not cached and table.shape == (n, 3 if loss_type == "kto" else 2)
         with torch.no_grad():
             for i in range(n):
-                sums, _ = dpo.run_logps(module, dpo.pair_batch(data, [i], pad, loss_type == "kto"), torch.device("cpu"))
+                sums = run(module, dpo.pair_batch(data, [i], pad, loss_type == "kto"), "sums")
                 assert abs(table[i] - sums.double().numpy()).max() <= 1e-4 * max(1.0, abs(table[i]).max()), (loss_type, i)
 
 

@@ -16,6 +16,7 @@ from posttrain.config import ConfigError, GRPOConfig, ModelConfig, load_config
 from posttrain.models.adapters import apply_adapter
 from posttrain.models.load import load_model
 from posttrain.train import grpo
+from posttrain.train.forward import Forward, pack, scored_examples, scored_mask
 from posttrain.train.losses import IGNORE
 
 QUESTIONS = [
@@ -166,12 +167,12 @@ def test_lora_reference_is_the_disabled_adapter_not_a_copy(tmp_path, monkeypatch
                 p.normal_(0, 0.5)  # an adapter that has moved the model
     reference = grpo.make_reference(policy, cfg.grpo.beta, cfg.adapter.kind)
     assert reference.kind == "adapter" and reference.frozen is None
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
-    targets = torch.tensor([[IGNORE, IGNORE, 99, 7, 3, IGNORE]])
+    batch = pack(scored_examples([[5, 17, 42, 99, 7, 3], [8, 2, 61, 5]], [3, 2]), pad_id=0)  # tokens 99, 7, 3 and 61, 5 scored
     base = load_model(cfg.model, torch.device("cpu"))
-    want = grpo.TokenLogps(base)(ids, targets)
-    assert torch.allclose(reference.logps(ids, targets), want, atol=1e-5)
-    assert not torch.allclose(grpo.TokenLogps(policy)(ids, targets), want, atol=1e-3)  # the adapter is back on
+    want = grpo.sequence_logps(Forward(base), batch)
+    assert want.shape == (2, 6) and (want[:, :1] == 0).all() and (want[0, 2:5] != 0).all() and (want[1, 1:3] != 0).all()
+    assert torch.allclose(reference.logps(batch), want, atol=1e-5)
+    assert not torch.allclose(grpo.sequence_logps(Forward(policy), batch), want, atol=1e-3)  # the adapter is back on
 
     # 2. a run with β > 0 loads the model once and copies no module
     loads = []
@@ -214,10 +215,12 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert got == want
 
 
-def test_collate_scores_only_completion_tokens():
-    ids, targets = grpo.collate([[1, 2, 3, 4, 5], [1, 2, 6]], [3, 2], pad_id=0, device=torch.device("cpu"))
-    assert ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 0, 0]]
-    assert targets.tolist() == [[IGNORE, IGNORE, 4, 5, IGNORE], [IGNORE, 6, IGNORE, IGNORE, IGNORE]]
+def test_samples_are_packed_without_padding_and_score_only_completion_tokens():
+    batch = pack(scored_examples([[1, 2, 3, 4, 5], [1, 2, 6], [7, 8]], [3, 2, 1]), pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 7, 8]] and batch.attention_mask is None  # two sequences share a row
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch.target_ids.tolist() == [[IGNORE, IGNORE, 4, 5, IGNORE], [IGNORE, 6, IGNORE, 8, IGNORE]]
+    assert scored_mask(batch).int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]  # each sequence from column 0
 
 
 def test_configs_that_cannot_work_fail_before_loading(tmp_path):

@@ -235,6 +235,7 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
     from posttrain.data.chat import RenderOptions
     from posttrain.models.load import load_model
     from posttrain.train import dpo
+    from posttrain.train.forward import Forward
     from posttrain.train.runtime import Runtime
 
     out = tmp_path / "pairs.jsonl"
@@ -256,7 +257,7 @@ def test_dpo_takes_the_reference_log_probs_recorded_while_sampling(tmp_path):
 
     tokenizer = load_tokenizer("tiny-llama")
     data = prepare(out, tokenizer, RenderOptions(max_length=128), format="preference")
-    module = dpo.SequenceLogps(model, one_row=True)
+    module = Forward(model, one_row=True)
     pad = tokenizer.pad_token_id
     taken_table, _, taken, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "a", given=given)
     computed, _, none, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / "b")

@@ -109,7 +109,7 @@ def test_rm_reaches_high_held_out_pair_accuracy(rm_run):
     tokenizer = load_tokenizer(cfg.model.name)
     pairs, _ = reward.render_pairs(ChatRenderer(tokenizer, RenderOptions(max_length=64)), read_records(held_out))
     torch.manual_seed(cfg.train.seed)
-    untrained = reward.RewardModel(load_model(cfg.model, torch.device("cpu")))
+    untrained = reward.reward_model(load_model(cfg.model, torch.device("cpu")))
     before = reward.evaluate(untrained, pairs, 8, reward.pad_id_of(tokenizer), torch.device("cpu"), False)["accuracy"]
     assert before < 0.75
 
@@ -157,7 +157,7 @@ def test_lora_rm_trains_exactly_the_adapter_and_head(tmp_path):
         cls=RewardConfig,
     )
     torch.manual_seed(cfg.train.seed)  # peft initialises the adapter from the torch RNG, as train() does after seeding
-    initial = reward.RewardModel(apply_adapter(load_model(cfg.model, torch.device("cpu")), cfg.adapter))
+    initial = reward.reward_model(apply_adapter(load_model(cfg.model, torch.device("cpu")), cfg.adapter))
     before = {n: p.detach().clone() for n, p in initial.named_parameters() if p.requires_grad}
     result = reward.train(cfg)
 

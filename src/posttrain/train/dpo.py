@@ -2,7 +2,7 @@
 
 Each step: pairs → chosen and rejected sequences of a micro-batch packed into rows (no padding between
 them) → ONE forward pass over them (on CPU over one row in which a pair's prompt runs once, see
-:class:`SequenceLogps`) → summed (or per-token averaged) response log-probs → the variant's loss from
+:class:`posttrain.train.forward.Forward`) → summed (or per-token averaged) response log-probs → the variant's loss from
 :mod:`posttrain.train.losses` → backward → step → log.
 
 The reference model costs no memory while training: by default its log-probs are computed once
@@ -16,7 +16,7 @@ log-probs the sampler measured while generating them (``meta["reference"]``); th
 in the same precision, and computes only the rest (:func:`sampler_reference`); under torchrun the
 processes split the precompute between them. KTO's reference point z₀ is estimated over each step's
 mismatched sequences on every process, in a pass without gradients before the step's update.
-The packed forward pass is :mod:`posttrain.train.sequences`', the reference precompute
+The batches are :mod:`posttrain.train.sequences`', the forward :mod:`posttrain.train.forward`'s, the reference precompute
 :mod:`posttrain.train.reference`'s. Plumbing (checkpoints, exact resume, metrics) is
 :mod:`posttrain.train.loop`'s and processes (DDP, FSDP2) :mod:`posttrain.train.runtime`'s, as for SFT.
 """
@@ -42,9 +42,7 @@ from posttrain.data.packing import Batch
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer, weights_fingerprint
 from posttrain.train import loop
-from posttrain.train.reference import ReferenceTable, reference_logps, sampler_reference  # noqa: F401 - part of dpo's interface
-from posttrain.train.runtime import Runtime
-from posttrain.train.sequences import SHAPE_QUANTUM, SequenceLogps, example_ids, pack, pair_batch, pair_examples, run_logps, splice  # noqa: F401
+from posttrain.train.forward import Forward, pack, run
 from posttrain.train.losses import (
     PreferenceLoss,
     dpo_loss,
@@ -54,6 +52,10 @@ from posttrain.train.losses import (
     orpo_loss,
     simpo_loss,
 )
+from posttrain.train.reference import ReferenceTable, reference_logps, sampler_reference  # noqa: F401 - part of dpo's interface
+from posttrain.train.runtime import Runtime
+from posttrain.train.sequences import pair_batch, pair_examples, splice  # noqa: F401 - part of dpo's interface
+
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -211,14 +213,14 @@ def train(config: DPOConfig) -> DPOResult:
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    one_row = rt.device.type == "cpu" and cfg.model.attn_implementation == "sdpa"  # see SequenceLogps
-    logps_module = SequenceLogps(model, one_row=one_row)
+    one_row = rt.device.type == "cpu" and cfg.model.attn_implementation == "sdpa"  # see posttrain.train.forward
+    logps_module = Forward(model, one_row=one_row)
     needs_reference = kind.needs_reference
     precompute = needs_reference and cfg.dpo.reference == "precompute"
     fingerprint = weights_fingerprint(logps_module) if precompute else None  # of the whole initial weights, before any sharding
     ref_model: torch.nn.Module | None = None
     if needs_reference and cfg.dpo.reference == "model":
-        ref_model = SequenceLogps(copy.deepcopy(model).eval().requires_grad_(False), one_row=one_row).to(rt.device)
+        ref_model = Forward(copy.deepcopy(model).eval().requires_grad_(False), one_row=one_row).to(rt.device)
     step_module = rt.wrap(logps_module, model)  # under FSDP logps_module itself is now sharded
     ref_table = ref_eval_table = None
     ref_cached, from_sampler, ref_shares = None, 0, None
@@ -246,10 +248,10 @@ def train(config: DPOConfig) -> DPOResult:
             return tuple(rows[:, j] for j in ([column] if column is not None else range(rows.shape[1])))
         with torch.no_grad(), rt.autocast():
             if ref_model is not None:
-                sums, _ = run_logps(ref_model, batch, rt.device)
+                sums = run(ref_model, batch, "sums", device=rt.device)
             else:
                 with model.disable_adapter():
-                    sums, _ = run_logps(rt.unwrap(step_module), batch, rt.device)
+                    sums = run(rt.unwrap(step_module), batch, "sums", device=rt.device)
         return tuple(sums.float().reshape(-1, len(pairs)))
 
     def z0(chunks: list[list[int]], source: TokenizedData, table, filler: list[int]) -> torch.Tensor:
@@ -262,7 +264,7 @@ def train(config: DPOConfig) -> DPOResult:
             for pairs, weight in rt.balance(chunks, filler=filler):
                 batch = pack([splice(source[2 * i], source[2 * ((i + 1) % (len(source) // 2))]) for i in pairs], pad_id)
                 with rt.autocast():
-                    policy, _ = run_logps(module, batch, rt.device)
+                    policy = run(module, batch, "sums", device=rt.device)
                 (ref,) = reference(pairs, batch, table, column=2)
                 kl += weight * float((policy.float() - ref).sum())
                 count += weight * len(pairs)
@@ -293,7 +295,7 @@ def train(config: DPOConfig) -> DPOResult:
             batch = pair_batch(data, pairs, pad_id)
             ref = reference(pairs, batch, ref_table)
             with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
-                logps, counts = run_logps(step_module, batch, rt.device)
+                logps, counts = run(step_module, batch, "sums", "counts", device=rt.device)
                 per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
                 # The step's loss is the mean over all its pairs, on every process.
                 (per_pair.sum() * (weight * rt.gradient_scale / len(step_pairs))).backward()
@@ -376,7 +378,7 @@ def evaluate(
             batch = pair_batch(data, chunk, pad_id)
             ref = reference(chunk, batch, table)
             with rt.autocast():
-                logps, counts = run_logps(module, batch, rt.device)
+                logps, counts = run(module, batch, "sums", "counts", device=rt.device)
                 per_pair, cr, rr = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
             loss += weight * per_pair.sum().item()
             acc += weight * preferred(cr, rr)

@@ -13,9 +13,10 @@ policy plus β times the k3 KL estimate against the reference.
 
 The reference is the initial model. With a LoRA/DoRA policy it is the same weights with the adapter
 switched off (peft's ``disable_adapter``), so no second copy of the model is held; with full
-fine-tuning it is a frozen copy; with β = 0 there is none. Token log-probs come from the decoder's
-hidden states through :func:`~posttrain.train.losses.token_logps`, so logits exist only at completion
-tokens, a chunk at a time: never the full [rows, T, vocab] fp32 logits.
+fine-tuning it is a frozen copy; with β = 0 there is none. Token log-probs come from
+:class:`~posttrain.train.forward.Forward` over each micro-batch's sequences packed into rows (no padding
+between them), with logits only at completion tokens, a chunk at a time: never the full [rows, T, vocab]
+fp32 logits.
 
 Departures from the paper, said once: one step's samples are one batch (the paper samples 1,024 per
 step and updates in mini-batches); with μ = 1 the ratio is 1 and the sampling policy's log-probs are the
@@ -42,6 +43,7 @@ import torch
 
 from posttrain.config import GRPOConfig
 from posttrain.data.formats import ReadReport
+from posttrain.data.packing import Batch
 from posttrain.data.prompts import Prompt, read_prompts
 from posttrain.generate.engine import Engine
 from posttrain.generate.params import Completion, SamplingParams
@@ -49,8 +51,9 @@ from posttrain.generate.prompts import PromptEncoder
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
+from posttrain.train.forward import Forward, lengths_of, pack, per_sequence, run, scored_examples, scored_mask
+from posttrain.train.losses import group_advantages, grpo_loss
 from posttrain.train.runtime import Runtime
-from posttrain.train.losses import IGNORE, group_advantages, grpo_loss, token_logps
 from posttrain.verify.code import load_libraries
 from posttrain.verify.scoring import prefetch, score_response, verifiers_of
 
@@ -99,22 +102,6 @@ def load_reward(spec: str) -> RewardFn:
 # -- log-probs and the reference ----------------------------------------------------------------
 
 
-class TokenLogps(torch.nn.Module):
-    """The forward pass the loop differentiates: log p of each target token, from the decoder's hidden states.
-
-    A module so that DistributedDataParallel wraps the whole computation. Rows are right-padded, so with
-    causal attention no real token sees padding and no attention mask is needed.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False)[0]
-        return token_logps(hidden, target_ids, self.model.get_output_embeddings())
-
-
 @dataclass
 class Reference:
     """Where the KL term's reference log-probs come from.
@@ -129,13 +116,14 @@ class Reference:
     frozen: torch.nn.Module | None = None
 
     @torch.no_grad()
-    def logps(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor | None:
+    def logps(self, batch: Batch) -> torch.Tensor | None:
+        """[sequences, longest] log p of each target (:func:`sequence_logps`), or None without a reference."""
         if self.kind == "none":
             return None
         if self.kind == "adapter":
             with self.policy.disable_adapter():
-                return TokenLogps(self.policy)(input_ids, target_ids)
-        return TokenLogps(self.frozen)(input_ids, target_ids)
+                return sequence_logps(Forward(self.policy), batch)
+        return sequence_logps(Forward(self.frozen), batch)
 
 
 def make_reference(model: torch.nn.Module, beta: float, adapter_kind: str) -> Reference:
@@ -151,19 +139,15 @@ def make_reference(model: torch.nn.Module, beta: float, adapter_kind: str) -> Re
 # -- one step's samples -------------------------------------------------------------------------
 
 
-def collate(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` [R,T] and shifted ``target_ids`` [R,T]: each completion token, ``IGNORE`` elsewhere.
+def sample_batch(samples: list[Completion], pad_id: int) -> Batch:
+    """Completions as one packed batch: prompt + completion, every completion token scored (its end-of-turn token too: the policy sampled it)."""
+    return pack(scored_examples([c.prompt_token_ids + c.token_ids for c in samples], [len(c.prompt_token_ids) for c in samples]), pad_id)
 
-    ``target_ids[r, t]`` is the token at ``t + 1`` when that token is part of the completion (the final
-    end-of-turn token included: the policy sampled it too), so prompts and padding are never scored.
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-    for r, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        targets[r, p - 1 : len(seq) - 1] = torch.tensor(seq[p:])
-    return ids.to(device), targets.to(device)
+
+def sequence_logps(module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """[sequences, longest] log p of each target token, each sequence from column 0 (0 where nothing is scored)."""
+    device = next(module.parameters()).device
+    return per_sequence(run(module, batch, "logps", device=device), lengths_of(batch))
 
 
 def clipped_tokens(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float) -> int:
@@ -227,7 +211,7 @@ def train(config: GRPOConfig) -> RunResult:
     reference = make_reference(model, g.beta, cfg.adapter.kind)  # the initial model, before any resume
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    step_module = rt.wrap(TokenLogps(model), model)
+    step_module = rt.wrap(Forward(model), model)
     engine = Engine(model, tokenizer, batch_size=g.generation_batch_size, template=cfg.data.template)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     updates = total * g.updates_per_batch
@@ -264,26 +248,19 @@ def train(config: GRPOConfig) -> RunResult:
             rewards = torch.tensor([[s.reward for s in group] for group in scored], dtype=torch.float32).reshape(len(mine), g.group_size)
             advantages = group_advantages(rewards).flatten().to(rt.device)
             samples = [c for completions in outputs for c in completions]
-            micro = [
-                collate(
-                    [c.prompt_token_ids + c.token_ids for c in samples[k : k + mb]],
-                    [len(c.prompt_token_ids) for c in samples[k : k + mb]],
-                    pad_id,
-                    rt.device,
-                )
-                for k in range(0, len(samples), mb)
-            ]
+            micro = [sample_batch(samples[k : k + mb], pad_id) for k in range(0, len(samples), mb)]
+            masks = [scored_mask(b).to(rt.device) for b in micro]
             # Each micro-batch's loss is a mean over its sequences; weighted by its share of the whole
             # step's sequences (every process's), the step's loss is the mean over all of them.
-            share = [ids.shape[0] / (len(rows) * g.group_size) for ids, _ in micro]
+            share = [len(b.segments) / (len(rows) * g.group_size) for b in micro]
 
             # 3. what stays fixed over the μ updates: the reference's and (μ > 1) the sampling policy's log-probs
             with rt.autocast():
-                ref = [reference.logps(ids, targets) for ids, targets in micro]
+                ref = [reference.logps(b) for b in micro]
                 old = None
                 if g.updates_per_batch > 1:
                     with torch.no_grad():
-                        old = [rt.unwrap(step_module)(ids, targets) for ids, targets in micro]
+                        old = [sequence_logps(rt.unwrap(step_module), b) for b in micro]
 
             # 4. μ clipped policy updates on the same samples; every process runs as many micro-batches as
             #    the busiest (a repeat has weight 0)
@@ -292,12 +269,11 @@ def train(config: GRPOConfig) -> RunResult:
             balanced = rt.balance(list(range(len(micro))))
             for _ in range(g.updates_per_batch):
                 for j, (k, weight) in enumerate(balanced):
-                    ids, targets = micro[k]
-                    adv = advantages[k * mb : k * mb + ids.shape[0]]
-                    mask = targets != IGNORE
+                    mask = masks[k]
+                    adv = advantages[k * mb : k * mb + mask.shape[0]]
                     with rt.no_sync(step_module, last=j == len(balanced) - 1):
                         with rt.autocast():
-                            logps = step_module(ids, targets)
+                            logps = sequence_logps(step_module, micro[k])
                         old_k = old[k] if old is not None else logps.detach()
                         loss, kl = grpo_loss(logps, old_k, ref[k], adv, mask, clip=g.clip, beta=g.beta)
                         (loss * (weight * share[k] * rt.gradient_scale)).backward()

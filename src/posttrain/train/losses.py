@@ -164,6 +164,20 @@ def token_logps(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, *, ch
     return logps.new_zeros(targets.shape).index_put((rows, cols), logps)
 
 
+def token_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, *, chunk: int = 2048) -> torch.Tensor:
+    """Entropy (nats, fp32) of the next-token distribution at each scored position [B,T], 0 elsewhere; for logging."""
+    keep = targets != IGNORE
+    h = hidden[keep]
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    parts = []
+    for k in range(0, h.shape[0], chunk):
+        logp = torch.log_softmax(lm_head(h[k : k + chunk]).float(), dim=-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    if parts:
+        out[keep] = torch.cat(parts)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # preference objectives
 # ---------------------------------------------------------------------------------------------------

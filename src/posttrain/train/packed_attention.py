@@ -19,7 +19,7 @@ Both passes are ``torch.library`` custom ops, so ``torch.compile`` treats them a
 (their loops over examples depend on the data) and compiles the rest of each decoder layer around
 them. Our own code: PyTorch has no variable-length attention on CPU, and FlexAttention has no CPU
 backward. Used on CPU by the SFT loop for packed rows (:func:`packed_attention`) and by the DPO family's
-forward (:class:`posttrain.train.sequences.SequenceLogps`); anything else keeps the model's own attention.
+forward (:class:`posttrain.train.forward.Forward` with ``one_row``); anything else keeps the model's own attention.
 """
 
 from __future__ import annotations

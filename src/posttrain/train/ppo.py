@@ -55,6 +55,7 @@ import torch
 
 from posttrain.config import PPOConfig
 from posttrain.data.formats import ReadReport, read_records
+from posttrain.data.packing import Batch
 from posttrain.data.prompts import prompt_of
 from posttrain.generate.engine import Engine
 from posttrain.generate.params import Completion, SamplingParams
@@ -62,8 +63,9 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record
 from posttrain.train import loop
-from posttrain.train.losses import IGNORE, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logps
-from posttrain.train.reward import decoder_hidden, hidden_size, import_reward_function, load_reward_model, pad_id_of
+from posttrain.train.forward import Forward, pack, per_sequence, run, scored_examples
+from posttrain.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from posttrain.train.reward import hidden_size, import_reward_function, load_reward_model, pad_id_of
 from posttrain.train.runtime import Runtime
 
 VALUE_HEAD = "value_head.safetensors"
@@ -77,67 +79,38 @@ RewardFn = Callable[[list[Prompt], list[str]], list[float]]
 # -- the models ---------------------------------------------------------------------------------
 
 
-class PolicyWithValue(torch.nn.Module):
-    """The policy LM and its value head, one module: one optimizer, one checkpoint.
-
-    ``forward(input_ids [B,T], attention_mask [B,T], targets [B,T])`` -> (log p of each target [B,T]
-    fp32, 0 where ``IGNORE``; values [B,T] fp32). ``targets[t]`` is the token at ``t + 1`` where that
-    token is part of the response, so ``values[t]`` is the value of the state the token was sampled in.
-    """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.value_head = torch.nn.Linear(hidden_size(lm), 1).to(next(lm.parameters()).device)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
-        return token_logps(hidden, targets, self.lm.get_output_embeddings()), self._values(hidden)
-
-    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-
-    @torch.no_grad()
-    def rollout_stats(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log p [B,T], values [B,T], entropy of the policy at each target's position [B,T]), no gradients."""
-        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
-        head = self.lm.get_output_embeddings()
-        return token_logps(hidden, targets, head), self._values(hidden), token_entropy(hidden, targets, head)
-
-
-def token_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, *, chunk: int = 2048) -> torch.Tensor:
-    """Entropy (nats, fp32) of the next-token distribution at each scored position [B,T], 0 elsewhere; for logging."""
-    keep = targets != IGNORE
-    h = hidden[keep]
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    parts = []
-    for k in range(0, h.shape[0], chunk):
-        logp = torch.log_softmax(lm_head(h[k : k + chunk]).float(), dim=-1)
-        parts.append(-(logp.exp() * logp).sum(-1))
-    if parts:
-        out[keep] = torch.cat(parts)
-    return out
+def policy_with_value(lm: torch.nn.Module) -> Forward:
+    """The policy LM and its value head, one module (one optimizer, one checkpoint): a :class:`Forward` whose
+    ``head`` is a zero-initialised ``Linear(d, 1)``. ``"values"`` at position t is the value of the state
+    in which the token at t + 1 was sampled."""
+    head = torch.nn.Linear(hidden_size(lm), 1).to(next(lm.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return Forward(lm, head)
 
 
 @dataclass
 class PPOModels:
     """Everything with weights that a PPO run holds, besides the reward model."""
 
-    policy: PolicyWithValue
+    policy: Forward  # the LM (.model) and its value head (.head)
     reference: torch.nn.Module | None  # None: the policy with its adapter disabled
 
     @torch.no_grad()
-    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def rollout_stats(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequence order (log p, values, entropy of the policy at each scored position), no gradients."""
+        return run(self.policy, batch, "logps", "values", "entropy", device=self.device)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
         if self.reference is None:
-            with self.policy.lm.disable_adapter():
-                hidden = decoder_hidden(self.policy.lm, input_ids, attention_mask)
-            return token_logps(hidden, targets, self.policy.lm.get_output_embeddings())
-        hidden = decoder_hidden(self.reference, input_ids, attention_mask)
-        return token_logps(hidden, targets, self.reference.get_output_embeddings())
+            with self.policy.model.disable_adapter():
+                return run(Forward(self.policy.model), batch, "logps", device=self.device)
+        return run(Forward(self.reference), batch, "logps", device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.head.weight.device
 
 
 def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
@@ -150,7 +123,7 @@ def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.adapter.kind)
     disable_dropout(lm)
-    return PPOModels(PolicyWithValue(lm), reference)
+    return PPOModels(policy_with_value(lm), reference)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -186,50 +159,39 @@ def load_reward(spec: str, device: torch.device, batch_size: int) -> RewardFn:
 
 @dataclass
 class Rollouts:
-    """One step's sampled sequences, right-padded: prompt + response, and which targets are response tokens."""
+    """One step's sampled sequences (prompt + response) and, in :func:`~posttrain.train.forward.per_sequence`'s
+    layout [N, longest], which positions' targets are response tokens."""
 
-    input_ids: torch.Tensor  # [N, T]
-    attention_mask: torch.Tensor  # [N, T]
-    targets: torch.Tensor  # [N, T]: targets[t] = input_ids[t + 1] on response tokens, IGNORE elsewhere
-    lengths: list[int]  # real tokens per row
+    sequences: list[list[int]]
+    prompt_lengths: list[int]
+    mask: torch.Tensor  # [N, T]: mask[i, t] = token t + 1 of sequence i is a response token
 
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.targets != IGNORE
-
-    def rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The model inputs of ``rows``, cut to their longest real length (right padding makes that exact)."""
-        width = max(self.lengths[r] for r in rows)
-        return self.input_ids[rows, :width], self.attention_mask[rows, :width], self.targets[rows, :width], width
+    def batch(self, rows: list[int], pad_id: int) -> Batch:
+        """The sequences ``rows`` packed into rows for one forward (no padding between them)."""
+        return pack(scored_examples([self.sequences[r] for r in rows], [self.prompt_lengths[r] for r in rows]), pad_id)
 
 
-def make_rollouts(completions: list[Completion], pad_id: int, device: torch.device) -> Rollouts:
+def make_rollouts(completions: list[Completion], device: torch.device) -> Rollouts:
     seqs = [list(c.prompt_token_ids) + list(c.token_ids) for c in completions]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.bool)
     for i, (s, c) in enumerate(zip(seqs, completions)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        p = len(c.prompt_token_ids)
-        targets[i, p - 1 : len(s) - 1] = torch.tensor(c.token_ids)
-    return Rollouts(ids.to(device), attn.to(device), targets.to(device), [len(s) for s in seqs])
+        mask[i, len(c.prompt_token_ids) - 1 : len(s) - 1] = True
+    return Rollouts(seqs, [len(c.prompt_token_ids) for c in completions], mask.to(device))
 
 
-def in_micro_batches(fn: Callable[..., Any], rollouts: Rollouts, micro: int) -> list[torch.Tensor]:
-    """``fn(input_ids, attention_mask, targets)`` -> tensors [b, width] over micro-batches, put back as [N, T] (0 in padding)."""
-    n, t = rollouts.input_ids.shape
+def in_micro_batches(fn: Callable[[Batch], Any], rollouts: Rollouts, micro: int, pad_id: int) -> list[torch.Tensor]:
+    """``fn(batch)`` -> sequence-order tensors over micro-batches of ``micro`` sequences, put back as [N, T] (0 after each sequence)."""
+    n, t = rollouts.mask.shape
     outs: list[torch.Tensor] | None = None
     for k in range(0, n, micro):
         rows = list(range(k, min(n, k + micro)))
-        ids, attn, targets, width = rollouts.rows(rows)
-        parts = fn(ids, attn, targets)
+        parts = fn(rollouts.batch(rows, pad_id))
         parts = parts if isinstance(parts, tuple) else (parts,)
+        lengths = [len(rollouts.sequences[r]) for r in rows]
         if outs is None:
-            outs = [torch.zeros((n, t), dtype=torch.float32, device=ids.device) for _ in parts]
+            outs = [torch.zeros((n, t), dtype=torch.float32, device=parts[0].device) for _ in parts]
         for out, part in zip(outs, parts):
-            out[k : k + len(rows), :width] = part
+            out[k : k + len(rows), : max(lengths)] = per_sequence(part, lengths)
     assert outs is not None
     return outs
 
@@ -291,8 +253,8 @@ def train(config: PPOConfig) -> RunResult:
     # -- models, optimizer, schedule ------------------------------------------------------------
     models = build_models(cfg, rt.device)
     policy = models.policy
-    step_module = rt.wrap(policy, policy.lm)
-    engine = Engine(policy.lm, tokenizer, batch_size=ppo.generation_batch_size, template=cfg.data.template)
+    step_module = rt.wrap(policy, policy.model)
+    engine = Engine(policy.model, tokenizer, batch_size=ppo.generation_batch_size, template=cfg.data.template)
     # A text prompt goes to the model as it is (as prompt/completion training renders it); chats get the template.
     encoded = engine.encode([{"prompt": p, "completion": ""} if isinstance(p, str) else p for p in all_prompts])
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.data.max_prompt_length]
@@ -343,11 +305,11 @@ def train(config: PPOConfig) -> RunResult:
         raw_scores = torch.tensor(reward_fn(owners, responses), dtype=torch.float32, device=rt.device)
         truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=rt.device)
         scores = raw_scores - (ppo.missing_eos_penalty or 0.0) * truncated.float()
-        batch = make_rollouts(completions, pad_id, rt.device)
+        batch = make_rollouts(completions, rt.device)
         mask = batch.mask
         with rt.autocast():
-            old_logps, old_values, entropy = in_micro_batches(policy.rollout_stats, batch, micro)
-            (ref_logps,) = in_micro_batches(models.reference_logps, batch, micro)
+            old_logps, old_values, entropy = in_micro_batches(models.rollout_stats, batch, micro, pad_id)
+            (ref_logps,) = in_micro_batches(models.reference_logps, batch, micro, pad_id)
         rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=ppo.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         if ppo.whiten_advantages:
@@ -371,10 +333,11 @@ def train(config: PPOConfig) -> RunResult:
                 mb_tokens = rt.total(float(mask[rows].sum()))  # over every process's part of this update
                 parts = [rows[k : k + micro] for k in range(0, len(rows), micro)]
                 for k, part in enumerate(parts):
-                    ids, attn, targets, width = batch.rows(part)
+                    lengths = [len(batch.sequences[r]) for r in part]
+                    width = max(lengths)
                     m = mask[part, :width]
                     with rt.no_sync(step_module, last=k == len(parts) - 1), rt.autocast():
-                        logps, values = step_module(ids, attn, targets)
+                        logps, values = (per_sequence(x, lengths) for x in run(step_module, batch.batch(part, pad_id), "logps", "values", device=rt.device))
                         pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
                         vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
                         # Both losses are token means over the micro-batch: weight by its share of the update's tokens.
@@ -507,13 +470,13 @@ def _truncate_samples(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_policy(policy: PolicyWithValue, tokenizer: Any, template: str, cfg: PPOConfig, out: Path) -> None:
+def save_policy(policy: Forward, tokenizer: Any, template: str, cfg: PPOConfig, out: Path) -> None:
     """``final/``: the policy (a model directory, or an adapter on ``model.name``) with its tokenizer, plus the value head."""
     from safetensors.torch import save_file
 
     tokenizer.chat_template = template
-    save_final(policy.lm, tokenizer, out)
-    save_file({k: v.detach().float().contiguous() for k, v in policy.value_head.state_dict().items()}, out / VALUE_HEAD)
+    save_final(policy.model, tokenizer, out)
+    save_file({k: v.detach().float().contiguous() for k, v in policy.head.state_dict().items()}, out / VALUE_HEAD)
     info = {
         "kind": "ppo_policy",
         "value_head": VALUE_HEAD,

@@ -2,7 +2,7 @@
 cached under a content hash, or taken from what ``posttrain label --reference-logps`` recorded while
 sampling the pairs from this same model (:func:`sampler_reference`).
 
-Our own code, on :mod:`posttrain.train.sequences`' packed batches.
+Our own code, on :mod:`posttrain.train.forward`'s packed batches and forward.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from posttrain.data.packing import best_fit_decreasing, collate_packed
 from posttrain.data.prompts import reference_key
 from posttrain.models import zoo
 from posttrain.models.load import weights_fingerprint
+from posttrain.train.forward import run
 from posttrain.train.runtime import Runtime
-from posttrain.train.sequences import pair_examples, run_logps
+from posttrain.train.sequences import pair_examples
 
 REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
 
@@ -137,7 +138,7 @@ def reference_logps(
             local = {i: place for place, i in enumerate(members)}
             batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
             with rt.autocast():
-                sums, _ = run_logps(module, batch, rt.device)
+                sums = run(module, batch, "sums", device=rt.device)
             if weight:
                 scored[members] = sums.double().cpu().numpy()
                 scored[len(flat) + rt.rank] += len(members)

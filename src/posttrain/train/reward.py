@@ -1,7 +1,7 @@
 """Reward models (InstructGPT, Ouyang et al. 2022, §3.5), one loop read top to bottom.
 
 A reward model is the causal LM's decoder with a scalar head: ``Linear(d, 1)`` on the final hidden state
-of each sequence's *last* token (right padding, so the last real token). It is trained with the
+of each sequence's *last* token (:class:`~posttrain.train.forward.Forward`'s ``"scores"``). It is trained with the
 Bradley–Terry loss ``-log σ(r(x, y_w) - r(x, y_l))`` on preference pairs; chosen and rejected are rendered
 by the one renderer (:meth:`ChatRenderer.render_preference`), so the score is read after the
 template's end-of-turn token, exactly where :func:`RewardScorer.score` reads it for a (prompt, response).
@@ -24,10 +24,10 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,8 +40,9 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record, kind_of, write_jsonl
 from posttrain.train import loop
-from posttrain.train.runtime import Runtime
+from posttrain.train.forward import Forward, pack, run, scored_examples
 from posttrain.train.losses import bradley_terry_loss
+from posttrain.train.runtime import Runtime
 
 SCORE_HEAD = "score_head.safetensors"
 INFO = "reward_model.json"
@@ -50,49 +51,25 @@ INFO = "reward_model.json"
 # -- the model ----------------------------------------------------------------------------------
 
 
-def decoder_hidden(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [R, T, d] of a causal LM (or a peft model around one), without the LM head."""
-    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-
-
 def hidden_size(lm: torch.nn.Module) -> int:
     config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
     return int(config.hidden_size)
 
 
-class RewardModel(torch.nn.Module):
-    """A causal LM's decoder and a ``Linear(d, 1)`` score head read at each sequence's last real token.
-
-    ``forward(input_ids [R, T], attention_mask [R, T])`` -> scores [R] fp32. Sequences are right-padded:
-    row ``i``'s score is read at position ``attention_mask[i].sum() - 1``.
-    """
-
-    def __init__(self, lm: torch.nn.Module, head: torch.nn.Linear | None = None):
-        super().__init__()
-        self.lm = lm
+def reward_model(lm: torch.nn.Module, head: torch.nn.Linear | None = None) -> Forward:
+    """A causal LM's decoder and a ``Linear(d, 1)`` score head read at each sequence's last token: a
+    :class:`Forward` whose ``"scores"`` are the rewards. A new head starts as N(0, 1/(d+1)), zero bias."""
+    if head is None:
         d = hidden_size(lm)
-        if head is None:
-            head = torch.nn.Linear(d, 1)
-            torch.nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
-            torch.nn.init.zeros_(head.bias)
-        self.head = head.to(next(lm.parameters()).device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
-        last = attention_mask.long().sum(dim=1) - 1
-        at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1).float()
+        head = torch.nn.Linear(d, 1)
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
+        torch.nn.init.zeros_(head.bias)
+    return Forward(lm, head.to(next(lm.parameters()).device))
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (input_ids [R, T], attention_mask [R, T]), right-padded to the longest."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+def score_sequences(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """[len(sequences)] fp32: each sequence's score, from one forward over them packed into rows."""
+    return run(model, pack(scored_examples(sequences), pad_id), "scores", device=device)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -129,9 +106,8 @@ def render_pairs(renderer: ChatRenderer, records: list[Record]) -> tuple[list[Pa
 
 def pair_scores(module: torch.nn.Module, pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of (chosen [B], rejected [B]) from one forward pass over the 2B sequences."""
-    ids, mask = pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
-    scores = module(ids, mask)
-    return scores[: len(pairs)], scores[len(pairs) :]
+    both = score_sequences(module, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+    return both[: len(pairs)], both[len(pairs) :]
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -191,7 +167,7 @@ def train(config: RewardConfig) -> RunResult:
         freeze_unused_output_head(lm)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.adapter.kind)
-    model = RewardModel(lm)
+    model = reward_model(lm)
     step_module = rt.wrap(model, lm)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
@@ -277,7 +253,7 @@ def freeze_unused_output_head(lm: torch.nn.Module) -> None:
 
 
 def evaluate(
-    model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device, bf16: bool, rt: Runtime | None = None
+    model: Forward, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device, bf16: bool, rt: Runtime | None = None
 ) -> dict[str, float]:
     """Held-out loss, pair accuracy (chosen scored strictly above rejected) and mean margin.
 
@@ -308,18 +284,18 @@ def evaluate(
 
 
 def save_reward_model(
-    model: RewardModel, tokenizer: Any, template: str, cfg: RewardConfig, out: Path, gathered: dict[str, torch.Tensor] | None = None
+    model: Forward, tokenizer: Any, template: str, cfg: RewardConfig, out: Path, gathered: dict[str, torch.Tensor] | None = None
 ) -> None:
     """``final/``: the LM or adapter, the tokenizer carrying the template used, the head, and what it is.
 
-    ``gathered``: the whole state of ``model`` when its own tensors are FSDP shards (``lm.*`` and ``head.*``).
+    ``gathered``: the whole state of ``model`` when its own tensors are FSDP shards (``model.*`` and ``head.*``).
     """
     from safetensors.torch import save_file
 
     tokenizer.chat_template = template  # scoring must render exactly as training did
-    lm_state = {k.removeprefix("lm."): v for k, v in gathered.items() if k.startswith("lm.")} if gathered is not None else None
+    lm_state = {k.removeprefix("model."): v for k, v in gathered.items() if k.startswith("model.")} if gathered is not None else None
     head_state = {k.removeprefix("head."): v for k, v in gathered.items() if k.startswith("head.")} if gathered is not None else model.head.state_dict()
-    save_final(model.lm, tokenizer, out, lm_state)
+    save_final(model.model, tokenizer, out, lm_state)
     save_file({k: v.detach().float().contiguous() for k, v in head_state.items()}, out / SCORE_HEAD)
     info = {
         "kind": "reward_model",
@@ -342,7 +318,7 @@ def final_dir(path: str | Path) -> Path:
 class RewardScorer:
     """A loaded reward model with the tokenizer and rendering it was trained with."""
 
-    model: RewardModel
+    model: Forward
     tokenizer: Any
     options: RenderOptions
     batch_size: int = 16
@@ -372,8 +348,7 @@ class RewardScorer:
         with torch.no_grad():
             for k in range(0, len(order), self.batch_size):
                 idx = order[k : k + self.batch_size]
-                ids, mask = pad_right([seqs[i] for i in idx], pad_id, self.device)
-                for i, s in zip(idx, self.model(ids, mask).tolist()):
+                for i, s in zip(idx, score_sequences(self.model, [seqs[i] for i in idx], pad_id, self.device).tolist()):
                     scores[i] = s
         self.model.train(was_training)
         return scores
@@ -397,7 +372,7 @@ def load_reward_model(path: str | Path, *, device: str | torch.device | None = N
         lm = merged_with(load_model(base, device), final)
     head = torch.nn.Linear(hidden_size(lm), 1)
     head.load_state_dict(load_file(final / SCORE_HEAD))
-    model = RewardModel(lm, head.to(dtype=next(lm.parameters()).dtype)).eval().requires_grad_(False)
+    model = reward_model(lm, head.to(dtype=next(lm.parameters()).dtype)).eval().requires_grad_(False)
     tokenizer = load_tokenizer(str(final))
     # train_on="all": nothing is "trained" at scoring time, so truncation can never drop a record.
     options = RenderOptions(train_on="all", max_length=info.get("max_length"), overlong="truncate")

@@ -25,24 +25,8 @@ from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
-from posttrain.train.losses import token_nll_sum
+from posttrain.train.forward import Forward, run
 from posttrain.train.runtime import Runtime
-
-
-class NLLSum(torch.nn.Module):
-    """The forward pass the loop differentiates: summed NLL of a batch's trained tokens.
-
-    A module of its own so that DistributedDataParallel wraps the whole computation (its gradient hooks
-    see every parameter used), and so logits are made only where a token is trained.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids, attention_mask, target_ids) -> torch.Tensor:
-        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
-        return token_nll_sum(hidden, target_ids, self.model.get_output_embeddings())
 
 
 def make_rows(data: TokenizedData, indices: list[int], packing: bool, max_tokens: int) -> list[list[int]]:
@@ -113,7 +97,7 @@ def train(config: SFTConfig) -> RunResult:
     if cfg.train.compile:
         loop.compile_layers(model)
         width = cfg.data.row_width
-    step_module = rt.wrap(NLLSum(model), model)
+    step_module = rt.wrap(Forward(model), model)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
     identity = loop.run_identity(cfg, data=data.key, batch=rows_per_step)
@@ -138,7 +122,7 @@ def train(config: SFTConfig) -> RunResult:
             for k, (batch, weight) in enumerate(balanced):
                 batch = batch.to(rt.device)
                 with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
-                    nll = step_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids)
+                    nll = run(step_module, batch, "nll")
                     # The step's loss is the token mean over the whole step, on every process.
                     (nll * (weight * rt.gradient_scale / step_tokens)).backward()
                 loss_sum += weight * nll.item()
@@ -189,7 +173,7 @@ def evaluate(step_module: torch.nn.Module, data: TokenizedData, rows: list[list[
         for chunk, weight in rt.forwards(chunks, filler=rows[:1]):
             batch = collate(data, chunk, cfg.data.packing, pad_id).to(rt.device)
             with rt.autocast():
-                total += weight * float(module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_ids))
+                total += weight * float(run(module, batch, "nll"))
             count += weight * batch.trained_tokens
     rt.reshard(module)
     module.train()

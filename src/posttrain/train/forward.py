@@ -1,0 +1,218 @@
+"""One batch and one forward for every training loop: SFT, the DPO family, reward models, PPO and GRPO.
+
+The batch is :class:`posttrain.data.packing.Batch`: rows of whole sequences packed end to end, positions
+restarting at 0 for each, labels shifted within each sequence, no padding between sequences (only at a
+row's end). :func:`pack` builds it from any list of sequences (:func:`scored_examples` makes them from
+token lists), so an RL loop's prompt + completion rows are as padding-free as SFT's.
+
+:class:`Forward` is the module a loop differentiates (and DDP or FSDP wraps): the decoder runs once over
+the batch, then gives what the loop asks for, by name:
+
+- ``"nll"``: the summed negative log-likelihood of the trained tokens (SFT; a scalar);
+- ``"logps"``: log p of each target token, 0 where nothing is scored;
+- ``"values"``: the scalar head at every position (PPO's value head);
+- ``"entropy"``: the policy's entropy at each scored position (logging), 0 elsewhere;
+- ``"sums"`` / ``"counts"``: each sequence's summed log-prob and number of scored tokens (the DPO family);
+- ``"scores"``: the scalar head at each sequence's last token (reward models).
+
+Per-token outputs come in *sequence order*: every sequence's positions end to end, in the order the
+sequences were given, whatever rows they were packed into; :func:`per_sequence` lays them out as
+[sequences, longest] for per-token losses (PPO, GRPO). Per-sequence outputs are in that order too.
+
+On CPU a loop may ask for ``one_row``: the sequences are laid out again as one row and the decoder runs
+once over it with :mod:`posttrain.train.packed_attention`'s attention. Each sequence attends only to
+itself (the work is Σ nᵢ², not rows × width²), and sequences that share a prompt (a pair's chosen and
+rejected responses, a GRPO group's completions) run that prompt once (:func:`shared_row`). Models whose
+attention is not plain causal self-attention in every layer (sliding windows, softcapping) and training
+under gradient checkpointing run the rows as given, as on GPUs, where transformers' own attention (sdpa,
+or flash-attention's varlen kernel where installed) reads the packed positions.
+
+Our own code: the packing and the shared-prompt row are where the loops' speed on a CPU comes from; the
+decoder and its attention are transformers'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from posttrain.data.chat import IGNORE
+from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
+from posttrain.train.losses import token_entropy, token_logps, token_nll_sum
+
+SHAPE_QUANTUM = 32  # the one row is padded to a multiple of this many tokens
+WANTS = ("nll", "logps", "values", "entropy", "sums", "counts", "scores")
+
+Span = tuple[int, int, int]  # (row, start, end) of one sequence in a batch
+
+
+def scored_examples(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int] | None = None) -> list[dict]:
+    """Token lists -> examples for :func:`pack`: the tokens from ``prompt_lengths[i]`` on are scored (none without it)."""
+    examples = []
+    for k, seq in enumerate(sequences):
+        p = len(seq) if prompt_lengths is None else prompt_lengths[k]
+        examples.append({"input_ids": list(seq), "labels": [IGNORE] * p + list(seq[p:])})
+    return examples
+
+
+def pack(examples: Sequence[dict], pad_id: int, width: int | None = None) -> Batch:
+    """The examples packed into rows as wide as the longest (or ``width``), best fit longest first.
+
+    ``segments[k].index`` is the example's place in ``examples``; nothing but a row's end is padding.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    capacity = max(max(lengths), width or 0)
+    return collate_packed(examples, best_fit_decreasing(lengths, capacity), pad_id)
+
+
+def spans_of(batch: Batch) -> list[Span]:
+    """Where each sequence lies, in the order the sequences were given (``segments[k].index``)."""
+    return [(s.row, s.start, s.end) for s in sorted(batch.segments, key=lambda s: s.index)]
+
+
+def run(module: torch.nn.Module, batch: Batch, *want: str, device: torch.device | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``module`` (a :class:`Forward`, or DDP around one) over ``batch`` (moved to ``device`` first, if given)."""
+    b = batch if device is None else batch.to(device)
+    return module(b.input_ids, b.position_ids, b.attention_mask, b.target_ids, spans_of(batch), want)
+
+
+def per_sequence(flat: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Sequence-order values [Σn] -> [sequences, longest], each sequence's values from column 0, 0 after its end."""
+    out = flat.new_zeros((len(lengths), max(lengths)))
+    at = 0
+    for i, n in enumerate(lengths):
+        out[i, :n] = flat[at : at + n]
+        at += n
+    return out
+
+
+def lengths_of(batch: Batch) -> list[int]:
+    """Each sequence's length, in sequence order."""
+    return [end - start for _, start, end in spans_of(batch)]
+
+
+def scored_mask(batch: Batch) -> torch.Tensor:
+    """[sequences, longest] bool: which of each sequence's positions has a scored target (:func:`per_sequence`'s layout)."""
+    targets = torch.cat([batch.target_ids[row, start:end] for row, start, end in spans_of(batch)])
+    return per_sequence(targets != IGNORE, lengths_of(batch))
+
+
+class Forward(torch.nn.Module):
+    """A causal LM (or a peft model around one) and an optional scalar ``head``; see the module docstring.
+
+    ``forward(input_ids, position_ids, attention_mask, target_ids, spans, want)``: the batch's tensors
+    [R, T] (``attention_mask`` is None for packed rows), ``spans[j]`` = (row, start, end) of sequence j,
+    and the names of the outputs wanted (:data:`WANTS`); returns one tensor per name, or the tensor
+    itself for one name. Use :func:`run` to call it on a :class:`Batch`.
+    """
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Module | None = None, *, one_row: bool = False):
+        from posttrain.train.packed_attention import supported
+
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.one_row = one_row and supported(model)
+
+    def forward(self, input_ids, position_ids, attention_mask, target_ids, spans: list[Span], want: Sequence[str]):
+        unknown = [w for w in want if w not in WANTS]
+        if unknown:
+            raise ValueError(f"Forward cannot give {unknown}; it gives {WANTS}")
+        decoder, lm_head = self.model.get_decoder(), self.model.get_output_embeddings()
+        lengths = torch.tensor([end - start for _, start, end in spans], device=input_ids.device)
+        # Gradient checkpointing recomputes the layers in the backward, after _one_row has given the model
+        # its own attention back: those passes run the rows as given.
+        if self.one_row and not (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
+            if attention_mask is not None:
+                raise ValueError("one_row takes packed rows (no attention mask)")
+            hidden = self._one_row(decoder, input_ids, target_ids, spans)  # [1, Σn, d] in sequence order
+            target_ids = torch.cat([target_ids[row, start:end] for row, start, end in spans])[None]
+            in_rows = False
+        else:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)[0]
+            in_rows = True
+
+        def in_order(x: torch.Tensor) -> torch.Tensor:  # [R, T, ...] -> [Σn, ...] in sequence order
+            if not in_rows:
+                return x.flatten(0, 1)
+            return torch.cat([x[row, start:end] for row, start, end in spans])
+
+        outputs: list[torch.Tensor] = []
+        logps = None
+        for name in want:
+            if name == "nll":
+                outputs.append(token_nll_sum(hidden, target_ids, lm_head))
+            elif name in ("logps", "sums"):
+                if logps is None:
+                    logps = in_order(token_logps(hidden, target_ids, lm_head))
+                if name == "logps":
+                    outputs.append(logps)
+                else:
+                    owner = torch.repeat_interleave(torch.arange(len(spans), device=logps.device), lengths)
+                    outputs.append(logps.new_zeros(len(spans)).index_add(0, owner, logps))
+            elif name == "counts":
+                owner = torch.repeat_interleave(torch.arange(len(spans), device=lengths.device), lengths)
+                scored = (in_order(target_ids) != IGNORE).long()
+                outputs.append(torch.zeros(len(spans), dtype=torch.long, device=lengths.device).index_add(0, owner, scored))
+            elif name == "entropy":
+                with torch.no_grad():
+                    outputs.append(in_order(token_entropy(hidden, target_ids, lm_head)))
+            elif name == "values":
+                outputs.append(in_order(self._head(hidden)))
+            elif name == "scores":
+                last = torch.cumsum(lengths, 0) - 1
+                outputs.append(self._head(in_order(hidden)[last]))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this Forward has no scalar head: values and scores need one")
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def _one_row(self, decoder: torch.nn.Module, input_ids, target_ids, spans: list[Span]) -> torch.Tensor:
+        """Hidden states [1, Σn, d] of the spans end to end, from one decoder call over one row (:func:`shared_row`)."""
+        from posttrain.train.packed_attention import packed_attention
+
+        ids, positions, index = shared_row(input_ids, target_ids, spans)
+        with packed_attention(self.model):
+            hidden = decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False)[0]
+        return hidden[:, index]
+
+
+def shared_row(input_ids: torch.Tensor, target_ids: torch.Tensor, spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, positions, index): the spans' sequences in one row, a prompt they share once; ``row[index]`` is every span end to end.
+
+    Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
+    responses after their prompt; KTO's mismatched sequence; a GRPO group's completions) form a group:
+    the first member is placed whole, each other member only from there on, with positions continuing
+    the prompt (what :func:`posttrain.train.packed_attention.runs` reads as a continuation of the group's
+    prompt). The row is right-padded to a multiple of ``SHAPE_QUANTUM`` with a run of its own (bf16
+    matmuls on CPU go through oneDNN, which keeps compiled kernels for every shape it meets). ``index``
+    maps each span's positions to the row: a continuing member's prompt positions are its group's first's.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    shared: list[int] = []
+    for j, (row, start, end) in enumerate(spans):
+        scored = (target_ids[row, start:end] != IGNORE).nonzero()
+        p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
+        shared.append(p)
+        key = (p, *input_ids[row, start : start + p].tolist()) if p < end - start else (-1 - j,)
+        groups.setdefault(key, []).append(j)
+    pieces, placed, at = [], {}, 0
+    for members in groups.values():
+        for k, j in enumerate(members):
+            row, start, end = spans[j]
+            lo = shared[j] if k else 0
+            pieces.append((input_ids[row, start + lo : end], torch.arange(lo, end - start)))
+            placed[j] = (at, members[0], lo)
+            at += end - start - lo
+    width = -(-at // SHAPE_QUANTUM) * SHAPE_QUANTUM
+    ids = torch.cat([t for t, _ in pieces] + [input_ids.new_zeros(width - at)])
+    positions = torch.cat([q for _, q in pieces] + [torch.arange(width - at)]).to(ids.device)
+    index = []
+    for j, (_, start, end) in enumerate(spans):
+        offset, first, lo = placed[j]
+        own = torch.arange(offset, offset + end - start - lo)
+        index.append(torch.cat([torch.arange(placed[first][0], placed[first][0] + lo), own]) if lo else own)
+    return ids, positions, torch.cat(index).to(ids.device)
