@@ -140,27 +140,57 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
             assert called == [torch.Size([1, -(-tokens // SHAPE_QUANTUM) * SHAPE_QUANTUM])], (mismatched, called, tokens)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_one_row_gradients_equal_the_rows_gradients(tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, held", [(False, False), (True, True), (True, False)])
+def test_one_row_gradients_equal_the_rows_gradients(tmp_path, checkpointing, held):
     # Training through the CPU forward: the prompt each pair shares gets the gradients of both its
-    # sequences. Under gradient checkpointing, which recomputes the attention in the backward, after the
-    # forward has put the model's own attention back, it runs the rows as given (it once raised there).
+    # sequences. Gradient checkpointing recomputes the attention in the backward, after the forward has
+    # returned: where the caller holds the packed attention through the backward (DPO's loop does) the
+    # one row still runs; where it does not, the rows as given (the first version raised there).
+    from posttrain.train.packed_attention import packed_attention
+
     data, rows, pad = packing_setup(tmp_path)
     model = rows.model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = dpo.pair_batch(data, [0, 3, 5, 7], pad, mismatched=True)
+    widths = []
+    model.get_decoder().register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
 
-    def gradients(module):
+    def gradients(module, hold=False):
         model.zero_grad()
-        sums = run(module, batch, "sums")
-        (sums * torch.linspace(-1.0, 2.0, len(sums))).sum().backward()  # every sequence weighted differently
+        widths.clear()
+        with packed_attention(model, enabled=hold):
+            sums = run(module, batch, "sums")
+            (sums * torch.linspace(-1.0, 2.0, len(sums))).sum().backward()  # every sequence weighted differently
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    want, got = gradients(rows), gradients(Forward(model, one_row=True))
+    want = gradients(rows)
+    assert widths[0] == batch.input_ids.shape[0] > 1
+    got = gradients(Forward(model, one_row=True), hold=held)
+    assert widths[0] == (batch.input_ids.shape[0] if checkpointing and not held else 1)  # one row, or the rows
     assert want.keys() == got.keys() and len(want) > 10
     for name, g in want.items():
         assert (got[name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-7, name
+
+
+def test_gradient_checkpointing_keeps_the_one_row_and_the_losses(tmp_path, monkeypatch):
+    # The loop holds the packed attention through each backward, so a checkpointed run on CPU still runs
+    # every micro-batch as one row (the layers' recomputation included) and trains exactly as without.
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    real = modeling_llama.LlamaModel.forward
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", lambda self, *a, **k: calls.append(k["input_ids"].shape[0]) or real(self, *a, **k))
+    losses = {}
+    for checkpointing in (False, True):
+        section = {"name": "tiny-llama", "gradient_checkpointing": checkpointing}
+        (tmp_path / str(checkpointing)).mkdir()
+        cfg = load_config(dpo_config(tmp_path / str(checkpointing), model=section, train={"max_steps": 4, "eval_every": None, "bf16": False}), cls=dpo.DPOConfig)
+        calls.clear()
+        with torch_threads(1):
+            losses[checkpointing] = dpo.train(cfg).losses
+        assert calls and set(calls) == {1}, (checkpointing, calls)  # every decoder call over one row
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
 def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):

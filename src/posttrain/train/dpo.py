@@ -52,6 +52,7 @@ from posttrain.train.losses import (
     orpo_loss,
     simpo_loss,
 )
+from posttrain.train.packed_attention import packed_attention
 from posttrain.train.reference import ReferenceTable, reference_logps, sampler_reference  # noqa: F401 - part of dpo's interface
 from posttrain.train.runtime import Runtime
 from posttrain.train.sequences import pair_batch, pair_examples, splice  # noqa: F401 - part of dpo's interface
@@ -294,7 +295,9 @@ def train(config: DPOConfig) -> DPOResult:
             m = len(pairs)
             batch = pair_batch(data, pairs, pad_id)
             ref = reference(pairs, batch, ref_table)
-            with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast():
+            # One row on CPU (see Forward): the packed attention stays on through the backward, which
+            # recomputes the layers under gradient checkpointing.
+            with rt.no_sync(step_module, last=k == len(balanced) - 1), rt.autocast(), packed_attention(model, enabled=one_row):
                 logps, counts = run(step_module, batch, "sums", "counts", device=rt.device)
                 per_pair, chosen_r, rejected_r = preference_loss(cfg, logps[:m], logps[m : 2 * m], counts[:m], counts[m : 2 * m], ref, kl)
                 # The step's loss is the mean over all its pairs, on every process.

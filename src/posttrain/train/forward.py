@@ -22,9 +22,11 @@ sequences were given, whatever rows they were packed into; :func:`per_sequence` 
 On CPU a loop may ask for ``one_row``: the sequences are laid out again as one row and the decoder runs
 once over it with :mod:`posttrain.train.packed_attention`'s attention. Each sequence attends only to
 itself (the work is Σ nᵢ², not rows × width²), and sequences that share a prompt (a pair's chosen and
-rejected responses, a GRPO group's completions) run that prompt once (:func:`shared_row`). Models whose
-attention is not plain causal self-attention in every layer (sliding windows, softcapping) and training
-under gradient checkpointing run the rows as given, as on GPUs, where transformers' own attention (sdpa,
+rejected responses, a GRPO group's completions) run that prompt once (:func:`shared_row`). Under
+gradient checkpointing the caller must hold that attention through the backward as well, which
+recomputes the layers (DPO's loop does); models whose attention is not plain causal self-attention in
+every layer (sliding windows, softcapping), and checkpointed training whose caller does not hold it,
+run the rows as given, as on GPUs, where transformers' own attention (sdpa,
 or flash-attention's varlen kernel where installed) reads the packed positions.
 
 Our own code: the packing and the shared-prompt row are where the loops' speed on a CPU comes from; the
@@ -121,9 +123,7 @@ class Forward(torch.nn.Module):
             raise ValueError(f"Forward cannot give {unknown}; it gives {WANTS}")
         decoder, lm_head = self.model.get_decoder(), self.model.get_output_embeddings()
         lengths = torch.tensor([end - start for _, start, end in spans], device=input_ids.device)
-        # Gradient checkpointing recomputes the layers in the backward, after _one_row has given the model
-        # its own attention back: those passes run the rows as given.
-        if self.one_row and not (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
+        if self._one_row_now(decoder):
             if attention_mask is not None:
                 raise ValueError("one_row takes packed rows (no attention mask)")
             hidden = self._one_row(decoder, input_ids, target_ids, spans)  # [1, Σn, d] in sequence order
@@ -164,6 +164,16 @@ class Forward(torch.nn.Module):
                 last = torch.cumsum(lengths, 0) - 1
                 outputs.append(self._head(in_order(hidden)[last]))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _one_row_now(self, decoder: torch.nn.Module) -> bool:
+        """Gradient checkpointing recomputes the layers in the backward, after this forward has returned: one
+        row then only where the caller holds the packed attention through the backward too (DPO's loop does,
+        :func:`posttrain.train.packed_attention.packed_attention`); elsewhere the rows as given."""
+        from posttrain.train.packed_attention import active
+
+        if not self.one_row:
+            return False
+        return not (decoder.training and getattr(decoder, "gradient_checkpointing", False)) or active(self.model)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head is None:

@@ -245,6 +245,11 @@ def supported(model: torch.nn.Module) -> bool:
     return all(t == "full_attention" for t in layer_types) and not softcap and not getattr(config, "attention_dropout", 0.0)
 
 
+def active(model: torch.nn.Module) -> bool:
+    """Whether ``model`` attends with :func:`packed_causal_attention` now (inside :func:`packed_attention`)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
 @contextmanager
 def packed_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
     """Inside: ``model`` attends with :func:`packed_causal_attention` (yields whether it does); the old attention after."""
