@@ -256,3 +256,32 @@ def _two_args(prompt, completion):
 
 def _three_args(prompt, completion, record):
     return len(completion) + record["k"]
+
+
+def test_cpu_updates_run_each_micro_batch_as_one_row_with_the_same_losses(tmp_path, monkeypatch):
+    # On CPU a micro-batch's samples run as one row, each group's prompt once (Forward's one row); the
+    # losses equal those of the rows as given (the first step's samples are the same in both runs).
+    from transformers.models.llama import modeling_llama
+
+    from posttrain.train import packed_attention
+
+    prompts = write_ifeval_prompts(tmp_path / "prompts.jsonl")
+    calls = []
+    real = modeling_llama.LlamaModel.forward
+
+    def forward(self, *args, **kwargs):
+        if packed_attention.active(self):
+            calls.append(tuple(kwargs["input_ids"].shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", forward)
+    settings = {"train": {"max_steps": 2}, "grpo": {"beta": 0.04}, "adapter": {"kind": "lora", "r": 8, "alpha": 16}}
+    with torch_threads(1):
+        one_row = grpo.train(grpo_config(prompts, tmp_path / "one_row", **settings))
+        assert calls and all(rows == 1 for rows, _ in calls)  # the reference's and the update's forwards
+        calls.clear()
+        monkeypatch.setattr(grpo, "one_row_here", lambda *a: False)
+        rows = grpo.train(grpo_config(prompts, tmp_path / "rows", **settings))
+    assert not calls
+    assert one_row.losses[0] == pytest.approx(rows.losses[0], rel=1e-4, abs=1e-6)
+    assert one_row.rewards[0] == rows.rewards[0]

@@ -42,7 +42,7 @@ from posttrain.data.packing import Batch
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer, weights_fingerprint
 from posttrain.train import loop
-from posttrain.train.forward import Forward, pack, run
+from posttrain.train.forward import Forward, one_row_here, pack, run
 from posttrain.train.losses import (
     PreferenceLoss,
     dpo_loss,
@@ -214,7 +214,7 @@ def train(config: DPOConfig) -> DPOResult:
     model = apply_adapter(model, cfg.adapter)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    one_row = rt.device.type == "cpu" and cfg.model.attn_implementation == "sdpa"  # see posttrain.train.forward
+    one_row = one_row_here(rt.device, cfg.model.attn_implementation)  # see posttrain.train.forward
     logps_module = Forward(model, one_row=one_row)
     needs_reference = kind.needs_reference
     precompute = needs_reference and cfg.dpo.reference == "precompute"

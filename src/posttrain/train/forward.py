@@ -24,10 +24,12 @@ once over it with :mod:`posttrain.train.packed_attention`'s attention. Each sequ
 itself (the work is Σ nᵢ², not rows × width²), and sequences that share a prompt (a pair's chosen and
 rejected responses, a GRPO group's completions) run that prompt once (:func:`shared_row`). Under
 gradient checkpointing the caller must hold that attention through the backward as well, which
-recomputes the layers (DPO's loop does); models whose attention is not plain causal self-attention in
-every layer (sliding windows, softcapping), and checkpointed training whose caller does not hold it,
-run the rows as given, as on GPUs, where transformers' own attention (sdpa,
-or flash-attention's varlen kernel where installed) reads the packed positions.
+recomputes the layers (the DPO, GRPO and PPO loops do); models whose attention is not plain causal
+self-attention in every layer (sliding windows, softcapping), and checkpointed training whose caller does
+not hold it, run the rows as given, as on GPUs, where transformers' own attention reads the packed
+positions (sdpa with a block-diagonal mask, or flash-attention-2's varlen kernel with
+``model.attn_implementation: flash_attention_2``). Measured: docs/PERFORMANCE.md (``benchmarks/dpo_rows.py``,
+``benchmarks/grpo_rows.py``).
 
 Our own code: the packing and the shared-prompt row are where the loops' speed on a CPU comes from; the
 decoder and its attention are transformers'.
@@ -66,6 +68,11 @@ def pack(examples: Sequence[dict], pad_id: int, width: int | None = None) -> Bat
     lengths = [len(ex["input_ids"]) for ex in examples]
     capacity = max(max(lengths), width or 0)
     return collate_packed(examples, best_fit_decreasing(lengths, capacity), pad_id)
+
+
+def one_row_here(device: torch.device, attn_implementation: str) -> bool:
+    """Whether a loop should ask for ``one_row``: on CPU, where the model would otherwise attend with sdpa."""
+    return device.type == "cpu" and attn_implementation == "sdpa"
 
 
 def spans_of(batch: Batch) -> list[Span]:

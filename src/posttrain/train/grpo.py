@@ -51,8 +51,9 @@ from posttrain.generate.prompts import PromptEncoder
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
-from posttrain.train.forward import Forward, lengths_of, pack, per_sequence, run, scored_examples, scored_mask
+from posttrain.train.forward import Forward, lengths_of, one_row_here, pack, per_sequence, run, scored_examples, scored_mask
 from posttrain.train.losses import group_advantages, grpo_loss
+from posttrain.train.packed_attention import packed_attention
 from posttrain.train.runtime import Runtime
 from posttrain.verify.code import load_libraries
 from posttrain.verify.scoring import prefetch, score_response, verifiers_of
@@ -114,6 +115,7 @@ class Reference:
     kind: Literal["none", "adapter", "copy"]
     policy: torch.nn.Module
     frozen: torch.nn.Module | None = None
+    one_row: bool = False  # Forward's one row (CPU)
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor | None:
@@ -122,18 +124,18 @@ class Reference:
             return None
         if self.kind == "adapter":
             with self.policy.disable_adapter():
-                return sequence_logps(Forward(self.policy), batch)
-        return sequence_logps(Forward(self.frozen), batch)
+                return sequence_logps(Forward(self.policy, one_row=self.one_row), batch)
+        return sequence_logps(Forward(self.frozen, one_row=self.one_row), batch)
 
 
-def make_reference(model: torch.nn.Module, beta: float, adapter_kind: str) -> Reference:
+def make_reference(model: torch.nn.Module, beta: float, adapter_kind: str, one_row: bool = False) -> Reference:
     """The reference for ``model`` as it is now (call before any update or checkpoint load)."""
     if beta == 0:
         return Reference("none", model)
     if adapter_kind != "full":
-        return Reference("adapter", model)
+        return Reference("adapter", model, one_row=one_row)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    return Reference("copy", model, frozen)
+    return Reference("copy", model, frozen, one_row)
 
 
 # -- one step's samples -------------------------------------------------------------------------
@@ -208,10 +210,12 @@ def train(config: GRPOConfig) -> RunResult:
     # -- model, reference, optimizer, schedule --------------------------------------------------
     model = load_model(cfg.model, rt.device)
     model = apply_adapter(model, cfg.adapter)
-    reference = make_reference(model, g.beta, cfg.adapter.kind)  # the initial model, before any resume
+    # On CPU each micro-batch runs as one row in which a group's shared prompt runs once (see Forward).
+    one_row = one_row_here(rt.device, cfg.model.attn_implementation)
+    reference = make_reference(model, g.beta, cfg.adapter.kind, one_row)  # the initial model, before any resume
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.adapter.kind)
-    step_module = rt.wrap(Forward(model), model)
+    step_module = rt.wrap(Forward(model, one_row=one_row), model)
     engine = Engine(model, tokenizer, batch_size=g.generation_batch_size, template=cfg.data.template)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     updates = total * g.updates_per_batch
@@ -271,7 +275,8 @@ def train(config: GRPOConfig) -> RunResult:
                 for j, (k, weight) in enumerate(balanced):
                     mask = masks[k]
                     adv = advantages[k * mb : k * mb + mask.shape[0]]
-                    with rt.no_sync(step_module, last=j == len(balanced) - 1):
+                    # (the packed attention held through the backward, which recomputes it under checkpointing)
+                    with rt.no_sync(step_module, last=j == len(balanced) - 1), packed_attention(model, enabled=one_row):
                         with rt.autocast():
                             logps = sequence_logps(step_module, micro[k])
                         old_k = old[k] if old is not None else logps.detach()

@@ -63,8 +63,9 @@ from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointi
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.records import Record
 from posttrain.train import loop
-from posttrain.train.forward import Forward, pack, per_sequence, run, scored_examples
+from posttrain.train.forward import Forward, one_row_here, pack, per_sequence, run, scored_examples
 from posttrain.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from posttrain.train.packed_attention import packed_attention
 from posttrain.train.reward import hidden_size, import_reward_function, load_reward_model, pad_id_of
 from posttrain.train.runtime import Runtime
 
@@ -79,14 +80,14 @@ RewardFn = Callable[[list[Prompt], list[str]], list[float]]
 # -- the models ---------------------------------------------------------------------------------
 
 
-def policy_with_value(lm: torch.nn.Module) -> Forward:
+def policy_with_value(lm: torch.nn.Module, one_row: bool = False) -> Forward:
     """The policy LM and its value head, one module (one optimizer, one checkpoint): a :class:`Forward` whose
     ``head`` is a zero-initialised ``Linear(d, 1)``. ``"values"`` at position t is the value of the state
     in which the token at t + 1 was sampled."""
     head = torch.nn.Linear(hidden_size(lm), 1).to(next(lm.parameters()).device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    return Forward(lm, head)
+    return Forward(lm, head, one_row=one_row)
 
 
 @dataclass
@@ -105,8 +106,8 @@ class PPOModels:
     def reference_logps(self, batch: Batch) -> torch.Tensor:
         if self.reference is None:
             with self.policy.model.disable_adapter():
-                return run(Forward(self.policy.model), batch, "logps", device=self.device)
-        return run(Forward(self.reference), batch, "logps", device=self.device)
+                return run(Forward(self.policy.model, one_row=self.policy.one_row), batch, "logps", device=self.device)
+        return run(Forward(self.reference, one_row=self.policy.one_row), batch, "logps", device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +124,8 @@ def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.adapter.kind)
     disable_dropout(lm)
-    return PPOModels(policy_with_value(lm), reference)
+    # On CPU each micro-batch runs as one row, a prompt its samples share once (see Forward).
+    return PPOModels(policy_with_value(lm, one_row_here(device, cfg.model.attn_implementation)), reference)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -336,7 +338,7 @@ def train(config: PPOConfig) -> RunResult:
                     lengths = [len(batch.sequences[r]) for r in part]
                     width = max(lengths)
                     m = mask[part, :width]
-                    with rt.no_sync(step_module, last=k == len(parts) - 1), rt.autocast():
+                    with rt.no_sync(step_module, last=k == len(parts) - 1), rt.autocast(), packed_attention(policy.model, enabled=policy.one_row):
                         logps, values = (per_sequence(x, lengths) for x in run(step_module, batch.batch(part, pad_id), "logps", "values", device=rt.device))
                         pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
                         vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
