@@ -167,9 +167,13 @@ class Forward(torch.nn.Module):
                     outputs.append(in_order(token_entropy(hidden, target_ids, lm_head)))
             elif name == "values":
                 outputs.append(in_order(self._head(hidden)))
-            elif name == "scores":
-                last = torch.cumsum(lengths, 0) - 1
-                outputs.append(self._head(in_order(hidden)[last]))
+            elif name == "scores":  # the head at each sequence's last token only
+                if in_rows:
+                    rows, ends = zip(*[(row, end - 1) for row, _, end in spans])
+                    at_last = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(ends, device=hidden.device)]
+                else:
+                    at_last = hidden[0, torch.cumsum(lengths, 0) - 1]
+                outputs.append(self._head(at_last))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _one_row_now(self, decoder: torch.nn.Module) -> bool:

@@ -307,11 +307,11 @@ def train(config: PPOConfig) -> RunResult:
         raw_scores = torch.tensor(reward_fn(owners, responses), dtype=torch.float32, device=rt.device)
         truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=rt.device)
         scores = raw_scores - (ppo.missing_eos_penalty or 0.0) * truncated.float()
-        batch = make_rollouts(completions, rt.device)
-        mask = batch.mask
+        rollouts = make_rollouts(completions, rt.device)
+        mask = rollouts.mask
         with rt.autocast():
-            old_logps, old_values, entropy = in_micro_batches(models.rollout_stats, batch, micro, pad_id)
-            (ref_logps,) = in_micro_batches(models.reference_logps, batch, micro, pad_id)
+            old_logps, old_values, entropy = in_micro_batches(models.rollout_stats, rollouts, micro, pad_id)
+            (ref_logps,) = in_micro_batches(models.reference_logps, rollouts, micro, pad_id)
         rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=ppo.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         if ppo.whiten_advantages:
@@ -335,11 +335,12 @@ def train(config: PPOConfig) -> RunResult:
                 mb_tokens = rt.total(float(mask[rows].sum()))  # over every process's part of this update
                 parts = [rows[k : k + micro] for k in range(0, len(rows), micro)]
                 for k, part in enumerate(parts):
-                    lengths = [len(batch.sequences[r]) for r in part]
+                    lengths = [len(rollouts.sequences[r]) for r in part]
                     width = max(lengths)
                     m = mask[part, :width]
                     with rt.no_sync(step_module, last=k == len(parts) - 1), rt.autocast(), packed_attention(policy.model, enabled=policy.one_row):
-                        logps, values = (per_sequence(x, lengths) for x in run(step_module, batch.batch(part, pad_id), "logps", "values", device=rt.device))
+                        outputs = run(step_module, rollouts.batch(part, pad_id), "logps", "values", device=rt.device)
+                        logps, values = (per_sequence(x, lengths) for x in outputs)
                         pg_loss, clip_fraction = ppo_policy_loss(logps, old_logps[part, :width], advantages[part, :width], m, clip=ppo.clip)
                         vf_loss = ppo_value_loss(values, old_values[part, :width], returns[part, :width], m, clip=ppo.value_clip)
                         # Both losses are token means over the micro-batch: weight by its share of the update's tokens.
