@@ -129,7 +129,11 @@ class Forward(torch.nn.Module):
         if unknown:
             raise ValueError(f"Forward cannot give {unknown}; it gives {WANTS}")
         decoder, lm_head = self.model.get_decoder(), self.model.get_output_embeddings()
-        lengths = torch.tensor([end - start for _, start, end in spans], device=input_ids.device)
+        device = input_ids.device
+        lengths = [end - start for _, start, end in spans]
+        owner = None  # which sequence each position (in sequence order) belongs to: for sums and counts only
+        if {"sums", "counts"} & set(want):
+            owner = torch.repeat_interleave(torch.arange(len(spans), device=device), torch.tensor(lengths, device=device))
         if self._one_row_now(decoder):
             if attention_mask is not None:
                 raise ValueError("one_row takes packed rows (no attention mask)")
@@ -156,12 +160,10 @@ class Forward(torch.nn.Module):
                 if name == "logps":
                     outputs.append(logps)
                 else:
-                    owner = torch.repeat_interleave(torch.arange(len(spans), device=logps.device), lengths)
                     outputs.append(logps.new_zeros(len(spans)).index_add(0, owner, logps))
             elif name == "counts":
-                owner = torch.repeat_interleave(torch.arange(len(spans), device=lengths.device), lengths)
                 scored = (in_order(target_ids) != IGNORE).long()
-                outputs.append(torch.zeros(len(spans), dtype=torch.long, device=lengths.device).index_add(0, owner, scored))
+                outputs.append(torch.zeros(len(spans), dtype=torch.long, device=device).index_add(0, owner, scored))
             elif name == "entropy":
                 with torch.no_grad():
                     outputs.append(in_order(token_entropy(hidden, target_ids, lm_head)))
@@ -172,7 +174,7 @@ class Forward(torch.nn.Module):
                     rows, ends = zip(*[(row, end - 1) for row, _, end in spans])
                     at_last = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(ends, device=hidden.device)]
                 else:
-                    at_last = hidden[0, torch.cumsum(lengths, 0) - 1]
+                    at_last = hidden[0, torch.tensor(lengths, device=device).cumsum(0) - 1]
                 outputs.append(self._head(at_last))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
