@@ -7,10 +7,10 @@ and precision: a cache of ``--cache`` tokens is prefilled, then ``--steps`` one-
 ``FastDecoder`` (``generate/fast.py``) are timed (median ms a step, tokens/s, GFLOP/s at 2·N a token), and
 one more round is profiled with torch's profiler, its self CPU time grouped as the projections' matmuls
 (``aten::mm``), attention's batched matmuls (``aten::bmm``/``baddbmm``) and everything else (elementwise ops,
-copies, Python). Then one layer's attention at the largest row count, three ways on the same data: the
-plain ``(rows, kv heads, columns, head dim)`` buffer sliced to the first ``t + 1`` columns (the layout before
-``generate/kv_blocks.py``), the same with the copies it makes counted, and the block layout (``attend``).
-And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
+copies, Python). Then attention at the largest row count in both key/value layouts on the same data
+(``generate/kv_blocks.py``): blocks of 64 columns with the last masked past the current column (bf16's), and
+one block cut at the current column, a strided slice (float32's); 30 layers' distinct buffers, fastest of 8
+alternating rounds; and whole decode steps in each layout, alternating. And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
 prompts, longest first as the engine fills a batch) with every row in every block against only the rows each
 block holds keys for (``block_rows``), over 30 layers' distinct buffers, fastest of 12 alternating rounds.
 Not a test: run it by hand, with nothing else running.
@@ -29,7 +29,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.generate.context import bf16_weights
 from posttrain.generate.fast import FastDecoder
-from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, step_bias
+from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, cuts, round_up, step_bias
 from posttrain.models.fetch import is_fetched
 from posttrain.models.load import cache_kwarg, load_model
 
@@ -72,52 +72,87 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
     )
 
 
-def attention_layouts(model, rows: int, t: int, dtype: torch.dtype, repeats: int = 20) -> str:
-    """One layer's attention over t + 1 columns: the strided slice of one long buffer vs the block layout."""
-    from torch.profiler import profile
+def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
+    """Whole decode steps with each key/value layout on the same prefilled cache: blocks of BLOCK columns (bf16's)
+    against one block cut at the current column (float32's), ``rounds`` alternating rounds of ``steps`` steps;
+    the median step of each and whether their logits agree."""
+    from posttrain.generate import kv_blocks
 
+    cache = prefilled(model, rows, length)
+    decoders, made_by = {}, kv_blocks.cuts
+    for name, cut in (("blocks", False), ("cut", True)):
+        kv_blocks.cuts = lambda dtype, cut=cut: cut  # the layout KVBlocks.zeros picks for this decoder
+        try:
+            decoders[name] = FastDecoder(model)
+            decoders[name].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
+        finally:
+            kv_blocks.cuts = made_by
+    tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
+    logits = {name: decoder.step(tokens, positions) for name, decoder in decoders.items()}
+    same = torch.allclose(*logits.values(), atol=1e-4 if logits["cut"].dtype == torch.float32 else 5e-2)
+    times = {name: [] for name in decoders}
+    for r in range(rounds):
+        for name, decoder in decoders.items():
+            for i in range(steps):
+                start = time.perf_counter()
+                decoder.step(tokens, positions + 1 + r * steps + i)
+                times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return (
+        f"{rows} rows, whole steps by layout ({rounds} alternating rounds of {steps}): blocks of {BLOCK} {ms['blocks']:.1f} ms, "
+        f"one cut block {ms['cut']:.1f} ms (cut/blocks {ms['cut'] / ms['blocks']:.2f}); same logits: {same}"
+    )
+
+
+def attention_layouts(model, rows: int, t: int, dtype: torch.dtype, layers: int = 30, rounds: int = 8) -> str:
+    """One step's attention over t + 1 columns, both key/value layouts on the same data: blocks of BLOCK
+    columns, the last masked past t (bf16's layout), against one block cut at column t (float32's, a strided
+    slice). ``layers`` distinct buffers, so the cache is read from memory as in a step; the fastest of
+    ``rounds`` alternating rounds, ms a layer."""
     c = model.config
     kv = c.num_key_value_heads
     group = c.num_attention_heads // kv
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    columns = t + 1 + 2 * BLOCK
-    q = torch.randn(rows, kv, group, d, dtype=dtype)
-    keys, values = torch.randn(rows, kv, columns, d, dtype=dtype), torch.randn(rows, kv, columns, d, dtype=dtype)
+    columns = round_up(t + 1 + 2 * BLOCK)
+    data = [(torch.randn(rows, kv, t + 1, d, dtype=dtype), torch.randn(rows, kv, t + 1, d, dtype=dtype)) for _ in range(layers)]
+
+    def buffers(block: int) -> list[tuple[KVBlocks, KVBlocks]]:
+        out = []
+        for k, v in data:
+            kb, vb = (KVBlocks(k.new_zeros((columns // block, rows, kv, block, d)), cut=block == columns) for _ in range(2))
+            kb.write(slice(None), 0, k)
+            vb.write(slice(None), 0, v)
+            out.append((kb, vb))
+        return out
+
     bias = torch.zeros(rows, columns)
-    kb, vb = KVBlocks.zeros(rows, kv, columns, d, keys), KVBlocks.zeros(rows, kv, columns, d, values)
-    kb.write(slice(None), 0, keys)
-    vb.write(slice(None), 0, values)
-
-    def strided():
-        scores = torch.matmul(q, keys[:, :, : t + 1].transpose(-1, -2)) * 0.125
-        probs = (scores.float() + bias[:, None, None, : t + 1]).softmax(-1).to(dtype)
-        return torch.matmul(probs, values[:, :, : t + 1]).reshape(rows, -1)
-
-    def blocked():
-        return attend(q.reshape(rows * kv, group, d) * 0.125, kb, vb, t, step_bias(bias, rows, t))
-
-    out = {}
-    for name, fn in (("strided", strided), ("blocks", blocked)):
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        ms = (time.perf_counter() - start) / repeats * 1e3
-        with profile() as prof:
-            fn()
-        copies = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::copy_") / 1e3
-        out[name] = (ms, copies)
-    same = torch.allclose(strided().float(), blocked().float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    layouts = {"blocks": (buffers(BLOCK), (t // BLOCK + 1) * BLOCK), "cut": (buffers(columns), t + 1)}
+    q = torch.randn(rows * kv, group, d, dtype=dtype) * 0.125
+    best = dict.fromkeys(layouts, math.inf)
+    for _ in range(rounds):
+        for name, (pairs, span) in layouts.items():
+            step = step_bias(bias, rows, t, span)
+            start = time.perf_counter()
+            for kb, vb in pairs:
+                attend(q, kb, vb, step)
+            best[name] = min(best[name], (time.perf_counter() - start) / layers * 1e3)
+    outs = [attend(q, *pairs[0], step_bias(bias, rows, t, span)).float() for pairs, span in layouts.values()]
+    same = torch.allclose(*outs, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
     return (
-        f"one layer's attention at {rows} rows, {t + 1} columns: strided slice {out['strided'][0]:.2f} ms ({out['strided'][1]:.2f} ms of copies "
-        f"in one profiled call), blocks {out['blocks'][0]:.2f} ms ({out['blocks'][1]:.2f} ms); same output: {same}"
+        f"attention at {rows} rows over {t + 1} columns: blocks of {BLOCK} {best['blocks']:.2f} ms a layer, one block cut at the "
+        f"column {best['cut']:.2f} ms ({dtype_name(dtype)} uses {'the cut block' if cuts(dtype) else 'blocks'}); same output: {same}"
     )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def padded_spans(model, rows: int, dtype: torch.dtype, layers: int = 30, rounds: int = 12) -> str:
     """Attention over left-padded rows (prompts of 44-168 tokens, longest first, 32 tokens generated): every row
     in every block vs only the rows a block holds keys for (``block_rows``); ``layers`` distinct buffers, so the
-    cache is read from memory as in a step; the fastest of ``rounds`` alternating rounds, ms a layer."""
+    cache is read from memory as in a step; the fastest of ``rounds`` alternating rounds, ms a layer. Blocks of
+    BLOCK columns (bf16's layout) in either precision: float32's one cut block has a single span."""
     c = model.config
     kv = c.num_key_value_heads
     group = c.num_attention_heads // kv
@@ -129,8 +164,8 @@ def padded_spans(model, rows: int, dtype: torch.dtype, layers: int = 30, rounds:
     mask = torch.zeros(rows, columns)
     for r, n in enumerate(lengths):
         mask[r, : width - n] = float("-inf")
-    bias = step_bias(mask, rows, t)
-    spans = block_rows(bias)
+    bias = step_bias(mask, rows, t, (t // BLOCK + 1) * BLOCK)
+    spans = block_rows(bias, BLOCK)
     blocks = [
         (
             KVBlocks(torch.randn(columns // BLOCK + 1, rows, kv, BLOCK, d, dtype=dtype)),
@@ -144,9 +179,9 @@ def padded_spans(model, rows: int, dtype: torch.dtype, layers: int = 30, rounds:
         for name, span in (("all", None), ("spans", spans)):
             start = time.perf_counter()
             for kb, vb in blocks:
-                attend(q, kb, vb, t, bias, span)
+                attend(q, kb, vb, bias, span)
             best[name] = min(best[name], (time.perf_counter() - start) / layers * 1e3)
-    same = torch.equal(attend(q, *blocks[0], t, bias), attend(q, *blocks[0], t, bias, spans))
+    same = torch.equal(attend(q, *blocks[0], bias), attend(q, *blocks[0], bias, spans))
     return (
         f"attention over left-padded rows at {rows} rows ({t + 1} columns, rows per block {spans}): every row {best['all']:.2f} ms a layer, "
         f"only the rows each block holds {best['spans']:.2f} ms; identical output: {same}"
@@ -172,6 +207,7 @@ def main() -> None:
         with torch.inference_mode(), bf16_weights(model, bf16, torch.device("cpu")):
             for r in rows:
                 print(f"  {precision} {r} rows: {step_profile(model, r, args.cache, args.steps, n_params)}", flush=True)
+                print(f"  {precision} {step_layouts(model, r, args.cache, args.steps)}", flush=True)
             print(f"  {precision} {padded_spans(model, rows[-1], torch.bfloat16 if bf16 else torch.float32)}", flush=True)
             print(
                 f"  {precision} {attention_layouts(model, rows[-1], args.cache + args.steps, torch.bfloat16 if bf16 else torch.float32)}",

@@ -217,12 +217,57 @@ def test_rows_with_nothing_in_a_block_skip_it_and_logits_still_match_the_forward
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         decoder = decoder_after_prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
-        spans = block_rows(step_bias(decoder.bias, len(lengths), width))
+        spans = block_rows(step_bias(decoder.bias, len(lengths), width, (width // BLOCK + 1) * BLOCK), BLOCK)
         assert spans == [2, 2, 3], spans  # the 20-token row starts at column 130: nothing in blocks 0 and 1
         assert width // BLOCK + 1 == len(spans)
         got = decoder.step(ids[:, -1], positions[:, -1])
         want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_same_over_blocks_with_their_row_spans_and_over_one_cut_block(dtype):
+    """float32 keeps one block cut at the current column, bf16 blocks of 64 whose last is masked past it, with
+    rows skipped where a block holds nothing of theirs: the same data gives the same attention either way,
+    and the same as a plain softmax over each row's own columns."""
+    from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, cuts, step_bias
+
+    rows, kv, group, d, t = 3, 2, 3, 8, 150  # columns 0..150: three blocks of 64, the last cut at 22
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(rows, kv, t + 1, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(rows * kv, group, d, generator=gen).to(dtype)
+    starts = [0, 60, 130]  # left padding: the last row has nothing in blocks 0 and 1
+    mask = torch.zeros(rows, 4 * BLOCK)
+    for r, first in enumerate(starts):
+        mask[r, :first] = float("-inf")
+
+    def buffers(block: int) -> tuple[KVBlocks, KVBlocks]:
+        kb, vb = (KVBlocks(torch.zeros(4 * BLOCK // block, rows, kv, block, d, dtype=dtype), cut=block > BLOCK) for _ in range(2))
+        kb.write(slice(None), 0, k)
+        vb.write(slice(None), 0, v)
+        return kb, vb
+
+    made = KVBlocks.zeros(rows, kv, 4 * BLOCK, d, k)  # what the decoder makes in this precision
+    assert (made.block, made.cut) == ((4 * BLOCK, True) if cuts(dtype) else (BLOCK, False))
+    blocks, cut = buffers(BLOCK), buffers(4 * BLOCK)
+    assert blocks[0].span(t) == 3 * BLOCK and cut[0].span(t) == t + 1
+    masked = step_bias(mask, rows, t, blocks[0].span(t))
+    spans = block_rows(masked, BLOCK)
+    assert spans == [2, 2, 3], spans
+    got = {
+        "blocks, every row": attend(q, *blocks, masked),
+        "blocks, row spans": attend(q, *blocks, masked, spans),
+        "cut": attend(q, *cut, step_bias(mask, rows, t, cut[0].span(t))),
+    }
+    want = []
+    for r, first in enumerate(starts):
+        qr = q.view(rows, kv, group, d)[r].float()
+        probs = (qr @ k[r, :, first:].float().transpose(1, 2)).softmax(-1)
+        want.append((probs @ v[r, :, first:].float()).reshape(-1))
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    for name, out in got.items():
+        torch.testing.assert_close(out.float(), torch.stack(want), **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(got["blocks, every row"], got["blocks, row spans"])
 
 
 def test_fast_decoder_leaves_hooked_and_adapted_models_to_their_forward(llama):

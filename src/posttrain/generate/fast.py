@@ -465,8 +465,8 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
         cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
         sin_low, sin_high = sin[:half], sin[half:]
-        bias = step_bias(self.bias, rows, t)
-        spans = block_rows(bias)  # the rows each block of the cache is multiplied for
+        bias = step_bias(self.bias, rows, t, self.keys[0].span(t))
+        spans = block_rows(bias, self.keys[0].block)  # the rows each block of the cache is multiplied for
         steer = self._steering_rows()
         for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
             qkv = self._project(layer.qkv, _normed(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
@@ -480,7 +480,7 @@ class FastDecoder:
             keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
             values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
             q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
-            attn = attend(q, keys, values, t, bias, spans)  # (rows, heads x head dim)
+            attn = attend(q, keys, values, bias, spans)  # (rows, heads x head dim)
             x = x + self._project(layer.o, attn.T, layer, "o")
             gate, up = self._project(layer.gate_up, _normed(x, layer.eps2), layer, "gate_up").chunk(2)  # (intermediate, rows) each
             x = x + self._project(layer.down, layer.act(gate).mul_(up), layer, "down")

@@ -6,8 +6,16 @@ BLOCK, head dim)``: column c lives in block ``c // BLOCK`` at ``c % BLOCK``. Att
 tensor. With the plain ``(rows, kv heads, columns, head dim)`` layout the first ``t + 1`` columns are a
 strided slice, and torch's CPU ``bmm`` copies such a slice to contiguous memory before it multiplies in
 bf16 (``python benchmarks/decode_profile.py``, SmolLM2-135M, one layer at 128 rows and 207 columns: 4.64 ms
-for the strided attention in bf16, 2.32 ms of it copies; 1.94 ms with blocks; fp32 3.34 vs 2.76 ms). Columns past
-``t`` in the last block are masked. Our own code: a few index helpers around ``torch.bmm``.
+for the strided attention in bf16, 2.32 ms of it copies; 1.94 ms with blocks; machine D, 2026-12-06). Columns
+past ``t`` in the last block are masked. That is bf16's layout.
+
+In float32 the buffer is one block as wide as the cache, and attention multiplies its first ``t + 1``
+columns as a strided slice: float32 ``bmm`` reads such a slice in place, and one product over the columns
+in use beats one per block of 64 with the last partly masked. ``python benchmarks/decode_profile.py --rows
+32,64,128 --precisions fp32`` (machine E in docs/PERFORMANCE.md, AVX2, 2026-12-07): one layer's attention at
+128 rows over 207 columns 4.18 ms against blocks' 5.71; whole decode steps over a 200-token cache, the
+layouts alternating, 0.95x, 0.89x and 0.92x the blocks' time at 32, 64 and 128 rows. Our own code: a few
+index helpers around ``torch.bmm``.
 """
 
 from __future__ import annotations
@@ -22,26 +30,45 @@ def round_up(columns: int) -> int:
     return -(-columns // BLOCK) * BLOCK
 
 
-class KVBlocks:
-    """One layer's keys or values; ``data`` is ``(blocks, rows, kv heads, BLOCK, head dim)``."""
+def cuts(dtype: torch.dtype) -> bool:
+    """Whether a buffer of ``dtype`` is one block cut at the columns in use (float32), rather than blocks of
+    ``BLOCK`` columns whose last is masked past the current column (bf16: its CPU ``bmm`` copies a strided slice)."""
+    return dtype == torch.float32
 
-    def __init__(self, data: torch.Tensor):
+
+class KVBlocks:
+    """One layer's keys or values; ``data`` is ``(blocks, rows, kv heads, block, head dim)``, ``block`` being
+    ``BLOCK`` or, in float32 (:func:`cuts`), every column in one block. ``cut``: attention reads the columns up to
+    the current one (a strided slice of the last block) rather than whole blocks."""
+
+    def __init__(self, data: torch.Tensor, cut: bool = False):
         self.data = data
+        self.cut = cut
 
     @classmethod
     def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor) -> KVBlocks:
-        return cls(like.new_zeros((round_up(columns) // BLOCK, rows, kv_heads, BLOCK, head_dim)))
+        columns = round_up(columns)
+        block = columns if cuts(like.dtype) else BLOCK
+        return cls(like.new_zeros((columns // block, rows, kv_heads, block, head_dim)), cut=cuts(like.dtype))
 
     @property
     def rows(self) -> int:
         return self.data.shape[1]
 
+    @property
+    def block(self) -> int:
+        return self.data.shape[3]
+
+    def span(self, t: int) -> int:
+        """The columns a step at column ``t`` attends over: ``t + 1`` where the buffer is cut there, else whole blocks."""
+        return t + 1 if self.cut else (t // self.block + 1) * self.block
+
     def write(self, rows: slice | torch.Tensor, start: int, src: torch.Tensor) -> None:
         """Columns ``[start, start + src.shape[2])`` of ``rows`` set to ``src`` (rows, kv heads, columns, head dim)."""
         end, c = start + src.shape[2], start
         while c < end:
-            block, offset = divmod(c, BLOCK)
-            n = min(BLOCK - offset, end - c)
+            block, offset = divmod(c, self.block)
+            n = min(self.block - offset, end - c)
             self.data[block, rows, :, offset : offset + n] = src[:, :, c - start : c - start + n]
             c += n
 
@@ -49,8 +76,8 @@ class KVBlocks:
         """A copy of columns ``[start, end)`` of every row: (rows, kv heads, end - start, head dim)."""
         pieces, c = [], start
         while c < end:
-            block, offset = divmod(c, BLOCK)
-            n = min(BLOCK - offset, end - c)
+            block, offset = divmod(c, self.block)
+            n = min(self.block - offset, end - c)
             pieces.append(self.data[block, :, :, offset : offset + n])
             c += n
         if not pieces:
@@ -69,60 +96,62 @@ class KVBlocks:
         return KVBlocks.zeros(rows, kv, columns, d, self.data)
 
 
-def step_bias(bias: torch.Tensor, rows: int, t: int) -> torch.Tensor:
-    """The additive mask one step's attention uses, for every layer: ``bias``'s first ``rows`` rows over whole
-    blocks up to column ``t``, the last block's columns past ``t`` (not yet written) masked."""
-    n = t // BLOCK + 1
-    out = bias[:rows, : n * BLOCK].clone()
+def step_bias(bias: torch.Tensor, rows: int, t: int, span: int) -> torch.Tensor:
+    """The additive mask one step's attention uses, for every layer: ``bias``'s first ``rows`` rows over the
+    ``span`` columns it attends over (:meth:`KVBlocks.span`), those past ``t`` (not yet written) masked."""
+    out = bias[:rows, :span].clone()
     out[:, t + 1 :] = float("-inf")
     return out
 
 
-def block_rows(bias: torch.Tensor) -> list[int]:
-    """For each block of a step's mask ``bias`` (rows, whole blocks' columns): how many leading rows cover every
-    row with a column in that block it may attend to (0: no row has one).
+def block_rows(bias: torch.Tensor, block: int) -> list[int]:
+    """For each block of ``block`` columns of a step's mask ``bias`` (rows, columns; the last block may be cut):
+    how many leading rows cover every row with a column in that block it may attend to (0: no row has one).
 
     Rows are left-padded to the longest prompt of their batch, and the engine fills a batch longest prompt
     first, so a short prompt's row has nothing in the first blocks and the rows that do form a prefix:
     :func:`attend` multiplies only those rows' keys and values there. After refills and compactions the
     prefix is wider than it needs to be, never narrower."""
     rows, columns = bias.shape
-    wanted = torch.isfinite(bias.view(rows, columns // BLOCK, BLOCK)).any(-1)  # (rows, blocks)
+    n = -(-columns // block)
+    finite = torch.nn.functional.pad(torch.isfinite(bias), (0, n * block - columns))
+    wanted = finite.view(rows, n, block).any(-1)  # (rows, blocks)
     index = torch.arange(1, rows + 1, device=bias.device)[:, None]
     return (index * wanted).amax(0).tolist()
 
 
-def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, t: int, bias: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
-    """Attention of one query per row over columns ``[0, t]``.
+def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
+    """Attention of one query per row over the columns of ``bias``.
 
-    ``q`` (rows x kv heads, group, head dim), contiguous and already scaled; ``bias`` (rows, whole blocks' columns)
-    from :func:`step_bias`; ``spans``: :func:`block_rows` of it (None: every row in every block). Scores are
-    added to the float32 mask in one op (type promotion) and the softmax runs in float32. A row past a block's
-    span has every column of that block masked, so its scores there are left 0 (made -inf by the mask) and its
-    products with that block's values skipped (they would add exact zeros). Returns (rows, kv heads x group x
-    head dim)."""
+    ``q`` (rows x kv heads, group, head dim), contiguous and already scaled; ``bias`` (rows, the step's span of
+    columns) from :func:`step_bias`; ``spans``: :func:`block_rows` of it (None: every row in every block). Scores
+    are added to the float32 mask in one op (type promotion) and the softmax runs in float32. A row past a
+    block's span has every column of that block masked, so its scores there are left 0 (made -inf by the mask)
+    and its products with that block's values skipped (they would add exact zeros). Returns (rows, kv heads x
+    group x head dim)."""
     batch, group, d = q.shape
-    rows = bias.shape[0]
-    kv = batch // rows
-    n = t // BLOCK + 1  # blocks holding columns 0..t
+    rows, columns = bias.shape
+    kv, block = batch // rows, keys.block
+    n = -(-columns // block)  # blocks holding the columns attended over
     spans = spans if spans is not None else [rows] * n
 
-    def keys_of(i: int, hi: int) -> torch.Tensor:
-        return keys.data[i, :hi].view(hi * kv, BLOCK, d).transpose(1, 2)
+    def part(buffer: KVBlocks, i: int, hi: int) -> torch.Tensor:  # (hi x kv heads, block i's columns, head dim)
+        return buffer.data[i, :hi, :, : min(block, columns - i * block)].view(hi * kv, -1, d)
 
     if all(hi == rows for hi in spans):
-        scores = torch.bmm(q, keys_of(0, rows)) if n == 1 else torch.cat([torch.bmm(q, keys_of(i, rows)) for i in range(n)], dim=-1)
+        scores = [torch.bmm(q, part(keys, i, rows).transpose(1, 2)) for i in range(n)]
+        scores = scores[0] if n == 1 else torch.cat(scores, dim=-1)
     else:
-        scores = q.new_zeros((batch, group, n * BLOCK))
+        scores = q.new_zeros((batch, group, columns))
         for i, hi in enumerate(spans):
             if hi:
-                scores[: hi * kv, :, i * BLOCK : (i + 1) * BLOCK] = torch.bmm(q[: hi * kv], keys_of(i, hi))
-    probs = (scores.view(rows, kv, group, n * BLOCK) + bias[:, None, None]).softmax(-1).to(q.dtype).view(batch, group, n * BLOCK)
+                scores[: hi * kv, :, i * block : (i + 1) * block] = torch.bmm(q[: hi * kv], part(keys, i, hi).transpose(1, 2))
+    probs = (scores.view(rows, kv, group, columns) + bias[:, None, None]).softmax(-1).to(q.dtype).view(batch, group, columns)
     out = None
     for i, hi in enumerate(spans):
         if not hi:
             continue
-        p, v = probs[: hi * kv, :, i * BLOCK : (i + 1) * BLOCK], values.data[i, :hi].view(hi * kv, BLOCK, d)
+        p, v = probs[: hi * kv, :, i * block : (i + 1) * block], part(values, i, hi)
         if out is None and hi == rows:
             out = torch.bmm(p, v)
         else:
