@@ -16,9 +16,10 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
   weight folded into the projection after it and attention's scaling into q's rows (:class:`_Layer`), so
   neither is an elementwise pass of its own; rotary embedding runs on q and k together;
 * attention for one query is batched matmuls over the cache with the query heads grouped by their
-  key/value head (no copy of keys and values per query head), one per block of 64 columns, the cache being
-  stored in such blocks (:mod:`posttrain.generate.kv_blocks`: a strided slice of one long buffer was copied
-  by CPU ``bmm`` in bf16); the CPU's fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
+  key/value head (no copy of keys and values per query head): in bf16 one per block of 64 columns, the
+  cache being stored in such blocks (a strided slice of one long buffer was copied by CPU ``bmm`` in bf16),
+  in float32 one over the columns in use of a single buffer (:mod:`posttrain.generate.kv_blocks`); the CPU's
+  fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
 * every projection is computed as ``W @ x`` with the hidden state kept as (features, rows), so each
   product is used in the layout it comes in and no step copies it into the other. On this CPU's BLAS
   that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576
