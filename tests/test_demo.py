@@ -100,6 +100,11 @@ def test_grpo_as_the_final_stage_replaces_label_and_dpo(quick_run, tmp_path):
     assert "GRPO − start" in page and "GRPO on verifier rewards" in page and "DPO − start" not in page
     # settings that cannot apply are refused before anything loads
     base = pipeline.demo_config(quick=True)
+    # the default preset's DPO rounds belong to its DPO stage: switching the final stage on the command line drops them
+    preset = pipeline.demo_config()
+    assert preset["dpo"]["rounds"] > 1
+    switched = pipeline.load_pipeline(None, ["final_stage=grpo"], base=preset)
+    assert switched.final_stage == "grpo" and switched.dpo == {} and switched.sft == pipeline.load_pipeline(None, [], base=preset).sft
     with pytest.raises(ConfigError, match=r"dpo.rounds: DPO rounds run only with final_stage dpo"):
         pipeline.load_pipeline(None, ["final_stage=grpo", "dpo.rounds=2"], base=base)
     with pytest.raises(ConfigError, match=r"grpo: settings for a GRPO stage, but final_stage is dpo"):

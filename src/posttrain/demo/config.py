@@ -248,7 +248,7 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _final_stage_consistent(self) -> PipelineConfig:
         if self.final_stage == "grpo" and self.dpo_rounds > 1:
-            raise ValueError("dpo.rounds: DPO rounds run only with final_stage dpo (this pipeline ends with grpo)")
+            raise ValueError("dpo.rounds: DPO rounds run only with final_stage dpo (this pipeline ends with grpo); remove dpo.rounds")
         if self.final_stage == "dpo" and self.grpo:
             raise ValueError("grpo: settings for a GRPO stage, but final_stage is dpo (set final_stage: grpo to run it)")
         return self

@@ -81,8 +81,27 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> PipelineConfig:
-    """A pipeline from YAML (or ``base``, for the demo) plus ``key.path=value`` overrides; every problem at once."""
-    return load_config(path if path is not None else (base or {}), overrides or [], cls=PipelineConfig)
+    """A pipeline from YAML (or ``base``, for the demo) plus ``key.path=value`` overrides; every problem at once.
+
+    An override that switches ``base``'s final stage (``final_stage=grpo`` on the demo's preset) also drops the
+    preset's section for the stage it replaces, unless the overrides set something in that section too: the
+    preset's ``dpo.rounds: 2`` is the preset's choice for DPO, not a setting the user gave to a GRPO pipeline."""
+    overrides = overrides or []
+    if path is None and base:
+        base = _for_final_stage(base, overrides)
+    return load_config(path if path is not None else (base or {}), overrides, cls=PipelineConfig)
+
+
+def _for_final_stage(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``base`` without the section of the final stage the overrides switch away from (see :func:`load_pipeline`)."""
+    pairs = [o.split("=", 1) for o in overrides if "=" in o]
+    stage = next((value.strip() for key, value in reversed(pairs) if key.strip() == "final_stage"), None)
+    if stage is None or stage == base.get("final_stage", "dpo"):
+        return base
+    replaced = {"grpo": "dpo", "dpo": "grpo"}.get(stage)
+    if replaced is None or any(key.strip().split(".")[0] == replaced for key, _ in pairs):
+        return base
+    return {k: v for k, v in base.items() if k != replaced}
 
 
 def demo_config(quick: bool = False) -> dict[str, Any]:
