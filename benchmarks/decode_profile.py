@@ -10,7 +10,8 @@ one more round is profiled with torch's profiler, its self CPU time grouped as t
 copies, Python). Then attention at the largest row count in both key/value layouts on the same data
 (``generate/kv_blocks.py``): blocks of 64 columns with the last masked past the current column (bf16's), and
 one block cut at the current column, a strided slice (float32's); 30 layers' distinct buffers, fastest of 8
-alternating rounds; and whole decode steps in each layout, alternating. And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
+alternating rounds; and whole decode steps in each layout, alternating; at 2-15 rows in fp32, whole steps with
+the products padded to 16 columns against over the rows themselves (``fast._mm``), alternating. And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
 prompts, longest first as the engine fills a batch) with every row in every block against only the rows each
 block holds keys for (``block_rows``), over 30 layers' distinct buffers, fastest of 12 alternating rounds.
 Not a test: run it by hand, with nothing else running.
@@ -28,7 +29,7 @@ import torch
 
 from posttrain.config import ModelConfig
 from posttrain.generate.context import bf16_weights
-from posttrain.generate.fast import FastDecoder
+from posttrain.generate.fast import NARROW, FastDecoder
 from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, cuts, round_up, step_bias
 from posttrain.models.fetch import is_fetched
 from posttrain.models.load import cache_kwarg, load_model
@@ -101,6 +102,33 @@ def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> 
     return (
         f"{rows} rows, whole steps by layout ({rounds} alternating rounds of {steps}): blocks of {BLOCK} {ms['blocks']:.1f} ms, "
         f"one cut block {ms['cut']:.1f} ms (cut/blocks {ms['cut'] / ms['blocks']:.2f}); same logits: {same}"
+    )
+
+
+def step_narrow(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
+    """Whole decode steps with a few rows: products padded to ``fast.NARROW`` columns against products over the
+    rows themselves (``NARROW`` 0), alternating rounds of ``steps`` steps on one decoder; the median step of each."""
+    from posttrain.generate import fast
+
+    decoder = FastDecoder(model)
+    decoder.start(prefilled(model, rows, length), torch.ones(rows, length, dtype=torch.long), max_new_tokens=2 * rounds * steps + 2)
+    tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
+    padded_to, times, logits = fast.NARROW, {"padded": [], "rows": []}, {}
+    try:
+        for r in range(rounds):
+            for name, narrow in (("padded", padded_to), ("rows", 0)):
+                fast.NARROW = narrow
+                for i in range(steps):
+                    start = time.perf_counter()
+                    out = decoder.step(tokens, positions + (2 * r + (name == "rows")) * steps + i)
+                    times[name].append(time.perf_counter() - start)
+                logits[name] = out
+    finally:
+        fast.NARROW = padded_to
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return (
+        f"{rows} rows, products padded to {padded_to} columns {ms['padded']:.1f} ms a step, over the rows themselves {ms['rows']:.1f} ms "
+        f"(padded/rows {ms['padded'] / ms['rows']:.2f}; {rounds} alternating rounds of {steps})"
     )
 
 
@@ -208,6 +236,8 @@ def main() -> None:
             for r in rows:
                 print(f"  {precision} {r} rows: {step_profile(model, r, args.cache, args.steps, n_params)}", flush=True)
                 print(f"  {precision} {step_layouts(model, r, args.cache, args.steps)}", flush=True)
+                if 1 < r < NARROW and not bf16:
+                    print(f"  {precision} {step_narrow(model, r, args.cache, args.steps)}", flush=True)
             print(f"  {precision} {padded_spans(model, rows[-1], torch.bfloat16 if bf16 else torch.float32)}", flush=True)
             print(
                 f"  {precision} {attention_layouts(model, rows[-1], args.cache + args.steps, torch.bfloat16 if bf16 else torch.float32)}",

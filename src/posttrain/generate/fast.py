@@ -63,6 +63,7 @@ from posttrain.generate.intervene import Intervention
 from posttrain.generate.kv_blocks import KVBlocks, attend, block_rows, round_up, step_bias
 
 HEAD_SLICE = 2048  # vocabulary rows per product in the vocabulary projection (see the module docstring)
+NARROW = 16  # a float32 product over 2 to NARROW - 1 rows is padded to NARROW columns (see :func:`_mm`)
 SUPPORTED = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
 
 
@@ -230,6 +231,17 @@ class _Layer:
         for deltas in self.deltas:
             deltas["qkv"].fold(g1, row_scale)
             deltas["gate_up"].fold(g2)
+
+
+def _mm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight @ x`` for ``x`` (in, rows). On CPU in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a
+    batch) are multiplied as ``NARROW`` columns, the rest zeros: torch's BLAS (MKL's sgemm) took about twice as
+    long over 2-15 columns as over 16 (``python benchmarks/decode_profile.py --rows 2,4,8,16 --precisions fp32``,
+    machine E in docs/PERFORMANCE.md). One row stays a matrix-vector product, the fastest of all."""
+    rows = x.shape[1]
+    if not 1 < rows < NARROW or x.dtype != torch.float32 or x.device.type != "cpu":
+        return torch.mm(weight, x)
+    return torch.mm(weight, nn.functional.pad(x, (0, NARROW - rows)))[:, :rows].contiguous()
 
 
 def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -429,7 +441,7 @@ class FastDecoder:
 
     def _project(self, weight: torch.Tensor, x: torch.Tensor, layer: _Layer, part: str) -> torch.Tensor:
         """``W @ x`` for ``x`` (in, rows): (out, rows), with each adapted row's update."""
-        out = torch.mm(weight, x)
+        out = _mm(weight, x)
         if not self.adapters or not any(self.adapter_of):
             return out
         for a in set(self.adapter_of) - {0}:
@@ -496,5 +508,5 @@ class FastDecoder:
         # W @ h a slice of the vocabulary at a time, each slice's transpose written while it is in cache
         logits = hidden.new_empty((rows, self.lm_head.shape[0]))
         for lo in range(0, self.lm_head.shape[0], HEAD_SLICE):
-            logits[:, lo : lo + HEAD_SLICE] = torch.mm(self.lm_head[lo : lo + HEAD_SLICE], hidden).T
+            logits[:, lo : lo + HEAD_SLICE] = _mm(self.lm_head[lo : lo + HEAD_SLICE], hidden).T
         return logits if self.lm_bias is None else logits + self.lm_bias
