@@ -3,6 +3,7 @@
     python benchmarks/generate.py [--quick] [--prompts 64] [--max-new-tokens 64] [--batch-size 32]
                                   [--repeats 1] [--threads N] [--no-hf] [--precisions fp32,bf16]
     python benchmarks/generate.py --decoders [--prompts 124] [--max-new-tokens 192] [--batch-size 128]
+    python benchmarks/generate.py --narrow [--prompts 136] [--max-new-tokens 128] [--batch-size 128]
 
 SmolLM2-135M-Instruct when fetched (`posttrain models fetch smollm2-135m-instruct`), else the random
 tiny-llama (then the numbers say little: a note is printed). Prompts are the first IFEval prompts
@@ -16,6 +17,10 @@ reference the engine's decode loop was chosen against.
 ``--decoders``: the same batched greedy run with the decode steps on posttrain's ``FastDecoder``
 (``generate/fast.py``) and on the model's own forward with its ``DynamicCache`` (``Engine(fast=False)``),
 alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward tokens/s>``.
+
+``--narrow``: the same batched greedy run (fp32) with the fast decoder's products over 2-15 rows padded to 16
+columns (``generate/fast.py``'s ``_mm``, the default) and without (``fast.NARROW = 0``), alternating; the batch's
+last sequences are where it matters. Prints ``ratio=<padded / unpadded tokens/s>``.
 
 Each run is timed twice: whole (prompts in, tokens out) and prefill alone (the same prompts at the same
 batch size with one new token: the prompts' forward and the first token). *Decode* tokens/s is what the
@@ -189,6 +194,9 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (bf16 is slow where it is emulated)")
     ap.add_argument("--decoders", action="store_true", help="compare the fast decoder with the model's forward (batched, fp32)")
+    ap.add_argument(
+        "--narrow", action="store_true", help="compare products over 2-15 rows padded to 16 columns with unpadded (batched, fp32)"
+    )
     ap.add_argument("--llamacpp", action="store_true", help="also time llama.cpp on a GGUF of the same model (built once, cached)")
     args = ap.parse_args()
     if args.quick:
@@ -212,6 +220,9 @@ def main() -> None:
     engine.generate_ids(ids[:2], SamplingParams(max_new_tokens=2), progress=False)  # warm up allocators
     if args.decoders:
         compare_decoders(engine, ids, SamplingParams(max_new_tokens=args.max_new_tokens), args.batch_size, args.repeats)
+        return
+    if args.narrow:
+        compare_narrow(engine, ids, SamplingParams(max_new_tokens=args.max_new_tokens), args.batch_size, args.repeats)
         return
 
     from matmul_peak import measure  # benchmarks/ is this script's folder
@@ -381,6 +392,28 @@ def llamacpp_runs(
         print(f"note: llama.cpp failed in {precision}: {(done.stderr.strip().splitlines() or ['no message'])[-1]}", flush=True)
         return []
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def compare_narrow(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:
+    """Batched greedy tokens/s (fp32) with the fast decoder's narrow products padded to 16 columns and unpadded."""
+    from posttrain.generate import fast
+
+    padded_to = fast.NARROW
+    runs: dict[str, list[float]] = {"padded": [], "unpadded": []}
+    outputs = {}
+    try:
+        for _ in range(repeats):
+            for mode, narrow in (("padded", padded_to), ("unpadded", 0)):
+                fast.NARROW = narrow
+                seconds, tokens, outputs[mode] = timed(engine, ids, params, batch_size)
+                runs[mode].append(tokens / seconds)
+                print(f"  {mode:<9} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
+    finally:
+        fast.NARROW = padded_to
+    same = sum(a == b for a, b in zip(outputs["padded"], outputs["unpadded"]))
+    padded, unpadded = (statistics.median(r) for r in runs.values())
+    print(f"padded to {padded_to} columns {padded:.1f} tok/s, unpadded {unpadded:.1f} tok/s; identical tokens on {same}/{len(ids)} prompts")
+    print(f"ratio={padded / unpadded:.2f}")
 
 
 def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:

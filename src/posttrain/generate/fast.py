@@ -235,9 +235,11 @@ class _Layer:
 
 def _mm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight @ x`` for ``x`` (in, rows). On CPU in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a
-    batch) are multiplied as ``NARROW`` columns, the rest zeros: torch's BLAS (MKL's sgemm) took about twice as
-    long over 2-15 columns as over 16 (``python benchmarks/decode_profile.py --rows 2,4,8,16 --precisions fp32``,
-    machine E in docs/PERFORMANCE.md). One row stays a matrix-vector product, the fastest of all."""
+    batch) are multiplied as ``NARROW`` columns, the rest zeros: over 2-15 columns torch's BLAS (MKL's sgemm) is
+    so much slower that a decode step at 4 or 8 rows took longer than at 16 (114 and 109 against 87 ms, machine E in
+    docs/PERFORMANCE.md); padded, steps at 2, 4, 8 and 12 rows take 0.74, 0.78, 0.71 and 0.90 of their unpadded time
+    (``python benchmarks/decode_profile.py --rows 2,4,8,12 --precisions fp32``). One row stays a matrix-vector
+    product, the fastest of all."""
     rows = x.shape[1]
     if not 1 < rows < NARROW or x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.mm(weight, x)
