@@ -257,6 +257,35 @@ def test_the_linear_head_path_equals_the_module_path(bf16):
     assert results[0][0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_cpu_pieces_equal_whole_chunks(monkeypatch, bf16):
+    # On CPU the Linear head's forward takes rows and its backward vocabulary slices sized by CPU_CHUNK_BYTES;
+    # made small here, so the forward runs 128 rows at a time over 3 slices of 256 entries (the last cut) in the
+    # backward. Values and every gradient must equal the naive full-logits computation (fp32) and the
+    # ``chunk`` rows path, CUDA's (bf16 autocast), within the same tolerances as the tests above.
+    hidden, targets, head = toy(seed=4, rows=3, T=90, d=16, V=600)
+    n = (targets != IGNORE).sum().item()
+    weights = torch.tensor([0.7, -1.3, 2.0])
+    monkeypatch.setattr(L, "CPU_CHUNK_BYTES", 4 * 256 * (n + -n % L.ROW_QUANTUM))
+    assert L._cpu_columns(n + -n % L.ROW_QUANTUM, 600) == 256 and L._cpu_rows(600, 2048) == 128 < n
+    results = []
+    for pieces in (True, False):
+        monkeypatch.setattr(L, "CPU_PIECES", pieces)
+        x = hidden.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total, _ = sequence_logps(x, targets, head)
+            (total * weights).sum().backward()
+        results.append([total.detach(), x.grad, head.weight.grad, head.bias.grad])
+    if not bf16:
+        x = hidden.clone().requires_grad_(True)
+        naive = naive_token_logps(x, targets, head).sum(dim=1)
+        results[1] = [naive.detach(), *torch.autograd.grad((naive * weights.double()).sum(), [x, head.weight, head.bias])]
+    tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours.double(), theirs.double(), **tol)
+
+
 def test_bf16_hidden_gives_fp32_logps():
     hidden, targets, head = toy()
     total, _ = sequence_logps(hidden.bfloat16(), targets, head.bfloat16())

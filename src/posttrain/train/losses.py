@@ -34,16 +34,23 @@ ROW_QUANTUM = 32  # _LinearTargetLogps pads its rows to a multiple of this
 class _LinearTargetLogps(torch.autograd.Function):
     """log softmax(h Wᵀ + b)[y] for each row of ``h`` [N,d], a chunk of rows at a time; -> [N] fp32.
 
-    Saves only ``h``, the weights and each row's logsumexp (N floats): the backward recomputes each
-    chunk's logits and turns them, in place, into the logits' gradient ``g·(onehot(y) - softmax)``, then
-    into the gradients of ``h``, ``W`` and ``b``. Autograd through ``linear → float → logsumexp/gather``
+    Saves only ``h``, the weights and each row's logsumexp (N floats): the backward recomputes the
+    logits and turns them, in place, into the logits' gradient ``g·(onehot(y) - softmax)``, then into
+    the gradients of ``h``, ``W`` and ``b``. Autograd through ``linear → float → logsumexp/gather``
     would instead keep every chunk's fp32 logits alive until the backward ([N,V] in all) and build two
-    or three more [chunk,V] tensors there. One more [chunk,d]×[d,V] matmul per chunk is the price
-    (the same trade as Liger's and TRL's fused heads). Matmuls run in the autocast dtype when autocast
-    is on (as ``lm_head(h)`` would), softmax and the log-probs in fp32, weight gradients accumulate in
-    fp32. Rows are padded to a multiple of ``ROW_QUANTUM`` (their outputs dropped): the number of trained
-    positions changes with every batch, and bf16 matmuls on CPU (oneDNN) keep compiled kernels for every
-    shape they meet, so unpadded shapes made resident memory grow without bound over a run.
+    or three more [chunk,V] tensors there. One more [N,d]×[d,V] matmul is the price (the same trade
+    as Liger's and TRL's fused heads). Matmuls run in the autocast dtype when autocast is on (as
+    ``lm_head(h)`` would), softmax and the log-probs in fp32, weight gradients in fp32. Rows are padded
+    to a multiple of ``ROW_QUANTUM`` (their outputs dropped): the number of trained positions changes
+    with every batch, and bf16 matmuls on CPU (oneDNN) keep compiled kernels for every shape they meet,
+    so unpadded shapes made resident memory grow without bound over a run.
+
+    On CPU the fp32 logits are built in pieces of about ``CPU_CHUNK_BYTES``, so that the passes over
+    them (logsumexp's, the backward's exp and scaling) read them from cache, not memory: the forward
+    takes :func:`_cpu_rows` rows at a time, and the backward takes every row against :func:`_cpu_columns`
+    vocabulary entries at a time, which also writes each slice of ``W``'s gradient once instead of
+    adding a [V,d] fp32 product into it for every chunk of rows. Elsewhere (CUDA) it is ``chunk`` rows
+    at a time both ways, as before. ``python benchmarks/lm_head.py`` measures both.
     """
 
     @staticmethod
@@ -54,13 +61,14 @@ class _LinearTargetLogps(torch.autograd.Function):
         h, y = F.pad(h, (0, 0, 0, -n % ROW_QUANTUM)), F.pad(y, (0, -n % ROW_QUANTUM))
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
+        rows = _cpu_rows(weight.shape[0], chunk) if _pieces(h) else chunk
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            for k in range(0, h.shape[0], chunk):
-                logits = F.linear(h[k : k + chunk].to(dtype), w, b).float()
-                lse[k : k + chunk] = torch.logsumexp(logits, dim=-1)
-                out[k : k + chunk] = logits.gather(-1, y[k : k + chunk, None]).squeeze(-1) - lse[k : k + chunk]
+            for k in range(0, h.shape[0], rows):
+                logits = F.linear(h[k : k + rows].to(dtype), w, b).float()
+                lse[k : k + rows] = torch.logsumexp(logits, dim=-1)
+                out[k : k + rows] = logits.gather(-1, y[k : k + rows, None]).squeeze(-1) - lse[k : k + rows]
         ctx.save_for_backward(h, weight, bias, y, lse)
         ctx.chunk, ctx.dtype, ctx.n = chunk, dtype, n
         return out[:n]
@@ -68,30 +76,14 @@ class _LinearTargetLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         h, weight, bias, y, lse = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad = F.pad(grad, (0, h.shape[0] - ctx.n))  # the padding rows get no gradient
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        grad = grad.float()
+        grad = F.pad(grad, (0, h.shape[0] - ctx.n)).float()  # the padding rows get no gradient
         with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            for k in range(0, h.shape[0], chunk):
-                hk, g = h[k : k + chunk].to(dtype), grad[k : k + chunk, None]
-                # d log p(y) / d logits = onehot(y) - softmax(logits); times the incoming gradient g
-                dlogits = F.linear(hk, w, b).float().sub_(lse[k : k + chunk, None]).exp_().mul_(-g)
-                dlogits.scatter_add_(-1, y[k : k + chunk, None], g)
-                if need_b:
-                    grad_b += dlogits.sum(dim=0)
-                dlogits = dlogits.to(dtype)
-                if need_h:
-                    grad_h[k : k + chunk] = dlogits @ w
-                if need_w and dtype == torch.float32:
-                    grad_w.addmm_(dlogits.t(), hk)
-                elif need_w:
-                    grad_w += (dlogits.t() @ hk).float()
+            if _pieces(h):
+                grads = _backward_by_columns(h, weight, bias, y, lse, grad, ctx.dtype, need_h, need_w, need_b)
+            else:
+                grads = _backward_by_rows(h, weight, bias, y, lse, grad, ctx.dtype, ctx.chunk, need_h, need_w, need_b)
+        grad_h, grad_w, grad_b = grads
         return (
             None if grad_h is None else grad_h[: ctx.n],
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -99,6 +91,84 @@ class _LinearTargetLogps(torch.autograd.Function):
             None,
             None,
         )
+
+
+CPU_CHUNK_BYTES = 16 << 20  # fp32 logits per piece on CPU: well inside a server CPU's L3 (see _LinearTargetLogps)
+CPU_PIECES = True  # False: ``chunk`` rows at a time both ways on CPU too (benchmarks/lm_head.py compares the two)
+
+
+def _pieces(h: Tensor) -> bool:
+    return CPU_PIECES and h.device.type == "cpu"
+
+
+def _cpu_rows(vocab: int, chunk: int) -> int:
+    """Rows per forward piece on CPU: a power of two with ``CPU_CHUNK_BYTES`` of logits, 128 to ``chunk``
+    (fewer than 128 rows would read the whole weight from memory for too little work)."""
+    fit = CPU_CHUNK_BYTES // (4 * vocab)
+    return max(min(128, chunk), min(chunk, 1 << max(fit, 1).bit_length() - 1))
+
+
+def _cpu_columns(rows: int, vocab: int) -> int:
+    """Vocabulary entries per backward piece on CPU: a power of two with ``CPU_CHUNK_BYTES`` of logits over
+    ``rows`` rows, at least 256 (a power of two, so a run meets few matmul shapes)."""
+    fit = CPU_CHUNK_BYTES // (4 * max(rows, 1))
+    return min(vocab, max(256, 1 << max(fit, 1).bit_length() - 1))
+
+
+def _dlogits(logits: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+    """In place: fp32 ``logits`` -> ``-g·softmax``, the logits' gradient but for the target's ``+g``."""
+    return logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+
+
+def _backward_by_rows(h, weight, bias, y, lse, grad, dtype, chunk, need_h, need_w, need_b):
+    """``chunk`` rows at a time against the whole vocabulary; ``W``'s gradient accumulates over the chunks."""
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    for k in range(0, h.shape[0], chunk):
+        hk, g = h[k : k + chunk].to(dtype), grad[k : k + chunk]
+        dlogits = _dlogits(F.linear(hk, w, b).float(), lse[k : k + chunk], g)
+        dlogits.scatter_add_(-1, y[k : k + chunk, None], g[:, None])
+        if need_b:
+            grad_b += dlogits.sum(dim=0)
+        dlogits = dlogits.to(dtype)
+        if need_h:
+            grad_h[k : k + chunk] = dlogits @ w
+        if need_w and dtype == torch.float32:
+            grad_w.addmm_(dlogits.t(), hk)
+        elif need_w:
+            grad_w += (dlogits.t() @ hk).float()
+    return grad_h, grad_w, grad_b
+
+
+def _backward_by_columns(h, weight, bias, y, lse, grad, dtype, need_h, need_w, need_b):
+    """Every row against :func:`_cpu_columns` vocabulary entries at a time: each slice of ``W``'s (and
+    ``b``'s) gradient is written once; ``h``'s accumulates in fp32 over the slices."""
+    vocab = weight.shape[0]
+    step = _cpu_columns(h.shape[0], vocab)
+    hc = h.to(dtype)
+    grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.empty(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    rows = torch.arange(h.shape[0], device=h.device)
+    for v in range(0, vocab, step):
+        w = weight[v : v + step].to(dtype)
+        b = None if bias is None else bias[v : v + step].to(dtype)
+        dlogits = _dlogits(F.linear(hc, w, b).float(), lse, grad)
+        hit = (y >= v) & (y < v + step)  # rows whose target is in this slice: + g at the target
+        dlogits.index_put_((rows[hit], y[hit] - v), grad[hit], accumulate=True)
+        if need_b:
+            grad_b[v : v + step] = dlogits.sum(dim=0)
+        dlogits = dlogits.to(dtype)
+        if need_h and dtype == torch.float32:
+            grad_h.addmm_(dlogits, w)
+        elif need_h:
+            grad_h += dlogits @ w
+        if need_w:
+            grad_w[v : v + step] = dlogits.t() @ hc
+    return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b
 
 
 def _trained_logps(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, chunk: int) -> tuple[Tensor, Tensor]:
