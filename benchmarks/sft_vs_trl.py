@@ -2,7 +2,7 @@
 
     python benchmarks/sft_vs_trl.py [--quick] [--model tiny|small] [--examples 4000] [--steps 60] [--repeats 3]
                                     [--variants posttrain,trl,...|all] [--lr 5e-4] [--threads N]
-                                    [--workdir DIR] [--keep]
+                                    [--workdir DIR] [--keep] [--profile]
 
 Needs TRL (``pip install -e .[bench]``). Builds once, in a temporary directory, a Llama-style model with
 fixed-seed random weights and a ChatML byte-level BPE tokenizer (8,000 tokens) trained on the data's
@@ -41,7 +41,9 @@ model-FLOPs utilisation: real tokens/s × 6·N / this machine's matmul peak, N =
 (embeddings and LM head included; the non-embedding figure is printed too). The peak is the better of
 fp32 and bf16 (bf16 on CPUs with native bf16 instructions, fp32 on the others), measured in the same
 invocation by benchmarks/matmul_peak.py's ``measure`` (before the first run and after the last; the
-higher is used). Runs that fail (e.g. Liger without a GPU) are listed with their error.
+higher is used). Runs that fail (e.g. Liger without a GPU) are listed with their error. ``--profile``: one
+more posttrain run under torch's profiler, steps after the first, printed before the table as the share of
+the ops' self CPU time in matmuls, the packed attention, the optimizer, casts and copies, and the rest.
 
 ``--quick`` (about a minute on 2 idle cores with native bf16; about 5 minutes on a CPU without, where TRL's
 default bf16 step takes ~35 s): 96 examples, posttrain and TRL's default only, 2 runs
@@ -213,15 +215,59 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
             "output_dir": spec["out"],
         }
     )
-    result = sft.train(cfg)
+    profile = spec.get("profile")
+    result = profiled(lambda: sft.train(cfg), spec["steps"]) if profile else sft.train(cfg)
+    if profile:
+        result, shares = result
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return summarize(
-        [r["seconds"] for r in rows],
-        [round(r["tokens_per_s"] * r["seconds"]) for r in rows],
-        [r["trained_tokens"] for r in rows],
-        [r["loss"] for r in rows],
-        [BATCH * MAX_LENGTH] * len(rows),  # packed rows are always MAX_LENGTH wide
-    ) | {"effective": {"bf16": cfg.train.bf16, "compile": cfg.train.compile}}
+    return (
+        summarize(
+            [r["seconds"] for r in rows],
+            [round(r["tokens_per_s"] * r["seconds"]) for r in rows],
+            [r["trained_tokens"] for r in rows],
+            [r["loss"] for r in rows],
+            [BATCH * MAX_LENGTH] * len(rows),  # packed rows are always MAX_LENGTH wide
+        )
+        | {"effective": {"bf16": cfg.train.bf16, "compile": cfg.train.compile}}
+        | ({"profile": shares} if profile else {})
+    )
+
+
+PROFILE_GROUPS = {  # torch profiler op -> where its self CPU time goes (anything else: "elementwise, other")
+    "matmuls (projections, LM head)": ("aten::mm", "aten::addmm", "aten::addmm_"),
+    "attention (packed, per example)": ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data"),
+    "optimizer, gradient norm": ("aten::_fused_adamw_", "aten::_foreach_norm", "aten::linalg_vector_norm", "aten::_foreach_mul_"),
+    "casts, copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::fill_", "aten::zero_"),
+}
+
+
+def profiled(run, steps: int) -> tuple[object, dict[str, float]]:
+    """``run()`` under torch's profiler, the first optimizer step skipped (it warms up); the shares of self CPU
+    time in each of ``PROFILE_GROUPS``. Steps are counted by wrapping the loop's ``optimizer_step``."""
+    from torch.profiler import profile, schedule
+
+    from posttrain.train import loop
+
+    original = loop.optimizer_step
+    with profile(schedule=schedule(wait=1, warmup=0, active=max(steps - 1, 1))) as prof:
+
+        def counted(*args, **kwargs):
+            out = original(*args, **kwargs)
+            prof.step()
+            return out
+
+        loop.optimizer_step = counted
+        try:
+            result = run()
+        finally:
+            loop.optimizer_step = original
+    spent: dict[str, float] = {group: 0.0 for group in [*PROFILE_GROUPS, "elementwise, other"]}
+    for event in prof.key_averages():
+        group = next((g for g, ops in PROFILE_GROUPS.items() if event.key in ops), "elementwise, other")
+        if event.key.startswith("aten::") or event.key.startswith("posttrain"):
+            spent[group] += event.self_cpu_time_total
+    total = sum(spent.values()) or 1.0
+    return result, {group: value / total for group, value in spent.items()}
 
 
 def worker_trl(spec: dict, overrides: dict) -> dict:
@@ -373,6 +419,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of every run (and of the matmul peak)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed afterwards")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (model, data, runs, logs)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="then one more posttrain run under torch's profiler: where its steps' CPU time goes, by kind of op",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -441,6 +492,20 @@ def main() -> None:
         print(f"matmul peak after the runs: {peaks[1][0]:,.0f} GFLOP/s, {peaks[1][1]}", flush=True)
         if "trl" in errors or "posttrain" in errors:
             raise SystemExit(f"a reference variant failed: {errors}")
+        if args.profile:
+            spec = {
+                "model": str(model_dir),
+                "data": str(data),
+                "lr": args.lr,
+                "steps": args.steps,
+                "out": str(workdir / "runs" / "profile"),
+                "profile": True,
+            }
+            shares = run_worker("posttrain", spec, workdir, index, env)["profile"]
+            print(
+                f"posttrain's steps 2-{args.steps} under torch's profiler, share of the ops' self CPU time: "
+                + ", ".join(f"{g} {100 * v:.1f}%" for g, v in shares.items())
+            )
         report(args, [v for v in variants if results[v]], results, errors, params, max(peaks), trl.__version__)
     finally:
         if args.workdir is None and not args.keep:

@@ -143,7 +143,7 @@ class TrainConfig(Strict):
         "has native bf16 (CUDA with bf16 support; a CPU with AVX512-BF16, AMX or Arm BF16), fp32 otherwise; resolved when the "
         "config is validated, so the saved config says which was used.",
     )
-    compile: bool = Field(False, description="torch.compile each decoder layer (SFT): a few % faster steps on CPU, seconds of compilation first.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (SFT): on a CPU with native bf16, 1.13x faster steps and 0.68x peak memory on a ~40M model (docs/PERFORMANCE.md), after ~13 s of compilation; needs a C++ compiler on CPU.")
     neftune_alpha: float | None = Field(None, gt=0)
     seed: int = 0
     log_every: int = Field(1, gt=0)
