@@ -344,3 +344,10 @@ def test_seeds_run_the_pipeline_once_per_seed_and_summarize_the_gains(tmp_path):
             low, high = row["interval"]
             assert low <= row["mean"] <= high
     assert "over 2 seeds" in result.output and "95% interval" in result.output
+    # the stages no seed enters ran once: seed 1 reused seed 0's prompts and starting-model evaluation
+    for name in ("prompts", "eval-start"):
+        runs = [json.loads((out / f"seed-{s}" / name / "stage.json").read_text())["run"] for s in (0, 1)]
+        assert runs[0] == runs[1], name
+    sample = [json.loads((out / f"seed-{s}" / "sample" / "stage.json").read_text())["run"] for s in (0, 1)]
+    assert sample[0] != sample[1]
+    assert "eval-start: reused" in result.output

@@ -6,11 +6,17 @@ from ``prompts.seed``) are the same in every run, so the runs' gains are paired 
 ``OUTPUT_DIR/seeds.json`` and the printed table give, per split and accuracy, each run's final − start gain (DPO or GRPO),
 their mean and range, and the 95% bootstrap interval of the mean gain (prompts resampled once for all runs:
 :func:`posttrain.demo.intervals.seed_gain_intervals`).
+
+The stages no seed enters (the prompts, and the starting model's greedy evaluations: ``eval-start`` and, with
+``--full-ifeval``, ``eval-full-start``, 20 s and 2.5 minutes on machine F) run once: each later run starts
+with seed 0's copies, which its pipeline reuses where their keys match its own (:func:`share_seedless`), so
+every run's gains are measured from the same starting scores.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,21 @@ def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
     return out
 
 
+SEEDLESS = ("prompts", "eval-start", "eval-full-start")  # stages whose keys hold no seed
+
+
+def share_seedless(first: Path, other: Path) -> list[str]:
+    """Copy ``first``'s finished :data:`SEEDLESS` stages into ``other`` where it has no finished one of its own;
+    returns the names copied. The pipeline still checks each copy's key, so a copy made for other settings runs again."""
+    copied = []
+    for name in SEEDLESS:
+        if (first / name / "stage.json").is_file() and not (other / name / "stage.json").is_file():
+            shutil.rmtree(other / name, ignore_errors=True)
+            shutil.copytree(first / name, other / name)
+            copied.append(name)
+    return copied
+
+
 def run_seeds(cfg: PipelineConfig, n: int, *, console: Any) -> dict[str, Any]:
     """Run the pipeline once per seed, then write and print the seeds' summary."""
     from posttrain.demo.pipeline import run
@@ -71,6 +92,8 @@ def run_seeds(cfg: PipelineConfig, n: int, *, console: Any) -> dict[str, Any]:
     configs = seed_configs(cfg, n)
     for sub in configs:
         console.rule(f"seed {sub.seed} (label seed {sub.label.seed}) -> {sub.output_dir}")
+        if sub is not configs[0]:
+            share_seedless(Path(configs[0].output_dir), Path(sub.output_dir))
         run(sub, console=console)
     summary = summarize([Path(c.output_dir) for c in configs], [c.seed for c in configs])
     root = Path(cfg.output_dir)
