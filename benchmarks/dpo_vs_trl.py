@@ -77,7 +77,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import build_model  # the same model recipe as the SFT benchmark
+from sft_vs_trl import build_model, tool_env  # the same model recipe as the SFT benchmark; env of a tool's worker
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "orca_dpo_pairs_validation.jsonl"
 MAX_LENGTH = 512
@@ -200,7 +200,7 @@ def run_worker(variant: str, spec: dict, workdir: Path, index: int, env: dict) -
     env = dict(env, POSTTRAIN_CACHE=str(caches / "posttrain"), HF_DATASETS_CACHE=str(caches / "hf-datasets"))
     log = (workdir / f"log-{index}-{variant}.txt").open("w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=tool_env(env, VARIANTS[variant][0]), stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()

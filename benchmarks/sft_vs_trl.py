@@ -68,6 +68,18 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Read before anything here imports posttrain, which sets a default for it (posttrain/__init__.py): see tool_env.
+CALLER_ONEDNN_CACHE = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+
+def tool_env(env: dict, tool: str) -> dict:
+    """``env`` for one of ``tool``'s workers. Importing posttrain in this process set oneDNN's primitive cache
+    capacity in ``os.environ``; a TRL worker gets the caller's own setting (or none), as TRL's users run it."""
+    if tool == "posttrain" or CALLER_ONEDNN_CACHE is not None:
+        return env
+    return {k: v for k, v in env.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval_input_response_data_gpt4_20231107_145030.jsonl"
 MAX_LENGTH = 512
 BATCH = 8  # sequences per step for TRL (padded), rows of MAX_LENGTH per step for packed runs
@@ -157,7 +169,7 @@ def run_worker(variant: str, spec: dict, workdir: Path, index: int, env: dict) -
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--spec", json.dumps(spec), "--result", str(result_path)]
     log = (workdir / f"log-{index}-{variant}.txt").open("w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=tool_env(env, VARIANTS[variant][0]), stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
