@@ -245,7 +245,9 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
     )
 
 
-PROFILE_GROUPS = {  # torch profiler op -> where its self CPU time goes (anything else: "elementwise, other")
+# torch profiler op -> where its self CPU time goes; anything else, the packed attention op's own Python time
+# included (posttrain::..., under 1% of a step), is "elementwise, other"
+PROFILE_GROUPS = {
     "matmuls (projections, LM head)": ("aten::mm", "aten::addmm", "aten::addmm_"),
     "attention (packed, per example)": ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data"),
     "optimizer, gradient norm": ("aten::_fused_adamw_", "aten::_foreach_norm", "aten::linalg_vector_norm", "aten::_foreach_mul_"),
