@@ -227,10 +227,11 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
             "output_dir": spec["out"],
         }
     )
-    profile = spec.get("profile")
-    result = profiled(lambda: sft.train(cfg), spec["steps"]) if profile else sft.train(cfg)
-    if profile:
-        result, shares = result
+    shares = None
+    if spec.get("profile"):
+        result, shares = profiled(lambda: sft.train(cfg), spec["steps"])
+    else:
+        result = sft.train(cfg)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return (
         summarize(
@@ -241,7 +242,7 @@ def worker_posttrain(spec: dict, overrides: dict) -> dict:
             [BATCH * MAX_LENGTH] * len(rows),  # packed rows are always MAX_LENGTH wide
         )
         | {"effective": {"bf16": cfg.train.bf16, "compile": cfg.train.compile}}
-        | ({"profile": shares} if profile else {})
+        | ({"profile": shares} if shares is not None else {})
     )
 
 

@@ -73,16 +73,13 @@ def summarize(runs: list[Path], seeds: list[int]) -> dict[str, Any]:
 SEEDLESS = ("prompts", "eval-start", "eval-full-start")  # stages whose keys hold no seed
 
 
-def share_seedless(first: Path, other: Path) -> list[str]:
-    """Copy ``first``'s finished :data:`SEEDLESS` stages into ``other`` where it has no finished one of its own;
-    returns the names copied. The pipeline still checks each copy's key, so a copy made for other settings runs again."""
-    copied = []
+def share_seedless(first: Path, other: Path) -> None:
+    """Copy ``first``'s finished :data:`SEEDLESS` stages into ``other`` where it has no finished one of its own.
+    The pipeline still checks each copy's key, so a copy made for other settings runs again."""
     for name in SEEDLESS:
         if (first / name / "stage.json").is_file() and not (other / name / "stage.json").is_file():
             shutil.rmtree(other / name, ignore_errors=True)
             shutil.copytree(first / name, other / name)
-            copied.append(name)
-    return copied
 
 
 def run_seeds(cfg: PipelineConfig, n: int, *, console: Any) -> dict[str, Any]:

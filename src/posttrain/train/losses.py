@@ -80,10 +80,9 @@ class _LinearTargetLogps(torch.autograd.Function):
         grad = F.pad(grad, (0, h.shape[0] - ctx.n)).float()  # the padding rows get no gradient
         with torch.autocast(h.device.type, enabled=False):
             if _pieces(h):
-                grads = _backward_by_columns(h, weight, bias, y, lse, grad, ctx.dtype, need_h, need_w, need_b)
+                grad_h, grad_w, grad_b = _backward_by_columns(h, weight, bias, y, lse, grad, ctx.dtype, need_h, need_w, need_b)
             else:
-                grads = _backward_by_rows(h, weight, bias, y, lse, grad, ctx.dtype, ctx.chunk, need_h, need_w, need_b)
-        grad_h, grad_w, grad_b = grads
+                grad_h, grad_w, grad_b = _backward_by_rows(h, weight, bias, y, lse, grad, ctx.dtype, ctx.chunk, need_h, need_w, need_b)
         return (
             None if grad_h is None else grad_h[: ctx.n],
             None if grad_w is None else grad_w.to(weight.dtype),
