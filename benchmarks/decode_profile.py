@@ -20,7 +20,9 @@ Not a test: run it by hand, with nothing else running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import time
 from datetime import date
@@ -35,6 +37,7 @@ from posttrain.models.fetch import is_fetched
 from posttrain.models.load import cache_kwarg, load_model
 
 REAL_MODEL = "smollm2-135m-instruct"
+ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "posttrain::attention")  # the last: the C kernel's profiler scope
 
 
 def prefilled(model, rows: int, length: int):
@@ -63,14 +66,59 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
             decoder.step(tokens, positions + 1 + steps + i)
     spent = {"mm": 0.0, "bmm": 0.0, "other": 0.0}
     for e in prof.key_averages():
-        group = "mm" if e.key == "aten::mm" else "bmm" if e.key in ("aten::bmm", "aten::baddbmm") else "other"
+        group = "mm" if e.key == "aten::mm" else "bmm" if e.key in ATTENTION_OPS else "other"
         spent[group] += e.self_cpu_time_total
     total = sum(spent.values())
     step = statistics.median(times)
     return (
         f"{step * 1e3:.1f} ms a step, {rows / step:.0f} tok/s, {rows * 2 * n_params / step / 1e9:.0f} GFLOP/s; profile: projections' mm "
-        f"{100 * spent['mm'] / total:.0f}%, attention's bmm {100 * spent['bmm'] / total:.0f}%, the rest {100 * spent['other'] / total:.0f}%"
+        f"{100 * spent['mm'] / total:.0f}%, attention ({'our kernel' if decoder.kernel else 'bmm'}) {100 * spent['bmm'] / total:.0f}%, "
+        f"the rest {100 * spent['other'] / total:.0f}%"
     )
+
+
+def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
+    """Whole bf16 decode steps with attention through our C kernel (``generate/attention_kernel.c``, its key/value
+    layouts) against torch's batched matmuls (blocks of BLOCK columns), two decoders on the same prefilled cache,
+    alternating rounds of ``steps`` steps; the median step of each and whether their logits agree."""
+    cache = prefilled(model, rows, length)
+    decoders = {}
+    for kernel in (True, False):
+        with torch_attention(not kernel):
+            decoders[kernel] = FastDecoder(model)
+            decoders[kernel].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
+    if not decoders[True].kernel:
+        return f"{rows} rows: the attention kernel is not used here (no AVX512-BF16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
+    tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
+    logits = {kernel: decoder.step(tokens, positions).float() for kernel, decoder in decoders.items()}
+    agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+    times = {True: [], False: []}
+    for r in range(rounds):
+        for kernel, decoder in decoders.items():
+            for i in range(steps):
+                start = time.perf_counter()
+                decoder.step(tokens, positions + 1 + r * steps + i)
+                times[kernel].append(time.perf_counter() - start)
+    ms = {kernel: statistics.median(t) * 1e3 for kernel, t in times.items()}
+    return (
+        f"{rows} rows, whole steps: attention kernel {ms[True]:.1f} ms, torch's bmm {ms[False]:.1f} ms "
+        f"(kernel/bmm {ms[True] / ms[False]:.2f}; {rounds} alternating rounds of {steps}); same next token on {100 * agree:.0f}% of rows"
+    )
+
+
+@contextlib.contextmanager
+def torch_attention(on: bool = True):
+    """Decoders started inside use torch's attention (plain blocks) rather than the C kernel."""
+    before = os.environ.get("POSTTRAIN_CPU_KERNELS")
+    if on:
+        os.environ["POSTTRAIN_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("POSTTRAIN_CPU_KERNELS", None)
+        else:
+            os.environ["POSTTRAIN_CPU_KERNELS"] = before
 
 
 def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
@@ -84,8 +132,9 @@ def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> 
     for name, cut in (("blocks", False), ("cut", True)):
         kv_blocks.cuts = lambda dtype, cut=cut: cut  # the layout KVBlocks.zeros picks for this decoder
         try:
-            decoders[name] = FastDecoder(model)
-            decoders[name].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
+            with torch_attention():  # torch's layouts, not the C kernel's
+                decoders[name] = FastDecoder(model)
+                decoders[name].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
         finally:
             kv_blocks.cuts = made_by
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
@@ -236,6 +285,8 @@ def main() -> None:
             for r in rows:
                 print(f"  {precision} {r} rows: {step_profile(model, r, args.cache, args.steps, n_params)}", flush=True)
                 print(f"  {precision} {step_layouts(model, r, args.cache, args.steps)}", flush=True)
+                if bf16:
+                    print(f"  {precision} {step_kernel(model, r, args.cache, args.steps)}", flush=True)
                 if 1 < r < NARROW and not bf16:
                     print(f"  {precision} {step_narrow(model, r, args.cache, args.steps)}", flush=True)
             print(f"  {precision} {padded_spans(model, rows[-1], torch.bfloat16 if bf16 else torch.float32)}", flush=True)

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from posttrain.generate import attention_kernel
 from posttrain.generate.intervene import Intervention
 from posttrain.generate.kv_blocks import KVBlocks, attend, block_rows, round_up, step_bias
 
@@ -311,13 +312,16 @@ class FastDecoder:
         rows, width = mask.shape
         self.max_rows = max(capacity, rows)
         columns = round_up(width + 2 * max_new_tokens)
+        first = cache.layers[0].keys
+        # bf16 on a CPU with AVX512-BF16: attention through our C kernel, on buffers in its layouts (attention_kernel.py)
+        self.kernel = attention_kernel.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
+        layouts = ("keys", "values") if self.kernel else ("plain", "plain")
         self.keys, self.values = [], []
         for layer in cache.layers:
-            k, v = layer.keys, layer.values
-            kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, k)
-            vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, v)
-            kb.write(slice(None), 0, k)
-            vb.write(slice(None), 0, v)
+            kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.keys, layouts[0])
+            vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.values, layouts[1])
+            kb.write(slice(None), 0, layer.keys)
+            vb.write(slice(None), 0, layer.values)
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
@@ -480,8 +484,9 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
         cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
         sin_low, sin_high = sin[:half], sin[half:]
-        bias = step_bias(self.bias, rows, t, self.keys[0].span(t))
-        spans = block_rows(bias, self.keys[0].block)  # the rows each block of the cache is multiplied for
+        if not self.kernel:
+            bias = step_bias(self.bias, rows, t, self.keys[0].span(t))
+            spans = block_rows(bias, self.keys[0].block)  # the rows each block of the cache is multiplied for
         steer = self._steering_rows()
         for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
             qkv = self._project(layer.qkv, _normed(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
@@ -495,7 +500,10 @@ class FastDecoder:
             keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
             values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
             q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
-            attn = attend(q, keys, values, bias, spans)  # (rows, heads x head dim)
+            if self.kernel:
+                attn = attention_kernel.attend(q, keys, values, self.bias, rows, t + 1)  # (rows, heads x head dim)
+            else:
+                attn = attend(q, keys, values, bias, spans)
             x = x + self._project(layer.o, attn.T, layer, "o")
             gate, up = self._project(layer.gate_up, _normed(x, layer.eps2), layer, "gate_up").chunk(2)  # (intermediate, rows) each
             x = x + self._project(layer.down, layer.act(gate).mul_(up), layer, "down")

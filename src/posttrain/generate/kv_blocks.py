@@ -36,28 +36,47 @@ def cuts(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+PAIRED = ("keys", "values")  # the attention kernel's layouts (attention_kernel.c), beside torch's "plain"
+
+
 class KVBlocks:
     """One layer's keys or values; ``data`` is ``(blocks, rows, kv heads, block, head dim)``, ``block`` being
     ``BLOCK`` or, in float32 (:func:`cuts`), every column in one block. ``cut``: attention reads the columns up to
-    the current one (a strided slice of the last block) rather than whole blocks."""
+    the current one (a strided slice of the last block) rather than whole blocks.
 
-    def __init__(self, data: torch.Tensor, cut: bool = False):
+    ``layout``: ``"plain"`` as above, for torch's :func:`attend`; or the C kernel's
+    (:mod:`posttrain.generate.attention_kernel`), ``(rows, kv heads, blocks, tile)`` so that a row's head is one
+    stretch of memory read front to back (blocks first, 1.2-1.5x slower there), each block of ``BLOCK`` columns a
+    tile laid out for AVX512-BF16's pairwise dot products: ``"keys"`` ``(head dim / 2, BLOCK, 2)``, features in pairs
+    with 16 columns side by side in a register, so the scores of 16 columns come out of one accumulator with no
+    sum across it; ``"values"`` ``(BLOCK / 2, head dim, 2)``, columns in pairs with the features side by side.
+    :meth:`write` and :meth:`read` take and give columns as ``(rows, kv heads, columns, head dim)`` whatever
+    the layout."""
+
+    def __init__(self, data: torch.Tensor, cut: bool = False, layout: str = "plain"):
         self.data = data
         self.cut = cut
+        self.layout = layout
+        self.block = {"plain": data.shape[3], "keys": data.shape[-2], "values": 2 * data.shape[3]}[layout]
+        self.row_dim = 1 if layout == "plain" else 0
 
     @classmethod
-    def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor) -> KVBlocks:
+    def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor, layout: str = "plain") -> KVBlocks:
         columns = round_up(columns)
+        if layout == "keys":
+            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, head_dim // 2, BLOCK, 2)), layout=layout)
+        if layout == "values":
+            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 2, head_dim, 2)), layout=layout)
         block = columns if cuts(like.dtype) else BLOCK
         return cls(like.new_zeros((columns // block, rows, kv_heads, block, head_dim)), cut=cuts(like.dtype))
 
     @property
     def rows(self) -> int:
-        return self.data.shape[1]
+        return self.data.shape[self.row_dim]
 
-    @property
-    def block(self) -> int:
-        return self.data.shape[3]
+    def tile(self, block: int) -> torch.Tensor:
+        """Block ``block`` of every row: (rows, kv heads, *its tile's shape in this layout)."""
+        return self.data[block] if self.row_dim else self.data[:, :, block]
 
     def span(self, t: int) -> int:
         """The columns a step at column ``t`` attends over: ``t + 1`` where the buffer is cut there, else whole blocks."""
@@ -69,8 +88,26 @@ class KVBlocks:
         while c < end:
             block, offset = divmod(c, self.block)
             n = min(self.block - offset, end - c)
-            self.data[block, rows, :, offset : offset + n] = src[:, :, c - start : c - start + n]
+            self._put(block, rows, offset, src[:, :, c - start : c - start + n])
             c += n
+
+    def _put(self, block: int, rows: slice | torch.Tensor, offset: int, piece: torch.Tensor) -> None:
+        """Columns ``offset ..`` of one block set to ``piece`` (rows, kv heads, columns, head dim)."""
+        n, tile = piece.shape[2], self.tile(block)
+        if self.layout == "plain":
+            tile[rows, :, offset : offset + n] = piece
+        elif self.layout == "keys":
+            tile[rows, :, :, offset : offset + n] = piece.unflatten(-1, (-1, 2)).transpose(2, 3)
+        else:  # values, columns in pairs: a column whose partner is not written here goes alone
+            lo, hi = offset, offset + n
+            if lo % 2:
+                tile[rows, :, lo // 2, :, 1] = piece[:, :, 0]
+                lo += 1
+            if hi % 2 and hi > lo:
+                tile[rows, :, hi // 2, :, 0] = piece[:, :, hi - 1 - offset]
+                hi -= 1
+            if hi > lo:
+                tile[rows, :, lo // 2 : hi // 2] = piece[:, :, lo - offset : hi - offset].unflatten(2, (-1, 2)).transpose(3, 4)
 
     def read(self, start: int, end: int) -> torch.Tensor:
         """A copy of columns ``[start, end)`` of every row: (rows, kv heads, end - start, head dim)."""
@@ -78,22 +115,39 @@ class KVBlocks:
         while c < end:
             block, offset = divmod(c, self.block)
             n = min(self.block - offset, end - c)
-            pieces.append(self.data[block, :, :, offset : offset + n])
+            pieces.append(self._columns(block)[:, :, offset : offset + n])
             c += n
         if not pieces:
-            return self.data.new_zeros((self.rows, self.data.shape[2], 0, self.data.shape[4]))
+            tile = self.tile(0)
+            head_dim = {"plain": tile.shape[3], "keys": 2 * tile.shape[2], "values": tile.shape[3]}[self.layout]
+            return self.data.new_zeros((self.rows, tile.shape[1], 0, head_dim))
         return torch.cat(pieces, dim=2)
 
+    def _columns(self, block: int) -> torch.Tensor:
+        """One block as (rows, kv heads, columns, head dim): the data itself in the plain layout, else a copy."""
+        tile = self.tile(block)
+        if self.layout == "plain":
+            return tile
+        if self.layout == "keys":
+            return tile.transpose(2, 3).flatten(-2)
+        return tile.transpose(-1, -2).flatten(2, 3)
+
     def grow_rows(self, extra: int) -> None:
-        self.data = torch.cat([self.data, self.data.new_zeros((self.data.shape[0], extra, *self.data.shape[2:]))], dim=1)
+        shape = list(self.data.shape)
+        shape[self.row_dim] = extra
+        self.data = torch.cat([self.data, self.data.new_zeros(shape)], dim=self.row_dim)
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.data[:, dst] = self.data[:, src]
+        if self.row_dim:
+            self.data[:, dst] = self.data[:, src]
+        else:
+            self.data[dst] = self.data[src]
 
     def resized(self, columns: int) -> KVBlocks:
-        """Empty buffers of the same rows with ``columns`` columns (rounded up to whole blocks)."""
-        rows, kv, _, d = self.data.shape[1:]
-        return KVBlocks.zeros(rows, kv, columns, d, self.data)
+        """Empty buffers of the same rows and layout with ``columns`` columns (rounded up to whole blocks)."""
+        part = self.read(0, 0)
+        rows, kv, _, d = part.shape
+        return KVBlocks.zeros(rows, kv, columns, d, self.data, self.layout)
 
 
 def step_bias(bias: torch.Tensor, rows: int, t: int, span: int) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""The fast decoder's bf16 attention on CPUs with AVX512-BF16: a C kernel of our own, built on first use.
+
+Why our own: a bf16 decode step's attention is, per row and key/value head, a few queries against that
+row's cache (SmolLM2: 3 x 64 by 64 x columns), and torch's CPU ``bmm`` runs such products one small
+matrix at a time, reading the cache at a fraction of the machine's bandwidth; its fused SDPA and a
+``torch.compile``d attention were slower still (docs/PERFORMANCE.md). ``attention_kernel.c`` does each
+(row, key/value head) in one pass over its columns with AVX512-BF16 dot products, the softmax in float32
+registers and the weighted sum of values, on torch's own OpenMP threads; it skips masked columns (a short
+prompt's left padding) without reading them. Figures: docs/PERFORMANCE.md (``benchmarks/decode_profile.py``).
+
+Built with the system's C compiler (``$CC``, else ``cc``) and ``-march=native`` into
+``$POSTTRAIN_CACHE/kernels/`` the first time a bf16 decode needs it (about a second), keyed by the source,
+the flags and the CPU, so a cache shared between machines never hands one a library built for another.
+Where there is no compiler, the CPU lacks AVX512-BF16, the head size is not 64 or 128 or more than 8 query
+heads share a key/value head, the decoder uses torch's path (:func:`posttrain.generate.kv_blocks.attend`),
+which computes the same attention with bf16 rounding of the scores and probabilities. ``POSTTRAIN_CPU_KERNELS=0``
+turns the kernel off (benchmarks compare the two that way).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.cache_root import cache_dir
+from posttrain.generate.kv_blocks import PAIRED, KVBlocks
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attention_kernel.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 8  # query heads a key/value head may serve
+
+_library: ctypes.CDLL | None = None
+_loaded = False
+
+
+def enabled() -> bool:
+    """False when ``POSTTRAIN_CPU_KERNELS=0`` is set."""
+    return os.environ.get("POSTTRAIN_CPU_KERNELS", "1") != "0"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> ctypes.CDLL | None:
+    """The kernel's library, compiled now if no cached build matches; None where it cannot be built or run here."""
+    flags = _cpu_flags()
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in flags.split():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: the bf16 decode attention uses torch's batched matmuls")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), flags.encode()])).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"attention-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                log.warning(
+                    "building %s failed (%s); the bf16 decode attention uses torch's path:\n%s", SOURCE.name, compiler, done.stderr[-2000:]
+                )
+                return None
+            os.replace(built, path)  # atomic: a process building at the same time finds a whole file or none
+        log.info("built %s in %.1f s: %s", SOURCE.name, time.perf_counter() - start, path)
+    library = ctypes.CDLL(str(path))
+    if library.posttrain_attention_available() != 1:
+        return None
+    library.posttrain_attend.restype = ctypes.c_int
+    library.posttrain_attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 4 + [ctypes.c_int]
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel (built on the first call), or None where it is off or cannot be used here."""
+    global _library, _loaded
+    if not enabled():
+        return None
+    if not _loaded:
+        _library, _loaded = _build(), True
+    return _library
+
+
+def usable(dtype: torch.dtype, device: torch.device, group: int, head_dim: int) -> bool:
+    """Whether :func:`attend` serves a decode in ``dtype`` on ``device`` with these head sizes."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP:
+        return False
+    return library() is not None
+
+
+def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Attention of one query per row over columns ``[0, columns)`` of the cache, as :func:`kv_blocks.attend` computes it.
+
+    ``keys`` and ``values`` in the kernel's layouts (``KVBlocks.zeros(..., layout="keys")``, ``"values"``);
+    ``q`` (rows x kv heads, group, head dim) bf16, already scaled; ``bias`` the decoder's whole float32 mask
+    (capacity rows, buffer columns), of which the first ``rows`` rows and ``columns`` columns count. Returns
+    (rows, kv heads x group x head dim) bf16. Only where :func:`usable` said so."""
+    batch, group, d = q.shape
+    kv = batch // rows
+    q = q.contiguous()
+    if (keys.layout, values.layout) != PAIRED or keys.data.stride()[:3] != values.data.stride()[:3] or bias.stride(1) != 1:
+        raise ValueError("the attention kernel needs keys and values in its layouts (KVBlocks 'keys', 'values') and a row-major mask")
+    if keys.data.dtype != torch.bfloat16 or bias.dtype != torch.float32:
+        raise ValueError(f"the attention kernel takes bf16 keys and a float32 mask, not {keys.data.dtype} and {bias.dtype}")
+    out = q.new_empty((rows, kv * group * d))
+    with torch.profiler.record_function("posttrain::attention"):  # so torch's profiler counts the kernel's time
+        status = _library.posttrain_attend(  # loaded: the decoder asked usable() when it started
+            q.data_ptr(),
+            keys.data.data_ptr(),
+            values.data.data_ptr(),
+            bias.data_ptr(),
+            out.data_ptr(),
+            rows,
+            kv,
+            group,
+            d,
+            keys.block,
+            columns,
+            *keys.data.stride()[:3],  # (rows, kv heads, blocks, tile): a row's, a head's and a block's strides
+            bias.stride(0),
+            torch.get_num_threads(),
+        )
+    if status != 0:
+        raise ValueError(f"the attention kernel does not take {group} queries per key/value head of {d} features")
+    return out

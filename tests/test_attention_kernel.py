@@ -1,0 +1,225 @@
+"""The bf16 decode attention kernel (generate/attention_kernel.c): the same attention as torch's path and as a
+plain float32 softmax, over blocks, left padding, spare row capacity and both head sizes; built, cached and
+refused where it cannot run. Skipped on CPUs without AVX512-BF16 (the kernel is never used there)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from posttrain.generate import attention_kernel
+from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, step_bias
+
+needs_kernel = pytest.mark.skipif(
+    not attention_kernel.usable(torch.bfloat16, torch.device("cpu"), 3, 64), reason="no AVX512-BF16 or no C compiler here"
+)
+
+
+def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts: list[int], seed: int = 0):
+    """bf16 q, keys and values in blocks with ``capacity`` rows (the first ``rows`` in use), a float32 mask over the
+    buffer's columns with row r's columns before ``starts[r]`` masked, and the float32 reference attention."""
+    gen = torch.Generator().manual_seed(seed)
+    columns = -(-(t + 1) // BLOCK) * BLOCK + BLOCK  # a spare block past the current column, as the decoder keeps
+    k, v = (torch.randn(capacity, kv, t + 1, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    q = (torch.randn(rows * kv, group, d, generator=gen) / d**0.5).to(torch.bfloat16)
+    keys, values = (KVBlocks.zeros(capacity, kv, columns, d, k, layout) for layout in ("keys", "values"))
+    keys.write(slice(None), 0, k)
+    values.write(slice(None), 0, v)
+    mask = torch.zeros(capacity, columns)
+    for r, first in enumerate(starts):
+        mask[r, :first] = float("-inf")
+    want = []
+    for r, first in enumerate(starts):
+        qr = q.view(rows, kv, group, d)[r].float()
+        probs = (qr @ k[r, :, first:].float().transpose(1, 2)).softmax(-1)
+        want.append((probs @ v[r, :, first:].float()).reshape(-1))
+    return q, keys, values, mask, torch.stack(want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group, d", [(3, 64), (7, 128), (1, 64), (8, 128)])
+def test_the_kernel_equals_a_float32_softmax_and_torchs_path(group, d):
+    """Rows left-padded by different amounts (one with nothing in the first two blocks), a last block cut at
+    the current column, more rows in the buffer than in use: the kernel's output is the float32 attention
+    rounded once to bf16, and within bf16 rounding of torch's path (which rounds scores and probabilities)."""
+    rows, kv, t = 4, 2, 150
+    starts = [0, 17, 64, 130]
+    q, keys, values, mask, want = _case(rows, rows + 3, kv, group, d, t, starts)
+    got = attention_kernel.attend(q, keys, values, mask, rows, t + 1)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, kv * group * d)
+    # one rounding to bf16 of the float32 result: within half a bf16 ulp of it, plus the exponential's 1e-7
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
+    plain = [KVBlocks.zeros(rows + 3, kv, mask.shape[1], d, q) for _ in range(2)]
+    for buffer, paired in zip(plain, (keys, values)):
+        buffer.write(slice(None), 0, paired.read(0, t + 1))
+    bias = step_bias(mask, rows, t, keys.span(t))
+    torchs = attend(q, *plain, bias, block_rows(bias, BLOCK))
+    torch.testing.assert_close(got.float(), torchs.float(), rtol=2e-2, atol=2e-2)
+    # and the kernel is closer to the float32 truth than torch's bf16 products are
+    assert (got.float() - want).abs().mean() < (torchs.float() - want).abs().mean()
+
+
+@needs_kernel
+def test_a_row_with_every_column_masked_gives_zeros_and_columns_past_the_count_are_not_read():
+    """A row with nothing to attend to (a free row) gives zeros, not NaN; columns at and past ``columns`` are never
+    read: filling them with NaN changes nothing."""
+    rows, kv, group, d, t = 3, 3, 3, 64, 70
+    q, keys, values, mask, want = _case(rows, rows, kv, group, d, t, [0, 5, 0])
+    mask[2] = float("-inf")
+    unwritten = torch.full((rows, kv, 2 * BLOCK - t - 1, d), float("nan"), dtype=torch.bfloat16)
+    keys.write(slice(None), t + 1, unwritten)  # columns 71..127, the rest of block 1
+    values.write(slice(None), t + 1, unwritten)
+    got = attention_kernel.attend(q, keys, values, mask, rows, t + 1).float()
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got[:2], want[:2].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
+
+
+@needs_kernel
+def test_the_fast_decoder_uses_the_kernel_in_bf16_and_its_logits_match_torchs_path(monkeypatch, tiny_llama_bf16):
+    """A bf16 decode step through the kernel gives the logits of the same step through torch's attention, to bf16
+    rounding; POSTTRAIN_CPU_KERNELS=0 switches the kernel off."""
+    from posttrain.generate.fast import FastDecoder
+
+    model, ids, mask, positions = tiny_llama_bf16
+    calls = []
+    real = attention_kernel.attend
+    monkeypatch.setattr(attention_kernel, "attend", lambda *a: calls.append(a[-1]) or real(*a))
+    logits = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", setting)
+        with torch.inference_mode():
+            decoder = FastDecoder(model)
+            decoder.start(_prefill(model, ids[:, :-1], mask[:, :-1]), mask[:, :-1], max_new_tokens=4)
+            logits[setting] = decoder.step(ids[:, -1], positions[:, -1]).float()
+    assert calls == [ids.shape[1]] * model.config.num_hidden_layers  # every layer, over every column, with the kernel on only
+    torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-2, atol=5e-2)
+    assert logits["1"].argmax(-1).tolist() == logits["0"].argmax(-1).tolist()
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    from transformers import DynamicCache
+
+    from posttrain.models.load import cache_kwarg
+
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): cache}, use_cache=True)
+    return cache
+
+
+@needs_kernel
+def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_torchs(monkeypatch, tiny_llama_bf16):
+    """The engine's buffer operations on the kernel's layouts: a decoder through the kernel and one through torch's
+    attention, fed the same tokens through steps, an admission of a prompt longer than the current column (every
+    kept column moves right), a compaction (a live row moves into a finished one's place) and an admission past the
+    rows in use (the buffers grow). Layer 0's keys and values do not depend on attention, so they must be equal bit
+    for bit in the two layouts after every operation; the logits agree to bf16 rounding."""
+    from posttrain.generate.fast import FastDecoder
+
+    model, ids, mask, _ = tiny_llama_bf16
+    gen = torch.Generator().manual_seed(2)
+    decoders = {}
+    with torch.inference_mode():
+        for setting in ("1", "0"):
+            monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", setting)
+            decoders[setting] = FastDecoder(model)
+            decoders[setting].start(_prefill(model, ids[:, :-1], mask[:, :-1]), mask[:, :-1], max_new_tokens=8, capacity=6)
+        assert decoders["1"].kernel and not decoders["0"].kernel
+        positions = mask[:, :-1].sum(-1)
+
+        def step(positions: torch.Tensor) -> None:
+            tokens = torch.randint(3, model.config.vocab_size, positions.shape, generator=gen)
+            logits = {s: d.step(tokens, positions).float() for s, d in decoders.items()}
+            torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-2, atol=5e-2)
+            t = decoders["1"].length
+            for buffers in ("keys", "values"):
+                a, b = (getattr(d, buffers)[0].read(0, t) for d in decoders.values())
+                assert torch.equal(a, b), buffers
+
+        for _ in range(3):
+            step(positions)
+            positions = positions + 1
+        long = torch.randint(3, model.config.vocab_size, (1, 140), generator=gen)  # longer than the current column
+        for d in decoders.values():
+            d.admit([1], _prefill(model, long, torch.ones_like(long)), torch.ones_like(long), 8, keep=[0, 2])
+        positions = torch.tensor([positions[0], 140, positions[2]])
+        step(positions)
+        positions = positions + 1
+        order = {s: d.compact([1, 2]) for s, d in decoders.items()}  # row 2 moves into row 0
+        assert order["1"] == order["0"] == [2, 1]
+        positions = positions[[2, 1]]
+        step(positions)
+        positions = positions + 1
+        short = torch.randint(3, model.config.vocab_size, (2, 5), generator=gen)
+        for d in decoders.values():
+            d.admit([2, 3], _prefill(model, short, torch.ones_like(short)), torch.ones_like(short), 8, keep=[0, 1])
+        assert decoders["1"].keys[0].rows >= 4
+        positions = torch.cat([positions, torch.tensor([5, 5])])
+        for _ in range(2):
+            step(positions)
+            positions = positions + 1
+
+
+@pytest.fixture
+def tiny_llama_bf16():
+    """A tiny random Llama in bf16 with SmolLM2's head size (64) and grouping (3 queries per key/value head), and a
+    left-padded batch of prompts spanning two blocks of the cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=384, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    lengths = [100, 70, 9]
+    width = max(lengths)
+    ids = torch.randint(3, config.vocab_size, (len(lengths), width + 1), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0] * (width - n) + [1] * (n + 1) for n in lengths])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model, ids, mask, positions
+
+
+def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path, caplog):
+    """A compiler that fails is reported (its output in the log) and the decoder keeps torch's attention; so does
+    POSTTRAIN_CPU_KERNELS=0, without building anything."""
+    monkeypatch.setattr(attention_kernel, "_loaded", False)
+    monkeypatch.setattr(attention_kernel, "_library", None)
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "0")
+    assert attention_kernel.library() is None and not attention_kernel._loaded
+    monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "1")
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with caplog.at_level(logging.WARNING, logger=attention_kernel.__name__):
+        assert not attention_kernel.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
+    if "avx512_bf16" in attention_kernel._cpu_flags().split():  # elsewhere the CPU check refuses before any build
+        assert "no such compiler here" in caplog.text
+        assert not list((tmp_path / "kernels").glob("*.so"))
+    assert not attention_kernel.usable(torch.float32, torch.device("cpu"), 3, 64)
+
+
+@pytest.mark.parametrize("layout", ["plain", "keys", "values"])
+def test_every_layout_holds_the_columns_written_to_it(layout):
+    """Writes at odd and even columns, within and across blocks, to every row or some; rows grown, moved and
+    buffers resized: what :meth:`KVBlocks.read` gives back is what was written, in every layout (runs on any CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(5, 2, 150, 8, generator=gen).to(torch.bfloat16)
+    b = KVBlocks.zeros(5, 2, 200, 8, src, layout)
+    for lo, hi in [(3, 64), (64, 65), (65, 67), (67, 153)]:  # column c of src goes to column c + 3
+        b.write(slice(None), lo, src[:, :, lo - 3 : hi - 3])
+    assert torch.equal(b.read(3, 153), src)
+    other = torch.randn(2, 2, 5, 8, generator=gen).to(torch.bfloat16)
+    b.write(torch.tensor([1, 3]), 77, other)  # some rows, starting at an odd column
+    got = b.read(3, 153)
+    assert torch.equal(got[[1, 3], :, 74:79], other) and torch.equal(got[[0, 2, 4]], src[[0, 2, 4]])
+    b.grow_rows(2)
+    b.move_rows(torch.tensor([5, 6]), torch.tensor([0, 2]))
+    assert b.rows == 7 and torch.equal(b.read(3, 153)[5:], src[[0, 2]])
+    wider = b.resized(300)
+    assert (wider.layout, wider.rows, wider.read(0, 0).shape) == (layout, 7, (7, 2, 0, 8))
