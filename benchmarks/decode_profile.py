@@ -78,7 +78,7 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
 
 
 def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
-    """Whole bf16 decode steps with attention through our C kernel (``generate/attention_kernel.c``, its key/value
+    """Whole bf16 decode steps with attention through our C kernel (``generate/decode_kernels.c``, its key/value
     layouts) against torch's batched matmuls (blocks of BLOCK columns), two decoders on the same prefilled cache,
     alternating rounds of ``steps`` steps; the median step of each and whether their logits agree."""
     cache = prefilled(model, rows, length)

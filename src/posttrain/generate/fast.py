@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.generate import attention_kernel
+from posttrain.generate import decode_kernels
 from posttrain.generate.intervene import Intervention
 from posttrain.generate.kv_blocks import KVBlocks, attend, block_rows, round_up, step_bias
 
@@ -283,6 +283,7 @@ class FastDecoder:
         self.lm_bias = base.lm_head.bias
         self.adapters = list(adapters)
         self.layers = [_Layer(layer, self.adapters) for layer in base.model.layers]
+        self.silu = getattr(config, "hidden_act", None) == "silu"  # the MLP's activation, which decode_kernels.silu_mul fuses
         self.rows = 0
         self.adapter_of: list[int] = []  # each row's adapter index (0: the base model)
         self.intervention_of: list[Intervention | None] = []  # each row's steering (its boost is in ``bias``)
@@ -313,8 +314,8 @@ class FastDecoder:
         self.max_rows = max(capacity, rows)
         columns = round_up(width + 2 * max_new_tokens)
         first = cache.layers[0].keys
-        # bf16 on a CPU with AVX512-BF16: attention through our C kernel, on buffers in its layouts (attention_kernel.py)
-        self.kernel = attention_kernel.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
+        # bf16 on a CPU with AVX512-BF16: attention through our C kernel, on buffers in its layouts (decode_kernels.py)
+        self.kernel = decode_kernels.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
         layouts = ("keys", "values") if self.kernel else ("plain", "plain")
         self.keys, self.values = [], []
         for layer in cache.layers:
@@ -482,31 +483,41 @@ class FastDecoder:
         # the hidden state is (hidden, rows): features down the columns, each projection's W @ x as it comes
         x = self.embed(tokens).T.contiguous()
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
-        cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
-        sin_low, sin_high = sin[:half], sin[half:]
-        if not self.kernel:
+        kernel = self.kernel  # bf16 on AVX512-BF16: norms, rotary and writes, attention, SiLU through decode_kernels
+        if kernel:
+            cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # (rows, head dim)
+        else:
+            cos, sin = cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()  # (head dim, rows)
+            sin_low, sin_high = sin[:half], sin[half:]
             bias = step_bias(self.bias, rows, t, self.keys[0].span(t))
             spans = block_rows(bias, self.keys[0].block)  # the rows each block of the cache is multiplied for
+        norm = decode_kernels.rms_norm if kernel else _normed
         steer = self._steering_rows()
         for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
-            qkv = self._project(layer.qkv, _normed(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
+            qkv = self._project(layer.qkv, norm(x, layer.eps1), layer, "qkv")  # (q, k, v features, rows); q scaled
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
-            # rotary embedding of q and k together: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)
-            both = qkv[:qk].view(h + kv, d, rows)
-            rotated = both * cos
-            rotated[:, :half].addcmul_(both[:, half:], sin_low, value=-1)
-            rotated[:, half:].addcmul_(both[:, :half], sin_high)
-            keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
-            values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
-            q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
-            if self.kernel:
-                attn = attention_kernel.attend(q, keys, values, self.bias, rows, t + 1)  # (rows, heads x head dim)
+            if kernel:
+                q = decode_kernels.rotary_write(qkv, cos, sin, h, keys, values, t)
+                attn = decode_kernels.attend(q, keys, values, self.bias, rows, t + 1)  # (rows, heads x head dim)
             else:
+                # rotary embedding of q and k together: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)
+                both = qkv[:qk].view(h + kv, d, rows)
+                rotated = both * cos
+                rotated[:, :half].addcmul_(both[:, half:], sin_low, value=-1)
+                rotated[:, half:].addcmul_(both[:, :half], sin_high)
+                keys.write(slice(0, rows), t, rotated[h:].permute(2, 0, 1)[:, :, None])
+                values.write(slice(0, rows), t, qkv[qk:].view(kv, d, rows).permute(2, 0, 1)[:, :, None])
+                q = rotated[:h].permute(2, 0, 1).reshape(rows * kv, group, d)
                 attn = attend(q, keys, values, bias, spans)
             x = x + self._project(layer.o, attn.T, layer, "o")
-            gate, up = self._project(layer.gate_up, _normed(x, layer.eps2), layer, "gate_up").chunk(2)  # (intermediate, rows) each
-            x = x + self._project(layer.down, layer.act(gate).mul_(up), layer, "down")
+            gate_up = self._project(layer.gate_up, norm(x, layer.eps2), layer, "gate_up")  # (2 x intermediate, rows)
+            if kernel and self.silu:
+                act = decode_kernels.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2)
+                act = layer.act(gate).mul_(up)
+            x = x + self._project(layer.down, act, layer, "down")
             for intervention, index in steer:
                 for s in intervention.at(i):
                     if index is None:

@@ -36,7 +36,7 @@ def cuts(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-PAIRED = ("keys", "values")  # the attention kernel's layouts (attention_kernel.c), beside torch's "plain"
+PAIRED = ("keys", "values")  # the attention kernel's layouts (decode_kernels.c), beside torch's "plain"
 
 
 class KVBlocks:
@@ -45,11 +45,12 @@ class KVBlocks:
     the current one (a strided slice of the last block) rather than whole blocks.
 
     ``layout``: ``"plain"`` as above, for torch's :func:`attend`; or the C kernel's
-    (:mod:`posttrain.generate.attention_kernel`), ``(rows, kv heads, blocks, tile)`` so that a row's head is one
+    (:mod:`posttrain.generate.decode_kernels`), ``(rows, kv heads, blocks, tile)`` so that a row's head is one
     stretch of memory read front to back (blocks first, 1.2-1.5x slower there), each block of ``BLOCK`` columns a
-    tile laid out for AVX512-BF16's pairwise dot products: ``"keys"`` ``(head dim / 2, BLOCK, 2)``, features in pairs
-    with 16 columns side by side in a register, so the scores of 16 columns come out of one accumulator with no
-    sum across it; ``"values"`` ``(BLOCK / 2, head dim, 2)``, columns in pairs with the features side by side.
+    tile laid out for AVX512-BF16's pairwise dot products: ``"keys"`` ``(BLOCK / 16, head dim / 2, 16, 2)``, features
+    in pairs with 16 columns side by side in a register, so the scores of 16 columns come out of one accumulator
+    with no sum across it (and a column written is 16 columns' stretch of memory, not the whole tile's);
+    ``"values"`` ``(BLOCK / 2, head dim, 2)``, columns in pairs with the features side by side.
     :meth:`write` and :meth:`read` take and give columns as ``(rows, kv heads, columns, head dim)`` whatever
     the layout."""
 
@@ -57,14 +58,14 @@ class KVBlocks:
         self.data = data
         self.cut = cut
         self.layout = layout
-        self.block = {"plain": data.shape[3], "keys": data.shape[-2], "values": 2 * data.shape[3]}[layout]
+        self.block = {"plain": data.shape[3], "keys": 16 * data.shape[3], "values": 2 * data.shape[3]}[layout]
         self.row_dim = 1 if layout == "plain" else 0
 
     @classmethod
     def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor, layout: str = "plain") -> KVBlocks:
         columns = round_up(columns)
         if layout == "keys":
-            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, head_dim // 2, BLOCK, 2)), layout=layout)
+            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 16, head_dim // 2, 16, 2)), layout=layout)
         if layout == "values":
             return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 2, head_dim, 2)), layout=layout)
         block = columns if cuts(like.dtype) else BLOCK
@@ -96,8 +97,13 @@ class KVBlocks:
         n, tile = piece.shape[2], self.tile(block)
         if self.layout == "plain":
             tile[rows, :, offset : offset + n] = piece
-        elif self.layout == "keys":
-            tile[rows, :, :, offset : offset + n] = piece.unflatten(-1, (-1, 2)).transpose(2, 3)
+        elif self.layout == "keys":  # a chunk of 16 columns at a time
+            lo = offset
+            while lo < offset + n:
+                hi = min(offset + n, (lo // 16 + 1) * 16)
+                part = piece[:, :, lo - offset : hi - offset].unflatten(-1, (-1, 2)).transpose(2, 3)
+                tile[rows, :, lo // 16, :, lo % 16 : lo % 16 + hi - lo] = part
+                lo = hi
         else:  # values, columns in pairs: a column whose partner is not written here goes alone
             lo, hi = offset, offset + n
             if lo % 2:
@@ -119,7 +125,7 @@ class KVBlocks:
             c += n
         if not pieces:
             tile = self.tile(0)
-            head_dim = {"plain": tile.shape[3], "keys": 2 * tile.shape[2], "values": tile.shape[3]}[self.layout]
+            head_dim = {"plain": tile.shape[3], "keys": 2 * tile.shape[3], "values": tile.shape[3]}[self.layout]
             return self.data.new_zeros((self.rows, tile.shape[1], 0, head_dim))
         return torch.cat(pieces, dim=2)
 
@@ -128,8 +134,8 @@ class KVBlocks:
         tile = self.tile(block)
         if self.layout == "plain":
             return tile
-        if self.layout == "keys":
-            return tile.transpose(2, 3).flatten(-2)
+        if self.layout == "keys":  # (rows, kv, chunks, pairs, 16, 2) -> (rows, kv, chunks, 16, pairs, 2)
+            return tile.transpose(3, 4).flatten(-2).flatten(2, 3)
         return tile.transpose(-1, -2).flatten(2, 3)
 
     def grow_rows(self, extra: int) -> None:

@@ -1,4 +1,4 @@
-"""The bf16 decode attention kernel (generate/attention_kernel.c): the same attention as torch's path and as a
+"""The bf16 decode attention kernel (generate/decode_kernels.c): the same attention as torch's path and as a
 plain float32 softmax, over blocks, left padding, spare row capacity and both head sizes; built, cached and
 refused where it cannot run. Skipped on CPUs without AVX512-BF16 (the kernel is never used there)."""
 
@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 
-from posttrain.generate import attention_kernel
+from posttrain.generate import decode_kernels
 from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, step_bias
 
 needs_kernel = pytest.mark.skipif(
-    not attention_kernel.usable(torch.bfloat16, torch.device("cpu"), 3, 64), reason="no AVX512-BF16 or no C compiler here"
+    not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64), reason="no AVX512-BF16 or no C compiler here"
 )
 
 
@@ -47,7 +47,7 @@ def test_the_kernel_equals_a_float32_softmax_and_torchs_path(group, d):
     rows, kv, t = 4, 2, 150
     starts = [0, 17, 64, 130]
     q, keys, values, mask, want = _case(rows, rows + 3, kv, group, d, t, starts)
-    got = attention_kernel.attend(q, keys, values, mask, rows, t + 1)
+    got = decode_kernels.attend(q, keys, values, mask, rows, t + 1)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, kv * group * d)
     # one rounding to bf16 of the float32 result: within half a bf16 ulp of it, plus the exponential's 1e-7
     torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
@@ -71,7 +71,7 @@ def test_a_row_with_every_column_masked_gives_zeros_and_columns_past_the_count_a
     unwritten = torch.full((rows, kv, 2 * BLOCK - t - 1, d), float("nan"), dtype=torch.bfloat16)
     keys.write(slice(None), t + 1, unwritten)  # columns 71..127, the rest of block 1
     values.write(slice(None), t + 1, unwritten)
-    got = attention_kernel.attend(q, keys, values, mask, rows, t + 1).float()
+    got = decode_kernels.attend(q, keys, values, mask, rows, t + 1).float()
     assert torch.equal(got[2], torch.zeros_like(got[2]))
     assert not got.isnan().any()
     torch.testing.assert_close(got[:2], want[:2].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
@@ -85,8 +85,8 @@ def test_the_fast_decoder_uses_the_kernel_in_bf16_and_its_logits_match_torchs_pa
 
     model, ids, mask, positions = tiny_llama_bf16
     calls = []
-    real = attention_kernel.attend
-    monkeypatch.setattr(attention_kernel, "attend", lambda *a: calls.append(a[-1]) or real(*a))
+    real = decode_kernels.attend
+    monkeypatch.setattr(decode_kernels, "attend", lambda *a: calls.append(a[-1]) or real(*a))
     logits = {}
     for setting in ("1", "0"):
         monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", setting)
@@ -115,8 +115,9 @@ def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_to
     """The engine's buffer operations on the kernel's layouts: a decoder through the kernel and one through torch's
     attention, fed the same tokens through steps, an admission of a prompt longer than the current column (every
     kept column moves right), a compaction (a live row moves into a finished one's place) and an admission past the
-    rows in use (the buffers grow). Layer 0's keys and values do not depend on attention, so they must be equal bit
-    for bit in the two layouts after every operation; the logits agree to bf16 rounding."""
+    rows in use (the buffers grow). Layer 0's keys and values do not depend on attention, so after every operation
+    they must agree in the two layouts to the rounding of the kernels' norm and rotary embedding (one bf16 step;
+    a column or row out of place would differ by the values' own size); the logits agree to bf16 rounding."""
     from posttrain.generate.fast import FastDecoder
 
     model, ids, mask, _ = tiny_llama_bf16
@@ -136,8 +137,8 @@ def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_to
             torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-2, atol=5e-2)
             t = decoders["1"].length
             for buffers in ("keys", "values"):
-                a, b = (getattr(d, buffers)[0].read(0, t) for d in decoders.values())
-                assert torch.equal(a, b), buffers
+                a, b = (getattr(d, buffers)[0].read(0, t).float() for d in decoders.values())
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=lambda m, buffers=buffers: f"{buffers}: {m}")
 
         for _ in range(3):
             step(positions)
@@ -186,22 +187,22 @@ def tiny_llama_bf16():
 def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path, caplog):
     """A compiler that fails is reported (its output in the log) and the decoder keeps torch's attention; so does
     POSTTRAIN_CPU_KERNELS=0, without building anything."""
-    monkeypatch.setattr(attention_kernel, "_loaded", False)
-    monkeypatch.setattr(attention_kernel, "_library", None)
+    monkeypatch.setattr(decode_kernels, "_loaded", False)
+    monkeypatch.setattr(decode_kernels, "_library", None)
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
     monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "0")
-    assert attention_kernel.library() is None and not attention_kernel._loaded
+    assert decode_kernels.library() is None and not decode_kernels._loaded
     monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "1")
     failing = tmp_path / "cc"
     failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
-    with caplog.at_level(logging.WARNING, logger=attention_kernel.__name__):
-        assert not attention_kernel.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
-    if "avx512_bf16" in attention_kernel._cpu_flags().split():  # elsewhere the CPU check refuses before any build
+    with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
+        assert not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
+    if "avx512_bf16" in decode_kernels._cpu_flags().split():  # elsewhere the CPU check refuses before any build
         assert "no such compiler here" in caplog.text
         assert not list((tmp_path / "kernels").glob("*.so"))
-    assert not attention_kernel.usable(torch.float32, torch.device("cpu"), 3, 64)
+    assert not decode_kernels.usable(torch.float32, torch.device("cpu"), 3, 64)
 
 
 @pytest.mark.parametrize("layout", ["plain", "keys", "values"])
@@ -223,3 +224,50 @@ def test_every_layout_holds_the_columns_written_to_it(layout):
     assert b.rows == 7 and torch.equal(b.read(3, 153)[5:], src[[0, 2]])
     wider = b.resized(300)
     assert (wider.layout, wider.rows, wider.read(0, 0).shape) == (layout, 7, (7, 2, 0, 8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_the_norm_and_silu_kernels_equal_torchs_float32_ops_rounded_once(rows):
+    """RMS norm down the columns of (features, rows) and silu(gate) * up, against the same float32 operations in torch
+    rounded once to bf16: within one bf16 rounding (the kernels sum and exponentiate in another order). Odd row
+    counts exercise the masked tails."""
+    from posttrain.generate.fast import _normed
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(576, rows, generator=gen) * 3).to(torch.bfloat16)
+    want = (x.float() * x.float().pow(2).mean(0, keepdim=True).add(1e-5).rsqrt()).to(torch.bfloat16)
+    got = decode_kernels.rms_norm(x, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got.float(), _normed(x, 1e-5).float(), rtol=8e-3, atol=1e-5)  # the decoder's own norm
+    gate_up = (torch.randn(2 * 96, rows, generator=gen) * 4).to(torch.bfloat16)
+    gate, up = gate_up.float().chunk(2)
+    want = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    torch.testing.assert_close(decode_kernels.silu_mul(gate_up).float(), want.float(), rtol=8e-3, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, t", [(1, 0), (6, 77), (33, 150)])
+def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t):
+    """q and k rotated as transformers rotates them (x cos + rotate_half(x) sin), in float32 rounded once; k and v
+    land in column t of their buffers (even and odd columns, a chunk and block boundary) and nowhere else; q comes
+    back as (rows x kv heads, group, head dim). One row, an odd count and more than 32 rows (the gathers' cases)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    heads, kv, d = 6, 2, 64
+    gen = torch.Generator().manual_seed(t)
+    qkv = torch.randn((heads + 2 * kv) * d, rows, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(rows, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (rows, head dim), halves repeated
+    keys, values = (KVBlocks.zeros(rows, kv, 256, d, qkv, layout) for layout in ("keys", "values"))
+    before_k, before_v = keys.read(0, 256), values.read(0, 256)
+    q = decode_kernels.rotary_write(qkv, cos, sin, heads, keys, values, t)
+    x = qkv.float().view(heads + 2 * kv, d, rows).permute(2, 0, 1)  # (rows, units, head dim)
+    rotated = x[:, : heads + kv] * cos[:, None] + rotate_half(x[:, : heads + kv]) * sin[:, None]
+    assert q.shape == (rows * kv, heads // kv, d)
+    torch.testing.assert_close(q.float().view(rows, heads, d), rotated[:, :heads].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-4)
+    after_k, after_v = keys.read(0, 256), values.read(0, 256)
+    torch.testing.assert_close(after_k[:, :, t].float(), rotated[:, heads:].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-4)
+    assert torch.equal(after_v[:, :, t], x[:, heads + kv :].to(torch.bfloat16))
+    others = [c for c in range(256) if c != t]
+    assert torch.equal(after_k[:, :, others], before_k[:, :, others]) and torch.equal(after_v[:, :, others], before_v[:, :, others])

@@ -1,20 +1,25 @@
-"""The fast decoder's bf16 attention on CPUs with AVX512-BF16: a C kernel of our own, built on first use.
+"""The fast decoder's bf16 step on CPUs with AVX512-BF16: C kernels of our own, built on first use.
 
 Why our own: a bf16 decode step's attention is, per row and key/value head, a few queries against that
 row's cache (SmolLM2: 3 x 64 by 64 x columns), and torch's CPU ``bmm`` runs such products one small
 matrix at a time, reading the cache at a fraction of the machine's bandwidth; its fused SDPA and a
-``torch.compile``d attention were slower still (docs/PERFORMANCE.md). ``attention_kernel.c`` does each
-(row, key/value head) in one pass over its columns with AVX512-BF16 dot products, the softmax in float32
-registers and the weighted sum of values, on torch's own OpenMP threads; it skips masked columns (a short
-prompt's left padding) without reading them. Figures: docs/PERFORMANCE.md (``benchmarks/decode_profile.py``).
+``torch.compile``d attention were slower still (docs/PERFORMANCE.md). ``decode_kernels.c`` does each
+(row, key/value head) in one pass over its columns with AVX512-BF16 dot products on buffers laid out for
+them (:class:`~posttrain.generate.kv_blocks.KVBlocks` layouts ``"keys"`` and ``"values"``), the softmax in
+float32 registers and the weighted sum of values, skipping masked columns (a short prompt's left padding)
+without reading them. The rest of a layer's step between the projections is a handful of small torch ops a
+layer (a norm is seven, the rotary embedding and the buffers' writes as many), so the kernels also do, each
+in one pass: the RMS norm, the rotary embedding of q and k with the writes of k and v into the buffers, and
+silu(gate) * up; all in float32 and rounded once to bf16 (torch's ops round after each). All run on the
+OpenMP threads of torch's own runtime. Figures: docs/PERFORMANCE.md (``benchmarks/decode_profile.py``).
 
 Built with the system's C compiler (``$CC``, else ``cc``) and ``-march=native`` into
-``$POSTTRAIN_CACHE/kernels/`` the first time a bf16 decode needs it (about a second), keyed by the source,
+``$POSTTRAIN_CACHE/kernels/`` the first time a bf16 decode needs it (a second or two), keyed by the source,
 the flags and the CPU, so a cache shared between machines never hands one a library built for another.
 Where there is no compiler, the CPU lacks AVX512-BF16, the head size is not 64 or 128 or more than 8 query
-heads share a key/value head, the decoder uses torch's path (:func:`posttrain.generate.kv_blocks.attend`),
-which computes the same attention with bf16 rounding of the scores and probabilities. ``POSTTRAIN_CPU_KERNELS=0``
-turns the kernel off (benchmarks compare the two that way).
+heads share a key/value head, the decoder uses torch's ops (:func:`posttrain.generate.kv_blocks.attend` and
+the rest in ``fast.py``), which compute the same step with bf16 rounding in more places.
+``POSTTRAIN_CPU_KERNELS=0`` turns the kernels off (benchmarks compare the two that way).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from posttrain.generate.kv_blocks import PAIRED, KVBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention_kernel.c")
+SOURCE = Path(__file__).with_name("decode_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a key/value head may serve
@@ -91,6 +96,12 @@ def _build() -> ctypes.CDLL | None:
         return None
     library.posttrain_attend.restype = ctypes.c_int
     library.posttrain_attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 4 + [ctypes.c_int]
+    library.posttrain_rms_norm.restype = None
+    library.posttrain_rms_norm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
+    library.posttrain_silu_mul.restype = None
+    library.posttrain_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int]
+    library.posttrain_rotary_write.restype = None
+    library.posttrain_rotary_write.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
     return library
 
 
@@ -146,3 +157,54 @@ def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor
     if status != 0:
         raise ValueError(f"the attention kernel does not take {group} queries per key/value head of {d} features")
     return out
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight of ``x`` (features, rows) bf16 down its columns, as ``fast._normed``
+    computes it (float32 inside, rounded once to bf16; the sum of squares in another order)."""
+    features, rows = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    with torch.profiler.record_function("posttrain::rms_norm"):
+        _library.posttrain_rms_norm(x.data_ptr(), out.data_ptr(), features, rows, eps, torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` (2 x intermediate, rows) bf16, gate its first half: (intermediate, rows),
+    in float32 and rounded once (torch's ``act(gate).mul_(up)`` rounds after each)."""
+    features, rows = gate_up.shape
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty((features // 2, rows))
+    with torch.profiler.record_function("posttrain::silu_mul"):
+        _library.posttrain_silu_mul(gate_up.data_ptr(), out.data_ptr(), features // 2 * rows, torch.get_num_threads())
+    return out
+
+
+def rotary_write(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, keys: KVBlocks, values: KVBlocks, t: int
+) -> torch.Tensor:
+    """The rotary embedding of q and k for ``qkv`` ((heads + 2 x kv heads) x head dim, rows) bf16, q first, then k,
+    then v; ``cos`` and ``sin`` (rows, head dim) float32. Writes k and v at column ``t`` of ``keys`` and ``values``
+    (the kernel's layouts) and returns q as (rows x kv heads, group, head dim), what :func:`attend` takes."""
+    rows = qkv.shape[1]
+    kv, d = keys.data.shape[1], values.tile(0).shape[3]
+    qkv = qkv.contiguous()
+    q = qkv.new_empty((rows * kv, heads // kv, d))
+    with torch.profiler.record_function("posttrain::rotary_write"):
+        _library.posttrain_rotary_write(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            q.data_ptr(),
+            keys.data.data_ptr(),
+            values.data.data_ptr(),
+            rows,
+            heads,
+            kv,
+            d,
+            t,
+            *keys.data.stride()[:3],
+            torch.get_num_threads(),
+        )
+    return q
