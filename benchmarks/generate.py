@@ -22,8 +22,8 @@ alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward to
 columns (``generate/fast.py``'s ``_mm``, the default) and without (``fast.NARROW = 0``), alternating; the batch's
 last sequences are where it matters. Prints ``ratio=<padded / unpadded tokens/s>``.
 
-Each run is timed twice: whole (prompts in, tokens out) and prefill alone (the same prompts at the same
-batch size with one new token: the prompts' forward and the first token). *Decode* tokens/s is what the
+Each run is timed whole (prompts in, tokens out), and within it the engine times its prefill (``Engine.prefill_seconds``:
+the prompts' forwards, which also give each prompt's first token). *Decode* tokens/s is what the
 one-token steps make: (generated − first tokens) / (whole − prefill seconds). Shares of the machine's
 limit, per run: *compute*, decode tokens/s × 2·N FLOPs (N the parameters a decode step multiplies by: the
 whole model, the LM head included, the embedding lookup not, tied weights once) over the matmul peak of
@@ -35,7 +35,8 @@ computes for the last position only).
 
 ``--llamacpp``: the same prompts (posttrain's token ids, chat template applied) through llama.cpp on a
 GGUF of the same model in the same precision (f32 for fp32, bf16 for bf16), at the same batch sizes and one
-at a time, with the same prefill/decode split (``benchmarks/llamacpp_generate.py``, run in the venv
+at a time, split into prefill and decode by a second run with one new token (its prefill is one ``llama_decode``
+call a group, no other work; ``benchmarks/llamacpp_generate.py``, run in the venv
 ``benchmarks/llamacpp.sh`` builds; the GGUF from ``benchmarks/llamacpp_gguf.sh``, llama.cpp's own
 converter; both cached under benchmarks/.cache/llamacpp). Its rows join the table, and the last line is
 ``llamacpp_ratio=<posttrain's / llama.cpp's whole tokens/s at the largest batch, faster precision>``.
@@ -80,12 +81,12 @@ def ifeval_prompts(n: int) -> list[str]:
     return prompts
 
 
-def timed(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int) -> tuple[float, int, list[list[int]]]:
-    """(seconds, generated tokens, each prompt's tokens) for one greedy run."""
+def timed(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int) -> tuple[float, int, list[list[int]], float]:
+    """(seconds, generated tokens, each prompt's tokens, seconds of it spent prefilling) for one greedy run."""
     start = time.perf_counter()
     out = engine.generate_ids(ids, params, progress=False, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    return seconds, sum(c[0].num_tokens for c in out), [c[0].token_ids for c in out]
+    return seconds, sum(c[0].num_tokens for c in out), [c[0].token_ids for c in out], engine.prefill_seconds
 
 
 def timed_hf(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int) -> tuple[float, int]:
@@ -245,14 +246,12 @@ def main() -> None:
     for precision in precisions:
         bf16 = precision == "bf16"
         params = SamplingParams(max_new_tokens=args.max_new_tokens, bf16=bf16)
-        first = SamplingParams(max_new_tokens=1, bf16=bf16)
         modes = [(f"batch {b}", ids, b) for b in widths] + [("one-at-a-time", single, 1)]
         runs: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode, _, _ in modes}  # (whole, decode, prefill) rates
         outputs = {}
         for _ in range(args.repeats):  # alternate, so drift in the machine's load hits every mode
             for mode, prompts, width in modes:
-                seconds, tokens, outputs[mode] = timed(engine, prompts, params, width)
-                prefill_seconds, _, _ = timed(engine, prompts, first, width)
+                seconds, tokens, outputs[mode], prefill_seconds = timed(engine, prompts, params, width)
                 prompt_tokens = sum(map(len, prompts))
                 decode = (tokens - len(prompts)) / max(seconds - prefill_seconds, 1e-9)
                 runs[mode].append((tokens / seconds, decode, prompt_tokens / prefill_seconds))
@@ -405,7 +404,7 @@ def compare_narrow(engine: Engine, ids: list[list[int]], params: SamplingParams,
         for _ in range(repeats):
             for mode, narrow in (("padded", padded_to), ("unpadded", 0)):
                 fast.NARROW = narrow
-                seconds, tokens, outputs[mode] = timed(engine, ids, params, batch_size)
+                seconds, tokens, outputs[mode], _ = timed(engine, ids, params, batch_size)
                 runs[mode].append(tokens / seconds)
                 print(f"  {mode:<9} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
     finally:
@@ -423,7 +422,7 @@ def compare_decoders(engine: Engine, ids: list[list[int]], params: SamplingParam
     for _ in range(repeats):
         for mode, fast in (("fast decoder", True), ("model forward", False)):
             engine.fast = fast
-            seconds, tokens, outputs[mode] = timed(engine, ids, params, batch_size)
+            seconds, tokens, outputs[mode], _ = timed(engine, ids, params, batch_size)
             runs[mode].append(tokens / seconds)
             print(f"  {mode:<14} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
     engine.fast = True

@@ -224,6 +224,11 @@ def test_every_layout_holds_the_columns_written_to_it(layout):
     assert b.rows == 7 and torch.equal(b.read(3, 153)[5:], src[[0, 2]])
     wider = b.resized(300)
     assert (wider.layout, wider.rows, wider.read(0, 0).shape) == (layout, 7, (7, 2, 0, 8))
+    wider.write(slice(None), 0, b.read(0, 153))  # whole blocks in one copy, then a part of one
+    wider.write(torch.tensor([6, 1]), 64, src[[0, 4], :, :128])
+    got = wider.read(0, 192)
+    assert torch.equal(got[:, :, :64], b.read(0, 64)) and torch.equal(got[[0, 2, 3, 4, 5], :, 64:153], b.read(64, 153)[[0, 2, 3, 4, 5]])
+    assert torch.equal(got[[6, 1], :, 64:192], src[[0, 4], :, :128])
 
 
 @needs_kernel

@@ -24,6 +24,7 @@ the rest in ``fast.py``), which compute the same step with bf16 rounding in more
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -49,6 +50,12 @@ MAX_GROUP = 8  # query heads a key/value head may serve
 
 _library: ctypes.CDLL | None = None
 _loaded = False
+
+
+def _scope(name: str):
+    """A named scope for torch's profiler while it records (so it counts the kernels' time), else nothing (a step
+    makes 120 kernel calls, and a scope costs a few microseconds)."""
+    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def enabled() -> bool:
@@ -137,7 +144,7 @@ def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor
     if keys.data.dtype != torch.bfloat16 or bias.dtype != torch.float32:
         raise ValueError(f"the attention kernel takes bf16 keys and a float32 mask, not {keys.data.dtype} and {bias.dtype}")
     out = q.new_empty((rows, kv * group * d))
-    with torch.profiler.record_function("posttrain::attention"):  # so torch's profiler counts the kernel's time
+    with _scope("posttrain::attention"):
         status = _library.posttrain_attend(  # loaded: the decoder asked usable() when it started
             q.data_ptr(),
             keys.data.data_ptr(),
@@ -165,7 +172,7 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     features, rows = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
-    with torch.profiler.record_function("posttrain::rms_norm"):
+    with _scope("posttrain::rms_norm"):
         _library.posttrain_rms_norm(x.data_ptr(), out.data_ptr(), features, rows, eps, torch.get_num_threads())
     return out
 
@@ -176,7 +183,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     features, rows = gate_up.shape
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty((features // 2, rows))
-    with torch.profiler.record_function("posttrain::silu_mul"):
+    with _scope("posttrain::silu_mul"):
         _library.posttrain_silu_mul(gate_up.data_ptr(), out.data_ptr(), features // 2 * rows, torch.get_num_threads())
     return out
 
@@ -191,7 +198,7 @@ def rotary_write(
     kv, d = keys.data.shape[1], values.tile(0).shape[3]
     qkv = qkv.contiguous()
     q = qkv.new_empty((rows * kv, heads // kv, d))
-    with torch.profiler.record_function("posttrain::rotary_write"):
+    with _scope("posttrain::rotary_write"):
         _library.posttrain_rotary_write(
             qkv.data_ptr(),
             cos.data_ptr(),

@@ -151,6 +151,7 @@ class Engine:
         self._plain: bool | None = None
         self.fast = fast
         self.adapters = list(adapters)
+        self.prefill_seconds = 0.0  # of the last generate call: the prompts' forwards (what is not decoding)
 
     @classmethod
     def from_name(
@@ -252,10 +253,11 @@ class Engine:
             left[s.prompt] -= 1
             advance(bar, int(left[s.prompt] == 0), generated, started)
 
+        self.prefill_seconds = 0.0
         with bar or nullcontext(), self.session(params.bf16) as decoder:
             limit = min((s[0] for s in spans or () if s is not None), default=None)
             if len({s.group for s in seqs}) == 1:
-                with self._using(seqs[0].group):
+                with self._using(seqs[0].group), self._prefilling():
                     prefix = self._prefix(prompt_ids, limit=limit)
             else:  # each group's forward makes its own keys and values of the shared tokens
                 prefix = PrefixCache(self, prompt_ids[0][: self._shared_length(prompt_ids, limit)])
@@ -389,6 +391,22 @@ class Engine:
         """:func:`~posttrain.generate.prefill.prefill` for a batch of sequences of one group (adapter and intervention): each distinct
         prompt once (longest first), its rows copied for its samples and put back in the batch's order.
         Seeds each sampled sequence's generator."""
+        with self._prefilling():
+            return self._prefill_distinct(batch, prefix)
+
+    @contextmanager
+    def _prefilling(self) -> Iterator[None]:
+        """Count the time inside in :attr:`prefill_seconds`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.prefill_seconds += time.perf_counter() - start
+
+    def _prefill_distinct(
+        self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_prefill_rows`' work, off its clock."""
         if isinstance(prefix, PrefixCache):
             prefix = prefix.get(batch)
         distinct = sorted({(tuple(s.prompt_ids), s.instruction) for s in batch}, key=lambda p: -len(p[0]))

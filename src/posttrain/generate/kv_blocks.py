@@ -88,9 +88,24 @@ class KVBlocks:
         end, c = start + src.shape[2], start
         while c < end:
             block, offset = divmod(c, self.block)
+            whole = (end - c) // self.block if offset == 0 and self.layout in PAIRED else 0
+            if whole:  # whole blocks in one copy: a prefill's or an admission's columns
+                self._put_blocks(block, rows, src[:, :, c - start : c - start + whole * self.block])
+                c += whole * self.block
+                continue
             n = min(self.block - offset, end - c)
             self._put(block, rows, offset, src[:, :, c - start : c - start + n])
             c += n
+
+    def _put_blocks(self, first: int, rows: slice | torch.Tensor, piece: torch.Tensor) -> None:
+        """Blocks ``first ..`` of ``rows`` set to ``piece`` (rows, kv heads, whole blocks' columns, head dim), a kernel layout."""
+        r, kv, columns, d = piece.shape
+        n = columns // BLOCK
+        if self.layout == "keys":  # (chunks, 16 columns, pairs, 2) -> (chunks, pairs, 16 columns, 2)
+            tiles = piece.reshape(r, kv, n, BLOCK // 16, 16, d // 2, 2).transpose(4, 5)
+        else:  # values: (column pairs, 2, features) -> (column pairs, features, 2)
+            tiles = piece.reshape(r, kv, n, BLOCK // 2, 2, d).transpose(4, 5)
+        self.data[rows, :, first : first + n] = tiles
 
     def _put(self, block: int, rows: slice | torch.Tensor, offset: int, piece: torch.Tensor) -> None:
         """Columns ``offset ..`` of one block set to ``piece`` (rows, kv heads, columns, head dim)."""
