@@ -14,6 +14,9 @@ alternating rounds; and whole decode steps in each layout, alternating; at 2-15 
 the products padded to 16 columns against over the rows themselves (``fast._mm``), alternating. And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
 prompts, longest first as the engine fills a batch) with every row in every block against only the rows each
 block holds keys for (``block_rows``), over 30 layers' distinct buffers, fastest of 12 alternating rounds.
+In bf16 on a CPU where the decode kernels run (``generate/decode_kernels.py``), each step's profile counts their
+time as attention (the attention kernel) and the rest (the others), and whole steps through the kernels are timed
+against torch's ops (``POSTTRAIN_CPU_KERNELS=0``), two decoders on the same cache, alternating.
 Not a test: run it by hand, with nothing else running.
 """
 
@@ -78,9 +81,9 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
 
 
 def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
-    """Whole bf16 decode steps with attention through our C kernel (``generate/decode_kernels.c``, its key/value
-    layouts) against torch's batched matmuls (blocks of BLOCK columns), two decoders on the same prefilled cache,
-    alternating rounds of ``steps`` steps; the median step of each and whether their logits agree."""
+    """Whole bf16 decode steps through our C kernels (``generate/decode_kernels.c``, its key/value layouts) against
+    torch's ops (blocks of BLOCK columns), two decoders on the same prefilled cache, alternating rounds of ``steps``
+    steps; the median step of each and how often their next tokens agree."""
     cache = prefilled(model, rows, length)
     decoders = {}
     for kernel in (True, False):
@@ -88,27 +91,32 @@ def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> s
             decoders[kernel] = FastDecoder(model)
             decoders[kernel].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
     if not decoders[True].kernel:
-        return f"{rows} rows: the attention kernel is not used here (no AVX512-BF16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
+        return f"{rows} rows: the decode kernels are not used here (no AVX512-BF16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
     logits = {kernel: decoder.step(tokens, positions).float() for kernel, decoder in decoders.items()}
     agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
-    times = {True: [], False: []}
+    ms = alternated(decoders, tokens, positions, rounds, steps)
+    return (
+        f"{rows} rows, whole steps: decode kernels {ms[True]:.1f} ms, torch's ops {ms[False]:.1f} ms "
+        f"(kernels/torch {ms[True] / ms[False]:.2f}; {rounds} alternating rounds of {steps}); same next token on {100 * agree:.0f}% of rows"
+    )
+
+
+def alternated(decoders: dict, tokens: torch.Tensor, positions: torch.Tensor, rounds: int, steps: int) -> dict:
+    """Median ms a step of each decoder, ``rounds`` rounds of ``steps`` steps, the decoders taking turns each round."""
+    times = {name: [] for name in decoders}
     for r in range(rounds):
-        for kernel, decoder in decoders.items():
+        for name, decoder in decoders.items():
             for i in range(steps):
                 start = time.perf_counter()
                 decoder.step(tokens, positions + 1 + r * steps + i)
-                times[kernel].append(time.perf_counter() - start)
-    ms = {kernel: statistics.median(t) * 1e3 for kernel, t in times.items()}
-    return (
-        f"{rows} rows, whole steps: attention kernel {ms[True]:.1f} ms, torch's bmm {ms[False]:.1f} ms "
-        f"(kernel/bmm {ms[True] / ms[False]:.2f}; {rounds} alternating rounds of {steps}); same next token on {100 * agree:.0f}% of rows"
-    )
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 @contextlib.contextmanager
 def torch_attention(on: bool = True):
-    """Decoders started inside use torch's attention (plain blocks) rather than the C kernel."""
+    """Decoders started inside use torch's ops (plain blocks) rather than the C kernels."""
     before = os.environ.get("POSTTRAIN_CPU_KERNELS")
     if on:
         os.environ["POSTTRAIN_CPU_KERNELS"] = "0"
@@ -140,14 +148,7 @@ def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> 
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
     logits = {name: decoder.step(tokens, positions) for name, decoder in decoders.items()}
     same = torch.allclose(*logits.values(), atol=1e-4 if logits["cut"].dtype == torch.float32 else 5e-2)
-    times = {name: [] for name in decoders}
-    for r in range(rounds):
-        for name, decoder in decoders.items():
-            for i in range(steps):
-                start = time.perf_counter()
-                decoder.step(tokens, positions + 1 + r * steps + i)
-                times[name].append(time.perf_counter() - start)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    ms = alternated(decoders, tokens, positions, rounds, steps)
     return (
         f"{rows} rows, whole steps by layout ({rounds} alternating rounds of {steps}): blocks of {BLOCK} {ms['blocks']:.1f} ms, "
         f"one cut block {ms['cut']:.1f} ms (cut/blocks {ms['cut'] / ms['blocks']:.2f}); same logits: {same}"

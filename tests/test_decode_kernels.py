@@ -18,7 +18,7 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts: list[int], seed: int = 0):
-    """bf16 q, keys and values in blocks with ``capacity`` rows (the first ``rows`` in use), a float32 mask over the
+    """bf16 q, keys and values in blocks with ``capacity`` rows (the first ``rows`` in use), a float32 mask (with a boost) over the
     buffer's columns with row r's columns before ``starts[r]`` masked, and the float32 reference attention."""
     gen = torch.Generator().manual_seed(seed)
     columns = -(-(t + 1) // BLOCK) * BLOCK + BLOCK  # a spare block past the current column, as the decoder keeps
@@ -28,12 +28,13 @@ def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts:
     keys.write(slice(None), 0, k)
     values.write(slice(None), 0, v)
     mask = torch.zeros(capacity, columns)
+    mask[:, 100:110] = 0.7  # InstABoost's log m at an instruction's columns: added to the scores like the padding's -inf
     for r, first in enumerate(starts):
         mask[r, :first] = float("-inf")
     want = []
     for r, first in enumerate(starts):
         qr = q.view(rows, kv, group, d)[r].float()
-        probs = (qr @ k[r, :, first:].float().transpose(1, 2)).softmax(-1)
+        probs = (qr @ k[r, :, first:].float().transpose(1, 2) + mask[r, first : t + 1]).softmax(-1)
         want.append((probs @ v[r, :, first:].float()).reshape(-1))
     return q, keys, values, mask, torch.stack(want)
 
