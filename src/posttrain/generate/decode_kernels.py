@@ -98,7 +98,11 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(built, path)  # atomic: a process building at the same time finds a whole file or none
         log.info("built %s in %.1f s: %s", SOURCE.name, time.perf_counter() - start, path)
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:  # a damaged or foreign file in the cache: say so, keep torch's ops
+        log.warning("could not load %s (%s); the bf16 decode step uses torch's ops (delete the file to rebuild it)", path, error)
+        return None
     if library.posttrain_attention_available() != 1:
         return None
     library.posttrain_attend.restype = ctypes.c_int
@@ -113,7 +117,7 @@ def _build() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The built kernel (built on the first call), or None where it is off or cannot be used here."""
+    """The kernels' library (built on the first call), or None where they are off or cannot be used here."""
     global _library, _loaded
     if not enabled():
         return None
@@ -123,7 +127,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(dtype: torch.dtype, device: torch.device, group: int, head_dim: int) -> bool:
-    """Whether :func:`attend` serves a decode in ``dtype`` on ``device`` with these head sizes."""
+    """Whether the kernels serve a decode in ``dtype`` on ``device`` with these head sizes (building them if need be)."""
     if dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP:
         return False
     return library() is not None

@@ -318,7 +318,7 @@ class FastDecoder:
         self.max_rows = max(capacity, rows)
         columns = round_up(width + 2 * max_new_tokens)
         first = cache.layers[0].keys
-        # bf16 on a CPU with AVX512-BF16: attention through our C kernel, on buffers in its layouts (decode_kernels.py)
+        # bf16 on a CPU with AVX512-BF16: the step through our C kernels, on buffers in their layouts (decode_kernels.py)
         self.kernel = decode_kernels.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
         layouts = ("keys", "values") if self.kernel else ("plain", "plain")
         self.keys, self.values = [], []
