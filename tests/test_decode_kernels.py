@@ -277,3 +277,19 @@ def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t):
     assert torch.equal(after_v[:, :, t], x[:, heads + kv :].to(torch.bfloat16))
     others = [c for c in range(256) if c != t]
     assert torch.equal(after_k[:, :, others], before_k[:, :, others]) and torch.equal(after_v[:, :, others], before_v[:, :, others])
+
+
+@needs_kernel
+def test_a_damaged_build_in_the_cache_is_reported_and_torchs_ops_kept(monkeypatch, tmp_path, caplog):
+    """A file in the kernels' cache that does not load (truncated, another machine's) gives a warning naming it
+    and torch's ops, not a crash."""
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(decode_kernels, "_loaded", False)
+    monkeypatch.setattr(decode_kernels, "_library", None)
+    assert decode_kernels.library() is not None  # built into tmp_path
+    (built,) = (tmp_path / "kernels").glob("*.so")
+    built.write_bytes(b"not a shared library")
+    monkeypatch.setattr(decode_kernels, "_loaded", False)
+    with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
+        assert not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
+    assert built.name in caplog.text
