@@ -73,18 +73,27 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build() -> ctypes.CDLL | None:
-    """The kernel's library, compiled now if no cached build matches; None where it cannot be built or run here."""
+def _target() -> tuple[Path, str] | None:
+    """Where this machine's build of the kernels goes in the cache, and the compiler that makes it; None where the
+    kernels cannot run here (not Linux on x86-64 with AVX512-BF16) or no compiler is found."""
     flags = _cpu_flags()
     if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in flags.split():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler found: the bf16 decode attention uses torch's batched matmuls")
+        log.info("no C compiler found: the bf16 decode step uses torch's ops")
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), flags.encode()])).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"attention-{key}.so"
+    return cache_dir() / "kernels" / f"decode-{key}.so", compiler
+
+
+def _build() -> ctypes.CDLL | None:
+    """The kernels' library, compiled now if no cached build matches; None where it cannot be built or run here."""
+    target = _target()
+    if target is None:
+        return None
+    path, compiler = target
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -93,7 +102,7 @@ def _build() -> ctypes.CDLL | None:
             done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=False, capture_output=True, text=True)
             if done.returncode != 0:
                 log.warning(
-                    "building %s failed (%s); the bf16 decode attention uses torch's path:\n%s", SOURCE.name, compiler, done.stderr[-2000:]
+                    "building %s failed (%s); the bf16 decode step uses torch's ops:\n%s", SOURCE.name, compiler, done.stderr[-2000:]
                 )
                 return None
             os.replace(built, path)  # atomic: a process building at the same time finds a whole file or none
