@@ -391,30 +391,15 @@ class Engine:
         """:func:`~posttrain.generate.prefill.prefill` for a batch of sequences of one group (adapter and intervention): each distinct
         prompt once (longest first), its rows copied for its samples and put back in the batch's order.
         Seeds each sampled sequence's generator."""
-        with self._prefilling():
-            return self._prefill_distinct(batch, prefix)
-
-    @contextmanager
-    def _prefilling(self) -> Iterator[None]:
-        """Count the time inside in :attr:`prefill_seconds`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.prefill_seconds += time.perf_counter() - start
-
-    def _prefill_distinct(
-        self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None
-    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`_prefill_rows`' work, off its clock."""
         if isinstance(prefix, PrefixCache):
-            prefix = prefix.get(batch)
+            with self._prefilling():
+                prefix = prefix.get(batch)
         distinct = sorted({(tuple(s.prompt_ids), s.instruction) for s in batch}, key=lambda p: -len(p[0]))
         place = {p: i for i, p in enumerate(distinct)}
         rows = [place[(tuple(s.prompt_ids), s.instruction)] for s in batch]
         intervention = batch[0].intervention
         log_boost = intervention.log_boost if intervention is not None else 0.0
-        with self._using(batch[0].group):
+        with self._using(batch[0].group), self._prefilling():
             cache, mask, next_position, logits, boost = prefill(self, [list(p) for p, _ in distinct], prefix, [i for _, i in distinct], log_boost)
         if rows != list(range(len(distinct))):  # n samples, repeated prompts or another order: pick the rows
             index = torch.tensor(rows, device=self.device)
@@ -425,6 +410,13 @@ class Engine:
             if not s.params.greedy and s.generator is None:
                 s.generator = generator(s.seed, self.device)
         return cache, mask, next_position, logits, boost
+
+    @contextmanager
+    def _prefilling(self) -> Iterator[None]:
+        """Count the time inside in :attr:`prefill_seconds`."""
+        start = time.perf_counter()
+        yield
+        self.prefill_seconds += time.perf_counter() - start
 
     # -- the decode loops -----------------------------------------------------------------------
 
