@@ -618,3 +618,17 @@ def test_logprobs_are_what_a_forward_pass_scores(tiny, fast_decoder):
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=1e-4)
         checked += len(completion.token_ids)
     assert checked >= 10 * 2 * 2
+
+
+def test_the_engine_times_its_prefill_within_each_call(llama):
+    """``Engine.prefill_seconds`` (what benchmarks/generate.py splits decode from prefill with): the prompts' forwards
+    of the last call only, so more than nothing and less than the call, and reset by each call."""
+    import time
+
+    model, tokenizer = llama
+    engine = Engine(model, tokenizer, batch_size=4)
+    engine.prefill_seconds = 1e9
+    start = time.perf_counter()
+    engine.generate(prompts(10), SamplingParams(max_new_tokens=12), progress=False)  # refills: prefills inside the decode loop
+    wall = time.perf_counter() - start
+    assert 0 < engine.prefill_seconds < wall
