@@ -54,13 +54,6 @@ static inline __m512 exp16(__m512 x) {
 /* 16 bf16 values as float32 (bf16 is float32's upper half). */
 static inline __m512 bf16x16(__m256i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); }
 
-/* One float32 rounded to bf16, to nearest even (as torch rounds); NaN stays NaN. */
-static inline uint16_t bf16_round(float f) {
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffff) > 0x7f800000) return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
-}
-
 /* Softmax of n scores in place (float32); returns 1 / their sum of exponentials, or 0 when every score is
    -inf (a row with nothing to attend to: its scores become zeros, and so does its output). The scores are
    left as unnormalised e^(s - max). */

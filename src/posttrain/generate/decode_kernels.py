@@ -208,7 +208,7 @@ def rotary_write(
     then v; ``cos`` and ``sin`` (rows, head dim) float32. Writes k and v at column ``t`` of ``keys`` and ``values``
     (the kernel's layouts) and returns q as (rows x kv heads, group, head dim), what :func:`attend` takes."""
     rows = qkv.shape[1]
-    kv, d = keys.data.shape[1], values.tile(0).shape[3]
+    kv, d = keys.kv_heads, keys.head_dim
     qkv = qkv.contiguous()
     q = qkv.new_empty((rows * kv, heads // kv, d))
     with _scope("posttrain::rotary_write"):

@@ -46,7 +46,7 @@ class KVBlocks:
 
     ``layout``: ``"plain"`` as above, for torch's :func:`attend`; or the C kernel's
     (:mod:`posttrain.generate.decode_kernels`), ``(rows, kv heads, blocks, tile)`` so that a row's head is one
-    stretch of memory read front to back (blocks first, 1.2-1.5x slower there), each block of ``BLOCK`` columns a
+    stretch of memory read front to back (blocks first was slower in ad-hoc timings), each block of ``BLOCK`` columns a
     tile laid out for AVX512-BF16's pairwise dot products: ``"keys"`` ``(BLOCK / 16, head dim / 2, 16, 2)``, features
     in pairs with 16 columns side by side in a register, so the scores of 16 columns come out of one accumulator
     with no sum across it (and a column written is 16 columns' stretch of memory, not the whole tile's);
@@ -74,6 +74,14 @@ class KVBlocks:
     @property
     def rows(self) -> int:
         return self.data.shape[self.row_dim]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.data.shape[self.row_dim + 1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.data.shape[4] * (2 if self.layout == "keys" else 1)  # keys hold the features in pairs
 
     def tile(self, block: int) -> torch.Tensor:
         """Block ``block`` of every row: (rows, kv heads, *its tile's shape in this layout)."""
@@ -139,9 +147,7 @@ class KVBlocks:
             pieces.append(self._columns(block)[:, :, offset : offset + n])
             c += n
         if not pieces:
-            tile = self.tile(0)
-            head_dim = {"plain": tile.shape[3], "keys": 2 * tile.shape[3], "values": tile.shape[3]}[self.layout]
-            return self.data.new_zeros((self.rows, tile.shape[1], 0, head_dim))
+            return self.data.new_zeros((self.rows, self.kv_heads, 0, self.head_dim))
         return torch.cat(pieces, dim=2)
 
     def _columns(self, block: int) -> torch.Tensor:
@@ -166,9 +172,7 @@ class KVBlocks:
 
     def resized(self, columns: int) -> KVBlocks:
         """Empty buffers of the same rows and layout with ``columns`` columns (rounded up to whole blocks)."""
-        part = self.read(0, 0)
-        rows, kv, _, d = part.shape
-        return KVBlocks.zeros(rows, kv, columns, d, self.data, self.layout)
+        return KVBlocks.zeros(self.rows, self.kv_heads, columns, self.head_dim, self.data, self.layout)
 
 
 def step_bias(bias: torch.Tensor, rows: int, t: int, span: int) -> torch.Tensor:
