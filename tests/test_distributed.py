@@ -147,3 +147,48 @@ def test_fsdp_is_refused_where_the_loop_samples_from_the_policy(tmp_path, cls, s
         raw["reward"] = "python:test_ppo:vowel_reward"
     with pytest.raises(ConfigError, match="train.distributed fsdp"):
         load_config(raw, cls=cls)
+
+
+LEAVE = """
+import atexit, os, sys
+from pathlib import Path
+
+import torch  # a worker has torch loaded by the time its command ends
+
+
+class Teardown:
+    def __del__(self, write=os.write):  # module globals may be gone by then
+        write(2, b"interpreter teardown ran\\n")
+
+
+keep = Teardown()  # freed only by the interpreter's own teardown
+marker = Path(sys.argv[1])
+atexit.register(lambda: marker.write_text("exit handlers ran"))
+sys.argv = ["posttrain", *sys.argv[2:]]
+from posttrain.cli import main
+
+print("buffered line", end="")  # still in stdout's buffer when the command ends
+main()
+raise AssertionError("main() returned instead of exiting")
+"""
+
+
+@pytest.mark.parametrize("args, status", [(["--help"], 0), (["sft", "--config", "missing.yaml"], 1)])
+@pytest.mark.parametrize("torchrun_env", [True, False])
+def test_a_torchrun_worker_leaves_without_the_interpreters_teardown(tmp_path, args, status, torchrun_env):
+    """Under torchrun a finished command's process runs Python's exit handlers, flushes its output and
+    leaves with the command's status, skipping the teardown that once aborted an FSDP rank after its run
+    had saved (see posttrain.cli._leave); outside torchrun nothing changes."""
+    import subprocess
+    import sys
+
+    from sft_fixtures import free_port, subprocess_env
+
+    extra = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())} if torchrun_env else {}
+    env = {k: v for k, v in subprocess_env(**extra).items() if torchrun_env or k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    marker = tmp_path / "atexit.txt"
+    proc = subprocess.run([sys.executable, "-c", LEAVE, str(marker), *args], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode != 0) == bool(status), (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("buffered line"), proc.stdout[:200]
+    assert marker.read_text() == "exit handlers ran"
+    assert ("interpreter teardown ran" in proc.stderr) != torchrun_env, proc.stderr[-2000:]

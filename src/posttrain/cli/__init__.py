@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -467,6 +468,46 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The ``posttrain`` command. Under torchrun, a process whose command has finished leaves through
+    :func:`_leave` rather than the interpreter's own teardown."""
+    try:
+        app()
+    except SystemExit as e:
+        if "torch" not in sys.modules:
+            raise
+        from posttrain.train.runtime import launched_by_torchrun
+
+        if not launched_by_torchrun():
+            raise
+        _leave(e.code)
+
+
+def _leave(code: object) -> None:
+    """End a torchrun worker whose command has finished: Python's exit handlers, flushed output, then
+    ``os._exit`` without the interpreter's teardown.
+
+    Its work is done and saved (the training loops end with a barrier and ``destroy_process_group``),
+    but tearing down the interpreter and torch's C++ libraries after that can still abort the process
+    (a CI run of the FSDP tests had one rank end with ``terminate called without an active exception``
+    after the run had saved its model), and torchrun then reports the whole run as failed. Exit
+    handlers (logging, temporary directories, ``weakref.finalize``) still run here; only the teardown
+    of objects in memory is skipped.
+    """
+    import atexit
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): the message to stderr, status 1, as the interpreter would
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(status)
 
 
