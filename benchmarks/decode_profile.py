@@ -1,6 +1,6 @@
 """Where a fast-decoder step's time goes, and what the key/value blocks changed in its attention.
 
-    python benchmarks/decode_profile.py [--rows 64,128] [--cache 200] [--precisions bf16,fp32] [--steps 6]
+    python benchmarks/decode_profile.py [--rows 64,128] [--cache 200] [--precisions bf16,fp32] [--steps 6] [--kernels-only]
 
 SmolLM2-135M-Instruct (fetched; else the random tiny-llama, with a note), torch's threads. For each row count
 and precision: a cache of ``--cache`` tokens is prefilled, then ``--steps`` one-token steps of
@@ -14,9 +14,10 @@ alternating rounds; and whole decode steps in each layout, alternating; at 2-15 
 the products padded to 16 columns against over the rows themselves (``fast._mm``), alternating. And attention over left-padded rows (random prompt lengths of 44-168 tokens, the spread of the first IFEval
 prompts, longest first as the engine fills a batch) with every row in every block against only the rows each
 block holds keys for (``block_rows``), over 30 layers' distinct buffers, fastest of 12 alternating rounds.
-In bf16 on a CPU where the decode kernels run (``generate/decode_kernels.py``), each step's profile counts their
-time as attention (the attention kernel) and the rest (the others), and whole steps through the kernels are timed
-against torch's ops (``POSTTRAIN_CPU_KERNELS=0``), two decoders on the same cache, alternating.
+Where the decode kernels run (``generate/decode_kernels.py``: float32 on x86-64, bf16 with AVX512-BF16), each
+step's profile counts their time as attention (the attention kernel) and the rest (the others), and whole steps
+through the kernels are timed against torch's ops (``POSTTRAIN_CPU_KERNELS=0``), two decoders on the same cache,
+alternating. ``--kernels-only``: the profile and that comparison, not the layouts'.
 Not a test: run it by hand, with nothing else running.
 """
 
@@ -81,7 +82,7 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
 
 
 def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
-    """Whole bf16 decode steps through our C kernels (``generate/decode_kernels.c``, its key/value layouts) against
+    """Whole decode steps through our C kernels (``generate/decode_kernels*.c``, their key/value layouts) against
     torch's ops (blocks of BLOCK columns), two decoders on the same prefilled cache, alternating rounds of ``steps``
     steps; the median step of each and how often their next tokens agree."""
     cache = prefilled(model, rows, length)
@@ -91,7 +92,7 @@ def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> s
             decoders[kernel] = FastDecoder(model)
             decoders[kernel].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
     if not decoders[True].kernel:
-        return f"{rows} rows: the decode kernels are not used here (no AVX512-BF16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
+        return f"{rows} rows: the decode kernels are not used here (not x86-64, no AVX512-BF16 for bf16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
     logits = {kernel: decoder.step(tokens, positions).float() for kernel, decoder in decoders.items()}
     agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=200)
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--kernels-only", action="store_true", help="each step's profile and the kernels against torch's ops; not the layouts")
     args = ap.parse_args()
     name = REAL_MODEL if is_fetched(REAL_MODEL) else "tiny-llama"
     if name != REAL_MODEL:
@@ -285,11 +287,14 @@ def main() -> None:
         with torch.inference_mode(), bf16_weights(model, bf16, torch.device("cpu")):
             for r in rows:
                 print(f"  {precision} {r} rows: {step_profile(model, r, args.cache, args.steps, n_params)}", flush=True)
+                print(f"  {precision} {step_kernel(model, r, args.cache, args.steps)}", flush=True)
+                if args.kernels_only:
+                    continue
                 print(f"  {precision} {step_layouts(model, r, args.cache, args.steps)}", flush=True)
-                if bf16:
-                    print(f"  {precision} {step_kernel(model, r, args.cache, args.steps)}", flush=True)
                 if 1 < r < NARROW and not bf16:
                     print(f"  {precision} {step_narrow(model, r, args.cache, args.steps)}", flush=True)
+            if args.kernels_only:
+                continue
             print(f"  {precision} {padded_spans(model, rows[-1], torch.bfloat16 if bf16 else torch.float32)}", flush=True)
             print(
                 f"  {precision} {attention_layouts(model, rows[-1], args.cache + args.steps, torch.bfloat16 if bf16 else torch.float32)}",

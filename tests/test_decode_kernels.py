@@ -1,6 +1,7 @@
-"""The bf16 decode attention kernel (generate/decode_kernels.c): the same attention as torch's path and as a
-plain float32 softmax, over blocks, left padding, spare row capacity and both head sizes; built, cached and
-refused where it cannot run. Skipped on CPUs without AVX512-BF16 (the kernel is never used there)."""
+"""The decode kernels (generate/decode_kernels.c for bf16, decode_kernels_f32.c for float32): the same attention as
+torch's path and as a plain float32 softmax, over blocks, left padding, spare row capacity and both head sizes; the
+norm, SiLU and rotary kernels against torch's ops; built, cached and refused where they cannot run. bf16's tests are
+skipped on CPUs without AVX512-BF16, all of them where there is no C compiler (the kernels are never used there)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,32 @@ import torch
 from posttrain.generate import decode_kernels
 from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, step_bias
 
+BF16, FP32 = torch.bfloat16, torch.float32
 needs_kernel = pytest.mark.skipif(
-    not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64), reason="no AVX512-BF16 or no C compiler here"
+    not decode_kernels.usable(BF16, torch.device("cpu"), 3, 64), reason="no AVX512-BF16 or no C compiler here"
 )
+EITHER = [
+    pytest.param(BF16, marks=needs_kernel, id="bf16"),
+    pytest.param(
+        FP32,
+        marks=pytest.mark.skipif(not decode_kernels.usable(FP32, torch.device("cpu"), 3, 64), reason="not x86-64 or no C compiler"),
+        id="fp32",
+    ),
+]
 
 
-def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts: list[int], seed: int = 0):
-    """bf16 q, keys and values in blocks with ``capacity`` rows (the first ``rows`` in use), a float32 mask (with a boost) over the
-    buffer's columns with row r's columns before ``starts[r]`` masked, and the float32 reference attention."""
+def close(dtype: torch.dtype, bf16: float, fp32: float) -> dict:
+    """assert_close's tolerances for ``dtype``: ``bf16`` (one bf16 rounding) or ``fp32`` (float32's, summed in another order)."""
+    return {"rtol": bf16, "atol": bf16} if dtype == BF16 else {"rtol": fp32, "atol": fp32}
+
+
+def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts: list[int], seed: int = 0, dtype: torch.dtype = BF16):
+    """q, keys and values in ``dtype`` in blocks with ``capacity`` rows (the first ``rows`` in use), a float32 mask (with a boost)
+    over the buffer's columns with row r's columns before ``starts[r]`` masked, and the float32 reference attention."""
     gen = torch.Generator().manual_seed(seed)
     columns = -(-(t + 1) // BLOCK) * BLOCK + BLOCK  # a spare block past the current column, as the decoder keeps
-    k, v = (torch.randn(capacity, kv, t + 1, d, generator=gen).to(torch.bfloat16) for _ in range(2))
-    q = (torch.randn(rows * kv, group, d, generator=gen) / d**0.5).to(torch.bfloat16)
+    k, v = (torch.randn(capacity, kv, t + 1, d, generator=gen).to(dtype) for _ in range(2))
+    q = (torch.randn(rows * kv, group, d, generator=gen) / d**0.5).to(dtype)
     keys, values = (KVBlocks.zeros(capacity, kv, columns, d, k, layout) for layout in ("keys", "values"))
     keys.write(slice(None), 0, k)
     values.write(slice(None), 0, v)
@@ -39,52 +54,53 @@ def _case(rows: int, capacity: int, kv: int, group: int, d: int, t: int, starts:
     return q, keys, values, mask, torch.stack(want)
 
 
-@needs_kernel
+@pytest.mark.parametrize("dtype", EITHER)
 @pytest.mark.parametrize("group, d", [(3, 64), (7, 128), (1, 64), (8, 128)])
-def test_the_kernel_equals_a_float32_softmax_and_torchs_path(group, d):
+def test_the_kernel_equals_a_float32_softmax_and_torchs_path(group, d, dtype):
     """Rows left-padded by different amounts (one with nothing in the first two blocks), a last block cut at
     the current column, more rows in the buffer than in use: the kernel's output is the float32 attention
-    rounded once to bf16, and within bf16 rounding of torch's path (which rounds scores and probabilities)."""
+    (rounded once to bf16 in bf16), and within bf16 rounding of torch's path (which rounds scores and
+    probabilities), float32's of it in float32."""
     rows, kv, t = 4, 2, 150
     starts = [0, 17, 64, 130]
-    q, keys, values, mask, want = _case(rows, rows + 3, kv, group, d, t, starts)
+    q, keys, values, mask, want = _case(rows, rows + 3, kv, group, d, t, starts, dtype=dtype)
     got = decode_kernels.attend(q, keys, values, mask, rows, t + 1)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, kv * group * d)
+    assert got.dtype == dtype and got.shape == (rows, kv * group * d)
     # one rounding to bf16 of the float32 result: within half a bf16 ulp of it, plus the exponential's 1e-7
-    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), **close(dtype, 8e-3, 1e-5))
     plain = [KVBlocks.zeros(rows + 3, kv, mask.shape[1], d, q) for _ in range(2)]
     for buffer, paired in zip(plain, (keys, values)):
         buffer.write(slice(None), 0, paired.read(0, t + 1))
     bias = step_bias(mask, rows, t, keys.span(t))
-    torchs = attend(q, *plain, bias, block_rows(bias, BLOCK))
-    torch.testing.assert_close(got.float(), torchs.float(), rtol=2e-2, atol=2e-2)
-    # and the kernel is closer to the float32 truth than torch's bf16 products are
-    assert (got.float() - want).abs().mean() < (torchs.float() - want).abs().mean()
+    torchs = attend(q, *plain, bias, block_rows(bias, plain[0].block))
+    torch.testing.assert_close(got.float(), torchs.float(), **close(dtype, 2e-2, 1e-5))
+    if dtype == BF16:  # and the kernel is closer to the float32 truth than torch's bf16 products are
+        assert (got.float() - want).abs().mean() < (torchs.float() - want).abs().mean()
 
 
-@needs_kernel
-def test_a_row_with_every_column_masked_gives_zeros_and_columns_past_the_count_are_not_read():
+@pytest.mark.parametrize("dtype", EITHER)
+def test_a_row_with_every_column_masked_gives_zeros_and_columns_past_the_count_are_not_read(dtype):
     """A row with nothing to attend to (a free row) gives zeros, not NaN; columns at and past ``columns`` are never
     read: filling them with NaN changes nothing."""
     rows, kv, group, d, t = 3, 3, 3, 64, 70
-    q, keys, values, mask, want = _case(rows, rows, kv, group, d, t, [0, 5, 0])
+    q, keys, values, mask, want = _case(rows, rows, kv, group, d, t, [0, 5, 0], dtype=dtype)
     mask[2] = float("-inf")
-    unwritten = torch.full((rows, kv, 2 * BLOCK - t - 1, d), float("nan"), dtype=torch.bfloat16)
+    unwritten = torch.full((rows, kv, 2 * BLOCK - t - 1, d), float("nan"), dtype=dtype)
     keys.write(slice(None), t + 1, unwritten)  # columns 71..127, the rest of block 1
     values.write(slice(None), t + 1, unwritten)
     got = decode_kernels.attend(q, keys, values, mask, rows, t + 1).float()
     assert torch.equal(got[2], torch.zeros_like(got[2]))
     assert not got.isnan().any()
-    torch.testing.assert_close(got[:2], want[:2].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(got[:2], want[:2].to(dtype).float(), **close(dtype, 8e-3, 1e-5))
 
 
-@needs_kernel
-def test_the_fast_decoder_uses_the_kernel_in_bf16_and_its_logits_match_torchs_path(monkeypatch, tiny_llama_bf16):
-    """A bf16 decode step through the kernel gives the logits of the same step through torch's attention, to bf16
-    rounding; POSTTRAIN_CPU_KERNELS=0 switches the kernel off."""
+@pytest.mark.parametrize("dtype", EITHER)
+def test_the_fast_decoder_uses_the_kernel_and_its_logits_match_torchs_path(monkeypatch, dtype):
+    """A decode step through the kernels gives the logits of the same step through torch's ops, to bf16 rounding in
+    bf16 and float32's in float32; POSTTRAIN_CPU_KERNELS=0 switches the kernels off."""
     from posttrain.generate.fast import FastDecoder
 
-    model, ids, mask, positions = tiny_llama_bf16
+    model, ids, mask, positions = tiny_llama(dtype)
     calls = []
     real = decode_kernels.attend
     monkeypatch.setattr(decode_kernels, "attend", lambda *a: calls.append(a[-1]) or real(*a))
@@ -96,7 +112,7 @@ def test_the_fast_decoder_uses_the_kernel_in_bf16_and_its_logits_match_torchs_pa
             decoder.start(_prefill(model, ids[:, :-1], mask[:, :-1]), mask[:, :-1], max_new_tokens=4)
             logits[setting] = decoder.step(ids[:, -1], positions[:, -1]).float()
     assert calls == [ids.shape[1]] * model.config.num_hidden_layers  # every layer, over every column, with the kernel on only
-    torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(logits["1"], logits["0"], **close(dtype, 5e-2, 1e-4))
     assert logits["1"].argmax(-1).tolist() == logits["0"].argmax(-1).tolist()
 
 
@@ -111,17 +127,18 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     return cache
 
 
-@needs_kernel
-def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_torchs(monkeypatch, tiny_llama_bf16):
+@pytest.mark.parametrize("dtype", EITHER)
+def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_torchs(monkeypatch, dtype):
     """The engine's buffer operations on the kernel's layouts: a decoder through the kernel and one through torch's
     attention, fed the same tokens through steps, an admission of a prompt longer than the current column (every
     kept column moves right), a compaction (a live row moves into a finished one's place) and an admission past the
     rows in use (the buffers grow). Layer 0's keys and values do not depend on attention, so after every operation
     they must agree in the two layouts to the rounding of the kernels' norm and rotary embedding (one bf16 step;
-    a column or row out of place would differ by the values' own size); the logits agree to bf16 rounding."""
+    a column or row out of place would differ by the values' own size); the logits agree to bf16 rounding (float32's
+    in float32)."""
     from posttrain.generate.fast import FastDecoder
 
-    model, ids, mask, _ = tiny_llama_bf16
+    model, ids, mask, _ = tiny_llama(dtype)
     gen = torch.Generator().manual_seed(2)
     decoders = {}
     with torch.inference_mode():
@@ -135,11 +152,11 @@ def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_to
         def step(positions: torch.Tensor) -> None:
             tokens = torch.randint(3, model.config.vocab_size, positions.shape, generator=gen)
             logits = {s: d.step(tokens, positions).float() for s, d in decoders.items()}
-            torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-2, atol=5e-2)
+            torch.testing.assert_close(logits["1"], logits["0"], **close(dtype, 5e-2, 1e-4))
             t = decoders["1"].length
             for buffers in ("keys", "values"):
                 a, b = (getattr(d, buffers)[0].read(0, t).float() for d in decoders.values())
-                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=lambda m, buffers=buffers: f"{buffers}: {m}")
+                torch.testing.assert_close(a, b, **close(dtype, 2e-2, 1e-5), msg=lambda m, buffers=buffers: f"{buffers}: {m}")
 
         for _ in range(3):
             step(positions)
@@ -165,9 +182,8 @@ def test_admissions_compactions_and_moved_columns_keep_the_kernels_buffers_as_to
             positions = positions + 1
 
 
-@pytest.fixture
-def tiny_llama_bf16():
-    """A tiny random Llama in bf16 with SmolLM2's head size (64) and grouping (3 queries per key/value head), and a
+def tiny_llama(dtype: torch.dtype):
+    """A tiny random Llama in ``dtype`` with SmolLM2's head size (64) and grouping (3 queries per key/value head), and a
     left-padded batch of prompts spanning two blocks of the cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -176,7 +192,7 @@ def tiny_llama_bf16():
         num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = LlamaForCausalLM(config).to(dtype).eval()
     lengths = [100, 70, 9]
     width = max(lengths)
     ids = torch.randint(3, config.vocab_size, (len(lengths), width + 1), generator=torch.Generator().manual_seed(1))
@@ -200,23 +216,25 @@ def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path,
     monkeypatch.setenv("CC", str(failing))
     with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
         assert not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
-    if "avx512_bf16" in decode_kernels._cpu_flags().split():  # elsewhere the CPU check refuses before any build
+    if decode_kernels._target() is not None:  # elsewhere (not x86-64 Linux) the platform check refuses before any build
         assert "no such compiler here" in caplog.text
         assert not list((tmp_path / "kernels").glob("*.so"))
     assert not decode_kernels.usable(torch.float32, torch.device("cpu"), 3, 64)
 
 
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", ["plain", "keys", "values"])
-def test_every_layout_holds_the_columns_written_to_it(layout):
+def test_every_layout_holds_the_columns_written_to_it(layout, dtype):
     """Writes at odd and even columns, within and across blocks, to every row or some; rows grown, moved and
-    buffers resized: what :meth:`KVBlocks.read` gives back is what was written, in every layout (runs on any CPU)."""
+    buffers resized: what :meth:`KVBlocks.read` gives back is what was written, in every layout and dtype (bf16's
+    kernel layouts keep pairs of elements together, float32's single ones; runs on any CPU)."""
     gen = torch.Generator().manual_seed(0)
-    src = torch.randn(5, 2, 150, 8, generator=gen).to(torch.bfloat16)
+    src = torch.randn(5, 2, 150, 8, generator=gen).to(dtype)
     b = KVBlocks.zeros(5, 2, 200, 8, src, layout)
     for lo, hi in [(3, 64), (64, 65), (65, 67), (67, 153)]:  # column c of src goes to column c + 3
         b.write(slice(None), lo, src[:, :, lo - 3 : hi - 3])
     assert torch.equal(b.read(3, 153), src)
-    other = torch.randn(2, 2, 5, 8, generator=gen).to(torch.bfloat16)
+    other = torch.randn(2, 2, 5, 8, generator=gen).to(dtype)
     b.write(torch.tensor([1, 3]), 77, other)  # some rows, starting at an odd column
     got = b.read(3, 153)
     assert torch.equal(got[[1, 3], :, 74:79], other) and torch.equal(got[[0, 2, 4]], src[[0, 2, 4]])
@@ -232,29 +250,31 @@ def test_every_layout_holds_the_columns_written_to_it(layout):
     assert torch.equal(got[[6, 1], :, 64:192], src[[0, 4], :, :128])
 
 
-@needs_kernel
+@pytest.mark.parametrize("dtype", EITHER)
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_the_norm_and_silu_kernels_equal_torchs_float32_ops_rounded_once(rows):
+def test_the_norm_and_silu_kernels_equal_torchs_float32_ops_rounded_once(rows, dtype):
     """RMS norm down the columns of (features, rows) and silu(gate) * up, against the same float32 operations in torch
-    rounded once to bf16: within one bf16 rounding (the kernels sum and exponentiate in another order). Odd row
-    counts exercise the masked tails."""
+    (rounded once to bf16 in bf16): within one bf16 rounding, or float32's (the kernels sum and exponentiate in another
+    order). Odd row counts exercise the tails."""
     from posttrain.generate.fast import _normed
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(576, rows, generator=gen) * 3).to(torch.bfloat16)
-    want = (x.float() * x.float().pow(2).mean(0, keepdim=True).add(1e-5).rsqrt()).to(torch.bfloat16)
+    x = (torch.randn(576, rows, generator=gen) * 3).to(dtype)
+    want = (x.float() * x.float().pow(2).mean(0, keepdim=True).add(1e-5).rsqrt()).to(dtype)
     got = decode_kernels.rms_norm(x, 1e-5)
-    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5)
-    torch.testing.assert_close(got.float(), _normed(x, 1e-5).float(), rtol=8e-3, atol=1e-5)  # the decoder's own norm
-    gate_up = (torch.randn(2 * 96, rows, generator=gen) * 4).to(torch.bfloat16)
+    assert got.dtype == dtype
+    tol = {"rtol": 8e-3 if dtype == BF16 else 2e-6, "atol": 1e-5}
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(got.float(), _normed(x, 1e-5).float(), **tol)  # the decoder's own norm
+    gate_up = (torch.randn(2 * 96 + 2, rows, generator=gen) * 4).to(dtype)  # 97 x rows values: a tail past whole vectors
     gate, up = gate_up.float().chunk(2)
-    want = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
-    torch.testing.assert_close(decode_kernels.silu_mul(gate_up).float(), want.float(), rtol=8e-3, atol=1e-5)
+    want = (torch.nn.functional.silu(gate) * up).to(dtype)
+    torch.testing.assert_close(decode_kernels.silu_mul(gate_up).float(), want.float(), **tol)
 
 
-@needs_kernel
+@pytest.mark.parametrize("dtype", EITHER)
 @pytest.mark.parametrize("rows, t", [(1, 0), (6, 77), (33, 150)])
-def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t):
+def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t, dtype):
     """q and k rotated as transformers rotates them (x cos + rotate_half(x) sin), in float32 rounded once; k and v
     land in column t of their buffers (even and odd columns, a chunk and block boundary) and nowhere else; q comes
     back as (rows x kv heads, group, head dim). One row, an odd count and more than 32 rows (the gathers' cases)."""
@@ -262,7 +282,7 @@ def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t):
 
     heads, kv, d = 6, 2, 64
     gen = torch.Generator().manual_seed(t)
-    qkv = torch.randn((heads + 2 * kv) * d, rows, generator=gen).to(torch.bfloat16)
+    qkv = torch.randn((heads + 2 * kv) * d, rows, generator=gen).to(dtype)
     angles = torch.rand(rows, d // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (rows, head dim), halves repeated
     keys, values = (KVBlocks.zeros(rows, kv, 256, d, qkv, layout) for layout in ("keys", "values"))
@@ -271,16 +291,17 @@ def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_the_column(rows, t):
     x = qkv.float().view(heads + 2 * kv, d, rows).permute(2, 0, 1)  # (rows, units, head dim)
     rotated = x[:, : heads + kv] * cos[:, None] + rotate_half(x[:, : heads + kv]) * sin[:, None]
     assert q.shape == (rows * kv, heads // kv, d)
-    torch.testing.assert_close(q.float().view(rows, heads, d), rotated[:, :heads].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-4)
+    tol = {"rtol": 8e-3, "atol": 1e-4} if dtype == BF16 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(q.float().view(rows, heads, d), rotated[:, :heads].to(dtype).float(), **tol)
     after_k, after_v = keys.read(0, 256), values.read(0, 256)
-    torch.testing.assert_close(after_k[:, :, t].float(), rotated[:, heads:].to(torch.bfloat16).float(), rtol=8e-3, atol=1e-4)
-    assert torch.equal(after_v[:, :, t], x[:, heads + kv :].to(torch.bfloat16))
+    torch.testing.assert_close(after_k[:, :, t].float(), rotated[:, heads:].to(dtype).float(), **tol)
+    assert torch.equal(after_v[:, :, t], x[:, heads + kv :].to(dtype))
     others = [c for c in range(256) if c != t]
     assert torch.equal(after_k[:, :, others], before_k[:, :, others]) and torch.equal(after_v[:, :, others], before_v[:, :, others])
 
 
-@needs_kernel
-def test_a_damaged_build_in_the_cache_is_reported_and_torchs_ops_kept(monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("dtype", EITHER[1:])
+def test_a_damaged_build_in_the_cache_is_reported_and_torchs_ops_kept(monkeypatch, tmp_path, caplog, dtype):
     """A file in the kernels' cache that does not load (truncated, another machine's) gives a warning naming it
     and torch's ops, not a crash."""
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
@@ -290,5 +311,5 @@ def test_a_damaged_build_in_the_cache_is_reported_and_torchs_ops_kept(monkeypatc
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a shared library")
     with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
-        assert not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
+        assert not decode_kernels.usable(dtype, torch.device("cpu"), 3, 64)
     assert path.name in caplog.text

@@ -1,25 +1,30 @@
-"""The fast decoder's bf16 step on CPUs with AVX512-BF16: C kernels of our own, built on first use.
+"""The fast decoder's step on x86-64 CPUs: C kernels of our own, built on first use; bf16 where the CPU has
+AVX512-BF16 (``decode_kernels.c``), float32 on any (``decode_kernels_f32.c``).
 
-Why our own: a bf16 decode step's attention is, per row and key/value head, a few queries against that
-row's cache (SmolLM2: 3 x 64 by 64 x columns), and torch's CPU ``bmm`` runs such products one small
-matrix at a time, reading the cache at a fraction of the machine's bandwidth; its fused SDPA and a
-``torch.compile``d attention were slower still (docs/PERFORMANCE.md). ``decode_kernels.c`` does each
-(row, key/value head) in one pass over its columns with AVX512-BF16 dot products on buffers laid out for
-them (:class:`~posttrain.generate.kv_blocks.KVBlocks` layouts ``"keys"`` and ``"values"``), the softmax in
-float32 registers and the weighted sum of values, skipping masked columns (a short prompt's left padding)
-without reading them. The rest of a layer's step between the projections is a handful of small torch ops a
-layer (a norm is seven, the rotary embedding and the buffers' writes as many), so the kernels also do, each
-in one pass: the RMS norm, the rotary embedding of q and k with the writes of k and v into the buffers, and
-silu(gate) * up; all in float32 and rounded once to bf16 (torch's ops round after each). All run on the
-OpenMP threads of torch's own runtime. Figures: docs/PERFORMANCE.md (``benchmarks/decode_profile.py``).
+Why our own: a decode step's attention is, per row and key/value head, a few queries against that row's
+cache (SmolLM2: 3 x 64 by 64 x columns), and torch's CPU ``bmm`` runs such products one small matrix at a
+time, reading the cache at a fraction of the machine's bandwidth; its fused SDPA and a ``torch.compile``d
+attention were slower still (docs/PERFORMANCE.md). The kernels do each (row, key/value head) in one pass
+over its columns on buffers laid out for them (:class:`~posttrain.generate.kv_blocks.KVBlocks` layouts
+``"keys"`` and ``"values"``: in bf16 for AVX512-BF16's pairwise dot products, in float32 16 columns side
+by side), the softmax in float32 registers and the weighted sum of values, skipping masked columns (a
+short prompt's left padding) without reading them. The rest of a layer's step between the projections is a
+handful of small torch ops a layer (a norm is seven, the rotary embedding and the buffers' writes as many),
+so the kernels also do, each in one pass: the RMS norm, the rotary embedding of q and k with the writes of k
+and v into the buffers, and silu(gate) * up; all in float32, in bf16 rounded once (torch's ops round after
+each). All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
+extensions, so one source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
+(``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
+ops' time in bf16, 0.79-0.84 in float32, machine G).
 
 Built with the system's C compiler (``$CC``, else ``cc``) and ``-march=native`` into
-``$POSTTRAIN_CACHE/kernels/`` the first time a bf16 decode needs it (a second or two), keyed by the source,
-the flags and the CPU, so a cache shared between machines never hands one a library built for another.
-Where there is no compiler, the CPU lacks AVX512-BF16, the head size is not 64 or 128 or more than 8 query
-heads share a key/value head, the decoder uses torch's ops (:func:`posttrain.generate.kv_blocks.attend` and
-the rest in ``fast.py``), which compute the same step with bf16 rounding in more places.
-``POSTTRAIN_CPU_KERNELS=0`` turns the kernels off (benchmarks compare the two that way).
+``$POSTTRAIN_CACHE/kernels/`` the first time a decode needs it (a few seconds), keyed by the sources, the
+flags and the CPU, so a cache shared between machines never hands one a library built for another. Where
+there is no compiler, the machine is not x86-64 Linux, the CPU lacks AVX512-BF16 (for bf16), the head size is
+not 64 or 128 or more than 8 query heads share a key/value head, the decoder uses torch's ops
+(:func:`posttrain.generate.kv_blocks.attend` and the rest in ``fast.py``), which compute the same step (in
+bf16 with rounding in more places). ``POSTTRAIN_CPU_KERNELS=0`` turns the kernels off (benchmarks compare
+the two that way).
 """
 
 from __future__ import annotations
@@ -43,10 +48,19 @@ from posttrain.generate.kv_blocks import PAIRED, KVBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+SOURCE = Path(__file__).with_name("decode_kernels.c")  # bf16 (AVX512-BF16)
+SOURCES = [SOURCE, Path(__file__).with_name("decode_kernels_f32.c")]  # and float32 (any x86-64), one library
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a key/value head may serve
+DTYPES = (torch.bfloat16, torch.float32)
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and float32
+    "posttrain_attend": (ctypes.c_int, [_P] * 5 + [_I] * 6 + [_L] * 4 + [_I]),
+    "posttrain_rms_norm": (None, [_P] * 2 + [_I] * 2 + [ctypes.c_float, _I]),
+    "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
+    "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
+}
 
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -75,16 +89,16 @@ def _cpu_flags() -> str:
 
 def _target() -> tuple[Path, str] | None:
     """Where this machine's build of the kernels goes in the cache, and the compiler that makes it; None where the
-    kernels cannot run here (not Linux on x86-64 with AVX512-BF16) or no compiler is found."""
+    kernels cannot run here (not Linux on x86-64) or no compiler is found."""
     flags = _cpu_flags()
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in flags.split():
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler found: the bf16 decode step uses torch's ops")
+        log.info("no C compiler found: the decode step uses torch's ops")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), flags.encode()])).hexdigest()[:16]
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), compiler.encode(), flags.encode()])).hexdigest()[:16]
     return cache_dir() / "kernels" / f"decode-{key}.so", compiler
 
 
@@ -99,29 +113,22 @@ def _build() -> ctypes.CDLL | None:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=False, capture_output=True, text=True)
+            done = subprocess.run(
+                [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"], check=False, capture_output=True, text=True
+            )
             if done.returncode != 0:
-                log.warning(
-                    "building %s failed (%s); the bf16 decode step uses torch's ops:\n%s", SOURCE.name, compiler, done.stderr[-2000:]
-                )
+                log.warning("building %s failed (%s); the decode step uses torch's ops:\n%s", SOURCE.name, compiler, done.stderr[-2000:])
                 return None
             os.replace(built, path)  # atomic: a process building at the same time finds a whole file or none
         log.info("built %s in %.1f s: %s", SOURCE.name, time.perf_counter() - start, path)
     try:
         library = ctypes.CDLL(str(path))
     except OSError as error:  # a damaged or foreign file in the cache: say so, keep torch's ops
-        log.warning("could not load %s (%s); the bf16 decode step uses torch's ops (delete the file to rebuild it)", path, error)
+        log.warning("could not load %s (%s); the decode step uses torch's ops (delete the file to rebuild it)", path, error)
         return None
-    if library.posttrain_attention_available() != 1:
-        return None
-    library.posttrain_attend.restype = ctypes.c_int
-    library.posttrain_attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 4 + [ctypes.c_int]
-    library.posttrain_rms_norm.restype = None
-    library.posttrain_rms_norm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
-    library.posttrain_silu_mul.restype = None
-    library.posttrain_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int]
-    library.posttrain_rotary_write.restype = None
-    library.posttrain_rotary_write.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    for name, (restype, argtypes) in SIGNATURES.items():
+        for function in (getattr(library, name), getattr(library, f"{name}_f32")):  # bf16's and float32's
+            function.restype, function.argtypes = restype, argtypes
     return library
 
 
@@ -136,29 +143,41 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(dtype: torch.dtype, device: torch.device, group: int, head_dim: int) -> bool:
-    """Whether the kernels serve a decode in ``dtype`` on ``device`` with these head sizes (building them if need be)."""
-    if dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP:
+    """Whether the kernels serve a decode in ``dtype`` on ``device`` with these head sizes (building them if need be):
+    float32 on any x86-64 CPU, bf16 where it has AVX512-BF16."""
+    if dtype not in DTYPES or device.type != "cpu" or head_dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP:
         return False
-    return library() is not None
+    lib = library()
+    return lib is not None and (dtype == torch.float32 or lib.posttrain_attention_available() == 1)
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """The library's ``name`` for ``dtype``: decode_kernels.c's bf16 function or decode_kernels_f32.c's."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the decode kernels take bf16 or float32, not {dtype}")
+    return getattr(_library, name if dtype == torch.bfloat16 else f"{name}_f32")
 
 
 def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """Attention of one query per row over columns ``[0, columns)`` of the cache, as :func:`kv_blocks.attend` computes it.
 
     ``keys`` and ``values`` in the kernel's layouts (``KVBlocks.zeros(..., layout="keys")``, ``"values"``);
-    ``q`` (rows x kv heads, group, head dim) bf16, already scaled; ``bias`` the decoder's whole float32 mask
-    (capacity rows, buffer columns), of which the first ``rows`` rows and ``columns`` columns count. Returns
-    (rows, kv heads x group x head dim) bf16. Only where :func:`usable` said so."""
+    ``q`` (rows x kv heads, group, head dim) in the buffers' dtype (bf16 or float32), already scaled; ``bias`` the
+    decoder's whole float32 mask (capacity rows, buffer columns), of which the first ``rows`` rows and ``columns``
+    columns count. Returns (rows, kv heads x group x head dim) in q's dtype. Only where :func:`usable` said so."""
     batch, group, d = q.shape
     kv = batch // rows
     q = q.contiguous()
     if (keys.layout, values.layout) != PAIRED or keys.data.stride()[:3] != values.data.stride()[:3] or bias.stride(1) != 1:
         raise ValueError("the attention kernel needs keys and values in its layouts (KVBlocks 'keys', 'values') and a row-major mask")
-    if keys.data.dtype != torch.bfloat16 or bias.dtype != torch.float32:
-        raise ValueError(f"the attention kernel takes bf16 keys and a float32 mask, not {keys.data.dtype} and {bias.dtype}")
+    if keys.data.dtype not in DTYPES or q.dtype != keys.data.dtype or bias.dtype != torch.float32:
+        raise ValueError(
+            f"the attention kernel takes bf16 or float32 queries and keys and a float32 mask, not {q.dtype}, {keys.data.dtype} and {bias.dtype}"
+        )
     out = q.new_empty((rows, kv * group * d))
     with _scope("posttrain::attention"):
-        status = _library.posttrain_attend(  # loaded: the decoder asked usable() when it started
+        function = _kernel("posttrain_attend", q.dtype)  # loaded: the decoder asked usable() when it started
+        status = function(
             q.data_ptr(),
             keys.data.data_ptr(),
             values.data.data_ptr(),
@@ -180,39 +199,44 @@ def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS normalisation without a weight of ``x`` (features, rows) bf16 down its columns, as ``fast._normed``
-    computes it (float32 inside, rounded once to bf16; the sum of squares in another order)."""
+    """RMS normalisation without a weight of ``x`` (features, rows) down its columns, as ``fast._normed`` computes it
+    (float32 inside, rounded once to bf16 for bf16; the sum of squares in another order)."""
     features, rows = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
     with _scope("posttrain::rms_norm"):
-        _library.posttrain_rms_norm(x.data_ptr(), out.data_ptr(), features, rows, eps, torch.get_num_threads())
+        _kernel("posttrain_rms_norm", x.dtype)(x.data_ptr(), out.data_ptr(), features, rows, eps, torch.get_num_threads())
     return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up`` (2 x intermediate, rows) bf16, gate its first half: (intermediate, rows),
-    in float32 and rounded once (torch's ``act(gate).mul_(up)`` rounds after each)."""
+    """``silu(gate) * up`` for ``gate_up`` (2 x intermediate, rows), gate its first half: (intermediate, rows), in
+    float32 and, for bf16, rounded once (torch's ``act(gate).mul_(up)`` rounds after each)."""
     features, rows = gate_up.shape
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty((features // 2, rows))
     with _scope("posttrain::silu_mul"):
-        _library.posttrain_silu_mul(gate_up.data_ptr(), out.data_ptr(), features // 2 * rows, torch.get_num_threads())
+        _kernel("posttrain_silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), features // 2 * rows, torch.get_num_threads())
     return out
 
 
 def rotary_write(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, keys: KVBlocks, values: KVBlocks, t: int
 ) -> torch.Tensor:
-    """The rotary embedding of q and k for ``qkv`` ((heads + 2 x kv heads) x head dim, rows) bf16, q first, then k,
-    then v; ``cos`` and ``sin`` (rows, head dim) float32. Writes k and v at column ``t`` of ``keys`` and ``values``
-    (the kernel's layouts) and returns q as (rows x kv heads, group, head dim), what :func:`attend` takes."""
+    """The rotary embedding of q and k for ``qkv`` ((heads + 2 x kv heads) x head dim, rows) in the buffers' dtype, q
+    first, then k, then v; ``cos`` and ``sin`` (rows, head dim) float32. Writes k and v at column ``t`` of ``keys``
+    and ``values`` (the kernel's layouts) and returns q as (rows x kv heads, group, head dim), what :func:`attend`
+    takes."""
     rows = qkv.shape[1]
     kv, d = keys.kv_heads, keys.head_dim
+    if qkv.dtype != keys.data.dtype or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous():
+        raise ValueError(
+            f"rotary_write takes qkv in the buffers' dtype ({keys.data.dtype}, not {qkv.dtype}) and contiguous float32 cos and sin"
+        )
     qkv = qkv.contiguous()
     q = qkv.new_empty((rows * kv, heads // kv, d))
     with _scope("posttrain::rotary_write"):
-        _library.posttrain_rotary_write(
+        _kernel("posttrain_rotary_write", qkv.dtype)(
             qkv.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),

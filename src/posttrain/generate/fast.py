@@ -20,10 +20,11 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
   cache being stored in such blocks (a strided slice of one long buffer was copied by CPU ``bmm`` in bf16),
   in float32 one over the columns in use of a single buffer (:mod:`posttrain.generate.kv_blocks`); the CPU's
   fused SDPA kernel took 1.6-1.9 ms a layer for it at 64 rows;
-* in bf16 on a CPU with AVX512-BF16, attention and everything between the projections (the norms, the
-  rotary embedding with the buffers' writes, silu(gate) * up) run as C kernels of our own on buffers laid
-  out for them (:mod:`posttrain.generate.decode_kernels`: a step at 64 and 128 rows in 0.65-0.78 of the time
-  of torch's ops), and the vocabulary projection is one (rows, vocabulary) product;
+* on x86-64 CPUs (bf16 where the CPU has AVX512-BF16, float32 on any), attention and everything between the
+  projections (the norms, the rotary embedding with the buffers' writes, silu(gate) * up) run as C kernels of
+  our own on buffers laid out for them (:mod:`posttrain.generate.decode_kernels`: a step at 64 and 128 rows in
+  0.65-0.78 of the time of torch's ops in bf16, 0.79-0.84 in float32), and in bf16 the vocabulary projection is
+  one (rows, vocabulary) product;
 * every projection is computed as ``W @ x`` with the hidden state kept as (features, rows), so each
   product is used in the layout it comes in and no step copies it into the other. On this CPU's BLAS
   that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576
@@ -318,7 +319,7 @@ class FastDecoder:
         self.max_rows = max(capacity, rows)
         columns = round_up(width + 2 * max_new_tokens)
         first = cache.layers[0].keys
-        # bf16 on a CPU with AVX512-BF16: the step through our C kernels, on buffers in their layouts (decode_kernels.py)
+        # float32 on x86-64, bf16 with AVX512-BF16: the step through our C kernels, on buffers in their layouts (decode_kernels.py)
         self.kernel = decode_kernels.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
         layouts = ("keys", "values") if self.kernel else ("plain", "plain")
         self.keys, self.values = [], []
@@ -487,7 +488,7 @@ class FastDecoder:
         # the hidden state is (hidden, rows): features down the columns, each projection's W @ x as it comes
         x = self.embed(tokens).T.contiguous()
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head dim)
-        kernel = self.kernel  # bf16 on AVX512-BF16: norms, rotary and writes, attention, SiLU through decode_kernels
+        kernel = self.kernel  # norms, rotary and writes, attention, SiLU through decode_kernels
         if kernel:
             cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # (rows, head dim)
         else:
@@ -529,7 +530,7 @@ class FastDecoder:
                     else:
                         x.T[index] = s.apply(x.T[index])
         self.length = t + 1
-        if kernel:  # bf16's product gives (rows, vocabulary) as fast as the slices below and needs no transposes
+        if kernel and x.dtype == torch.bfloat16:  # bf16's product gives (rows, vocabulary) as fast as the slices below
             logits = nn.functional.linear(self.final_norm(x.T).contiguous(), self.lm_head)
             return logits if self.lm_bias is None else logits + self.lm_bias
         hidden = self.final_norm(x.T).T  # (hidden, rows), contiguous

@@ -39,6 +39,11 @@ def cuts(dtype: torch.dtype) -> bool:
 PAIRED = ("keys", "values")  # the attention kernel's layouts (decode_kernels.c), beside torch's "plain"
 
 
+def pair(dtype: torch.dtype) -> int:
+    """Elements a kernel layout keeps side by side in 32 bits: 2 for bf16 (AVX512-BF16's pairwise products), 1 for float32."""
+    return 4 // dtype.itemsize
+
+
 class KVBlocks:
     """One layer's keys or values; ``data`` is ``(blocks, rows, kv heads, block, head dim)``, ``block`` being
     ``BLOCK`` or, in float32 (:func:`cuts`), every column in one block. ``cut``: attention reads the columns up to
@@ -50,7 +55,9 @@ class KVBlocks:
     tile laid out for AVX512-BF16's pairwise dot products: ``"keys"`` ``(BLOCK / 16, head dim / 2, 16, 2)``, features
     in pairs with 16 columns side by side in a register, so the scores of 16 columns come out of one accumulator
     with no sum across it (and a column written is 16 columns' stretch of memory, not the whole tile's);
-    ``"values"`` ``(BLOCK / 2, head dim, 2)``, columns in pairs with the features side by side.
+    ``"values"`` ``(BLOCK / 2, head dim, 2)``, columns in pairs with the features side by side. In float32
+    (``decode_kernels_f32.c``) the same with :func:`pair` 1: keys ``(BLOCK / 16, head dim, 16, 1)``, values
+    ``(BLOCK, head dim, 1)``.
     :meth:`write` and :meth:`read` take and give columns as ``(rows, kv heads, columns, head dim)`` whatever
     the layout."""
 
@@ -58,16 +65,18 @@ class KVBlocks:
         self.data = data
         self.cut = cut
         self.layout = layout
-        self.block = {"plain": data.shape[3], "keys": 16 * data.shape[3], "values": 2 * data.shape[3]}[layout]
+        self.pair = data.shape[-1] if layout in PAIRED else 1  # elements side by side in a kernel layout's 32 bits
+        self.block = {"plain": data.shape[3], "keys": 16 * data.shape[3], "values": self.pair * data.shape[3]}[layout]
         self.row_dim = 1 if layout == "plain" else 0
 
     @classmethod
     def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor, layout: str = "plain") -> KVBlocks:
         columns = round_up(columns)
+        p = pair(like.dtype)
         if layout == "keys":
-            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 16, head_dim // 2, 16, 2)), layout=layout)
+            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 16, head_dim // p, 16, p)), layout=layout)
         if layout == "values":
-            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 2, head_dim, 2)), layout=layout)
+            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // p, head_dim, p)), layout=layout)
         block = columns if cuts(like.dtype) else BLOCK
         return cls(like.new_zeros((columns // block, rows, kv_heads, block, head_dim)), cut=cuts(like.dtype))
 
@@ -81,7 +90,7 @@ class KVBlocks:
 
     @property
     def head_dim(self) -> int:
-        return self.data.shape[4] * (2 if self.layout == "keys" else 1)  # keys hold the features in pairs
+        return self.data.shape[4] * (self.pair if self.layout == "keys" else 1)  # keys hold the features in pairs
 
     def tile(self, block: int) -> torch.Tensor:
         """Block ``block`` of every row: (rows, kv heads, *its tile's shape in this layout)."""
@@ -108,35 +117,35 @@ class KVBlocks:
     def _put_blocks(self, first: int, rows: slice | torch.Tensor, piece: torch.Tensor) -> None:
         """Blocks ``first ..`` of ``rows`` set to ``piece`` (rows, kv heads, whole blocks' columns, head dim), a kernel layout."""
         r, kv, columns, d = piece.shape
-        n = columns // BLOCK
+        n, p = columns // BLOCK, self.pair
         if self.layout == "keys":  # (chunks, 16 columns, pairs, 2) -> (chunks, pairs, 16 columns, 2)
-            tiles = piece.reshape(r, kv, n, BLOCK // 16, 16, d // 2, 2).transpose(4, 5)
+            tiles = piece.reshape(r, kv, n, BLOCK // 16, 16, d // p, p).transpose(4, 5)
         else:  # values: (column pairs, 2, features) -> (column pairs, features, 2)
-            tiles = piece.reshape(r, kv, n, BLOCK // 2, 2, d).transpose(4, 5)
+            tiles = piece.reshape(r, kv, n, BLOCK // p, p, d).transpose(4, 5)
         self.data[rows, :, first : first + n] = tiles
 
     def _put(self, block: int, rows: slice | torch.Tensor, offset: int, piece: torch.Tensor) -> None:
         """Columns ``offset ..`` of one block set to ``piece`` (rows, kv heads, columns, head dim)."""
-        n, tile = piece.shape[2], self.tile(block)
+        n, tile, p = piece.shape[2], self.tile(block), self.pair
         if self.layout == "plain":
             tile[rows, :, offset : offset + n] = piece
         elif self.layout == "keys":  # a chunk of 16 columns at a time
             lo = offset
             while lo < offset + n:
                 hi = min(offset + n, (lo // 16 + 1) * 16)
-                part = piece[:, :, lo - offset : hi - offset].unflatten(-1, (-1, 2)).transpose(2, 3)
+                part = piece[:, :, lo - offset : hi - offset].unflatten(-1, (-1, p)).transpose(2, 3)
                 tile[rows, :, lo // 16, :, lo % 16 : lo % 16 + hi - lo] = part
                 lo = hi
-        else:  # values, columns in pairs: a column whose partner is not written here goes alone
+        else:  # values, columns in pairs (bf16): a column whose partner is not written here goes alone
             lo, hi = offset, offset + n
-            if lo % 2:
+            if lo % p:
                 tile[rows, :, lo // 2, :, 1] = piece[:, :, 0]
                 lo += 1
-            if hi % 2 and hi > lo:
+            if hi % p and hi > lo:
                 tile[rows, :, hi // 2, :, 0] = piece[:, :, hi - 1 - offset]
                 hi -= 1
             if hi > lo:
-                tile[rows, :, lo // 2 : hi // 2] = piece[:, :, lo - offset : hi - offset].unflatten(2, (-1, 2)).transpose(3, 4)
+                tile[rows, :, lo // p : hi // p] = piece[:, :, lo - offset : hi - offset].unflatten(2, (-1, p)).transpose(3, 4)
 
     def read(self, start: int, end: int) -> torch.Tensor:
         """A copy of columns ``[start, end)`` of every row: (rows, kv heads, end - start, head dim)."""

@@ -1,0 +1,252 @@
+/* The fast decoder's float32 step on x86-64 CPUs: the same four kernels as decode_kernels.c (attention over the
+   key/value buffers, RMS norm, rotary embedding with the buffers' writes, silu(gate) * up), for float32.
+
+   Written with GCC's vector extensions (16 floats a vector) rather than one instruction set's intrinsics, so the
+   one source compiles with -march=native to AVX-512 where the CPU has it and to pairs of AVX2 registers where it
+   does not (float32 is what CPUs without native bf16 decode in).
+
+   Attention: each (row, key/value head) is one work item, its G queries against that row's keys, a softmax in
+   float32 and the probabilities times that row's values; columns nobody may see (a short prompt's left padding) are
+   not read. Layouts (posttrain/generate/kv_blocks.py, "keys" and "values" with float32 elements): (rows, kv heads,
+   blocks, tile), keys' tile (BLOCK / 16, D, 16): 16 columns side by side for each feature, so a query's feature,
+   broadcast, times one vector adds to 16 columns' scores; values' tile (BLOCK, D): a column's features side by side.
+
+   Threads: OpenMP, torch's own runtime (see decode_kernels.c). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 64 /* columns a block holds: posttrain/generate/kv_blocks.py's BLOCK */
+
+typedef float vf __attribute__((vector_size(64))); /* 16 floats */
+typedef int32_t vi __attribute__((vector_size(64)));
+
+#ifdef __AVX512F__
+#define ACCUMULATORS 24 /* vectors of sums kept in registers: 32 zmm */
+#else
+#define ACCUMULATORS 6 /* a vector is two ymm registers of 16 */
+#endif
+
+static inline vf load(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+static inline vf splat(float x) { return (vf){0} + x; }
+
+static inline vf select_(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* e^x for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error about
+   1e-7), times 2^n built in the exponent bits. Below -87 (and -inf) gives exactly 0. */
+static inline vf vexp(vf x) {
+    vi dead = x < -87.0f;
+    x = select_(dead, splat(-87.0f), x);
+    x = select_(x > 88.0f, splat(88.0f), x);
+    vf t = x * 1.44269504f + 12582912.0f; /* 1.5 x 2^23: rounds to the nearest integer in the low bits */
+    vf n = t - 12582912.0f;
+    vi ni = (vi)t - 0x4B400000;
+    vf r = x - n * 0.693145752f;
+    r = r - n * 1.42860677e-6f;
+    vf p = splat(1.0f / 720);
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return select_(dead, splat(0.0f), p * (vf)((ni + 127) << 23));
+}
+
+/* Softmax of the scores s[0, columns) in place, unnormalised: e^(s - max); returns 1 / their sum, or 0 when
+   every score is -inf (then all are 0). s is padded with -inf to whole vectors. */
+static inline float softmax_unnormalised(float *s, int columns) {
+    int whole = (columns + 15) / 16 * 16;
+    vf m16 = splat(-INFINITY);
+    for (int c = 0; c < whole; c += 16) {
+        vf x = load(s + c);
+        m16 = select_(x > m16, x, m16);
+    }
+    float m = -INFINITY;
+    for (int j = 0; j < 16; j++) m = m16[j] > m ? m16[j] : m;
+    if (m == -INFINITY) {
+        memset(s, 0, sizeof(float) * whole);
+        return 0.0f;
+    }
+    vf sum16 = splat(0.0f);
+    for (int c = 0; c < whole; c += 16) {
+        vf e = vexp(load(s + c) - m);
+        store(s + c, e);
+        sum16 += e;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < 16; j++) sum += sum16[j];
+    return 1.0f / sum;
+}
+
+/* One (row, key/value head): G queries of D features over `columns` columns; k and v point at the row's head in
+   block 0 (tiles `block_stride` floats apart). s: G x `stride` floats of scratch. */
+static inline __attribute__((always_inline)) void attend_item(const float *q, const float *k, const float *v, long block_stride,
+                                                               const float *bias, int columns, int stride, float *s, float *out,
+                                                               const int G, const int D) {
+    for (int c0 = 0; c0 < columns; c0 += 16) {
+        float b[16];
+        int any = 0;
+        for (int j = 0; j < 16; j++) {
+            b[j] = c0 + j < columns ? bias[c0 + j] : -INFINITY;
+            any |= b[j] != -INFINITY;
+        }
+        if (!any) { /* columns nobody may see: not read */
+            for (int i = 0; i < G; i++) store(s + i * stride + c0, splat(-INFINITY));
+            continue;
+        }
+        const float *kt = k + (c0 / BLOCK) * block_stride + (c0 % BLOCK) / 16 * D * 16; /* 16 columns' chunk */
+        vf acc[8];
+        for (int i = 0; i < G; i++) acc[i] = splat(0.0f);
+        for (int f = 0; f < D; f++) {
+            vf keys = load(kt + f * 16);
+            for (int i = 0; i < G; i++) acc[i] += q[i * D + f] * keys;
+        }
+        vf bv = load(b);
+        vi open = bv != -INFINITY;
+        for (int i = 0; i < G; i++) store(s + i * stride + c0, select_(open, acc[i] + bv, splat(-INFINITY)));
+    }
+    float inv[8];
+    for (int i = 0; i < G; i++) inv[i] = softmax_unnormalised(s + i * stride, columns);
+    /* values: 16 x PASS features at a time, each query's sums in registers */
+    const int CHUNKS = D / 16, FIT = ACCUMULATORS / G > 0 ? ACCUMULATORS / G : 1, PASS = CHUNKS < FIT ? CHUNKS : FIT;
+    for (int f0 = 0; f0 < CHUNKS; f0 += PASS) {
+        const int width = CHUNKS - f0 < PASS ? CHUNKS - f0 : PASS;
+        vf acc[8][8];
+        for (int i = 0; i < G; i++)
+            for (int f = 0; f < width; f++) acc[i][f] = splat(0.0f);
+        for (int c = 0; c < columns; c++) {
+            float p[8];
+            int any = 0;
+            for (int i = 0; i < G; i++) {
+                p[i] = s[i * stride + c];
+                any |= p[i] != 0.0f;
+            }
+            if (!any) continue; /* masked for every query: not read */
+            const float *vt = v + (c / BLOCK) * block_stride + (c % BLOCK) * D + f0 * 16;
+            for (int f = 0; f < width; f++) {
+                vf values = load(vt + f * 16);
+                for (int i = 0; i < G; i++) acc[i][f] += p[i] * values;
+            }
+        }
+        for (int i = 0; i < G; i++)
+            for (int f = 0; f < width; f++) store(out + i * D + (f0 + f) * 16, acc[i][f] * inv[i]);
+    }
+}
+
+#define ITEMS(G, D)                                                                                                      \
+    static void attend_##G##_##D(const float *q, const float *keys, const float *values, const float *bias, float *out,  \
+                                 int rows, int kv, int columns, long row_stride, long head_stride, long block_stride,  \
+                                 long bias_stride, int threads) {                                                      \
+        int stride = (columns + BLOCK - 1) / BLOCK * BLOCK;                                                              \
+        _Pragma("omp parallel num_threads(threads)") {                                                                   \
+            float *s = malloc(sizeof(float) * G * stride);                                                              \
+            _Pragma("omp for schedule(dynamic, 4)") for (long item = 0; item < (long)rows * kv; item++) {               \
+                long r = item / kv, offset = r * row_stride + (item % kv) * head_stride;                                \
+                attend_item(q + item * G * D, keys + offset, values + offset, block_stride, bias + r * bias_stride,      \
+                            columns, stride, s, out + item * G * D, G, D);                                              \
+            }                                                                                                            \
+            free(s);                                                                                                     \
+        }                                                                                                                \
+    }
+
+#define SIZES(G) ITEMS(G, 64) ITEMS(G, 128)
+SIZES(1) SIZES(2) SIZES(3) SIZES(4) SIZES(5) SIZES(6) SIZES(7) SIZES(8)
+
+typedef void (*kernel)(const float *, const float *, const float *, const float *, float *, int, int, int, long, long, long,
+                       long, int);
+#define PAIR(G) {attend_##G##_64, attend_##G##_128}
+static const kernel KERNELS[8][2] = {PAIR(1), PAIR(2), PAIR(3), PAIR(4), PAIR(5), PAIR(6), PAIR(7), PAIR(8)};
+
+/* Returns 0 on success, -1 for sizes this file does not take (the caller uses torch's path). */
+int posttrain_attend_f32(const float *q, const float *keys, const float *values, const float *bias, float *out, int rows,
+                         int kv, int group, int head_dim, int block, int columns, long row_stride, long head_stride,
+                         long block_stride, long bias_stride, int threads) {
+    if (group < 1 || group > 8 || (head_dim != 64 && head_dim != 128) || block != BLOCK) return -1;
+    KERNELS[group - 1][head_dim == 128](q, keys, values, bias, out, rows, kv, columns, row_stride, head_stride, block_stride,
+                                        bias_stride, threads);
+    return 0;
+}
+
+/* ---- The rest of a layer's step, each one pass over its data ---- */
+
+/* RMS normalisation without a weight of x (features, rows), down each column: x / sqrt(mean of squares + eps). Each
+   thread takes 16 columns at a time and reads x a feature (a row of memory) at a time, front to back. */
+void posttrain_rms_norm_f32(const float *x, float *out, int features, int rows, float eps, int threads) {
+    int chunks = (rows + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int chunk = 0; chunk < chunks; chunk++) {
+        int r = chunk * 16, n = rows - r < 16 ? rows - r : 16;
+        float sum[16] = {0}, scale[16];
+        for (int f = 0; f < features; f++) {
+            const float *xf = x + (long)f * rows + r;
+            for (int j = 0; j < n; j++) sum[j] += xf[j] * xf[j];
+        }
+        for (int j = 0; j < n; j++) scale[j] = 1.0f / sqrtf(sum[j] / (float)features + eps);
+        for (int f = 0; f < features; f++) {
+            const float *xf = x + (long)f * rows + r;
+            float *of = out + (long)f * rows + r;
+            for (int j = 0; j < n; j++) of[j] = xf[j] * scale[j];
+        }
+    }
+}
+
+/* silu(gate) * up for gate_up (2 x n values): gate the first n, up the rest; out n values. */
+void posttrain_silu_mul_f32(const float *gate_up, float *out, long n, int threads) {
+    long vectors = (n + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < vectors; i++) {
+        long at = i * 16, m = n - at < 16 ? n - at : 16;
+        float g16[16] = {0}, u16[16] = {0}, o16[16];
+        memcpy(g16, gate_up + at, sizeof(float) * m);
+        memcpy(u16, gate_up + n + at, sizeof(float) * m);
+        vf g = load(g16);
+        store(o16, g / (1.0f + vexp(-g)) * load(u16));
+        memcpy(out + at, o16, sizeof(float) * m);
+    }
+}
+
+/* Rotary embedding of q and k and the step's writes, for qkv (features, rows) as the projection gives it: q heads,
+   then k heads, then v heads, D features each; cos and sin (rows, D). q goes to q_out as (rows, heads, D); k and v
+   to column t of the key and value buffers (the layouts above, strides in floats). x cos + rotate_half(x) sin,
+   rotate_half(x) = (-x2, x1). */
+void posttrain_rotary_write_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *keys, float *values,
+                                int rows, int heads, int kv, int head_dim, int t, long row_stride, long head_stride,
+                                long block_stride, int threads) {
+    const int D = head_dim, half = head_dim / 2, c = t % BLOCK;
+    const long key_at = (t / BLOCK) * block_stride + (c / 16) * D * 16 + c % 16; /* feature e: 16 floats apart */
+    const long value_at = (t / BLOCK) * block_stride + (long)c * D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *cr = cos + (long)r * D, *sr = sin + (long)r * D;
+        for (int u = 0; u < heads + kv; u++) {
+            const float *x = qkv + (long)u * D * rows + r; /* feature e of this head: x[e * rows] */
+            float out[128];
+            for (int e = 0; e < half; e++) {
+                float x1 = x[(long)e * rows], x2 = x[(long)(e + half) * rows];
+                out[e] = x1 * cr[e] - x2 * sr[e];
+                out[e + half] = x2 * cr[e + half] + x1 * sr[e + half];
+            }
+            if (u < heads) {
+                memcpy(q_out + ((long)r * heads + u) * D, out, sizeof(float) * D);
+            } else {
+                float *dst = keys + r * row_stride + (u - heads) * head_stride + key_at;
+                for (int e = 0; e < D; e++) dst[e * 16] = out[e];
+            }
+        }
+        for (int g = 0; g < kv; g++) {
+            const float *x = qkv + (long)(heads + kv + g) * D * rows + r;
+            float *dst = values + r * row_stride + g * head_stride + value_at;
+            for (int e = 0; e < D; e++) dst[e] = x[(long)e * rows];
+        }
+    }
+}
