@@ -93,37 +93,23 @@ static inline __attribute__((always_inline)) void attend_item(const uint16_t *q,
                                                                long block_stride, const float *bias, int columns, int stride,
                                                                float *s, uint16_t *p, uint16_t *out, const int G, const int D) {
     const uint32_t *qp = (const uint32_t *)q; /* query i's feature pair j: qp[i * D / 2 + j] */
-    const int WIDE = G <= 6 ? 4 : 2; /* chunks of 16 columns a pass: a tile's pair rows read whole, <= 24 accumulators */
-    for (int c0 = 0; c0 < columns; c0 += 16 * WIDE) {
-        __mmask16 open[4];
-        __m512 b[4];
-        int any = 0;
-        for (int w = 0; w < WIDE; w++) {
-            int c = c0 + 16 * w, n = columns - c < 0 ? 0 : columns - c < 16 ? columns - c : 16;
-            __mmask16 in = (__mmask16)((1u << n) - 1);
-            b[w] = _mm512_maskz_loadu_ps(in, bias + c);
-            open[w] = _mm512_mask_cmp_ps_mask(in, b[w], _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            any |= open[w];
-        }
-        if (!any) { /* columns nobody may see (left padding): not read */
-            for (int i = 0; i < G; i++)
-                for (int w = 0; w < WIDE; w++) _mm512_storeu_ps(s + i * stride + c0 + 16 * w, _mm512_set1_ps(-INFINITY));
+    for (int c0 = 0; c0 < columns; c0 += 16) { /* 16 columns at a time: a chunk's pair rows read front to back */
+        int n = columns - c0 < 16 ? columns - c0 : 16;
+        __mmask16 in = (__mmask16)((1u << n) - 1);
+        __m512 b = _mm512_maskz_loadu_ps(in, bias + c0);
+        __mmask16 open = _mm512_mask_cmp_ps_mask(in, b, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        if (!open) { /* columns nobody may see (left padding): not read */
+            for (int i = 0; i < G; i++) _mm512_storeu_ps(s + i * stride + c0, _mm512_set1_ps(-INFINITY));
             continue;
         }
         const uint16_t *kt = k + (c0 / BLOCK) * block_stride + (c0 % BLOCK) / 16 * (D / 2) * 32; /* 16 columns' chunk */
-        __m512 acc[8][4];
-        for (int i = 0; i < G; i++)
-            for (int w = 0; w < WIDE; w++) acc[i][w] = _mm512_setzero_ps();
+        __m512 acc[8];
+        for (int i = 0; i < G; i++) acc[i] = _mm512_setzero_ps();
         for (int j = 0; j < D / 2; j++) {
-            for (int w = 0; w < WIDE; w++) {
-                __m512i pair = _mm512_loadu_si512(kt + (w * D / 2 + j) * 32);
-                for (int i = 0; i < G; i++)
-                    acc[i][w] = _mm512_dpbf16_ps(acc[i][w], (__m512bh)pair, (__m512bh)_mm512_set1_epi32((int)qp[i * D / 2 + j]));
-            }
+            __m512i pair = _mm512_loadu_si512(kt + j * 32);
+            for (int i = 0; i < G; i++) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)pair, (__m512bh)_mm512_set1_epi32((int)qp[i * D / 2 + j]));
         }
-        for (int i = 0; i < G; i++)
-            for (int w = 0; w < WIDE; w++)
-                _mm512_storeu_ps(s + i * stride + c0 + 16 * w, _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), open[w], acc[i][w], b[w]));
+        for (int i = 0; i < G; i++) _mm512_storeu_ps(s + i * stride + c0, _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), open, acc[i], b));
     }
     float inv[8];
     for (int i = 0; i < G; i++) {
