@@ -126,9 +126,12 @@ def _build() -> ctypes.CDLL | None:
     except OSError as error:  # a damaged or foreign file in the cache: say so, keep torch's ops
         log.warning("could not load %s (%s); the decode step uses torch's ops (delete the file to rebuild it)", path, error)
         return None
-    for name, (restype, argtypes) in SIGNATURES.items():
-        for function in (getattr(library, name), getattr(library, f"{name}_f32")):  # bf16's and float32's
-            function.restype, function.argtypes = restype, argtypes
+    names = [f"{name}_f32" for name in SIGNATURES]
+    if library.posttrain_attention_available() == 1:  # bf16's functions exist where the CPU has AVX512-BF16
+        names += list(SIGNATURES)
+    for name in names:
+        function = getattr(library, name)
+        function.restype, function.argtypes = SIGNATURES[name.removesuffix("_f32")]
     return library
 
 
