@@ -16,6 +16,10 @@ in use beats one per block of 64 with the last partly masked. ``python benchmark
 128 rows over 207 columns 4.18 ms against blocks' 5.71; whole decode steps over a 200-token cache, the
 layouts alternating, 0.95x, 0.89x and 0.92x the blocks' time at 32, 64 and 128 rows. Our own code: a few
 index helpers around ``torch.bmm``.
+
+Both are torch's path. Where the decode kernels run (:mod:`posttrain.generate.decode_kernels`: float32 on
+x86-64, bf16 with AVX512-BF16) the buffers are in the kernels' own layouts, ``"keys"`` and ``"values"``
+(:class:`KVBlocks`).
 """
 
 from __future__ import annotations
