@@ -333,3 +333,22 @@ def test_a_cpu_without_avx512_bf16_gets_the_float32_kernels_alone(monkeypatch, t
     torch.testing.assert_close(decode_kernels.attend(q, keys, values, mask, rows, t + 1), want, rtol=1e-5, atol=1e-5)
     x = torch.randn(576, 5)
     torch.testing.assert_close(decode_kernels.rms_norm(x, 1e-5), x * x.pow(2).mean(0, keepdim=True).add(1e-5).rsqrt(), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+def test_folding_a_chunk_of_rows_at_a_time_gives_the_whole_products_numbers(dtype, monkeypatch):
+    """The decoder's folded weights (norm weight times the columns, attention's scaling times q's rows), computed a few
+    rows at a time in place of the joined weight, are bit for bit the float32 product of the whole, rounded once;
+    row counts that are and are not a multiple of the chunk."""
+    from posttrain.generate import fast
+
+    monkeypatch.setattr(fast, "FOLD_ROWS", 7)
+    gen = torch.Generator().manual_seed(0)
+    weights = tuple(torch.randn(n, 24, generator=gen).to(dtype) for n in (12, 4, 5))
+    columns, rows = torch.rand(24, generator=gen) + 0.5, torch.rand(21, generator=gen) * 2
+    before = [w.clone() for w in weights]
+    want = (torch.cat(weights).float() * columns * rows[:, None]).to(dtype)
+    got = fast._folded(weights, columns, rows)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(fast._folded(weights[:2], columns), (torch.cat(weights[:2]).float() * columns).to(dtype))
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # the model's own weights untouched

@@ -216,13 +216,13 @@ class _Layer:
         # per output row: attention's scaling on q's rows, 1 on k's and v's
         row_scale = torch.ones(sum(w.shape[0] for w in weights), device=q.weight.device)
         row_scale[: q.weight.shape[0]] = attn.scaling
-        self.qkv = (torch.cat(weights).float() * g1 * row_scale[:, None]).to(dtype)
+        self.qkv = _folded(weights, g1, row_scale)
         self.qkv_bias = None  # Qwen2 has biases on q, k and v; a model with some of them gets zeros for the rest
         if any(b is not None for b in biases):
             joined = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
             self.qkv_bias = (joined.float() * row_scale).to(dtype)[:, None]
         self.o = o.weight
-        self.gate_up = (torch.cat([gate.weight, up.weight]).float() * g2).to(dtype)
+        self.gate_up = _folded((gate.weight, up.weight), g2)
         self.down = down.weight
         # per adapter (index i + 1 in the decoder's rows), its updates of the four joined projections
         self.deltas = [
@@ -237,6 +237,24 @@ class _Layer:
         for deltas in self.deltas:
             deltas["qkv"].fold(g1, row_scale)
             deltas["gate_up"].fold(g2)
+
+
+FOLD_ROWS = 256  # rows of a joined weight folded at a time (in float32: 576 KB for SmolLM2's 576 columns)
+
+
+def _folded(weights: tuple[torch.Tensor, ...], columns: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``weights`` joined by rows, each column times ``columns`` and each row times ``rows`` (None: 1), computed in
+    float32 and rounded once to the weights' dtype: ``(cat(weights).float() * columns * rows[:, None]).to(dtype)``, the
+    same numbers, but ``FOLD_ROWS`` rows at a time in place of the joined copy, so the float32 copy of a whole weight
+    is never made (it was most of a decoder's start-up: every generation call joins and folds the weights anew)."""
+    joined = torch.cat(weights)
+    for lo in range(0, joined.shape[0], FOLD_ROWS):
+        piece = joined[lo : lo + FOLD_ROWS]
+        scaled = piece.float() * columns
+        if rows is not None:
+            scaled *= rows[lo : lo + FOLD_ROWS, None]
+        piece.copy_(scaled)
+    return joined
 
 
 def _mm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
