@@ -48,8 +48,7 @@ from posttrain.generate.kv_blocks import PAIRED, KVBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")  # bf16 (AVX512-BF16)
-SOURCES = [SOURCE, Path(__file__).with_name("decode_kernels_f32.c")]  # and float32 (any x86-64), one library
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "decode_kernels_f32.c")]  # bf16, float32: one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a key/value head may serve
@@ -117,10 +116,10 @@ def _build() -> ctypes.CDLL | None:
                 [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"], check=False, capture_output=True, text=True
             )
             if done.returncode != 0:
-                log.warning("building %s failed (%s); the decode step uses torch's ops:\n%s", SOURCE.name, compiler, done.stderr[-2000:])
+                log.warning("building the decode kernels failed (%s); the decode step uses torch's ops:\n%s", compiler, done.stderr[-2000:])
                 return None
             os.replace(built, path)  # atomic: a process building at the same time finds a whole file or none
-        log.info("built %s in %.1f s: %s", SOURCE.name, time.perf_counter() - start, path)
+        log.info("built the decode kernels in %.1f s: %s", time.perf_counter() - start, path)
     try:
         library = ctypes.CDLL(str(path))
     except OSError as error:  # a damaged or foreign file in the cache: say so, keep torch's ops

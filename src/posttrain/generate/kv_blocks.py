@@ -143,10 +143,10 @@ class KVBlocks:
         else:  # values, columns in pairs (bf16): a column whose partner is not written here goes alone
             lo, hi = offset, offset + n
             if lo % p:
-                tile[rows, :, lo // 2, :, 1] = piece[:, :, 0]
+                tile[rows, :, lo // p, :, 1] = piece[:, :, 0]
                 lo += 1
             if hi % p and hi > lo:
-                tile[rows, :, hi // 2, :, 0] = piece[:, :, hi - 1 - offset]
+                tile[rows, :, hi // p, :, 0] = piece[:, :, hi - 1 - offset]
                 hi -= 1
             if hi > lo:
                 tile[rows, :, lo // p : hi // p] = piece[:, :, lo - offset : hi - offset].unflatten(2, (-1, p)).transpose(3, 4)
