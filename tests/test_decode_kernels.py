@@ -333,6 +333,9 @@ def test_a_cpu_without_avx512_bf16_gets_the_float32_kernels_alone(monkeypatch, t
     torch.testing.assert_close(decode_kernels.attend(q, keys, values, mask, rows, t + 1), want, rtol=1e-5, atol=1e-5)
     x = torch.randn(576, 5)
     torch.testing.assert_close(decode_kernels.rms_norm(x, 1e-5), x * x.pow(2).mean(0, keepdim=True).add(1e-5).rsqrt(), rtol=2e-6, atol=1e-6)
+    logits = _tied_logits(FP32)
+    assert torch.equal(decode_kernels.argmax(logits), logits.argmax(-1))
+    assert decode_kernels.argmax(logits.to(BF16)) is None  # no bf16 kernels in this build: torch's argmax
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
@@ -352,3 +355,64 @@ def test_folding_a_chunk_of_rows_at_a_time_gives_the_whole_products_numbers(dtyp
     assert got.dtype == dtype and torch.equal(got, want)
     assert torch.equal(fast._folded(weights[:2], columns), (torch.cat(weights[:2]).float() * columns).to(dtype))
     assert all(torch.equal(w, b) for w, b in zip(weights, before))  # the model's own weights untouched
+
+
+def _tied_logits(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of 1,000 logits (not a multiple of 16: a tail past the vectors) whose maxima tie in awkward places: within
+    one lane, across lanes, in the tail, at the first and last index, every value -inf, and -0.0 beside +0.0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1000, generator=g).to(dtype)
+    x[0, [5, 21, 990]] = 7.0  # one lane (5, 21), and the tail
+    x[1, [999, 3]] = 7.0  # the last index and an earlier one in another lane
+    x[2, 0] = 7.0
+    x[3] = float("-inf")
+    x[4] = 0.0
+    x[4, :500] = -1.0
+    x[4, 600] = -0.0  # equal to the +0.0 at 500: the first wins
+    x[5, 995] = 9.0  # the largest value alone in the tail
+    x[6, [17, 33]] = float("inf")
+    x[7] = float("-inf")
+    x[7, 998] = -5.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+@pytest.mark.parametrize("shape", [(1, 49152), (64, 49152), (3, 7), (2, 16)])
+def test_the_argmax_kernel_gives_torchs_indices(shape, dtype):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert torch.equal(decode_kernels.argmax(x), x.float().argmax(-1))
+    tied = _tied_logits(dtype)
+    picked = decode_kernels.argmax(tied)
+    assert torch.equal(picked, tied.float().argmax(-1))
+    assert picked[:8].tolist() == [5, 3, 0, 0, 500, 995, 17, 998]  # what torch's argmax documents: the first maximum
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_the_argmax_kernel_leaves_a_nan_to_torch(dtype):
+    x = torch.randn(4, 100).to(dtype)
+    x[2, 40] = float("nan")
+    assert decode_kernels.argmax(x) is None
+    assert torch.equal(decode_kernels.argmax(x[:, 50:]), x[:, 50:].float().argmax(-1))  # a view past the NaN
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_greedy_picks_through_the_kernel_equal_torchs(monkeypatch, dtype):
+    """``pick`` takes greedy rows through the kernel, and the same tokens with log-probs, sampled rows or the kernels off."""
+    from posttrain.generate.params import SamplingParams
+    from posttrain.generate.sampling import generator, pick
+
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    greedy = [SamplingParams(temperature=0)] * 6
+    want = logits.float().argmax(-1)
+    assert torch.equal(pick(logits, greedy, [None] * 6).tokens, want)
+    scored = pick(logits, [SamplingParams(temperature=0, logprobs=True)] * 6, [None] * 6)
+    assert torch.equal(scored.tokens, want)
+    torch.testing.assert_close(scored.logprobs, logits.float().log_softmax(-1).gather(-1, want[:, None])[:, 0])
+    mixed = [SamplingParams(temperature=0)] * 3 + [SamplingParams(temperature=1.0, seed=3)] * 3
+    gens = [None] * 3 + [generator(3, torch.device("cpu")) for _ in range(3)]
+    got = pick(logits, mixed, gens).tokens
+    assert torch.equal(got[:3], want[:3])
+    monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "0")
+    assert decode_kernels.argmax(logits) is None
+    gens = [None] * 3 + [generator(3, torch.device("cpu")) for _ in range(3)]
+    assert torch.equal(pick(logits, mixed, gens).tokens, got)  # the same draws with torch's argmax

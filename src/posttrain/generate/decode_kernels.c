@@ -1,5 +1,6 @@
-/* The fast decoder's bf16 step on CPUs with AVX512-BF16: attention over the key/value buffers, and the rest of a
-   layer between its projections (RMS norm; rotary embedding with the buffers' writes; silu(gate) * up).
+/* The fast decoder's bf16 step on CPUs with AVX512-BF16: attention over the key/value buffers, the rest of a
+   layer between its projections (RMS norm; rotary embedding with the buffers' writes; silu(gate) * up), and greedy
+   decoding's argmax over the logits.
 
    Attention: one query token per row; a row's query heads are grouped by their key/value head (G of them) and
    each (row, key/value head) is one work item: its G queries against that row's keys, a softmax in float32, the
@@ -272,6 +273,33 @@ void posttrain_rotary_write(const uint16_t *qkv, const float *cos, const float *
 
 #define SIZES(G) ITEMS(G, 64) ITEMS(G, 128)
 SIZES(1) SIZES(2) SIZES(3) SIZES(4) SIZES(5) SIZES(6) SIZES(7) SIZES(8)
+
+/* Greedy decoding's pick over bf16 logits x (rows, n): posttrain_argmax_f32 in decode_kernels_f32.c, reading the bf16
+   values themselves (torch's argmax over bf16 took twice its float32 time, and a float32 copy first costs a pass). */
+int posttrain_argmax(const uint16_t *x, int64_t *out, int rows, long n, int threads) {
+    int nan = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : nan)
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *row = x + (long)r * n;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i where = _mm512_setzero_si512();
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 odd = 0;
+        for (long i = 0; i < n; i += 16) {
+            __mmask16 in = (__mmask16)(n - i < 16 ? (1u << (n - i)) - 1 : 0xffff);
+            __m512 v = bf16x16(_mm256_maskz_loadu_epi16(in, row + i)); /* past the end: 0, never compared */
+            __mmask16 larger = _mm512_mask_cmp_ps_mask(in, v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, larger, v);
+            where = _mm512_mask_mov_epi32(where, larger, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i)));
+            odd |= _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q);
+        }
+        float m = _mm512_reduce_max_ps(best);
+        __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ); /* m = -inf: every lane, each at 0 */
+        out[r] = _mm512_mask_reduce_min_epi32(top, where);
+        nan |= odd != 0;
+    }
+    return nan ? -1 : 0;
+}
 
 typedef void (*kernel)(const uint16_t *, const uint16_t *, const uint16_t *, const float *, uint16_t *, int, int, int, long,
                        long, long, long, int);

@@ -12,7 +12,8 @@ short prompt's left padding) without reading them. The rest of a layer's step be
 handful of small torch ops a layer (a norm is seven, the rotary embedding and the buffers' writes as many),
 so the kernels also do, each in one pass: the RMS norm, the rotary embedding of q and k with the writes of k
 and v into the buffers, and silu(gate) * up; all in float32, in bf16 rounded once (torch's ops round after
-each). All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
+each). Last, greedy decoding's argmax over the logits (:func:`argmax`, which ``sampling.pick`` takes wherever the
+kernels run, fast decoder or not): torch's CPU argmax took longer than a layer's attention. All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
 extensions, so one source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
 (``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
 ops' time in bf16, 0.79-0.84 in float32, machine G).
@@ -59,6 +60,7 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_rms_norm": (None, [_P] * 2 + [_I] * 2 + [ctypes.c_float, _I]),
     "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
     "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
+    "posttrain_argmax": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
 }
 
 _library: ctypes.CDLL | None = None
@@ -254,3 +256,20 @@ def rotary_write(
             torch.get_num_threads(),
         )
     return q
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """Each row's ``logits.argmax(-1)`` for ``logits`` (rows, vocabulary) in bf16 or float32 on the CPU, the first index
+    where several tie, in one pass over them (torch's argmax: 2.6 ms over 64 rows of SmolLM2's 49k float32 logits,
+    and a float32 copy first for bf16); None where the kernels are off or do not take this dtype here, or a row holds
+    a NaN (torch's argmax decides those)."""
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in DTYPES:
+        return None
+    lib = library()
+    if lib is None or (logits.dtype == torch.bfloat16 and lib.posttrain_attention_available() != 1):
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    with _scope("posttrain::argmax"):
+        status = _kernel("posttrain_argmax", logits.dtype)(logits.data_ptr(), out.data_ptr(), *logits.shape, torch.get_num_threads())
+    return out if status == 0 else None

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from posttrain.generate import decode_kernels
 from posttrain.generate.params import SamplingParams
 
 
@@ -33,16 +34,22 @@ class Picked(NamedTuple):
 def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> Picked:
     """The next token of each row of ``logits`` (rows, vocab), row ``r`` sampled with ``params[r]`` from ``generators[r]``.
 
-    A row whose generator is None takes the argmax (greedy rows, and rows that have finished).
+    A row whose generator is None takes the argmax (greedy rows, and rows that have finished): on a CPU with the
+    decode kernels, one pass over the logits in their own dtype (:func:`decode_kernels.argmax`, the same indices).
     """
-    scores = logits.float()
-    tokens = scores.argmax(-1)
     drawn = [r for r, g in enumerate(generators) if g is not None and not params[r].greedy]
+    wanted = any(p.scores for p in params)
+    tokens = decode_kernels.argmax(logits)
+    if tokens is not None and not drawn and not wanted:
+        return Picked(tokens, None, None)
+    scores = logits.float()
+    if tokens is None:
+        tokens = scores.argmax(-1)
     if drawn:
         index = torch.tensor(drawn, device=scores.device)
         chosen = choose(scores[index], [params[r] for r in drawn], [generators[r] for r in drawn])  # type: ignore[misc]
         tokens[index] = chosen
-    if not any(p.scores for p in params):
+    if not wanted:
         return Picked(tokens, None, None)
     norm = scores.logsumexp(-1)
     logprobs = scores.gather(-1, tokens[:, None])[:, 0] - norm
