@@ -95,6 +95,55 @@ def test_a_row_with_every_column_masked_gives_zeros_and_columns_past_the_count_a
 
 
 @pytest.mark.parametrize("dtype", EITHER)
+def test_masked_columns_are_never_read_so_the_buffers_may_start_uninitialised(dtype):
+    """Every column a row may not see holds NaN (as an uninitialised buffer may), including masked columns that share a
+    value pair or a 16-column chunk with open ones (odd starts, a masked stretch in the middle): the output is the
+    same as with the columns written, as if those columns were not there."""
+    rows, kv, group, d, t = 4, 3, 3, 64, 150
+    starts = [0, 17, 63, 131]
+    q, keys, values, mask, _ = _case(rows, rows, kv, group, d, t, starts, dtype=dtype)
+    mask[0, 33:40] = float("-inf")  # a masked stretch inside row 0, odd at both ends
+    mask[1, 96] = float("-inf")  # a single masked column, the first of its pair
+    want = decode_kernels.attend(q, keys, values, mask, rows, t + 1)
+    nan = torch.full((1, kv, 1, d), float("nan"), dtype=dtype)
+    for r in range(rows):
+        for c in range(t + 1):
+            if mask[r, c] == float("-inf"):
+                keys.write(torch.tensor([r]), c, nan)
+                values.write(torch.tensor([r]), c, nan)
+    got = decode_kernels.attend(q, keys, values, mask, rows, t + 1)
+    assert not got.isnan().any()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+@pytest.mark.parametrize("start, width, index", [(0, 150, None), (37, 21, [5, 1, 3]), (64, 1, [0]), (15, 2, [2, 4])])
+def test_put_columns_writes_what_the_layouts_write(start, width, index, dtype):
+    """The kernel's copy of a prefilled cache into the layouts sets exactly the slots :meth:`KVBlocks.write` sets (from
+    a buffer full of other values: a pair's or chunk's other columns keep theirs), rows through an index or in order."""
+    rows, kv, d, columns = 6, 3, 64, 192
+    gen = torch.Generator().manual_seed(4)
+    n = rows if index is None else len(index)
+    k, v = (torch.randn(n, kv, width, d, generator=gen).to(dtype) for _ in range(2))
+    before = torch.randn(rows, kv, columns, d, generator=gen).to(dtype)
+    pairs = []
+    for _ in range(2):
+        keys, values = (KVBlocks.zeros(rows, kv, columns, d, k, layout) for layout in ("keys", "values"))
+        keys.write(slice(None), 0, before)
+        values.write(slice(None), 0, -before)
+        pairs.append((keys, values))
+    rows_at = None if index is None else torch.tensor(index)
+    decode_kernels.put_columns(*pairs[0], k, v, start, rows_at)
+    pairs[1][0].write(slice(None) if index is None else rows_at, start, k)
+    pairs[1][1].write(slice(None) if index is None else rows_at, start, v)
+    assert torch.equal(pairs[0][0].data, pairs[1][0].data)
+    assert torch.equal(pairs[0][1].data, pairs[1][1].data)
+    assert not torch.equal(pairs[0][0].data, KVBlocks.zeros(rows, kv, columns, d, k, "keys").data)
+    with pytest.raises(ValueError, match="outside"):
+        decode_kernels.put_columns(*pairs[0], k, v, columns - width + 1, rows_at)
+
+
+@pytest.mark.parametrize("dtype", EITHER)
 def test_the_fast_decoder_uses_the_kernel_and_its_logits_match_torchs_path(monkeypatch, dtype):
     """A decode step through the kernels gives the logits of the same step through torch's ops, to bf16 rounding in
     bf16 and float32's in float32; POSTTRAIN_CPU_KERNELS=0 switches the kernels off."""

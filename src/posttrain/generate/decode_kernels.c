@@ -116,7 +116,7 @@ static inline __attribute__((always_inline)) void attend_item(const uint16_t *q,
     for (int i = 0; i < G; i++) {
         inv[i] = softmax_unnormalised(s + i * stride, columns);
         int c = 0;
-        for (; c < columns; c += 16) /* past `columns`: zeros, so the last pair's second column adds nothing */
+        for (; c < columns; c += 16) /* past `columns`: zeros, so the last pair's second column is not read */
             _mm256_storeu_si256((__m256i *)(p + i * stride + c),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps((__mmask16)(columns - c < 16 ? (1u << (columns - c)) - 1 : 0xffff),
                                                                                  s + i * stride + c)));
@@ -129,16 +129,18 @@ static inline __attribute__((always_inline)) void attend_item(const uint16_t *q,
             for (int f = 0; f < PASS; f++) acc[i][f] = _mm512_setzero_ps();
         for (int c = 0; c < columns; c += 2) {
             const uint16_t *vt = v + (c / BLOCK) * block_stride + (c % BLOCK) * D + f0 * 32;
-            int any = 0;
-            for (int i = 0; i < G; i++) any |= *(const uint32_t *)(p + i * stride + c) != 0;
-            if (!any) continue; /* both columns masked for every query: not read */
-            if (c + 1 == columns) { /* the last column alone: its pair's second column is not ours to read */
+            uint32_t seen = 0; /* which of the pair's two columns some query gives a probability */
+            for (int i = 0; i < G; i++) seen |= *(const uint32_t *)(p + i * stride + c);
+            if (!seen) continue; /* both columns masked for every query: not read */
+            if (!(seen & 0xffff) || !(seen >> 16)) { /* one column alone (the last, or beside a masked one): the other's
+                                                        value is not read, it may never have been written */
+                __m512i keep = _mm512_set1_epi32((int)((seen & 0xffff ? 0xffffu : 0u) | (seen >> 16 ? 0xffff0000u : 0u)));
                 for (int f = 0; f < PASS; f++) {
-                    __m512i pair = _mm512_and_si512(_mm512_loadu_si512(vt + f * 32), _mm512_set1_epi32(0xffff));
+                    __m512i pair = _mm512_and_si512(_mm512_loadu_si512(vt + f * 32), keep);
                     for (int i = 0; i < G; i++)
                         acc[i][f] = _mm512_dpbf16_ps(acc[i][f], (__m512bh)pair, (__m512bh)_mm512_set1_epi32((int)*(const uint32_t *)(p + i * stride + c)));
                 }
-                break;
+                continue;
             }
             for (int f = 0; f < PASS; f++) {
                 __m512i pair = _mm512_loadu_si512(vt + f * 32);
@@ -273,6 +275,32 @@ void posttrain_rotary_write(const uint16_t *qkv, const float *cos, const float *
 
 #define SIZES(G) ITEMS(G, 64) ITEMS(G, 128)
 SIZES(1) SIZES(2) SIZES(3) SIZES(4) SIZES(5) SIZES(6) SIZES(7) SIZES(8)
+
+/* Columns [start, start + width) of rows' keys and values set from a prefilled cache's k and v (rows, kv heads,
+   width, D), contiguous; row r goes to buffer row index[r] (index NULL: row r). Only these columns' slots are
+   written: a pair's or a chunk's other columns keep what they hold. The layouts as at attend_item; strides in
+   elements, the same for keys and values. torch's strided copies into these layouts took longer than the rest
+   of a decoder's start. */
+void posttrain_put_columns(const uint16_t *k, const uint16_t *v, uint16_t *keys, uint16_t *values, const int64_t *index,
+                           int rows, int kv, int width, int head_dim, int start, long row_stride, long head_stride,
+                           long block_stride, int threads) {
+    const int D = head_dim, end = start + width;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < (long)rows * kv; item++) {
+        long r = item / kv, h = item % kv, at = (index ? index[r] : r) * row_stride + h * head_stride;
+        const uint32_t *kp = (const uint32_t *)(k + item * width * D); /* column c's feature pair j: kp[(c - start) * D / 2 + j] */
+        const uint16_t *vs = v + item * width * D;
+        for (int c = start; c < end; c++) { /* keys: (BLOCK / 16, D / 2, 16, 2) a block */
+            uint32_t *dst = (uint32_t *)(keys + at + (c / BLOCK) * block_stride + (c % BLOCK) / 16 * (D / 2) * 32) + c % 16;
+            for (int j = 0; j < D / 2; j++) dst[j * 16] = kp[(long)(c - start) * (D / 2) + j];
+        }
+        for (int c = start; c < end; c++) { /* values: (BLOCK / 2, D, 2) a block */
+            uint16_t *dst = values + at + (c / BLOCK) * block_stride + (c % BLOCK) / 2 * D * 2 + c % 2;
+            const uint16_t *src = vs + (long)(c - start) * D;
+            for (int e = 0; e < D; e++) dst[e * 2] = src[e];
+        }
+    }
+}
 
 /* Greedy decoding's pick over bf16 logits x (rows, n): posttrain_argmax_f32 in decode_kernels_f32.c, reading the bf16
    values themselves (torch's argmax over bf16 took twice its float32 time, and a float32 copy first costs a pass). */

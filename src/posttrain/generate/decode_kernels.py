@@ -61,6 +61,7 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
     "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
     "posttrain_argmax": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
+    "posttrain_put_columns": (None, [_P] * 5 + [_I] * 5 + [_L] * 3 + [_I]),
 }
 
 _library: ctypes.CDLL | None = None
@@ -256,6 +257,41 @@ def rotary_write(
             torch.get_num_threads(),
         )
     return q
+
+
+def put_columns(keys: KVBlocks, values: KVBlocks, k: torch.Tensor, v: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> None:
+    """Columns ``[start, start + k.shape[2])`` of ``keys`` and ``values`` (the kernels' layouts) set to a prefilled
+    cache's ``k`` and ``v`` (rows, kv heads, columns, head dim), as :meth:`KVBlocks.write` sets them, in one pass:
+    for row ``i`` of ``k``, buffer row ``rows[i]`` (None: row ``i``)."""
+    if (keys.layout, values.layout) != PAIRED or keys.data.stride()[:3] != values.data.stride()[:3]:
+        raise ValueError("put_columns needs keys and values in the kernels' layouts (KVBlocks 'keys', 'values')")
+    dtype = keys.data.dtype
+    if k.dtype != dtype or v.dtype != dtype or k.shape != v.shape or k.shape[1] != keys.kv_heads or k.shape[3] != keys.head_dim:
+        raise ValueError(f"put_columns takes k and v of one shape (rows, {keys.kv_heads}, columns, {keys.head_dim}) in {dtype}")
+    n, kv, width, d = k.shape
+    if start < 0 or start + width > keys.data.shape[2] * keys.block:
+        raise ValueError(f"columns {start}..{start + width} are outside the buffers' {keys.data.shape[2] * keys.block}")
+    index = None if rows is None else rows.to(torch.int64).contiguous()
+    if index is not None and (len(index) != n or int(index.min()) < 0 or int(index.max()) >= keys.rows):
+        raise ValueError(f"put_columns: {len(index)} row numbers for {n} rows, each within the buffers' {keys.rows}")
+    if index is None and n > keys.rows:
+        raise ValueError(f"put_columns: {n} rows for buffers of {keys.rows}")
+    k, v = k.contiguous(), v.contiguous()
+    with _scope("posttrain::put_columns"):
+        _kernel("posttrain_put_columns", dtype)(
+            k.data_ptr(),
+            v.data_ptr(),
+            keys.data.data_ptr(),
+            values.data.data_ptr(),
+            None if index is None else index.data_ptr(),
+            n,
+            kv,
+            width,
+            d,
+            start,
+            *keys.data.stride()[:3],
+            torch.get_num_threads(),
+        )
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | None:

@@ -252,6 +252,26 @@ void posttrain_rotary_write_f32(const float *qkv, const float *cos, const float 
     }
 }
 
+/* Columns [start, start + width) of rows' keys and values set from a prefilled cache's k and v (rows, kv heads,
+   width, D): posttrain_put_columns in decode_kernels.c, in float32's layouts. */
+void posttrain_put_columns_f32(const float *k, const float *v, float *keys, float *values, const int64_t *index, int rows,
+                               int kv, int width, int head_dim, int start, long row_stride, long head_stride, long block_stride,
+                               int threads) {
+    const int D = head_dim, end = start + width;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < (long)rows * kv; item++) {
+        long r = item / kv, h = item % kv, at = (index ? index[r] : r) * row_stride + h * head_stride;
+        const float *ks = k + item * width * D, *vs = v + item * width * D;
+        for (int c = start; c < end; c++) { /* keys: (BLOCK / 16, D, 16) a block */
+            float *dst = keys + at + (c / BLOCK) * block_stride + (c % BLOCK) / 16 * D * 16 + c % 16;
+            const float *src = ks + (long)(c - start) * D;
+            for (int e = 0; e < D; e++) dst[e * 16] = src[e];
+        }
+        for (int c = start; c < end; c++) /* values: (BLOCK, D) a block */
+            memcpy(values + at + (c / BLOCK) * block_stride + (long)(c % BLOCK) * D, vs + (long)(c - start) * D, sizeof(float) * D);
+    }
+}
+
 /* Greedy decoding's pick: the index of each row's largest logit in x (rows, n), the first where several tie, as
    torch's argmax gives it (whose CPU kernel took 2.6 ms for 64 rows of SmolLM2's 49k logits, a pass over them
    here about a tenth). Each lane of a vector keeps its own largest value and where it was (strictly larger

@@ -339,13 +339,17 @@ class FastDecoder:
         first = cache.layers[0].keys
         # float32 on x86-64, bf16 with AVX512-BF16: the step through our C kernels, on buffers in their layouts (decode_kernels.py)
         self.kernel = decode_kernels.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
-        layouts = ("keys", "values") if self.kernel else ("plain", "plain")
         self.keys, self.values = [], []
         for layer in cache.layers:
-            kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.keys, layouts[0])
-            vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.values, layouts[1])
-            kb.write(slice(None), 0, layer.keys)
-            vb.write(slice(None), 0, layer.values)
+            if self.kernel:  # the kernels' layouts, uninitialised (KVBlocks.empty), the prompts' columns put in one pass
+                kb = KVBlocks.empty(rows, self.kv_heads, columns, self.head_dim, layer.keys, "keys")
+                vb = KVBlocks.empty(rows, self.kv_heads, columns, self.head_dim, layer.values, "values")
+                decode_kernels.put_columns(kb, vb, layer.keys, layer.values, 0)
+            else:
+                kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.keys)
+                vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.values)
+                kb.write(slice(None), 0, layer.keys)
+                vb.write(slice(None), 0, layer.values)
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
@@ -402,8 +406,11 @@ class FastDecoder:
         t = self.length
         index = torch.tensor(rows, device=self.bias.device)
         for layer, kb, vb in zip(cache.layers, self.keys, self.values):
-            kb.write(index, t - width, layer.keys)
-            vb.write(index, t - width, layer.values)
+            if self.kernel:
+                decode_kernels.put_columns(kb, vb, layer.keys, layer.values, t - width, index)
+            else:
+                kb.write(index, t - width, layer.keys)
+                vb.write(index, t - width, layer.values)
         bias = torch.full((len(rows), self.bias.shape[1]), float("-inf"), device=self.bias.device)
         real = boost if boost is not None else torch.zeros(mask.shape, device=self.bias.device)
         bias[:, t - width : t] = torch.where(mask == 1, real, bias[:, t - width : t])

@@ -75,14 +75,27 @@ class KVBlocks:
 
     @classmethod
     def zeros(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor, layout: str = "plain") -> KVBlocks:
+        return cls._allocated(like.new_zeros, rows, kv_heads, columns, head_dim, like.dtype, layout)
+
+    @classmethod
+    def empty(cls, rows: int, kv_heads: int, columns: int, head_dim: int, like: torch.Tensor, layout: str) -> KVBlocks:
+        """Uninitialised buffers in a kernel layout: the kernels read only columns that were written (a masked column
+        beside an open one is left out of the products, decode_kernels.c), so nothing needs zeros first. Zeroing
+        a decode's buffers was a pass over every page of them at each generation call."""
+        if layout not in PAIRED:
+            raise ValueError(f"only the kernels' layouts {PAIRED} may start uninitialised, not {layout!r}")
+        return cls._allocated(like.new_empty, rows, kv_heads, columns, head_dim, like.dtype, layout)
+
+    @classmethod
+    def _allocated(cls, make, rows: int, kv_heads: int, columns: int, head_dim: int, dtype: torch.dtype, layout: str) -> KVBlocks:
         columns = round_up(columns)
-        p = pair(like.dtype)
+        p = pair(dtype)
         if layout == "keys":
-            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // 16, head_dim // p, 16, p)), layout=layout)
+            return cls(make((rows, kv_heads, columns // BLOCK, BLOCK // 16, head_dim // p, 16, p)), layout=layout)
         if layout == "values":
-            return cls(like.new_zeros((rows, kv_heads, columns // BLOCK, BLOCK // p, head_dim, p)), layout=layout)
-        block = columns if cuts(like.dtype) else BLOCK
-        return cls(like.new_zeros((columns // block, rows, kv_heads, block, head_dim)), cut=cuts(like.dtype))
+            return cls(make((rows, kv_heads, columns // BLOCK, BLOCK // p, head_dim, p)), layout=layout)
+        block = columns if cuts(dtype) else BLOCK
+        return cls(make((columns // block, rows, kv_heads, block, head_dim)), cut=cuts(dtype))
 
     @property
     def rows(self) -> int:
