@@ -165,6 +165,27 @@ def test_the_fast_decoder_uses_the_kernel_and_its_logits_match_torchs_path(monke
     assert logits["1"].argmax(-1).tolist() == logits["0"].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("dtype", EITHER)
+def test_greedy_steps_hand_on_the_vocabulary_projection_untransposed(dtype):
+    """With every row greedy the logits are the transpose of the (vocabulary, rows) product, not copied, holding the
+    same numbers as the (rows, vocabulary) logits a sampled step gets; greedy picks from them equal torch's argmax."""
+    from posttrain.generate.fast import FastDecoder
+    from posttrain.generate.params import SamplingParams
+    from posttrain.generate.sampling import pick
+
+    model, ids, mask, positions = tiny_llama(dtype)
+    logits = {}
+    for greedy in (True, False):
+        with torch.inference_mode():
+            decoder = FastDecoder(model)
+            decoder.start(_prefill(model, ids[:, :-1], mask[:, :-1]), mask[:, :-1], max_new_tokens=4)
+            logits[greedy] = decoder.step(ids[:, -1], positions[:, -1], greedy=greedy)
+    assert logits[False].is_contiguous() and not logits[True].is_contiguous() and logits[True].T.is_contiguous()
+    torch.testing.assert_close(logits[True], logits[False], **close(dtype, 2e-2, 1e-5))
+    rows = len(ids)
+    assert torch.equal(pick(logits[True], [SamplingParams()] * rows, [None] * rows).tokens, logits[True].float().argmax(-1))
+
+
 def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     from transformers import DynamicCache
 
@@ -425,15 +446,35 @@ def _tied_logits(dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows, n) as the transpose of a contiguous (n, rows) tensor: the fast decoder's logits."""
+    out = x.T.contiguous().T
+    assert not out.is_contiguous()
+    torch.testing.assert_close(out, x, rtol=0, atol=0, equal_nan=True)
+    return out
+
+
 @pytest.mark.parametrize("dtype", EITHER)
-@pytest.mark.parametrize("shape", [(1, 49152), (64, 49152), (3, 7), (2, 16)])
-def test_the_argmax_kernel_gives_torchs_indices(shape, dtype):
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("shape", [(64, 49152), (3, 7), (2, 16), (150, 999), (17, 2)])
+def test_the_argmax_kernel_gives_torchs_indices(shape, layout, dtype):
+    """Row-major logits, and the transpose of (vocabulary, rows) read in place (the vocabulary split among threads,
+    up to 128 rows a pass: 150 rows take two)."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = _transposed(x) if layout == "columns" else x
     assert torch.equal(decode_kernels.argmax(x), x.float().argmax(-1))
     tied = _tied_logits(dtype)
+    tied = _transposed(tied) if layout == "columns" else tied
     picked = decode_kernels.argmax(tied)
     assert torch.equal(picked, tied.float().argmax(-1))
     assert picked[:8].tolist() == [5, 3, 0, 0, 500, 995, 17, 998]  # what torch's argmax documents: the first maximum
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_the_argmax_kernel_of_one_row(dtype):
+    x = torch.randn(1, 49152, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(decode_kernels.argmax(x), x.float().argmax(-1))
+    assert torch.equal(decode_kernels.argmax(x.T.contiguous().T), x.float().argmax(-1))  # (n, 1) transposed: contiguous
 
 
 @pytest.mark.parametrize("dtype", EITHER)
@@ -441,6 +482,7 @@ def test_the_argmax_kernel_leaves_a_nan_to_torch(dtype):
     x = torch.randn(4, 100).to(dtype)
     x[2, 40] = float("nan")
     assert decode_kernels.argmax(x) is None
+    assert decode_kernels.argmax(_transposed(x)) is None
     assert torch.equal(decode_kernels.argmax(x[:, 50:]), x[:, 50:].float().argmax(-1))  # a view past the NaN
 
 
@@ -450,7 +492,7 @@ def test_greedy_picks_through_the_kernel_equal_torchs(monkeypatch, dtype):
     from posttrain.generate.params import SamplingParams
     from posttrain.generate.sampling import generator, pick
 
-    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    logits = _transposed(torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)).to(dtype))  # as the decoder gives them
     greedy = [SamplingParams(temperature=0)] * 6
     want = logits.float().argmax(-1)
     assert torch.equal(pick(logits, greedy, [None] * 6).tokens, want)

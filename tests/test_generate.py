@@ -123,9 +123,9 @@ def counting_steps(monkeypatch) -> tuple[list[int], list[int], list[int]]:
     rows, admitted, moved = [], [], []
     step, admit, compact = fast.FastDecoder.step, fast.FastDecoder.admit, fast.FastDecoder.compact
 
-    def counted_step(self, tokens, positions):
+    def counted_step(self, tokens, positions, **kwargs):
         rows.append(len(tokens))
-        return step(self, tokens, positions)
+        return step(self, tokens, positions, **kwargs)
 
     def counted_admit(self, index, *args, **kwargs):
         admitted.append(len(index))
@@ -280,10 +280,13 @@ def test_narrow_products_are_padded_and_give_the_rows_own_columns():
         out = fast._mm(weight, x)
         assert out.shape == (96, rows) and out.is_contiguous()
         torch.testing.assert_close(out, weight.double().mm(x.double()).float(), rtol=1e-5, atol=1e-5)
+        into = torch.full((200, rows), float("nan"))[50:146]  # into a slice of a bigger buffer, as the vocabulary projection does
+        assert fast._mm(weight, x, out=into) is into
+        assert torch.equal(into, out)
     calls = []
     real = torch.mm
     try:
-        torch.mm = lambda a, b: calls.append(b.shape[1]) or real(a, b)
+        torch.mm = lambda a, b, **kw: calls.append(b.shape[1]) or real(a, b, **kw)
         for rows in (1, 3, 16):
             fast._mm(weight, torch.randn(40, rows))
     finally:

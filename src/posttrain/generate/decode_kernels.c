@@ -18,6 +18,7 @@
    Built by posttrain/generate/decode_kernels.py with the system's C compiler and -march=native. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -326,6 +327,60 @@ int posttrain_argmax(const uint16_t *x, int64_t *out, int rows, long n, int thre
         out[r] = _mm512_mask_reduce_min_epi32(top, where);
         nan |= odd != 0;
     }
+    return nan ? -1 : 0;
+}
+
+/* The same over logits laid out (n, rows), a row's logits `rows` apart: the vocabulary projection as W @ h gives it,
+   with no transpose. Each thread takes a stretch of the vocabulary for every row (one running maximum and index per
+   row, 16 rows a vector, up to 128 rows a pass), and the stretches are merged in order (strictly larger replaces,
+   so the first maximum stays). */
+int posttrain_argmax_columns(const uint16_t *x, int64_t *out, int rows, long n, int threads) {
+    float *best = malloc(sizeof(float) * (size_t)threads * rows);
+    int32_t *where = malloc(sizeof(int32_t) * (size_t)threads * rows);
+    int nan = 0, used = 1;
+#pragma omp parallel num_threads(threads) reduction(| : nan)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+#pragma omp single
+        used = T;
+        long lo = n * t / T, hi = n * (t + 1) / T;
+        for (int r0 = 0; r0 < rows; r0 += 128) {
+            int chunks = (rows - r0 + 15) / 16 < 8 ? (rows - r0 + 15) / 16 : 8;
+            __m512 m[8];
+            __m512i w[8];
+            __mmask16 in[8], odd = 0;
+            for (int j = 0; j < chunks; j++) {
+                int left = rows - r0 - 16 * j;
+                in[j] = (__mmask16)(left < 16 ? (1u << left) - 1 : 0xffff);
+                m[j] = _mm512_set1_ps(-INFINITY);
+                w[j] = _mm512_set1_epi32((int)lo);
+            }
+            for (long i = lo; i < hi; i++) {
+                const uint16_t *at = x + i * rows + r0;
+                for (int j = 0; j < chunks; j++) {
+                    __m512 v = bf16x16(_mm256_maskz_loadu_epi16(in[j], at + 16 * j));
+                    __mmask16 larger = _mm512_mask_cmp_ps_mask(in[j], v, m[j], _CMP_GT_OQ);
+                    m[j] = _mm512_mask_mov_ps(m[j], larger, v);
+                    w[j] = _mm512_mask_mov_epi32(w[j], larger, _mm512_set1_epi32((int)i));
+                    odd |= _mm512_mask_cmp_ps_mask(in[j], v, v, _CMP_UNORD_Q);
+                }
+            }
+            for (int j = 0; j < chunks; j++) {
+                _mm512_mask_storeu_ps(best + (long)t * rows + r0 + 16 * j, in[j], m[j]);
+                _mm512_mask_storeu_epi32(where + (long)t * rows + r0 + 16 * j, in[j], w[j]);
+            }
+            nan |= odd != 0;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float m = -INFINITY;
+        int64_t at = 0; /* every logit -inf: the first */
+        for (int t = 0; t < used; t++)
+            if (best[(long)t * rows + r] > m) m = best[(long)t * rows + r], at = where[(long)t * rows + r];
+        out[r] = at;
+    }
+    free(best);
+    free(where);
     return nan ? -1 : 0;
 }
 

@@ -61,6 +61,7 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
     "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
     "posttrain_argmax": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
+    "posttrain_argmax_columns": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
     "posttrain_put_columns": (None, [_P] * 5 + [_I] * 5 + [_L] * 3 + [_I]),
 }
 
@@ -298,14 +299,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     """Each row's ``logits.argmax(-1)`` for ``logits`` (rows, vocabulary) in bf16 or float32 on the CPU, the first index
     where several tie, in one pass over them (torch's argmax: 2.6 ms over 64 rows of SmolLM2's 49k float32 logits,
     and a float32 copy first for bf16); None where the kernels are off or do not take this dtype here, or a row holds
-    a NaN (torch's argmax decides those)."""
+    a NaN (torch's argmax decides those). ``logits`` may be the transpose of a contiguous (vocabulary, rows) product,
+    as the fast decoder's vocabulary projection gives it: read in place, not copied."""
     if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in DTYPES:
         return None
     lib = library()
     if lib is None or (logits.dtype == torch.bfloat16 and lib.posttrain_attention_available() != 1):
         return None
-    logits = logits.contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    rows, n = logits.shape
+    columns = rows > 1 and not logits.is_contiguous() and logits.T.is_contiguous()
+    logits = logits if columns else logits.contiguous()
+    out = torch.empty(rows, dtype=torch.int64)
     with _scope("posttrain::argmax"):
-        status = _kernel("posttrain_argmax", logits.dtype)(logits.data_ptr(), out.data_ptr(), *logits.shape, torch.get_num_threads())
+        function = _kernel("posttrain_argmax_columns" if columns else "posttrain_argmax", logits.dtype)
+        status = function(logits.data_ptr(), out.data_ptr(), rows, n, torch.get_num_threads())
     return out if status == 0 else None

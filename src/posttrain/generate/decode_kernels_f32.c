@@ -15,6 +15,7 @@
    Threads: OpenMP, torch's own runtime (see decode_kernels.c). */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,5 +306,58 @@ int posttrain_argmax_f32(const float *x, int64_t *out, int rows, long n, int thr
         nan |= any != 0;
         out[r] = at;
     }
+    return nan ? -1 : 0;
+}
+
+/* The same over logits laid out (n, rows): posttrain_argmax_columns in decode_kernels.c, in float32. */
+int posttrain_argmax_columns_f32(const float *x, int64_t *out, int rows, long n, int threads) {
+    float *best = malloc(sizeof(float) * (size_t)threads * rows);
+    int32_t *where = malloc(sizeof(int32_t) * (size_t)threads * rows);
+    int nan = 0, used = 1;
+#pragma omp parallel num_threads(threads) reduction(| : nan)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+#pragma omp single
+        used = T;
+        long lo = n * t / T, hi = n * (t + 1) / T;
+        for (int r0 = 0; r0 < rows; r0 += 128) {
+            int chunks = (rows - r0 + 15) / 16 < 8 ? (rows - r0 + 15) / 16 : 8, last = rows - r0 - 16 * (chunks - 1);
+            vf m[8];
+            vi w[8], odd = (vi){0};
+            for (int j = 0; j < chunks; j++) m[j] = splat(-INFINITY), w[j] = (vi){0} + (int32_t)lo;
+            for (long i = lo; i < hi; i++) {
+                const float *at = x + i * rows + r0;
+                for (int j = 0; j < chunks; j++) {
+                    vf v;
+                    if (j == chunks - 1 && last < 16) { /* the last rows: -inf past them, never larger */
+                        float pad[16];
+                        for (int e = 0; e < 16; e++) pad[e] = e < last ? at[16 * j + e] : -INFINITY;
+                        v = load(pad);
+                    } else {
+                        v = load(at + 16 * j);
+                    }
+                    vi larger = v > m[j];
+                    m[j] = select_(larger, v, m[j]);
+                    w[j] = (w[j] & ~larger) | (((vi){0} + (int32_t)i) & larger);
+                    odd |= v != v;
+                }
+            }
+            for (int j = 0; j < chunks; j++)
+                for (int e = 0; e < 16 && 16 * j + e < rows - r0; e++) {
+                    best[(long)t * rows + r0 + 16 * j + e] = m[j][e];
+                    where[(long)t * rows + r0 + 16 * j + e] = w[j][e];
+                }
+            for (int e = 0; e < 16; e++) nan |= odd[e] != 0;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float m = -INFINITY;
+        int64_t at = 0; /* every logit -inf: the first */
+        for (int t = 0; t < used; t++)
+            if (best[(long)t * rows + r] > m) m = best[(long)t * rows + r], at = where[(long)t * rows + r];
+        out[r] = at;
+    }
+    free(best);
+    free(where);
     return nan ? -1 : 0;
 }

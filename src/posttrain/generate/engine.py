@@ -514,7 +514,7 @@ class Engine:
                 index = torch.tensor(order, device=device)
                 tokens, positions = tokens[index], positions[index]
                 rows = [rows[r] for r in order]
-            logits = decoder.step(tokens, positions)
+            logits = decoder.step(tokens, positions, greedy=all(s.params.greedy and not s.params.scores for s in rows))
             positions = positions + 1
             tokens = self._advance_rows(rows, logits, finished)
 

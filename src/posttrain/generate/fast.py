@@ -23,15 +23,18 @@ and final norm, and the layers' RMSNorms computed with the float32 operations tr
 * on x86-64 CPUs (bf16 where the CPU has AVX512-BF16, float32 on any), attention and everything between the
   projections (the norms, the rotary embedding with the buffers' writes, silu(gate) * up) run as C kernels of
   our own on buffers laid out for them (:mod:`posttrain.generate.decode_kernels`: a step at 64 and 128 rows in
-  0.65-0.78 of the time of torch's ops in bf16, 0.79-0.84 in float32), and in bf16 the vocabulary projection is
-  one (rows, vocabulary) product;
+  0.65-0.78 of the time of torch's ops in bf16, 0.79-0.84 in float32), and where every row is greedy the
+  vocabulary projection's (vocabulary, rows) product is handed on as its transpose, not copied: the argmax
+  kernel reads it in place (``decode_kernels.argmax``; a sampler would need a transposing copy, slower in torch
+  than the transposes saved, so sampled rows get (rows, vocabulary) logits as before);
 * every projection is computed as ``W @ x`` with the hidden state kept as (features, rows), so each
   product is used in the layout it comes in and no step copies it into the other. On this CPU's BLAS
   that product is faster than ``x @ W.T`` (``F.linear``) for these shapes: SmolLM2's 49k x 576
   vocabulary projection at 128 rows 95 vs 155 ms, its MLP's gate/up 4.90 vs 8.07 ms (1.15 vs 2.69 at
-  32 rows). The logits are wanted one row per sequence, so the vocabulary
+  32 rows). Without the kernels the logits are wanted one row per sequence, so the vocabulary
   projection runs ``HEAD_SLICE`` vocabulary rows at a time and writes each slice's transpose while it is
-  still in cache (a transpose of the whole 49k x 128 product afterwards reads and writes it all from memory).
+  still in cache (a transpose of the whole 49k x 128 product afterwards reads and writes it all from memory);
+  with them and greedy rows, float32 keeps the slices (faster than one product) and bf16 makes one.
 
 ``python benchmarks/decode_step.py`` (SmolLM2-135M-Instruct, fp32, a 100-token cache, AMD EPYC Zen 3,
 2 cores, 2026-12-02, after the two changes above), ms per step, this decoder vs the model's forward:
@@ -257,8 +260,8 @@ def _folded(weights: tuple[torch.Tensor, ...], columns: torch.Tensor, rows: torc
     return joined
 
 
-def _mm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight @ x`` for ``x`` (in, rows). On CPU in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a
+def _mm(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ x`` for ``x`` (in, rows), into ``out`` if given. On CPU in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a
     batch) are multiplied as ``NARROW`` columns, the rest zeros: over 2-15 columns torch's BLAS (MKL's sgemm) is
     so much slower that a decode step at 4 or 8 rows took longer than at 16 (114 and 109 against 87 ms, machine E in
     docs/PERFORMANCE.md); padded, steps at 2, 4, 8 and 12 rows take 0.74, 0.78, 0.71 and 0.90 of their unpadded time
@@ -266,8 +269,9 @@ def _mm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     product, the fastest of all."""
     rows = x.shape[1]
     if not 1 < rows < NARROW or x.dtype != torch.float32 or x.device.type != "cpu":
-        return torch.mm(weight, x)
-    return torch.mm(weight, nn.functional.pad(x, (0, NARROW - rows)))[:, :rows].contiguous()
+        return torch.mm(weight, x, out=out)
+    product = torch.mm(weight, nn.functional.pad(x, (0, NARROW - rows)))[:, :rows]
+    return product.contiguous() if out is None else out.copy_(product)
 
 
 def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -502,8 +506,10 @@ class FastDecoder:
         ]
         return self._steer
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,)."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """Logits (rows, vocabulary) after feeding ``tokens`` (rows,) at ``positions`` (rows,). ``greedy``: every row
+        takes the argmax and wants no scores, so the logits may be the transpose of a (vocabulary, rows) product (the
+        argmax kernel reads it in place; a sampler would have to copy it, which costs more than it saves)."""
         t = self.length
         rows = tokens.shape[0]
         if rows != self.rows:
@@ -555,12 +561,23 @@ class FastDecoder:
                     else:
                         x.T[index] = s.apply(x.T[index])
         self.length = t + 1
-        if kernel and x.dtype == torch.bfloat16:  # bf16's product gives (rows, vocabulary) as fast as the slices below
-            logits = nn.functional.linear(self.final_norm(x.T).contiguous(), self.lm_head)
-            return logits if self.lm_bias is None else logits + self.lm_bias
         hidden = self.final_norm(x.T).T  # (hidden, rows), contiguous
+        vocabulary = self.lm_head.shape[0]
+        if kernel and greedy:  # (vocabulary, rows) as W @ h gives it, returned as its (rows, vocabulary) transpose, not
+            # copied: the argmax kernel reads it in place (sampling.pick), and the transposes below are not made
+            if x.dtype == torch.bfloat16:  # one product
+                logits = torch.mm(self.lm_head, hidden).T
+            else:  # a slice of the vocabulary at a time, as below
+                out = hidden.new_empty((vocabulary, rows))
+                for lo in range(0, vocabulary, HEAD_SLICE):
+                    _mm(self.lm_head[lo : lo + HEAD_SLICE], hidden, out=out[lo : lo + HEAD_SLICE])
+                logits = out.T
+            return logits if self.lm_bias is None else logits + self.lm_bias
+        if kernel and x.dtype == torch.bfloat16:  # bf16's (rows, vocabulary) product is as fast as the slices below
+            logits = nn.functional.linear(hidden.T.contiguous(), self.lm_head)
+            return logits if self.lm_bias is None else logits + self.lm_bias
         # W @ h a slice of the vocabulary at a time, each slice's transpose written while it is in cache
-        logits = hidden.new_empty((rows, self.lm_head.shape[0]))
-        for lo in range(0, self.lm_head.shape[0], HEAD_SLICE):
+        logits = hidden.new_empty((rows, vocabulary))
+        for lo in range(0, vocabulary, HEAD_SLICE):
             logits[:, lo : lo + HEAD_SLICE] = _mm(self.lm_head[lo : lo + HEAD_SLICE], hidden).T
         return logits if self.lm_bias is None else logits + self.lm_bias

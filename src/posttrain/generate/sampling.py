@@ -42,7 +42,8 @@ def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
     tokens = decode_kernels.argmax(logits)
     if tokens is not None and not drawn and not wanted:
         return Picked(tokens, None, None)
-    scores = logits.float()
+    # float32 scores, row-major (the fast decoder's logits may be a transpose: one converting copy makes both)
+    scores = logits.float() if logits.is_contiguous() else torch.empty(logits.shape, device=logits.device).copy_(logits)
     if tokens is None:
         tokens = scores.argmax(-1)
     if drawn:
