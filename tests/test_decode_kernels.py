@@ -507,3 +507,85 @@ def test_greedy_picks_through_the_kernel_equal_torchs(monkeypatch, dtype):
     assert decode_kernels.argmax(logits) is None
     gens = [None] * 3 + [generator(3, torch.device("cpu")) for _ in range(3)]
     assert torch.equal(pick(logits, mixed, gens).tokens, got)  # the same draws with torch's argmax
+
+
+def _torch_draw(logits: torch.Tensor, temperatures: list[float], u: torch.Tensor) -> torch.Tensor:
+    """sampling.choose's inverse-CDF draw without top-k or top-p, from the given uniform numbers."""
+    scores = logits.float() / torch.tensor(temperatures)[:, None]
+    cdf = scores.softmax(-1).double().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+def test_the_sampler_draws_torchs_tokens_from_the_same_numbers(dtype):
+    """For the same uniform numbers the kernel draws the tokens torch's softmax, float64 cumulative sum and search
+    draw (rows picked through an index, each at its own temperature, a vocabulary that is not a multiple of 16)."""
+    if decode_kernels.library() is None:
+        pytest.skip("no C compiler or not x86-64 Linux")
+    gen = torch.Generator().manual_seed(6)
+    logits = (torch.randn(40, 1003, generator=gen) * 3).to(dtype)
+    rows = [3, 0, 39, 17, 17, 8]
+    temperatures = [0.7, 1.0, 1.3, 0.2, 0.2, 2.5]
+    for _ in range(20):
+        u = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+        got = decode_kernels.sample(logits, rows, temperatures, u)
+        assert torch.equal(got, _torch_draw(logits[rows], temperatures, u))
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+def test_the_sampler_never_draws_a_token_of_weight_zero_and_leaves_nan_to_torch(dtype):
+    if decode_kernels.library() is None:
+        pytest.skip("no C compiler or not x86-64 Linux")
+    logits = torch.full((3, 50), float("-inf"), dtype=dtype)
+    logits[:, [7, 20, 41]] = torch.tensor([1.0, 2.0, 0.5], dtype=dtype)
+    for u, want in ((0.0, 7), (1 - 1e-16, 41), (0.5, 20)):
+        got = decode_kernels.sample(logits, [0, 1, 2], [1.0, 1.0, 1.0], torch.full((3,), u, dtype=torch.float64))
+        assert got.tolist() == [want] * 3
+    logits[1, 30] = float("nan")
+    assert decode_kernels.sample(logits, [0, 1], [1.0, 1.0], torch.zeros(2, dtype=torch.float64)) is None
+    assert decode_kernels.sample(logits, [0, 2], [1.0, 1.0], torch.zeros(2, dtype=torch.float64)) is not None  # NaN row not asked
+    masked = torch.full((1, 50), float("-inf"), dtype=dtype)
+    assert decode_kernels.sample(masked, [0], [1.0], torch.zeros(1, dtype=torch.float64)) is None
+    masked[0, 3] = float("inf")
+    assert decode_kernels.sample(masked, [0], [1.0], torch.zeros(1, dtype=torch.float64)) is None
+    with pytest.raises(ValueError, match="positive temperature"):
+        decode_kernels.sample(logits, [0], [0.0], torch.zeros(1, dtype=torch.float64))
+
+
+def test_the_samplers_draws_follow_the_softmax():
+    """20,000 draws over 5 tokens at temperature 0.5: each token's share within 4 standard errors of its probability."""
+    if decode_kernels.library() is None:
+        pytest.skip("no C compiler or not x86-64 Linux")
+    logits = torch.tensor([[0.0, 0.5, -1.0, 1.0, 0.2]]).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = decode_kernels.sample(logits, list(range(20000)), [0.5] * 20000, u)
+    share = torch.bincount(got, minlength=5).double() / 20000
+    p = (logits[0] / 0.5).softmax(-1).double()
+    assert ((share - p).abs() < 4 * (p * (1 - p) / 20000).sqrt()).all(), (share, p)
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_pick_draws_through_the_sampler_as_through_torch(monkeypatch, dtype):
+    """Sampled rows (temperature only) through the kernel and with the kernels off: the same tokens from the same seeds,
+    and each generator left where torch's path leaves it; rows with top-p keep torch's path."""
+    from posttrain.generate.params import SamplingParams
+    from posttrain.generate.sampling import generator, pick
+
+    logits = (torch.randn(8, 3000, generator=torch.Generator().manual_seed(8)) * 2).to(dtype)
+    params = [SamplingParams(temperature=0.9, seed=s) for s in range(6)] + [SamplingParams()] * 2
+    runs, called, real = {}, [], decode_kernels.sample
+    monkeypatch.setattr(decode_kernels, "sample", lambda *a: called.append(1) or real(*a))
+    for setting in ("1", "0"):
+        monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", setting)
+        gens = [generator(s, torch.device("cpu")) for s in range(6)] + [None, None]
+        called.clear()
+        tokens = [pick(logits, params, gens).tokens for _ in range(3)]
+        runs[setting] = (torch.stack(tokens), [torch.rand(1, generator=g).item() for g in gens[:6]], len(called))
+    assert torch.equal(runs["1"][0], runs["0"][0])
+    assert runs["1"][1] == runs["0"][1]  # the generators stand where torch's path leaves them
+    assert runs["1"][2] == 3 and runs["0"][2] == 0  # through the kernel at every step with the kernels on, never off
+    nucleus = [SamplingParams(temperature=0.9, top_p=0.9, seed=1)]
+    monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "1")
+    called.clear()
+    pick(logits[:1], nucleus, [generator(1, torch.device("cpu"))])
+    assert called == []

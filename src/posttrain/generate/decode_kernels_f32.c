@@ -361,3 +361,99 @@ int posttrain_argmax_columns_f32(const float *x, int64_t *out, int rows, long n,
     free(where);
     return nan ? -1 : 0;
 }
+
+/* ---- Sampling at a temperature (no top-k, no top-p): sampling.choose's draw without its float64 copies ---- */
+
+typedef uint16_t vh __attribute__((vector_size(32))); /* 16 bf16 */
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline vf load_f32(const float *p) { return load(p); }
+
+static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 as float32: their bits in the high halves */
+    vh raw;
+    memcpy(&raw, p, sizeof raw);
+    return (vf)(__builtin_convertvector(raw, vu) << 16);
+}
+
+/* For each k < count, row which[k] of x (·, n): the token drawn at temperature t[k] by the uniform u[k] in [0, 1),
+   by inverse CDF over e^(x_i / t - max), as sampling.choose draws it (there over the softmax's float32
+   probabilities in float64; here over the exponentials, in float64 sums of 16 at a time, the same order for the
+   total and the search, so the search always ends inside the row). The i-th of n logits: x[row * n + i]. Columns
+   past n in the last 16: -inf, weight 0. A token of weight 0 is never drawn. Returns 0, or -1 when a row holds a
+   NaN or +inf or nothing but -inf (the caller asks torch). scratch: per thread, n + 16 floats and n / 16 + 1 doubles. */
+#define SAMPLER(NAME, T, LOAD)                                                                                           \
+    int NAME(const T *x, const int64_t *which, int count, long n, const float *t, const double *u, int64_t *out,      \
+             int threads) {                                                                                            \
+        int bad = 0;                                                                                                     \
+        long chunks = (n + 15) / 16;                                                                                     \
+        _Pragma("omp parallel num_threads(threads) reduction(| : bad)") {                                               \
+            float *e = malloc(sizeof(float) * chunks * 16);                                                             \
+            double *sums = malloc(sizeof(double) * chunks);                                                             \
+            _Pragma("omp for schedule(dynamic, 1)") for (int k = 0; k < count; k++) {                                   \
+                const T *row = x + which[k] * n;                                                                         \
+                vf top = splat(-INFINITY);                                                                               \
+                vi odd = (vi){0};                                                                                        \
+                for (long c = 0; c < chunks; c++) {                                                                      \
+                    vf v;                                                                                                \
+                    if (c * 16 + 16 <= n) {                                                                              \
+                        v = LOAD(row + c * 16);                                                                          \
+                    } else {                                                                                             \
+                        T part[16];                                                                                      \
+                        memcpy(part, row + c * 16, sizeof(T) * (n - c * 16));                                            \
+                        v = LOAD(part);                                                                                  \
+                        for (long j = n - c * 16; j < 16; j++) v[j] = -INFINITY;                                         \
+                    }                                                                                                    \
+                    v = v / t[k]; /* as torch's logits / temperature, not times 1 / t */                               \
+                    store(e + c * 16, v);                                                                                \
+                    top = select_(v > top, v, top);                                                                      \
+                    odd |= v != v;                                                                                       \
+                }                                                                                                        \
+                float m = -INFINITY;                                                                                     \
+                int nan = 0;                                                                                             \
+                for (int j = 0; j < 16; j++) m = top[j] > m ? top[j] : m, nan |= odd[j] != 0;                            \
+                if (nan || m == -INFINITY || m == INFINITY) {                                                            \
+                    bad = 1;                                                                                             \
+                    continue;                                                                                            \
+                }                                                                                                        \
+                double total = 0.0;                                                                                      \
+                long last = -1; /* the last token of weight > 0 */                                                       \
+                for (long c = 0; c < chunks; c++) {                                                                      \
+                    vf w = vexp(load(e + c * 16) - m);                                                                   \
+                    store(e + c * 16, w);                                                                                \
+                    double sum = 0.0;                                                                                    \
+                    for (int j = 0; j < 16; j++) sum += (double)w[j];                                                    \
+                    sums[c] = sum;                                                                                       \
+                    total += sum;                                                                                        \
+                    if (sum > 0.0)                                                                                       \
+                        for (int j = 15; j >= 0; j--)                                                                    \
+                            if (w[j] > 0.0f) {                                                                           \
+                                last = c * 16 + j;                                                                       \
+                                break;                                                                                   \
+                            }                                                                                            \
+                }                                                                                                        \
+                double target = u[k] * total, below = 0.0;                                                               \
+                long pick = last;                                                                                        \
+                for (long c = 0; c < chunks; c++) {                                                                      \
+                    if (below + sums[c] <= target) {                                                                     \
+                        below += sums[c];                                                                                \
+                        continue;                                                                                        \
+                    }                                                                                                    \
+                    double run = below; /* the first token whose running sum passes the target, within this chunk */     \
+                    for (int j = 0; j < 16; j++) {                                                                       \
+                        if (e[c * 16 + j] <= 0.0f) continue;                                                             \
+                        pick = c * 16 + j;                                                                               \
+                        run += (double)e[c * 16 + j];                                                                    \
+                        if (run > target) break;                                                                         \
+                    }                                                                                                    \
+                    break;                                                                                               \
+                }                                                                                                        \
+                out[k] = pick;                                                                                           \
+            }                                                                                                            \
+            free(e);                                                                                                     \
+            free(sums);                                                                                                  \
+        }                                                                                                                \
+        return bad ? -1 : 0;                                                                                             \
+    }
+
+SAMPLER(posttrain_sample_f32, float, load_f32)
+SAMPLER(posttrain_sample_bf16, uint16_t, load_bf16)

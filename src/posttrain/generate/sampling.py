@@ -9,6 +9,13 @@ tokens whose probability reaches ``top_p``, always at least one); the token is t
 from one uniform number of the row's generator. ``temperature=0`` is greedy (argmax; top-k and top-p
 ignored) and uses no randomness. Log-probabilities are the model's own distribution (temperature 1, no
 filters), whatever the token was drawn at.
+
+On a CPU where the decode kernels load (:mod:`posttrain.generate.decode_kernels`), a step whose rows want no
+scores takes its argmaxes and its temperature-only draws there, each in one pass over the logits in their own
+dtype: the draw from the same uniform number by the same inverse CDF, over float64 sums of the exponentials
+rather than of float32 probabilities, so a number within rounding of a boundary between two tokens may take the
+other one. torch's ops below did the same for 128 rows of a 49k vocabulary in 48 ms (float64 copies of the
+whole batch's distribution), the kernel in about 5.
 """
 
 from __future__ import annotations
@@ -42,13 +49,21 @@ def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
     tokens = decode_kernels.argmax(logits)
     if tokens is not None and not drawn and not wanted:
         return Picked(tokens, None, None)
+    u = None
+    if tokens is not None and not wanted and all(_temperature_only(params[r], logits.shape[-1]) for r in drawn):
+        # the draws through the kernels in one pass over the logits (decode_kernels.sample), from the same uniforms
+        u = uniforms([generators[r] for r in drawn])  # type: ignore[misc]
+        chosen = decode_kernels.sample(logits, drawn, [params[r].temperature for r in drawn], u)
+        if chosen is not None:
+            tokens[torch.tensor(drawn, device=tokens.device)] = chosen.to(tokens.device)
+            return Picked(tokens, None, None)
     # float32 scores, row-major (the fast decoder's logits may be a transpose: one converting copy makes both)
     scores = logits.float() if logits.is_contiguous() else torch.empty(logits.shape, device=logits.device).copy_(logits)
     if tokens is None:
         tokens = scores.argmax(-1)
     if drawn:
         index = torch.tensor(drawn, device=scores.device)
-        chosen = choose(scores[index], [params[r] for r in drawn], [generators[r] for r in drawn])  # type: ignore[misc]
+        chosen = choose(scores[index], [params[r] for r in drawn], [generators[r] for r in drawn], u)  # type: ignore[misc]
         tokens[index] = chosen
     if not wanted:
         return Picked(tokens, None, None)
@@ -62,8 +77,21 @@ def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
     return Picked(tokens, logprobs, top)
 
 
-def choose(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """A draw for each row of ``logits`` (rows, vocab) with its own temperature, top-k, top-p and generator."""
+def _temperature_only(p: SamplingParams, vocabulary: int) -> bool:
+    """Whether ``choose`` would apply neither top-k nor top-p to a row with ``p``."""
+    return not 0 < p.top_k < vocabulary and p.top_p >= 1
+
+
+def uniforms(generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One uniform float64 number in [0, 1) from each row's generator: what each row's draw takes from it."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
+
+
+def choose(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator], u: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A draw for each row of ``logits`` (rows, vocab) with its own temperature, top-k, top-p and generator (``u``: the
+    rows' :func:`uniforms` when already drawn)."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
@@ -88,7 +116,7 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     # search. For 128 rows of SmolLM2's 49k-token vocabulary torch.multinomial row by row (it rebuilds each
     # row's distribution) took 207-238 ms, this 21-40 ms (benchmarks/decode_step.py, two runs). float64 keeps the CDF exact.
     cdf = logits.softmax(-1).double().cumsum_(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(cdf.device)
+    u = (uniforms(generators) if u is None else u).to(cdf.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     return picked.clamp_(max=logits.shape[-1] - 1)
 
