@@ -589,3 +589,45 @@ def test_pick_draws_through_the_sampler_as_through_torch(monkeypatch, dtype):
     called.clear()
     pick(logits[:1], nucleus, [generator(1, torch.device("cpu"))])
     assert called == []
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+def test_the_logprob_kernel_gives_the_log_softmax_at_each_token(dtype):
+    if decode_kernels.library() is None:
+        pytest.skip("no C compiler or not x86-64 Linux")
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(12, 1003, generator=gen) * 4).to(dtype)
+    logits[5, 100:] = float("-inf")  # masked tokens count for nothing
+    rows, tokens = [0, 5, 11, 5, 7], torch.tensor([3, 99, 1002, 0, 500])
+    want = logits[rows].float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(decode_kernels.logprobs(logits, rows, tokens), want, rtol=1e-5, atol=1e-5)
+    logits[7, 2] = float("nan")
+    assert decode_kernels.logprobs(logits, rows, tokens) is None
+    logits[7, 2] = float("inf")
+    assert decode_kernels.logprobs(logits, rows, tokens) is None
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        decode_kernels.logprobs(logits, [0], torch.tensor([1003]))
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_pick_with_logprobs_through_the_kernels_as_through_torch(monkeypatch, dtype):
+    """Sampled and greedy rows wanting log-probs: the same tokens and log-probs (to float32 rounding) with the kernels on
+    and off; a row wanting top log-probs sends the step to torch's ops."""
+    from posttrain.generate.params import SamplingParams
+    from posttrain.generate.sampling import generator, pick
+
+    logits = (torch.randn(6, 3000, generator=torch.Generator().manual_seed(10)) * 2).to(dtype)
+    params = [SamplingParams(temperature=0.8, seed=s, logprobs=True) for s in range(4)] + [SamplingParams(logprobs=True)] * 2
+    picked = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", setting)
+        picked[setting] = pick(logits, params, [generator(s, torch.device("cpu")) for s in range(4)] + [None, None])
+    assert torch.equal(picked["1"].tokens, picked["0"].tokens)
+    torch.testing.assert_close(picked["1"].logprobs, picked["0"].logprobs, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "1")
+    called, real = [], decode_kernels.logprobs
+    monkeypatch.setattr(decode_kernels, "logprobs", lambda *a: called.append(1) or real(*a))
+    top = pick(logits, [SamplingParams(logprobs=True, top_logprobs=3)] * 6, [None] * 6)
+    assert called == [] and top.top is not None and top.top[0].shape == (6, 3)
+    pick(logits, params, [generator(s, torch.device("cpu")) for s in range(4)] + [None, None])
+    assert called == [1]

@@ -65,8 +65,13 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_put_columns": (None, [_P] * 5 + [_I] * 5 + [_L] * 3 + [_I]),
 }
 
-SAMPLERS = {torch.float32: "posttrain_sample_f32", torch.bfloat16: "posttrain_sample_bf16"}  # both in the float32 file
-SAMPLER_SIGNATURE = (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 3 + [_I])
+# sampling's kernels, for bf16 and float32 logits alike: in the float32 file, so every x86-64 build has them
+SAMPLERS = {torch.float32: "posttrain_sample_f32", torch.bfloat16: "posttrain_sample_bf16"}
+LOGPROBS = {torch.float32: "posttrain_logprob_f32", torch.bfloat16: "posttrain_logprob_bf16"}
+SAMPLING_SIGNATURES = {
+    **dict.fromkeys(SAMPLERS.values(), (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 3 + [_I])),
+    **dict.fromkeys(LOGPROBS.values(), (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 2 + [_I])),
+}
 
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -138,9 +143,9 @@ def _build() -> ctypes.CDLL | None:
     for name in names:
         function = getattr(library, name)
         function.restype, function.argtypes = SIGNATURES[name.removesuffix("_f32")]
-    for name in SAMPLERS.values():
+    for name, signature in SAMPLING_SIGNATURES.items():
         function = getattr(library, name)
-        function.restype, function.argtypes = SAMPLER_SIGNATURE
+        function.restype, function.argtypes = signature
     return library
 
 
@@ -348,5 +353,27 @@ def sample(logits: torch.Tensor, rows: list[int], temperatures: list[float], uni
             u.data_ptr(),
             out.data_ptr(),
             torch.get_num_threads(),
+        )
+    return out if status == 0 else None
+
+
+def logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor) -> torch.Tensor | None:
+    """The log-probability (float32) of ``tokens[i]`` under the softmax of row ``rows[i]`` of ``logits`` (bf16 or float32,
+    CPU), as ``sampling.pick`` reports it (``logits.float().log_softmax(-1)`` at the token; here the exponentials are
+    summed in float64), one pass over each row; None where the kernels are off here or a row holds a NaN, +inf or
+    only -inf."""
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in LOGPROBS or library() is None:
+        return None
+    if tokens.shape != (len(rows),):
+        raise ValueError(f"logprobs: one token for each of the {len(rows)} rows, not {tuple(tokens.shape)}")
+    logits = logits.contiguous()
+    which = torch.tensor(rows, dtype=torch.int64)
+    at = tokens.to(torch.int64).contiguous()
+    if len(rows) and (int(at.min()) < 0 or int(at.max()) >= logits.shape[1]):
+        raise ValueError(f"logprobs: tokens outside the vocabulary of {logits.shape[1]}")
+    out = torch.empty(len(rows), dtype=torch.float32)
+    with _scope("posttrain::logprobs"):
+        status = getattr(_library, LOGPROBS[logits.dtype])(
+            logits.data_ptr(), which.data_ptr(), len(rows), logits.shape[1], at.data_ptr(), out.data_ptr(), torch.get_num_threads()
         )
     return out if status == 0 else None

@@ -375,6 +375,21 @@ static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 as float32: their bit
     return (vf)(__builtin_convertvector(raw, vu) << 16);
 }
 
+/* The first `have` (< 16) values from p, -inf past them (weight 0, never the largest). */
+static inline vf tail_load_f32(const float *p, long have) {
+    float part[16];
+    memcpy(part, p, sizeof(float) * have);
+    for (long j = have; j < 16; j++) part[j] = -INFINITY;
+    return load(part);
+}
+
+static inline vf tail_load_bf16(const uint16_t *p, long have) {
+    uint16_t part[16];
+    memcpy(part, p, sizeof(uint16_t) * have);
+    for (long j = have; j < 16; j++) part[j] = 0xff80; /* -inf in bf16 */
+    return load_bf16(part);
+}
+
 /* For each k < count, row which[k] of x (·, n): the token drawn at temperature t[k] by the uniform u[k] in [0, 1),
    by inverse CDF over e^(x_i / t - max), as sampling.choose draws it (there over the softmax's float32
    probabilities in float64; here over the exponentials, in float64 sums of 16 at a time, the same order for the
@@ -394,15 +409,7 @@ static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 as float32: their bit
                 vf top = splat(-INFINITY);                                                                               \
                 vi odd = (vi){0};                                                                                        \
                 for (long c = 0; c < chunks; c++) {                                                                      \
-                    vf v;                                                                                                \
-                    if (c * 16 + 16 <= n) {                                                                              \
-                        v = LOAD(row + c * 16);                                                                          \
-                    } else {                                                                                             \
-                        T part[16];                                                                                      \
-                        memcpy(part, row + c * 16, sizeof(T) * (n - c * 16));                                            \
-                        v = LOAD(part);                                                                                  \
-                        for (long j = n - c * 16; j < 16; j++) v[j] = -INFINITY;                                         \
-                    }                                                                                                    \
+                    vf v = c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16);                \
                     v = v / t[k]; /* as torch's logits / temperature, not times 1 / t */                               \
                     store(e + c * 16, v);                                                                                \
                     top = select_(v > top, v, top);                                                                      \
@@ -457,3 +464,42 @@ static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 as float32: their bit
 
 SAMPLER(posttrain_sample_f32, float, load_f32)
 SAMPLER(posttrain_sample_bf16, uint16_t, load_bf16)
+
+/* For each k < count, row which[k] of x (·, n): the log-probability of token tokens[k] under the row's softmax at
+   temperature 1 (what sampling.pick reports, whatever the token was drawn at): x_token - max - log(sum e^(x - max)),
+   the exponentials summed in float64 (torch's logsumexp sums them in float32). Returns 0, or -1 when a row holds a
+   NaN or +inf or nothing but -inf (the caller asks torch). */
+#define LOGPROB(NAME, T, LOAD)                                                                                           \
+    int NAME(const T *x, const int64_t *which, int count, long n, const int64_t *tokens, float *out, int threads) {   \
+        int bad = 0;                                                                                                     \
+        long chunks = (n + 15) / 16;                                                                                     \
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : bad)")                         \
+        for (int k = 0; k < count; k++) {                                                                                \
+            const T *row = x + which[k] * n;                                                                             \
+            vf top = splat(-INFINITY);                                                                                   \
+            vi odd = (vi){0};                                                                                            \
+            for (long c = 0; c < chunks; c++) {                                                                          \
+                vf v = c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16);                    \
+                top = select_(v > top, v, top);                                                                          \
+                odd |= v != v;                                                                                           \
+            }                                                                                                            \
+            float m = -INFINITY;                                                                                         \
+            int nan = 0;                                                                                                 \
+            for (int j = 0; j < 16; j++) m = top[j] > m ? top[j] : m, nan |= odd[j] != 0;                                \
+            if (nan || m == -INFINITY || m == INFINITY) {                                                                \
+                bad = 1;                                                                                                 \
+                continue;                                                                                                \
+            }                                                                                                            \
+            double total = 0.0;                                                                                          \
+            for (long c = 0; c < chunks; c++) {                                                                          \
+                vf w = vexp((c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16)) - m);       \
+                for (int j = 0; j < 16; j++) total += (double)w[j];                                                      \
+            }                                                                                                            \
+            vf one = tail_##LOAD(row + tokens[k], 1);                                                                    \
+            out[k] = (float)((double)one[0] - (double)m - log(total));                                                   \
+        }                                                                                                                \
+        return bad ? -1 : 0;                                                                                             \
+    }
+
+LOGPROB(posttrain_logprob_f32, float, load_f32)
+LOGPROB(posttrain_logprob_bf16, uint16_t, load_bf16)

@@ -10,12 +10,13 @@ from one uniform number of the row's generator. ``temperature=0`` is greedy (arg
 ignored) and uses no randomness. Log-probabilities are the model's own distribution (temperature 1, no
 filters), whatever the token was drawn at.
 
-On a CPU where the decode kernels load (:mod:`posttrain.generate.decode_kernels`), a step whose rows want no
-scores takes its argmaxes and its temperature-only draws there, each in one pass over the logits in their own
-dtype: the draw from the same uniform number by the same inverse CDF, over float64 sums of the exponentials
-rather than of float32 probabilities, so a number within rounding of a boundary between two tokens may take the
-other one. torch's ops below did the same for 128 rows of a 49k vocabulary in 48 ms (float64 copies of the
-whole batch's distribution), the kernel in about 5.
+On a CPU where the decode kernels load (:mod:`posttrain.generate.decode_kernels`), a step whose rows want no top
+log-probs takes its argmaxes, its temperature-only draws and its tokens' log-probabilities there, each in one pass
+over the logits in their own dtype. A draw takes the same uniform number and the same inverse CDF, over float64
+sums of the exponentials rather than of float32 probabilities, so a number within rounding of a boundary between
+two tokens may take the other one; log-probabilities sum their exponentials in float64 too (torch's logsumexp in
+float32). torch's ops below took 48 ms a step to sample 128 rows of a 49k vocabulary (float64 copies of the whole
+batch's distribution), the kernel about 5.
 """
 
 from __future__ import annotations
@@ -41,26 +42,18 @@ class Picked(NamedTuple):
 def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> Picked:
     """The next token of each row of ``logits`` (rows, vocab), row ``r`` sampled with ``params[r]`` from ``generators[r]``.
 
-    A row whose generator is None takes the argmax (greedy rows, and rows that have finished): on a CPU with the
-    decode kernels, one pass over the logits in their own dtype (:func:`decode_kernels.argmax`, the same indices).
+    A row whose generator is None takes the argmax (greedy rows, and rows that have finished). On a CPU with the
+    decode kernels, argmaxes, temperature-only draws and the tokens' log-probabilities each take one pass over the
+    logits in their own dtype (:func:`_through_kernels`); top-k, top-p and top log-probs use torch's ops below.
     """
     drawn = [r for r, g in enumerate(generators) if g is not None and not params[r].greedy]
     wanted = any(p.scores for p in params)
-    tokens = decode_kernels.argmax(logits)
-    if tokens is not None and not drawn and not wanted:
-        return Picked(tokens, None, None)
-    u = None
-    if tokens is not None and not wanted and all(_temperature_only(params[r], logits.shape[-1]) for r in drawn):
-        # the draws through the kernels in one pass over the logits (decode_kernels.sample), from the same uniforms
-        u = uniforms([generators[r] for r in drawn])  # type: ignore[misc]
-        chosen = decode_kernels.sample(logits, drawn, [params[r].temperature for r in drawn], u)
-        if chosen is not None:
-            tokens[torch.tensor(drawn, device=tokens.device)] = chosen.to(tokens.device)
-            return Picked(tokens, None, None)
+    picked, u = _through_kernels(logits, params, generators, drawn, wanted)
+    if picked is not None:
+        return picked
     # float32 scores, row-major (the fast decoder's logits may be a transpose: one converting copy makes both)
     scores = logits.float() if logits.is_contiguous() else torch.empty(logits.shape, device=logits.device).copy_(logits)
-    if tokens is None:
-        tokens = scores.argmax(-1)
+    tokens = scores.argmax(-1)
     if drawn:
         index = torch.tensor(drawn, device=scores.device)
         chosen = choose(scores[index], [params[r] for r in drawn], [generators[r] for r in drawn], u)  # type: ignore[misc]
@@ -75,6 +68,31 @@ def pick(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
         values, ids = scores.topk(min(k, scores.shape[-1]), dim=-1)
         top = (ids, values - norm[:, None])
     return Picked(tokens, logprobs, top)
+
+
+def _through_kernels(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], drawn: list[int], wanted: bool
+) -> tuple[Picked | None, torch.Tensor | None]:
+    """``pick`` through the decode kernels (:func:`decode_kernels.argmax`, ``.sample``, ``.logprobs``) where they load
+    and every drawn row is temperature-only and no row wants top log-probs; else None. Also the uniform numbers drawn
+    from the rows' generators on the way, for torch's path to use when a kernel declines (a row with a NaN or +inf),
+    so that every generator ends where torch's path alone leaves it."""
+    if any(p.top_logprobs for p in params) or not all(_temperature_only(params[r], logits.shape[-1]) for r in drawn):
+        return None, None
+    tokens = decode_kernels.argmax(logits)
+    if tokens is None:
+        return None, None
+    u = None
+    if drawn:
+        u = uniforms([generators[r] for r in drawn])  # type: ignore[misc]
+        chosen = decode_kernels.sample(logits, drawn, [params[r].temperature for r in drawn], u)
+        if chosen is None:
+            return None, u
+        tokens[torch.tensor(drawn, device=tokens.device)] = chosen.to(tokens.device)
+    if not wanted:
+        return Picked(tokens, None, None), u
+    logprobs = decode_kernels.logprobs(logits, list(range(len(params))), tokens)
+    return (Picked(tokens, logprobs, None) if logprobs is not None else None), u
 
 
 def _temperature_only(p: SamplingParams, vocabulary: int) -> bool:
