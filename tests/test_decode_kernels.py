@@ -403,9 +403,13 @@ def test_a_cpu_without_avx512_bf16_gets_the_float32_kernels_alone(monkeypatch, t
     torch.testing.assert_close(decode_kernels.attend(q, keys, values, mask, rows, t + 1), want, rtol=1e-5, atol=1e-5)
     x = torch.randn(576, 5)
     torch.testing.assert_close(decode_kernels.rms_norm(x, 1e-5), x * x.pow(2).mean(0, keepdim=True).add(1e-5).rsqrt(), rtol=2e-6, atol=1e-6)
-    logits = _tied_logits(FP32)
-    assert torch.equal(decode_kernels.argmax(logits), logits.argmax(-1))
-    assert decode_kernels.argmax(logits.to(BF16)) is None  # no bf16 kernels in this build: torch's argmax
+    for dtype in (FP32, BF16):  # sampling's kernels take bf16 logits on any build: they convert them in vector code
+        logits = _tied_logits(dtype)
+        assert torch.equal(decode_kernels.argmax(logits), logits.float().argmax(-1))
+        assert torch.equal(decode_kernels.argmax(_transposed(logits)), logits.float().argmax(-1))
+        drawn = [0, 1, 2, 4, 5, 7, 8, 8]  # not row 3 (all -inf) or 6 (+inf): those go to torch
+        u = torch.rand(len(drawn), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        assert torch.equal(decode_kernels.sample(logits, drawn, [0.7] * len(drawn), u), _torch_draw(logits[drawn], [0.7] * len(drawn), u))
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])

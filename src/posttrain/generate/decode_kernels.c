@@ -1,6 +1,6 @@
-/* The fast decoder's bf16 step on CPUs with AVX512-BF16: attention over the key/value buffers, the rest of a
-   layer between its projections (RMS norm; rotary embedding with the buffers' writes; silu(gate) * up), and greedy
-   decoding's argmax over the logits.
+/* The fast decoder's bf16 step on CPUs with AVX512-BF16: attention over the key/value buffers, and the rest of a
+   layer between its projections (RMS norm; rotary embedding with the buffers' writes; silu(gate) * up). Sampling's
+   kernels over bf16 logits are in decode_kernels_f32.c, which every x86-64 build has.
 
    Attention: one query token per row; a row's query heads are grouped by their key/value head (G of them) and
    each (row, key/value head) is one work item: its G queries against that row's keys, a softmax in float32, the
@@ -18,7 +18,6 @@
    Built by posttrain/generate/decode_kernels.py with the system's C compiler and -march=native. */
 
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -301,87 +300,6 @@ void posttrain_put_columns(const uint16_t *k, const uint16_t *v, uint16_t *keys,
             for (int e = 0; e < D; e++) dst[e * 2] = src[e];
         }
     }
-}
-
-/* Greedy decoding's pick over bf16 logits x (rows, n): posttrain_argmax_f32 in decode_kernels_f32.c, reading the bf16
-   values themselves (torch's argmax over bf16 took twice its float32 time, and a float32 copy first costs a pass). */
-int posttrain_argmax(const uint16_t *x, int64_t *out, int rows, long n, int threads) {
-    int nan = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : nan)
-    for (int r = 0; r < rows; r++) {
-        const uint16_t *row = x + (long)r * n;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        __m512i where = _mm512_setzero_si512();
-        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        __mmask16 odd = 0;
-        for (long i = 0; i < n; i += 16) {
-            __mmask16 in = (__mmask16)(n - i < 16 ? (1u << (n - i)) - 1 : 0xffff);
-            __m512 v = bf16x16(_mm256_maskz_loadu_epi16(in, row + i)); /* past the end: 0, never compared */
-            __mmask16 larger = _mm512_mask_cmp_ps_mask(in, v, best, _CMP_GT_OQ);
-            best = _mm512_mask_mov_ps(best, larger, v);
-            where = _mm512_mask_mov_epi32(where, larger, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i)));
-            odd |= _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q);
-        }
-        float m = _mm512_reduce_max_ps(best);
-        __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ); /* m = -inf: every lane, each at 0 */
-        out[r] = _mm512_mask_reduce_min_epi32(top, where);
-        nan |= odd != 0;
-    }
-    return nan ? -1 : 0;
-}
-
-/* The same over logits laid out (n, rows), a row's logits `rows` apart: the vocabulary projection as W @ h gives it,
-   with no transpose. Each thread takes a stretch of the vocabulary for every row (one running maximum and index per
-   row, 16 rows a vector, up to 128 rows a pass), and the stretches are merged in order (strictly larger replaces,
-   so the first maximum stays). */
-int posttrain_argmax_columns(const uint16_t *x, int64_t *out, int rows, long n, int threads) {
-    float *best = malloc(sizeof(float) * (size_t)threads * rows);
-    int32_t *where = malloc(sizeof(int32_t) * (size_t)threads * rows);
-    int nan = 0, used = 1;
-#pragma omp parallel num_threads(threads) reduction(| : nan)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-#pragma omp single
-        used = T;
-        long lo = n * t / T, hi = n * (t + 1) / T;
-        for (int r0 = 0; r0 < rows; r0 += 128) {
-            int chunks = (rows - r0 + 15) / 16 < 8 ? (rows - r0 + 15) / 16 : 8;
-            __m512 m[8];
-            __m512i w[8];
-            __mmask16 in[8], odd = 0;
-            for (int j = 0; j < chunks; j++) {
-                int left = rows - r0 - 16 * j;
-                in[j] = (__mmask16)(left < 16 ? (1u << left) - 1 : 0xffff);
-                m[j] = _mm512_set1_ps(-INFINITY);
-                w[j] = _mm512_set1_epi32((int)lo);
-            }
-            for (long i = lo; i < hi; i++) {
-                const uint16_t *at = x + i * rows + r0;
-                for (int j = 0; j < chunks; j++) {
-                    __m512 v = bf16x16(_mm256_maskz_loadu_epi16(in[j], at + 16 * j));
-                    __mmask16 larger = _mm512_mask_cmp_ps_mask(in[j], v, m[j], _CMP_GT_OQ);
-                    m[j] = _mm512_mask_mov_ps(m[j], larger, v);
-                    w[j] = _mm512_mask_mov_epi32(w[j], larger, _mm512_set1_epi32((int)i));
-                    odd |= _mm512_mask_cmp_ps_mask(in[j], v, v, _CMP_UNORD_Q);
-                }
-            }
-            for (int j = 0; j < chunks; j++) {
-                _mm512_mask_storeu_ps(best + (long)t * rows + r0 + 16 * j, in[j], m[j]);
-                _mm512_mask_storeu_epi32(where + (long)t * rows + r0 + 16 * j, in[j], w[j]);
-            }
-            nan |= odd != 0;
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        float m = -INFINITY;
-        int64_t at = 0; /* every logit -inf: the first */
-        for (int t = 0; t < used; t++)
-            if (best[(long)t * rows + r] > m) m = best[(long)t * rows + r], at = where[(long)t * rows + r];
-        out[r] = at;
-    }
-    free(best);
-    free(where);
-    return nan ? -1 : 0;
 }
 
 typedef void (*kernel)(const uint16_t *, const uint16_t *, const uint16_t *, const float *, uint16_t *, int, int, int, long,

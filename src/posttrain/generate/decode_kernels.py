@@ -12,8 +12,10 @@ short prompt's left padding) without reading them. The rest of a layer's step be
 handful of small torch ops a layer (a norm is seven, the rotary embedding and the buffers' writes as many),
 so the kernels also do, each in one pass: the RMS norm, the rotary embedding of q and k with the writes of k
 and v into the buffers, and silu(gate) * up; all in float32, in bf16 rounded once (torch's ops round after
-each). Last, greedy decoding's argmax over the logits (:func:`argmax`, which ``sampling.pick`` takes wherever the
-kernels run, fast decoder or not): torch's CPU argmax took longer than a layer's attention. All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
+each). Last, ``sampling.pick``'s work over the logits, wherever the kernels load (fast decoder or not), for bf16
+and float32 logits alike (in the float32 file's vector code, so any x86-64 build has them): greedy decoding's argmax
+(:func:`argmax`; torch's CPU argmax took longer than a layer's attention), temperature-only draws (:func:`sample`)
+and the tokens' log-probabilities (:func:`logprobs`), each a pass or two over a row. All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
 extensions, so one source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
 (``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
 ops' time in bf16, 0.79-0.84 in float32, machine G).
@@ -60,17 +62,16 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_rms_norm": (None, [_P] * 2 + [_I] * 2 + [ctypes.c_float, _I]),
     "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
     "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
-    "posttrain_argmax": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
-    "posttrain_argmax_columns": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
     "posttrain_put_columns": (None, [_P] * 5 + [_I] * 5 + [_L] * 3 + [_I]),
 }
 
-# sampling's kernels, for bf16 and float32 logits alike: in the float32 file, so every x86-64 build has them
-SAMPLERS = {torch.float32: "posttrain_sample_f32", torch.bfloat16: "posttrain_sample_bf16"}
-LOGPROBS = {torch.float32: "posttrain_logprob_f32", torch.bfloat16: "posttrain_logprob_bf16"}
-SAMPLING_SIGNATURES = {
-    **dict.fromkeys(SAMPLERS.values(), (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 3 + [_I])),
-    **dict.fromkeys(LOGPROBS.values(), (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 2 + [_I])),
+# sampling.py's kernels (decode_kernels_f32.c, so every x86-64 build has them), each for bf16 and float32 logits alike:
+# posttrain_<name>_bf16 and posttrain_<name>_f32
+SAMPLING = {
+    "argmax": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
+    "argmax_columns": (ctypes.c_int, [_P] * 2 + [_I, _L, _I]),
+    "sample": (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 3 + [_I]),
+    "logprob": (ctypes.c_int, [_P] * 2 + [_I, _L] + [_P] * 2 + [_I]),
 }
 
 _library: ctypes.CDLL | None = None
@@ -143,9 +144,10 @@ def _build() -> ctypes.CDLL | None:
     for name in names:
         function = getattr(library, name)
         function.restype, function.argtypes = SIGNATURES[name.removesuffix("_f32")]
-    for name, signature in SAMPLING_SIGNATURES.items():
-        function = getattr(library, name)
-        function.restype, function.argtypes = signature
+    for name, signature in SAMPLING.items():
+        for dtype in DTYPES:
+            function = getattr(library, _sampling_name(name, dtype))
+            function.restype, function.argtypes = signature
     return library
 
 
@@ -166,6 +168,19 @@ def usable(dtype: torch.dtype, device: torch.device, group: int, head_dim: int) 
         return False
     lib = library()
     return lib is not None and (dtype == torch.float32 or lib.posttrain_attention_available() == 1)
+
+
+def _sampling_name(name: str, dtype: torch.dtype) -> str:
+    """The library's name of sampling kernel ``name`` for logits of ``dtype``."""
+    return f"posttrain_{name}_{'bf16' if dtype == torch.bfloat16 else 'f32'}"
+
+
+def _sampling_kernel(name: str, logits: torch.Tensor):
+    """Sampling kernel ``name`` for ``logits``, or None where the kernels do not take them here: not 2-D, not on the CPU,
+    neither bf16 nor float32, or the kernels off or not built."""
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in DTYPES or library() is None:
+        return None
+    return getattr(_library, _sampling_name(name, logits.dtype))
 
 
 def _kernel(name: str, dtype: torch.dtype):
@@ -312,17 +327,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     and a float32 copy first for bf16); None where the kernels are off or do not take this dtype here, or a row holds
     a NaN (torch's argmax decides those). ``logits`` may be the transpose of a contiguous (vocabulary, rows) product,
     as the fast decoder's vocabulary projection gives it: read in place, not copied."""
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in DTYPES:
-        return None
-    lib = library()
-    if lib is None or (logits.dtype == torch.bfloat16 and lib.posttrain_attention_available() != 1):
-        return None
-    rows, n = logits.shape
+    rows, n = logits.shape if logits.dim() == 2 else (0, 0)
     columns = rows > 1 and not logits.is_contiguous() and logits.T.is_contiguous()
+    function = _sampling_kernel("argmax_columns" if columns else "argmax", logits)
+    if function is None:
+        return None
     logits = logits if columns else logits.contiguous()
     out = torch.empty(rows, dtype=torch.int64)
     with _scope("posttrain::argmax"):
-        function = _kernel("posttrain_argmax_columns" if columns else "posttrain_argmax", logits.dtype)
         status = function(logits.data_ptr(), out.data_ptr(), rows, n, torch.get_num_threads())
     return out if status == 0 else None
 
@@ -334,7 +346,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperatures: list[float], uni
     normalises float32 probabilities and sums them in float64 (a draw within float rounding of a boundary may land
     on the neighbouring token); no float32 or float64 copy of the logits (torch's path took 48 ms for 128 rows of
     SmolLM2's 49k logits). None where the kernels are off here or a row holds a NaN or only -inf."""
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in SAMPLERS or library() is None:
+    function = _sampling_kernel("sample", logits)
+    if function is None:
         return None
     if len(temperatures) != len(rows) or uniforms.shape != (len(rows),) or any(t <= 0 for t in temperatures):
         raise ValueError(f"sample: one positive temperature and one uniform number for each of the {len(rows)} rows")
@@ -344,7 +357,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperatures: list[float], uni
     u = uniforms.to(torch.float64).contiguous()
     out = torch.empty(len(rows), dtype=torch.int64)
     with _scope("posttrain::sample"):
-        status = getattr(_library, SAMPLERS[logits.dtype])(
+        status = function(
             logits.data_ptr(),
             which.data_ptr(),
             len(rows),
@@ -362,7 +375,8 @@ def logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor) -> tor
     CPU), as ``sampling.pick`` reports it (``logits.float().log_softmax(-1)`` at the token; here the exponentials are
     summed in float64), one pass over each row; None where the kernels are off here or a row holds a NaN, +inf or
     only -inf."""
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in LOGPROBS or library() is None:
+    function = _sampling_kernel("logprob", logits)
+    if function is None:
         return None
     if tokens.shape != (len(rows),):
         raise ValueError(f"logprobs: one token for each of the {len(rows)} rows, not {tuple(tokens.shape)}")
@@ -373,7 +387,7 @@ def logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor) -> tor
         raise ValueError(f"logprobs: tokens outside the vocabulary of {logits.shape[1]}")
     out = torch.empty(len(rows), dtype=torch.float32)
     with _scope("posttrain::logprobs"):
-        status = getattr(_library, LOGPROBS[logits.dtype])(
+        status = function(
             logits.data_ptr(), which.data_ptr(), len(rows), logits.shape[1], at.data_ptr(), out.data_ptr(), torch.get_num_threads()
         )
     return out if status == 0 else None

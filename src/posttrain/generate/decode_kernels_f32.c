@@ -1,6 +1,6 @@
-/* The fast decoder's float32 step on x86-64 CPUs: the same five kernels as decode_kernels.c (attention over the
-   key/value buffers, RMS norm, rotary embedding with the buffers' writes, silu(gate) * up, greedy decoding's
-   argmax over the logits), for float32.
+/* The fast decoder's float32 step on x86-64 CPUs: the same four kernels as decode_kernels.c (attention over the
+   key/value buffers, RMS norm, rotary embedding with the buffers' writes, silu(gate) * up), for float32; and
+   sampling.py's kernels over bf16 or float32 logits (greedy argmax, temperature-only draws, log-probabilities).
 
    Written with GCC's vector extensions (16 floats a vector) rather than one instruction set's intrinsics, so the
    one source compiles with -march=native to AVX-512 where the CPU has it and to pairs of AVX2 registers where it
@@ -273,96 +273,7 @@ void posttrain_put_columns_f32(const float *k, const float *v, float *keys, floa
     }
 }
 
-/* Greedy decoding's pick: the index of each row's largest logit in x (rows, n), the first where several tie, as
-   torch's argmax gives it (whose CPU kernel took 2.6 ms for 64 rows of SmolLM2's 49k logits, a pass over them
-   here about a tenth). Each lane of a vector keeps its own largest value and where it was (strictly larger
-   replaces, so a lane keeps its first); the lanes holding the row's maximum then give the smallest index.
-   Returns 0, or -1 when a row holds a NaN (torch's argmax takes NaN as the largest: the caller asks torch). */
-int posttrain_argmax_f32(const float *x, int64_t *out, int rows, long n, int threads) {
-    int nan = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : nan)
-    for (int r = 0; r < rows; r++) {
-        const float *row = x + (long)r * n;
-        vf best = splat(-INFINITY);
-        vi where = (vi){0}, lane = (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, odd = (vi){0};
-        long i = 0;
-        for (; i + 16 <= n; i += 16) {
-            vf v = load(row + i);
-            vi larger = v > best;
-            best = select_(larger, v, best);
-            where = (where & ~larger) | ((lane + (int32_t)i) & larger);
-            odd |= v != v;
-        }
-        float m = -INFINITY;
-        long at = 0;
-        for (int j = 0; j < 16; j++)
-            if (best[j] > m || (best[j] == m && where[j] < at)) m = best[j], at = where[j];
-        for (; i < n; i++) { /* the last n % 16, in order after every vector's columns */
-            if (row[i] != row[i]) odd[0] = -1;
-            if (row[i] > m) m = row[i], at = i;
-        }
-        int any = 0;
-        for (int j = 0; j < 16; j++) any |= odd[j];
-        nan |= any != 0;
-        out[r] = at;
-    }
-    return nan ? -1 : 0;
-}
-
-/* The same over logits laid out (n, rows): posttrain_argmax_columns in decode_kernels.c, in float32. */
-int posttrain_argmax_columns_f32(const float *x, int64_t *out, int rows, long n, int threads) {
-    float *best = malloc(sizeof(float) * (size_t)threads * rows);
-    int32_t *where = malloc(sizeof(int32_t) * (size_t)threads * rows);
-    int nan = 0, used = 1;
-#pragma omp parallel num_threads(threads) reduction(| : nan)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-#pragma omp single
-        used = T;
-        long lo = n * t / T, hi = n * (t + 1) / T;
-        for (int r0 = 0; r0 < rows; r0 += 128) {
-            int chunks = (rows - r0 + 15) / 16 < 8 ? (rows - r0 + 15) / 16 : 8, last = rows - r0 - 16 * (chunks - 1);
-            vf m[8];
-            vi w[8], odd = (vi){0};
-            for (int j = 0; j < chunks; j++) m[j] = splat(-INFINITY), w[j] = (vi){0} + (int32_t)lo;
-            for (long i = lo; i < hi; i++) {
-                const float *at = x + i * rows + r0;
-                for (int j = 0; j < chunks; j++) {
-                    vf v;
-                    if (j == chunks - 1 && last < 16) { /* the last rows: -inf past them, never larger */
-                        float pad[16];
-                        for (int e = 0; e < 16; e++) pad[e] = e < last ? at[16 * j + e] : -INFINITY;
-                        v = load(pad);
-                    } else {
-                        v = load(at + 16 * j);
-                    }
-                    vi larger = v > m[j];
-                    m[j] = select_(larger, v, m[j]);
-                    w[j] = (w[j] & ~larger) | (((vi){0} + (int32_t)i) & larger);
-                    odd |= v != v;
-                }
-            }
-            for (int j = 0; j < chunks; j++)
-                for (int e = 0; e < 16 && 16 * j + e < rows - r0; e++) {
-                    best[(long)t * rows + r0 + 16 * j + e] = m[j][e];
-                    where[(long)t * rows + r0 + 16 * j + e] = w[j][e];
-                }
-            for (int e = 0; e < 16; e++) nan |= odd[e] != 0;
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        float m = -INFINITY;
-        int64_t at = 0; /* every logit -inf: the first */
-        for (int t = 0; t < used; t++)
-            if (best[(long)t * rows + r] > m) m = best[(long)t * rows + r], at = where[(long)t * rows + r];
-        out[r] = at;
-    }
-    free(best);
-    free(where);
-    return nan ? -1 : 0;
-}
-
-/* ---- Sampling at a temperature (no top-k, no top-p): sampling.choose's draw without its float64 copies ---- */
+/* ---- sampling.py's kernels, for bf16 and float32 logits alike (every x86-64 build has them) ---- */
 
 typedef uint16_t vh __attribute__((vector_size(32))); /* 16 bf16 */
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -390,12 +301,121 @@ static inline vf tail_load_bf16(const uint16_t *p, long have) {
     return load_bf16(part);
 }
 
+/* Values c * 16 .. c * 16 + 15 of a row of n, -inf past n. */
+#define CHUNK(LOAD, row, c, n) ((c) * 16 + 16 <= (n) ? LOAD((row) + (c) * 16) : tail_##LOAD((row) + (c) * 16, (n) - (c) * 16))
+
+/* Greedy decoding's pick: the index of each row's largest logit in x (rows, n), the first where several tie, as
+   torch's argmax gives it (whose CPU kernel took 2.6 ms for 64 rows of SmolLM2's 49k float32 logits, and needs a
+   float32 copy of bf16 ones; a pass here about a tenth). Each lane of a vector keeps its own largest value and where
+   it was (strictly larger replaces, so a lane keeps its first); the lanes holding the row's maximum then give the
+   smallest index. Returns 0, or -1 when a row holds a NaN (torch's argmax takes NaN as the largest: the caller asks
+   torch). */
+#define ARGMAX(NAME, T, LOAD)                                                                                            \
+    int NAME(const T *x, int64_t *out, int rows, long n, int threads) {                                                \
+        int nan = 0;                                                                                                     \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(| : nan)")                             \
+        for (int r = 0; r < rows; r++) {                                                                                 \
+            const T *row = x + (long)r * n;                                                                              \
+            vf best = splat(-INFINITY);                                                                                  \
+            vi where = (vi){0}, lane = (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, odd = (vi){0};        \
+            for (long c = 0; c < (n + 15) / 16; c++) {                                                                   \
+                vf v = CHUNK(LOAD, row, c, n);                                                                           \
+                vi larger = v > best;                                                                                    \
+                best = select_(larger, v, best);                                                                         \
+                where = (where & ~larger) | ((lane + (int32_t)(c * 16)) & larger);                                       \
+                odd |= v != v;                                                                                           \
+            }                                                                                                            \
+            float m = -INFINITY;                                                                                         \
+            long at = 0; /* every logit -inf: the first */                                                               \
+            for (int j = 0; j < 16; j++)                                                                                 \
+                if (best[j] > m || (best[j] == m && where[j] < at)) m = best[j], at = where[j];                          \
+            for (int j = 0; j < 16; j++) nan |= odd[j] != 0;                                                             \
+            out[r] = at;                                                                                                 \
+        }                                                                                                                \
+        return nan ? -1 : 0;                                                                                             \
+    }
+
+ARGMAX(posttrain_argmax_f32, float, load_f32)
+ARGMAX(posttrain_argmax_bf16, uint16_t, load_bf16)
+
+/* The same over logits laid out (n, rows), a row's logits `rows` apart: the vocabulary projection as W @ h gives it,
+   with no transpose. Each thread takes a stretch of the vocabulary for every row (one running maximum and index per
+   row, 16 rows a vector, up to 128 rows a pass), and the stretches are merged in order (strictly larger replaces,
+   so the first maximum stays). */
+#define ARGMAX_COLUMNS(NAME, T, LOAD)                                                                                    \
+    int NAME(const T *x, int64_t *out, int rows, long n, int threads) {                                                \
+        float *best = malloc(sizeof(float) * (size_t)threads * rows);                                                   \
+        int32_t *where = malloc(sizeof(int32_t) * (size_t)threads * rows);                                              \
+        int nan = 0, used = 1;                                                                                           \
+        _Pragma("omp parallel num_threads(threads) reduction(| : nan)") {                                               \
+            int t = omp_get_thread_num(), T_ = omp_get_num_threads();                                                    \
+            _Pragma("omp single") used = T_;                                                                             \
+            long lo = n * t / T_, hi = n * (t + 1) / T_;                                                                 \
+            for (int r0 = 0; r0 < rows; r0 += 128) {                                                                     \
+                int chunks = (rows - r0 + 15) / 16 < 8 ? (rows - r0 + 15) / 16 : 8;                                      \
+                vf m[8];                                                                                                 \
+                vi w[8], odd = (vi){0};                                                                                  \
+                for (int j = 0; j < chunks; j++) m[j] = splat(-INFINITY), w[j] = (vi){0} + (int32_t)lo;                  \
+                for (long i = lo; i < hi; i++) {                                                                         \
+                    const T *at = x + i * rows + r0;                                                                     \
+                    for (int j = 0; j < chunks; j++) {                                                                   \
+                        vf v = CHUNK(LOAD, at, j, rows - r0); /* the last rows: -inf past them, never larger */          \
+                        vi larger = v > m[j];                                                                            \
+                        m[j] = select_(larger, v, m[j]);                                                                 \
+                        w[j] = (w[j] & ~larger) | (((vi){0} + (int32_t)i) & larger);                                     \
+                        odd |= v != v;                                                                                   \
+                    }                                                                                                    \
+                }                                                                                                        \
+                for (int j = 0; j < chunks; j++)                                                                         \
+                    for (int e = 0; e < 16 && 16 * j + e < rows - r0; e++) {                                             \
+                        best[(long)t * rows + r0 + 16 * j + e] = m[j][e];                                                \
+                        where[(long)t * rows + r0 + 16 * j + e] = w[j][e];                                               \
+                    }                                                                                                    \
+                for (int e = 0; e < 16; e++) nan |= odd[e] != 0;                                                         \
+            }                                                                                                            \
+        }                                                                                                                \
+        for (int r = 0; r < rows; r++) {                                                                                 \
+            float m = -INFINITY;                                                                                         \
+            int64_t at = 0; /* every logit -inf: the first */                                                            \
+            for (int t = 0; t < used; t++)                                                                               \
+                if (best[(long)t * rows + r] > m) m = best[(long)t * rows + r], at = where[(long)t * rows + r];          \
+            out[r] = at;                                                                                                 \
+        }                                                                                                                \
+        free(best);                                                                                                      \
+        free(where);                                                                                                     \
+        return nan ? -1 : 0;                                                                                             \
+    }
+
+ARGMAX_COLUMNS(posttrain_argmax_columns_f32, float, load_f32)
+ARGMAX_COLUMNS(posttrain_argmax_columns_bf16, uint16_t, load_bf16)
+
+/* The largest of a row's n values divided by t (as torch divides logits by a temperature: x / t, not x * (1 / t)),
+   writing the quotients to `scaled` unless it is NULL; NaN when a value is NaN. */
+#define ROW_MAX(T, LOAD)                                                                                                 \
+    static inline float row_max_##LOAD(const T *row, long n, float t, float *scaled) {                                  \
+        vf top = splat(-INFINITY);                                                                                       \
+        vi odd = (vi){0};                                                                                                \
+        for (long c = 0; c < (n + 15) / 16; c++) {                                                                       \
+            vf v = CHUNK(LOAD, row, c, n) / t;                                                                           \
+            if (scaled) store(scaled + c * 16, v);                                                                       \
+            top = select_(v > top, v, top);                                                                              \
+            odd |= v != v;                                                                                               \
+        }                                                                                                                \
+        float m = -INFINITY;                                                                                             \
+        for (int j = 0; j < 16; j++) m = top[j] > m ? top[j] : m;                                                        \
+        for (int j = 0; j < 16; j++)                                                                                     \
+            if (odd[j]) return NAN;                                                                                      \
+        return m;                                                                                                        \
+    }
+
+ROW_MAX(float, load_f32)
+ROW_MAX(uint16_t, load_bf16)
+
 /* For each k < count, row which[k] of x (·, n): the token drawn at temperature t[k] by the uniform u[k] in [0, 1),
    by inverse CDF over e^(x_i / t - max), as sampling.choose draws it (there over the softmax's float32
    probabilities in float64; here over the exponentials, in float64 sums of 16 at a time, the same order for the
-   total and the search, so the search always ends inside the row). The i-th of n logits: x[row * n + i]. Columns
-   past n in the last 16: -inf, weight 0. A token of weight 0 is never drawn. Returns 0, or -1 when a row holds a
-   NaN or +inf or nothing but -inf (the caller asks torch). scratch: per thread, n + 16 floats and n / 16 + 1 doubles. */
+   total and the search, so the search always ends inside the row). A token of weight 0 is never drawn. Returns 0,
+   or -1 when a row holds a NaN or +inf or nothing but -inf (the caller asks torch). */
 #define SAMPLER(NAME, T, LOAD)                                                                                           \
     int NAME(const T *x, const int64_t *which, int count, long n, const float *t, const double *u, int64_t *out,      \
              int threads) {                                                                                            \
@@ -405,20 +425,8 @@ static inline vf tail_load_bf16(const uint16_t *p, long have) {
             float *e = malloc(sizeof(float) * chunks * 16);                                                             \
             double *sums = malloc(sizeof(double) * chunks);                                                             \
             _Pragma("omp for schedule(dynamic, 1)") for (int k = 0; k < count; k++) {                                   \
-                const T *row = x + which[k] * n;                                                                         \
-                vf top = splat(-INFINITY);                                                                               \
-                vi odd = (vi){0};                                                                                        \
-                for (long c = 0; c < chunks; c++) {                                                                      \
-                    vf v = c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16);                \
-                    v = v / t[k]; /* as torch's logits / temperature, not times 1 / t */                               \
-                    store(e + c * 16, v);                                                                                \
-                    top = select_(v > top, v, top);                                                                      \
-                    odd |= v != v;                                                                                       \
-                }                                                                                                        \
-                float m = -INFINITY;                                                                                     \
-                int nan = 0;                                                                                             \
-                for (int j = 0; j < 16; j++) m = top[j] > m ? top[j] : m, nan |= odd[j] != 0;                            \
-                if (nan || m == -INFINITY || m == INFINITY) {                                                            \
+                float m = row_max_##LOAD(x + which[k] * n, n, t[k], e);                                                  \
+                if (!(m > -INFINITY && m < INFINITY)) { /* NaN, +inf or every weight 0 */                               \
                     bad = 1;                                                                                             \
                     continue;                                                                                            \
                 }                                                                                                        \
@@ -431,12 +439,11 @@ static inline vf tail_load_bf16(const uint16_t *p, long have) {
                     for (int j = 0; j < 16; j++) sum += (double)w[j];                                                    \
                     sums[c] = sum;                                                                                       \
                     total += sum;                                                                                        \
-                    if (sum > 0.0)                                                                                       \
-                        for (int j = 15; j >= 0; j--)                                                                    \
-                            if (w[j] > 0.0f) {                                                                           \
-                                last = c * 16 + j;                                                                       \
-                                break;                                                                                   \
-                            }                                                                                            \
+                    for (int j = 15; j >= 0 && sum > 0.0; j--)                                                           \
+                        if (w[j] > 0.0f) {                                                                               \
+                            last = c * 16 + j;                                                                           \
+                            break;                                                                                       \
+                        }                                                                                                \
                 }                                                                                                        \
                 double target = u[k] * total, below = 0.0;                                                               \
                 long pick = last;                                                                                        \
@@ -472,27 +479,17 @@ SAMPLER(posttrain_sample_bf16, uint16_t, load_bf16)
 #define LOGPROB(NAME, T, LOAD)                                                                                           \
     int NAME(const T *x, const int64_t *which, int count, long n, const int64_t *tokens, float *out, int threads) {   \
         int bad = 0;                                                                                                     \
-        long chunks = (n + 15) / 16;                                                                                     \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : bad)")                         \
         for (int k = 0; k < count; k++) {                                                                                \
             const T *row = x + which[k] * n;                                                                             \
-            vf top = splat(-INFINITY);                                                                                   \
-            vi odd = (vi){0};                                                                                            \
-            for (long c = 0; c < chunks; c++) {                                                                          \
-                vf v = c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16);                    \
-                top = select_(v > top, v, top);                                                                          \
-                odd |= v != v;                                                                                           \
-            }                                                                                                            \
-            float m = -INFINITY;                                                                                         \
-            int nan = 0;                                                                                                 \
-            for (int j = 0; j < 16; j++) m = top[j] > m ? top[j] : m, nan |= odd[j] != 0;                                \
-            if (nan || m == -INFINITY || m == INFINITY) {                                                                \
+            float m = row_max_##LOAD(row, n, 1.0f, NULL);                                                                \
+            if (!(m > -INFINITY && m < INFINITY)) {                                                                      \
                 bad = 1;                                                                                                 \
                 continue;                                                                                                \
             }                                                                                                            \
             double total = 0.0;                                                                                          \
-            for (long c = 0; c < chunks; c++) {                                                                          \
-                vf w = vexp((c * 16 + 16 <= n ? LOAD(row + c * 16) : tail_##LOAD(row + c * 16, n - c * 16)) - m);       \
+            for (long c = 0; c < (n + 15) / 16; c++) {                                                                   \
+                vf w = vexp(CHUNK(LOAD, row, c, n) - m);                                                                 \
                 for (int j = 0; j < 16; j++) total += (double)w[j];                                                      \
             }                                                                                                            \
             vf one = tail_##LOAD(row + tokens[k], 1);                                                                    \
