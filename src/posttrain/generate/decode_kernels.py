@@ -324,9 +324,9 @@ def put_columns(keys: KVBlocks, values: KVBlocks, k: torch.Tensor, v: torch.Tens
 def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     """Each row's ``logits.argmax(-1)`` for ``logits`` (rows, vocabulary) in bf16 or float32 on the CPU, the first index
     where several tie, in one pass over them (torch's argmax: 2.6 ms over 64 rows of SmolLM2's 49k float32 logits,
-    and a float32 copy first for bf16); None where the kernels are off or do not take this dtype here, or a row holds
-    a NaN (torch's argmax decides those). ``logits`` may be the transpose of a contiguous (vocabulary, rows) product,
-    as the fast decoder's vocabulary projection gives it: read in place, not copied."""
+    and a float32 copy first for bf16; ad-hoc timing, machine G); None where the kernels are off or do not take these
+    logits here, or a row holds a NaN (torch's argmax decides those). ``logits`` may be the transpose of a contiguous
+    (vocabulary, rows) product, as the fast decoder's vocabulary projection gives it: read in place, not copied."""
     rows, n = logits.shape if logits.dim() == 2 else (0, 0)
     columns = rows > 1 and not logits.is_contiguous() and logits.T.is_contiguous()
     function = _sampling_kernel("argmax_columns" if columns else "argmax", logits)
@@ -345,7 +345,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperatures: list[float], uni
     running sum of ``e^(x / t - max)`` passes ``u`` times their total. The same distribution as torch's path, which
     normalises float32 probabilities and sums them in float64 (a draw within float rounding of a boundary may land
     on the neighbouring token); no float32 or float64 copy of the logits (torch's path took 48 ms for 128 rows of
-    SmolLM2's 49k logits). None where the kernels are off here or a row holds a NaN or only -inf."""
+    SmolLM2's 49k logits, this about 5; ad-hoc timings, machine G). None where the kernels are off here or a row holds
+    a NaN, +inf or only -inf."""
     function = _sampling_kernel("sample", logits)
     if function is None:
         return None

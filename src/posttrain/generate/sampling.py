@@ -16,7 +16,7 @@ over the logits in their own dtype. A draw takes the same uniform number and the
 sums of the exponentials rather than of float32 probabilities, so a number within rounding of a boundary between
 two tokens may take the other one; log-probabilities sum their exponentials in float64 too (torch's logsumexp in
 float32). torch's ops below took 48 ms a step to sample 128 rows of a 49k vocabulary (float64 copies of the whole
-batch's distribution), the kernel about 5.
+batch's distribution), the kernel about 5 (ad-hoc timings, machine G of docs/PERFORMANCE.md, 2026-12-07).
 """
 
 from __future__ import annotations
