@@ -13,10 +13,11 @@ handful of small torch ops a layer (a norm is seven, the rotary embedding and th
 so the kernels also do, each in one pass: the RMS norm, the rotary embedding of q and k with the writes of k
 and v into the buffers, and silu(gate) * up; all in float32, in bf16 rounded once (torch's ops round after
 each). Last, ``sampling.pick``'s work over the logits, wherever the kernels load (fast decoder or not), for bf16
-and float32 logits alike (in the float32 file's vector code, so any x86-64 build has them): greedy decoding's argmax
-(:func:`argmax`; torch's CPU argmax took longer than a layer's attention), temperature-only draws (:func:`sample`)
-and the tokens' log-probabilities (:func:`logprobs`), each a pass or two over a row. All run on the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector
-extensions, so one source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
+and float32 logits alike (in the float32 file's vector code, so any x86-64 build has them): greedy decoding's
+argmax (:func:`argmax`; torch's CPU argmax took longer than a layer's attention), temperature-only draws
+(:func:`sample`) and the tokens' log-probabilities (:func:`logprobs`), each a pass or two over a row. All run on
+the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector extensions, so one
+source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
 (``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
 ops' time in bf16, 0.79-0.84 in float32, machine G).
 
@@ -193,7 +194,7 @@ def _kernel(name: str, dtype: torch.dtype):
 def attend(q: torch.Tensor, keys: KVBlocks, values: KVBlocks, bias: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """Attention of one query per row over columns ``[0, columns)`` of the cache, as :func:`kv_blocks.attend` computes it.
 
-    ``keys`` and ``values`` in the kernel's layouts (``KVBlocks.zeros(..., layout="keys")``, ``"values"``);
+    ``keys`` and ``values`` in the kernel's layouts (``KVBlocks.empty(..., "keys")``, ``"values"``);
     ``q`` (rows x kv heads, group, head dim) in the buffers' dtype (bf16 or float32), already scaled; ``bias`` the
     decoder's whole float32 mask (capacity rows, buffer columns), of which the first ``rows`` rows and ``columns``
     columns count. Returns (rows, kv heads x group x head dim) in q's dtype. Only where :func:`usable` said so."""

@@ -345,15 +345,13 @@ class FastDecoder:
         self.kernel = decode_kernels.usable(first.dtype, first.device, self.heads // self.kv_heads, self.head_dim)
         self.keys, self.values = [], []
         for layer in cache.layers:
-            if self.kernel:  # the kernels' layouts, uninitialised (KVBlocks.empty), the prompts' columns put in one pass
+            if self.kernel:  # the kernels' layouts, uninitialised (KVBlocks.empty): every column read is written first
                 kb = KVBlocks.empty(rows, self.kv_heads, columns, self.head_dim, layer.keys, "keys")
                 vb = KVBlocks.empty(rows, self.kv_heads, columns, self.head_dim, layer.values, "values")
-                decode_kernels.put_columns(kb, vb, layer.keys, layer.values, 0)
             else:
                 kb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.keys)
                 vb = KVBlocks.zeros(rows, self.kv_heads, columns, self.head_dim, layer.values)
-                kb.write(slice(None), 0, layer.keys)
-                vb.write(slice(None), 0, layer.values)
+            self._put(kb, vb, layer, 0, None)
             self.keys.append(kb)
             self.values.append(vb)
         # additive mask over the cache's columns: padding -inf, real tokens (and every new column) 0
@@ -410,11 +408,7 @@ class FastDecoder:
         t = self.length
         index = torch.tensor(rows, device=self.bias.device)
         for layer, kb, vb in zip(cache.layers, self.keys, self.values):
-            if self.kernel:
-                decode_kernels.put_columns(kb, vb, layer.keys, layer.values, t - width, index)
-            else:
-                kb.write(index, t - width, layer.keys)
-                vb.write(index, t - width, layer.values)
+            self._put(kb, vb, layer, t - width, index)
         bias = torch.full((len(rows), self.bias.shape[1]), float("-inf"), device=self.bias.device)
         real = boost if boost is not None else torch.zeros(mask.shape, device=self.bias.device)
         bias[:, t - width : t] = torch.where(mask == 1, real, bias[:, t - width : t])
@@ -427,6 +421,15 @@ class FastDecoder:
             self.adapter_of[r] = adapter
             self.intervention_of[r] = intervention
         self._steer = None
+
+    def _put(self, keys: KVBlocks, values: KVBlocks, layer: Any, start: int, rows: torch.Tensor | None) -> None:
+        """A prefilled cache layer's keys and values into columns ``start ..`` of ``rows`` (None: every row in order): one
+        C pass in the kernels' layouts (``decode_kernels.put_columns``), else :meth:`KVBlocks.write`."""
+        if self.kernel:
+            decode_kernels.put_columns(keys, values, layer.keys, layer.values, start, rows)
+        else:
+            keys.write(slice(None) if rows is None else rows, start, layer.keys)
+            values.write(slice(None) if rows is None else rows, start, layer.values)
 
     def _make_room(self, width: int, max_new_tokens: int, keep: list[int]) -> None:
         """Make sure ``max_new_tokens`` more columns fit after the current one, with ``width`` before it.
