@@ -1,6 +1,7 @@
 """Where a fast-decoder step's time goes, and what the key/value blocks changed in its attention.
 
     python benchmarks/decode_profile.py [--rows 64,128] [--cache 200] [--precisions bf16,fp32] [--steps 6] [--kernels-only]
+    python benchmarks/decode_profile.py --projections 1,8,16,32,64,128 [--precisions bf16,fp32]
 
 SmolLM2-135M-Instruct (fetched; else the random tiny-llama, with a note), torch's threads. For each row count
 and precision: a cache of ``--cache`` tokens is prefilled, then ``--steps`` one-token steps of
@@ -15,9 +16,11 @@ the products padded to 16 columns against over the rows themselves (``fast._mm``
 prompts, longest first as the engine fills a batch) with every row in every block against only the rows each
 block holds keys for (``block_rows``), over 30 layers' distinct buffers, fastest of 12 alternating rounds.
 Where the decode kernels run (``generate/decode_kernels.py``: float32 on x86-64, bf16 with AVX512-BF16), each
-step's profile counts their time as attention (the attention kernel) and the rest (the others), and whole steps
-through the kernels are timed against torch's ops (``POSTTRAIN_CPU_KERNELS=0``), two decoders on the same cache,
-alternating. ``--kernels-only``: the profile and that comparison, not the layouts'.
+step's profile counts their time as attention (the attention kernel), projections (the projections' kernel,
+``decode_matmul.c``) and the rest (the others), and whole steps through the kernels are timed against the kernels
+with torch's products for the projections and against torch's ops (``POSTTRAIN_CPU_KERNELS=0``), three decoders
+on the same cache, alternating. ``--projections``: a step's projections alone (each layer's four and the
+vocabulary's, the model's weights), the kernel against ``torch.mm`` at each row count given. ``--kernels-only``: the profile and that comparison, not the layouts'.
 Not a test: run it by hand, with nothing else running.
 """
 
@@ -34,6 +37,7 @@ from datetime import date
 import torch
 
 from posttrain.config import ModelConfig
+from posttrain.generate import decode_kernels
 from posttrain.generate.context import bf16_weights
 from posttrain.generate.fast import NARROW, FastDecoder
 from posttrain.generate.kv_blocks import BLOCK, KVBlocks, attend, block_rows, cuts, round_up, step_bias
@@ -42,6 +46,7 @@ from posttrain.models.load import cache_kwarg, load_model
 
 REAL_MODEL = "smollm2-135m-instruct"
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "posttrain::attention")  # the last: the C kernel's profiler scope
+PROJECTION_OPS = ("aten::mm", "aten::linear", "posttrain::matmul")  # torch's products, and the projections' kernel
 
 
 def prefilled(model, rows: int, length: int):
@@ -70,7 +75,7 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
             decoder.step(tokens, positions + 1 + steps + i)
     spent = {"mm": 0.0, "bmm": 0.0, "other": 0.0}
     for e in prof.key_averages():
-        group = "mm" if e.key == "aten::mm" else "bmm" if e.key in ATTENTION_OPS else "other"
+        group = "mm" if e.key in PROJECTION_OPS else "bmm" if e.key in ATTENTION_OPS else "other"
         spent[group] += e.self_cpu_time_total
     total = sum(spent.values())
     step = statistics.median(times)
@@ -82,25 +87,72 @@ def step_profile(model, rows: int, length: int, steps: int, n_params: int) -> st
 
 
 def step_kernel(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
-    """Whole decode steps through our C kernels (``generate/decode_kernels*.c``, their key/value layouts) against
-    torch's ops (blocks of BLOCK columns), two decoders on the same prefilled cache, alternating rounds of ``steps``
-    steps; the median step of each and how often their next tokens agree."""
+    """Whole decode steps through our C kernels (``generate/decode_kernels*.c``, their key/value layouts), through
+    them with torch's products for the projections (``decode_kernels.use_matmul`` off), and through torch's ops
+    (blocks of BLOCK columns): decoders on the same prefilled cache, alternating rounds of ``steps`` steps; the
+    median step of each and how often the next tokens agree with the kernels'."""
     cache = prefilled(model, rows, length)
     decoders = {}
-    for kernel in (True, False):
-        with torch_attention(not kernel):
-            decoders[kernel] = FastDecoder(model)
-            decoders[kernel].start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
-    if not decoders[True].kernel:
+    for name in ("kernels", "kernels, torch's products", "torch's ops"):
+        with torch_attention(name == "torch's ops"):
+            decoder = FastDecoder(model)
+            decoder.start(cache, torch.ones(rows, length, dtype=torch.long), max_new_tokens=rounds * steps + 2)
+        decoders[name] = decoder if name == "kernels" else _TorchProducts(decoder)
+    if not decoders["kernels"].kernel:
         return f"{rows} rows: the decode kernels are not used here (not x86-64, no AVX512-BF16 for bf16, no C compiler, or POSTTRAIN_CPU_KERNELS=0)"
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
-    logits = {kernel: decoder.step(tokens, positions).float() for kernel, decoder in decoders.items()}
-    agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+    logits = {name: decoder.step(tokens, positions).float() for name, decoder in decoders.items()}
+    agree = {name: (logits[name].argmax(-1) == logits["kernels"].argmax(-1)).float().mean().item() for name in logits}
     ms = alternated(decoders, tokens, positions, rounds, steps)
+    mine, products, ops = ms.values()
+    same_products, same_ops = (100 * agree[name] for name in ("kernels, torch's products", "torch's ops"))
     return (
-        f"{rows} rows, whole steps: decode kernels {ms[True]:.1f} ms, torch's ops {ms[False]:.1f} ms "
-        f"(kernels/torch {ms[True] / ms[False]:.2f}; {rounds} alternating rounds of {steps}); same next token on {100 * agree:.0f}% of rows"
+        f"{rows} rows, whole steps: decode kernels {mine:.1f} ms, with torch's products {products:.1f} ms, torch's ops {ops:.1f} ms "
+        f"(kernels/torch {mine / ops:.2f}, the projections' kernel/torch's products {mine / products:.2f}; {rounds} alternating rounds "
+        f"of {steps}); same next token as the kernels' on {same_products:.0f}% and {same_ops:.0f}% of rows"
     )
+
+
+class _TorchProducts:
+    """A decoder whose steps multiply with torch (``decode_kernels.use_matmul`` off during each step)."""
+
+    def __init__(self, decoder: FastDecoder):
+        self.decoder = decoder
+
+    def step(self, *args, **kwargs):
+        decode_kernels.use_matmul = False
+        try:
+            return self.decoder.step(*args, **kwargs)
+        finally:
+            decode_kernels.use_matmul = True
+
+
+def projections(model, rows: list[int], rounds: int = 7) -> str:
+    """The step's projections alone, each layer's four and the vocabulary's, on the model's weights and random
+    inputs: ``decode_kernels.matmul`` against ``torch.mm`` at each row count, alternating rounds; median ms of a
+    step's worth and GFLOP/s."""
+    weights = [w for layer in FastDecoder(model).layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    weights.append(model.get_output_embeddings().weight)
+    dtype = weights[0].dtype
+    lines = []
+    for r in rows:
+        inputs = [torch.randn(w.shape[1], r).to(dtype) for w in weights]
+        if decode_kernels.matmul(weights[0], inputs[0]) is None:
+            return "the projections' kernel does not run here (kernels off or not built, or bf16 without AVX512-BF16)"
+        times = {"kernel": [], "torch": []}
+        for _ in range(rounds):
+            for name, spent in times.items():
+                start = time.perf_counter()
+                for w, x in zip(weights, inputs):
+                    decode_kernels.matmul(w, x) if name == "kernel" else torch.mm(w, x)
+                spent.append(time.perf_counter() - start)
+        flops = 2 * r * sum(w.numel() for w in weights)
+        mine, theirs = (statistics.median(t) for t in times.values())
+        lines.append(
+            f"{r} rows: kernel {mine * 1e3:.1f} ms ({flops / mine / 1e9:.0f} GFLOP/s), torch.mm {theirs * 1e3:.1f} ms "
+            f"({flops / theirs / 1e9:.0f} GFLOP/s), torch/kernel {theirs / mine:.2f}"
+        )
+    return f"projections of a step ({len(weights)} products, {rounds} alternating rounds):\n    " + "\n    ".join(lines)
 
 
 def alternated(decoders: dict, tokens: torch.Tensor, positions: torch.Tensor, rounds: int, steps: int) -> dict:
@@ -157,10 +209,12 @@ def step_layouts(model, rows: int, length: int, steps: int, rounds: int = 4) -> 
 
 
 def step_narrow(model, rows: int, length: int, steps: int, rounds: int = 4) -> str:
-    """Whole decode steps with a few rows: products padded to ``fast.NARROW`` columns against products over the
-    rows themselves (``NARROW`` 0), alternating rounds of ``steps`` steps on one decoder; the median step of each."""
+    """Whole decode steps with a few rows where torch multiplies (the projections' kernel off): products padded to
+    ``fast.NARROW`` columns against products over the rows themselves (``NARROW`` 0), alternating rounds of ``steps``
+    steps on one decoder; the median step of each."""
     from posttrain.generate import fast
 
+    decode_kernels.use_matmul = False
     decoder = FastDecoder(model)
     decoder.start(prefilled(model, rows, length), torch.ones(rows, length, dtype=torch.long), max_new_tokens=2 * rounds * steps + 2)
     tokens, positions = torch.randint(0, model.config.vocab_size, (rows,)), torch.full((rows,), length)
@@ -175,7 +229,7 @@ def step_narrow(model, rows: int, length: int, steps: int, rounds: int = 4) -> s
                     times[name].append(time.perf_counter() - start)
                 logits[name] = out
     finally:
-        fast.NARROW = padded_to
+        fast.NARROW, decode_kernels.use_matmul = padded_to, True
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return (
         f"{rows} rows, products padded to {padded_to} columns {ms['padded']:.1f} ms a step, over the rows themselves {ms['rows']:.1f} ms "
@@ -274,6 +328,9 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--kernels-only", action="store_true", help="each step's profile and the kernels against torch's ops; not the layouts")
+    ap.add_argument(
+        "--projections", default="", help="row counts (e.g. 1,8,64,128): the projections' kernel against torch.mm alone, then exit"
+    )
     args = ap.parse_args()
     name = REAL_MODEL if is_fetched(REAL_MODEL) else "tiny-llama"
     if name != REAL_MODEL:
@@ -285,6 +342,9 @@ def main() -> None:
     for precision in args.precisions.split(","):
         bf16 = precision == "bf16"
         with torch.inference_mode(), bf16_weights(model, bf16, torch.device("cpu")):
+            if args.projections:
+                print(f"  {precision} {projections(model, [int(r) for r in args.projections.split(',')])}", flush=True)
+                continue
             for r in rows:
                 print(f"  {precision} {r} rows: {step_profile(model, r, args.cache, args.steps, n_params)}", flush=True)
                 print(f"  {precision} {step_kernel(model, r, args.cache, args.steps)}", flush=True)

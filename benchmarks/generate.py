@@ -19,8 +19,9 @@ reference the engine's decode loop was chosen against.
 alternating, fp32; checks the tokens agree and prints ``ratio=<fast / forward tokens/s>``.
 
 ``--narrow``: the same batched greedy run (fp32) with the fast decoder's products over 2-15 rows padded to 16
-columns (``generate/fast.py``'s ``_mm``, the default) and without (``fast.NARROW = 0``), alternating; the batch's
-last sequences are where it matters. Prints ``ratio=<padded / unpadded tokens/s>``.
+columns (``generate/fast.py``'s ``_mm``, the default where torch multiplies) and without (``fast.NARROW = 0``),
+alternating, both with torch's products (the projections' kernel off: it is where the kernels run, and pads
+nothing); the batch's last sequences are where it matters. Prints ``ratio=<padded / unpadded tokens/s>``.
 
 Each run is timed whole (prompts in, tokens out), and within it the engine times its prefill (``Engine.prefill_seconds``:
 the prompts' forwards, which also give each prompt's first token). *Decode* tokens/s is what the
@@ -395,8 +396,9 @@ def llamacpp_runs(
 
 def compare_narrow(engine: Engine, ids: list[list[int]], params: SamplingParams, batch_size: int, repeats: int) -> None:
     """Batched greedy tokens/s (fp32) with the fast decoder's narrow products padded to 16 columns and unpadded."""
-    from posttrain.generate import fast
+    from posttrain.generate import decode_kernels, fast
 
+    decode_kernels.use_matmul = False  # the padding is for torch's products: the projections' kernel pads nothing
     padded_to = fast.NARROW
     runs: dict[str, list[float]] = {"padded": [], "unpadded": []}
     outputs = {}
@@ -408,7 +410,7 @@ def compare_narrow(engine: Engine, ids: list[list[int]], params: SamplingParams,
                 runs[mode].append(tokens / seconds)
                 print(f"  {mode:<9} {tokens:>6} tokens {seconds:>7.1f} s {tokens / seconds:>8.1f} tok/s", flush=True)
     finally:
-        fast.NARROW = padded_to
+        fast.NARROW, decode_kernels.use_matmul = padded_to, True
     same = sum(a == b for a, b in zip(outputs["padded"], outputs["unpadded"]))
     padded, unpadded = (statistics.median(r) for r in runs.values())
     print(f"padded to {padded_to} columns {padded:.1f} tok/s, unpadded {unpadded:.1f} tok/s; identical tokens on {same}/{len(ids)} prompts")

@@ -1,5 +1,6 @@
 """The fast decoder's step on x86-64 CPUs: C kernels of our own, built on first use; bf16 where the CPU has
-AVX512-BF16 (``decode_kernels.c``), float32 on any (``decode_kernels_f32.c``).
+AVX512-BF16 (``decode_kernels.c``), float32 on any (``decode_kernels_f32.c``); and the projections' products in
+both (``decode_matmul.c``, :func:`matmul`).
 
 Why our own: a decode step's attention is, per row and key/value head, a few queries against that row's
 cache (SmolLM2: 3 x 64 by 64 x columns), and torch's CPU ``bmm`` runs such products one small matrix at a
@@ -15,7 +16,10 @@ and v into the buffers, and silu(gate) * up; all in float32, in bf16 rounded onc
 each). Last, ``sampling.pick``'s work over the logits, wherever the kernels load (fast decoder or not), for bf16
 and float32 logits alike (in the float32 file's vector code, so any x86-64 build has them): greedy decoding's
 argmax (:func:`argmax`; torch's CPU argmax took longer than a layer's attention), temperature-only draws
-(:func:`sample`) and the tokens' log-probabilities (:func:`logprobs`), each a pass or two over a row. All run on
+(:func:`sample`) and the tokens' log-probabilities (:func:`logprobs`), each a pass or two over a row. And the
+projections W @ x themselves, most of a step: torch's BLAS ran them at 0.7-0.8 of the measured matmul peak at
+64 rows and far less at 2-32; :func:`matmul` streams each weight once per 64 rows with x packed in the core's cache
+(decode_matmul.c says how), a row's result the same whatever rows share the step. All run on
 the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector extensions, so one
 source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
 (``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
@@ -42,6 +46,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +57,7 @@ from posttrain.generate.kv_blocks import PAIRED, KVBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "decode_kernels_f32.c")]  # bf16, float32: one library
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "decode_kernels_f32.c", "decode_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a key/value head may serve
@@ -64,7 +69,9 @@ SIGNATURES = {  # each kernel's result and argument types, the same in bf16 and 
     "posttrain_silu_mul": (None, [_P] * 2 + [_L, _I]),
     "posttrain_rotary_write": (None, [_P] * 6 + [_I] * 5 + [_L] * 3 + [_I]),
     "posttrain_put_columns": (None, [_P] * 5 + [_I] * 5 + [_L] * 3 + [_I]),
+    "posttrain_matmul": (ctypes.c_int, [_P] * 2 + [_L] * 2 + [_P] * 2 + [_L] + [_I] * 4),  # decode_matmul.c
 }
+
 
 # sampling.py's kernels (decode_kernels_f32.c, so every x86-64 build has them), each for bf16 and float32 logits alike:
 # posttrain_<name>_bf16 and posttrain_<name>_f32
@@ -77,6 +84,8 @@ SAMPLING = {
 
 _library: ctypes.CDLL | None = None
 _loaded = False
+_scratch = threading.local()  # matmul's packed copy of x, one per thread, grown as needed
+use_matmul = True  # False: matmul declines, so the decoder multiplies with torch (benchmarks compare the two)
 
 
 def _scope(name: str):
@@ -391,5 +400,56 @@ def logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor) -> tor
     with _scope("posttrain::logprobs"):
         status = function(
             logits.data_ptr(), which.data_ptr(), len(rows), logits.shape[1], at.data_ptr(), out.data_ptr(), torch.get_num_threads()
+        )
+    return out if status == 0 else None
+
+
+def matmul(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``weight @ x`` for ``weight`` (n, k) and ``x`` (k, rows), both bf16 (on a CPU with AVX512-BF16) or both float32,
+    into ``out`` (n, rows; its rows may be a slice of a wider tensor) if given (decode_matmul.c): float32 sums, for
+    bf16 rounded once as torch's product rounds them, over k in an order that does not depend on the number of rows.
+    None where the kernel does not take these here: the kernels off or not built, another dtype, bf16 without
+    AVX512-BF16, an odd k in bf16, a weight that is not contiguous; the caller then uses torch's product. Faster than
+    torch's at every row count measured, 1 to 128 (at 1 row a little, its matrix-vector product being bound by
+    memory as this is; ad-hoc timings of SmolLM2's 120 projections, machine G: 1.2-1.3x at 1 row, 1.6-2.4x at 2-32,
+    1.1-1.4x at 64-128), so every decode step takes it."""
+    n, k = weight.shape
+    rows = x.shape[1]
+    dtype = x.dtype
+    if (
+        not use_matmul
+        or dtype not in DTYPES
+        or weight.dtype != dtype
+        or (k % 2 and dtype == torch.bfloat16)
+        or x.shape[0] != k
+        or weight.device.type != "cpu"
+        or x.device.type != "cpu"
+        or not weight.is_contiguous()
+        or library() is None
+        or (dtype == torch.bfloat16 and _library.posttrain_attention_available() != 1)
+    ):
+        return None
+    if out is None:
+        out = weight.new_empty((n, rows))
+    elif out.shape != (n, rows) or out.dtype != dtype or out.stride(1) != 1:
+        raise ValueError(f"matmul: out must be {dtype} ({n}, {rows}) with its rows contiguous, not {out.dtype} {tuple(out.shape)}")
+    need = k * ((rows + 15) // 16 * 16)
+    scratch = getattr(_scratch, str(dtype), None)
+    if scratch is None or scratch.numel() < need:
+        scratch = torch.empty(need, dtype=dtype)
+        setattr(_scratch, str(dtype), scratch)
+    with _scope("posttrain::matmul"):
+        status = _kernel("posttrain_matmul", dtype)(
+            weight.data_ptr(),
+            x.data_ptr(),
+            x.stride(0),
+            x.stride(1),
+            scratch.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            n,
+            k,
+            rows,
+            torch.get_num_threads(),
         )
     return out if status == 0 else None

@@ -261,12 +261,16 @@ def _folded(weights: tuple[torch.Tensor, ...], columns: torch.Tensor, rows: torc
 
 
 def _mm(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight @ x`` for ``x`` (in, rows), into ``out`` if given. On CPU in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a
-    batch) are multiplied as ``NARROW`` columns, the rest zeros: over 2-15 columns torch's BLAS (MKL's sgemm) is
-    so much slower that a decode step at 4 or 8 rows took longer than at 16 (114 and 109 against 87 ms, machine E in
+    """``weight @ x`` for ``x`` (in, rows), into ``out`` if given: on a CPU through :func:`decode_kernels.matmul` where it
+    takes them (bf16 with AVX512-BF16, float32 on x86-64; a row's result the same whatever rows share the step), else
+    torch's product. There, in float32, 2 to ``NARROW - 1`` rows (the last few sequences of a batch) are multiplied
+    as ``NARROW`` columns, the rest zeros: over 2-15 columns torch's BLAS (MKL's sgemm) is so much slower that a
+    decode step at 4 or 8 rows took longer than at 16 (114 and 109 against 87 ms, machine E in
     docs/PERFORMANCE.md); padded, steps at 2, 4, 8 and 12 rows take 0.74, 0.78, 0.71 and 0.90 of their unpadded time
-    (``python benchmarks/decode_profile.py --rows 2,4,8,12 --precisions fp32``). One row stays a matrix-vector
-    product, the fastest of all."""
+    (``python benchmarks/decode_profile.py --rows 2,4,8,12 --precisions fp32``, kernels off). One row stays a
+    matrix-vector product, the fastest of torch's."""
+    if x.device.type == "cpu" and (product := decode_kernels.matmul(weight, x, out)) is not None:
+        return product
     rows = x.shape[1]
     if not 1 < rows < NARROW or x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.mm(weight, x, out=out)
@@ -569,7 +573,7 @@ class FastDecoder:
         if kernel and greedy:  # (vocabulary, rows) as W @ h gives it, returned as its (rows, vocabulary) transpose, not
             # copied: the argmax kernel reads it in place (sampling.pick), and the transposes below are not made
             if x.dtype == torch.bfloat16:  # one product
-                logits = torch.mm(self.lm_head, hidden).T
+                logits = _mm(self.lm_head, hidden).T
             else:  # a slice of the vocabulary at a time, as below
                 out = hidden.new_empty((vocabulary, rows))
                 for lo in range(0, vocabulary, HEAD_SLICE):
