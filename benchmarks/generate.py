@@ -28,7 +28,8 @@ the prompts' forwards, which also give each prompt's first token). *Decode* toke
 one-token steps make: (generated − first tokens) / (whole − prefill seconds). Shares of the machine's
 limit, per run: *compute*, decode tokens/s × 2·N FLOPs (N the parameters a decode step multiplies by: the
 whole model, the LM head included, the embedding lookup not, tied weights once) over the matmul peak of
-that precision, measured in the same invocation (``benchmarks/matmul_peak.py --quick``'s shapes);
+that precision, measured in the same invocation before and after that precision's runs, the higher of the two
+(``benchmarks/matmul_peak.py --quick``'s shapes; one read in a slow stretch of a shared machine would flatter);
 *memory*, the tokens/s a step could reach if it only had to read the weights and the batch's KV cache
 once at the measured memory bandwidth (a large copy), the bound that matters at small batches. Prefill
 is reported beside it: prompt tokens/s and its compute share (2·N without the LM head, which the prefill
@@ -261,6 +262,9 @@ def main() -> None:
                     f"({prompt_tokens / prefill_seconds:,.0f} prompt tok/s), decode {decode:.1f} tok/s",
                     flush=True,
                 )
+        again = measure(torch.bfloat16 if bf16 else torch.float32, quick=True)["peak_gflops"]
+        print(f"  {precision} matmul peak again after the runs: {again:,.0f} GFLOP/s; the limit takes the higher of the two", flush=True)
+        peaks[precision] = max(peaks[precision], again)  # a peak read in a slow stretch of the machine would flatter the shares
         largest = f"batch {widths[-1]}"
         same = sum(a == b for a, b in zip(outputs[largest], outputs["one-at-a-time"]))
         head = engine.model.get_output_embeddings().weight.numel()
