@@ -410,9 +410,9 @@ def matmul(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = Non
     bf16 rounded once as torch's product rounds them, over k in an order that does not depend on the number of rows.
     None where the kernel does not take these here: the kernels off or not built, another dtype, bf16 without
     AVX512-BF16, an odd k in bf16, a weight that is not contiguous; the caller then uses torch's product. Faster than
-    torch's at every row count measured, 1 to 128 (at 1 row a little, its matrix-vector product being bound by
-    memory as this is; ad-hoc timings of SmolLM2's 120 projections, machine G: 1.2-1.3x at 1 row, 1.6-2.4x at 2-32,
-    1.1-1.4x at 64-128), so every decode step takes it."""
+    torch's at every row count measured, 1 to 128, so every decode step takes it: a step's 121 products of SmolLM2
+    took 1/1.35 to 1/1.64 of torch.mm's time at 1-32 rows in bf16 and 1/1.12 to 1/1.20 at 64-128, in float32 1/1.27
+    to 1/2.63 (``benchmarks/decode_profile.py --projections``, machine G in docs/PERFORMANCE.md)."""
     n, k = weight.shape
     rows = x.shape[1]
     dtype = x.dtype
