@@ -148,3 +148,61 @@ def test_the_fast_decoders_projections_go_through_it(dtype, monkeypatch):
     assert len(calls) >= 4 * layers + 1 and calls[-1][0] == model.config.vocab_size
     tol = 3e-2 if dtype == BF16 else 1e-4
     torch.testing.assert_close(logits["kernel"], logits["torch"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", EITHER)
+def test_a_rows_decode_steps_are_the_same_batched_or_alone(dtype):
+    """With the kernels (projections, norms, rotary, attention; head size 64), an unpadded row's logits over several
+    decode steps are the same bit for bit whether it is stepped beside four other rows (two of them left-padded) or
+    alone from the same cache: nothing in a step mixes rows or picks its order by their number. A padded row alone
+    loses its padding columns, so its keys sit at other places in the buffers' groups of columns and attention sums
+    them in another grouping: equal to float rounding, not bit for bit. With torch's products (``use_matmul`` off)
+    float32 rows differ (MKL blocks by shape), which is what the projections' kernel fixes."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from posttrain.generate import fast
+    from posttrain.models.load import cache_kwarg
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=3,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    rows, length = 5, 20
+    ids = torch.randint(0, 300, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, :7] = 0  # left padding, as a batch of prompts of several lengths has
+    mask[3, :12] = 0
+
+    def steps(which: list[int]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): cache}, use_cache=True)
+            cache.batch_select_indices(torch.tensor(which))
+            decoder = fast.FastDecoder(model)
+            decoder.start(cache, mask[which], max_new_tokens=4)
+            assert decoder.kernel
+            token, position, out = ids[which, -1], mask[which].sum(-1), []
+            for _ in range(3):
+                logits = decoder.step(token, position)
+                out.append(logits.clone())
+                token, position = logits.float().argmax(-1), position + 1
+            return out
+
+    together = steps(list(range(rows)))
+    for r in range(rows):
+        alone = steps([r])
+        for a, t in zip(alone, together):
+            if r in (1, 3):  # the padded rows
+                torch.testing.assert_close(a[0], t[r], **({"rtol": 2e-2, "atol": 2e-2} if dtype == BF16 else {}))
+            else:
+                assert torch.equal(a[0], t[r]), r
+    if dtype == FP32:
+        decode_kernels.use_matmul = False
+        try:
+            together, alone = steps(list(range(rows))), steps([0])
+        finally:
+            decode_kernels.use_matmul = True
+        assert not all(torch.equal(a[0], t[0]) for a, t in zip(alone, together))

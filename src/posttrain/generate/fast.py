@@ -568,7 +568,7 @@ class FastDecoder:
                     else:
                         x.T[index] = s.apply(x.T[index])
         self.length = t + 1
-        hidden = self.final_norm(x.T).T  # (hidden, rows), contiguous
+        hidden = self.final_norm(x.T.contiguous()).T.contiguous()  # (hidden, rows); normed as (rows, hidden), every row alike
         vocabulary = self.lm_head.shape[0]
         if kernel and greedy:  # (vocabulary, rows) as W @ h gives it, returned as its (rows, vocabulary) transpose, not
             # copied: the argmax kernel reads it in place (sampling.pick), and the transposes below are not made
