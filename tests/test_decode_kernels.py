@@ -385,16 +385,10 @@ def test_a_damaged_build_in_the_cache_is_reported_and_torchs_ops_kept(monkeypatc
     assert path.name in caplog.text
 
 
-def test_a_cpu_without_avx512_bf16_gets_the_float32_kernels_alone(monkeypatch, tmp_path):
+def test_a_cpu_without_avx512_bf16_gets_the_float32_kernels_alone(avx2_kernels):
     """Built as for an AVX2 CPU without AVX512-BF16 (``-march=haswell`` here, in a cache of its own): the library holds
     the float32 kernels, as vector code in AVX2 registers, and not the bf16 ones; float32 attention runs through it and
     equals the float32 softmax, and bf16 keeps torch's ops."""
-    if decode_kernels._target() is None or "avx2" not in decode_kernels._cpu_flags().split():
-        pytest.skip("needs x86-64 Linux with AVX2 and a C compiler")
-    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(decode_kernels, "_loaded", False)
-    monkeypatch.setattr(decode_kernels, "_library", None)
-    monkeypatch.setattr(decode_kernels, "FLAGS", ["-march=haswell" if f == "-march=native" else f for f in decode_kernels.FLAGS])
     assert decode_kernels.usable(FP32, torch.device("cpu"), 3, 64)
     assert not decode_kernels.usable(BF16, torch.device("cpu"), 3, 64)
     assert decode_kernels.library().posttrain_attention_available() == 0

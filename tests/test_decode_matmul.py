@@ -99,16 +99,9 @@ def test_refused_where_it_does_not_apply(monkeypatch):
     assert decode_kernels.matmul(weight, x) is None
 
 
-def test_an_avx2_build_multiplies_in_float32(monkeypatch, tmp_path):
+def test_an_avx2_build_multiplies_in_float32(avx2_kernels):
     """Built as for an AVX2 CPU (``-march=haswell``, 8 lanes and 3 outputs a tile): float32 products equal float64's
     to float32's rounding and stay row-independent; bf16 is refused (no AVX512-BF16)."""
-    if decode_kernels._target() is None or "avx2" not in decode_kernels._cpu_flags().split():
-        pytest.skip("needs x86-64 Linux with AVX2 and a C compiler")
-    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(decode_kernels, "_loaded", False)
-    monkeypatch.setattr(decode_kernels, "_library", None)
-    monkeypatch.setattr(decode_kernels, "FLAGS", ["-march=haswell" if f == "-march=native" else f for f in decode_kernels.FLAGS])
-    monkeypatch.setattr(decode_kernels, "_scratch", type(decode_kernels._scratch)())
     weight, x = _operands(13, 576, 37, FP32)
     for view in _layouts(x).values():
         got = decode_kernels.matmul(weight, view)
