@@ -23,7 +23,8 @@ projections W @ x themselves, most of a step: torch's BLAS ran them at 0.7-0.8 o
 the OpenMP threads of torch's own runtime. The float32 file is written with GCC's vector extensions, so one
 source becomes AVX-512 or AVX2 code, whichever the CPU has. Figures: docs/PERFORMANCE.md
 (``benchmarks/decode_profile.py --kernels-only``: whole steps at 64 and 128 rows in 0.71-0.73 of torch's
-ops' time in bf16, 0.79-0.84 in float32, machine G).
+ops' time in bf16, 0.79-0.84 in float32, machine G, before the projections' kernel; with it, at 64 rows, 0.51 and
+0.55, and 0.82 and 0.71 of the same kernels with torch's products).
 
 Built with the system's C compiler (``$CC``, else ``cc``) and ``-march=native`` into
 ``$POSTTRAIN_CACHE/kernels/`` the first time a decode needs it (a few seconds), keyed by the sources, the

@@ -16,8 +16,8 @@
    are TILE_N streams the hardware prefetcher follows late).
 
    Every output's sum runs over k in the same order whatever the number of rows (one lane of a vector per row),
-   so a row's result does not depend on which other rows share the call: in float32 a row decoded in a batch gets
-   the same projections, bit for bit, as decoded alone (torch's BLAS chooses its blocking by shape).
+   so a row's result does not depend on which other rows share the call: a row decoded in a batch gets the same
+   projections, bit for bit, as decoded alone, in bf16 and float32 (torch's BLAS chooses its blocking by shape).
 
    Threads: OpenMP, torch's own runtime (see decode_kernels.c); one parallel region packs x, then splits the tiles.
    The float32 half is written with GCC's vector extensions, as decode_kernels_f32.c, so it becomes AVX-512 or AVX2
