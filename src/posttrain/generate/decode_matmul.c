@@ -35,12 +35,52 @@
         (ahead) += 64;                                                                                                  \
     }
 
+/* The entry point NAME over element type T: tile kernels of 1 to 4 vectors of rows made from TILE (an always-inline
+   function taking V), and one parallel region that packs x with PACK, then runs the tiles of TILE_N outputs, each
+   over groups of 4 vectors of LANES rows, prefetching the next tile's weights during its first group. */
+#define MATMUL(NAME, T, TILE, PACK, LANES_, TILE_N_, REFUSE)                                                               \
+    static void NAME##_1(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
+                         int tile_n, const char *next, long next_bytes) {                                                 \
+        TILE(w, k, xp, padded, r0, 1, out, os, rows, n0, tile_n, next, next_bytes);                                     \
+    }                                                                                                                    \
+    static void NAME##_2(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
+                         int tile_n, const char *next, long next_bytes) {                                                 \
+        TILE(w, k, xp, padded, r0, 2, out, os, rows, n0, tile_n, next, next_bytes);                                     \
+    }                                                                                                                    \
+    static void NAME##_3(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
+                         int tile_n, const char *next, long next_bytes) {                                                 \
+        TILE(w, k, xp, padded, r0, 3, out, os, rows, n0, tile_n, next, next_bytes);                                     \
+    }                                                                                                                    \
+    static void NAME##_4(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
+                         int tile_n, const char *next, long next_bytes) {                                                 \
+        TILE(w, k, xp, padded, r0, 4, out, os, rows, n0, tile_n, next, next_bytes);                                     \
+    }                                                                                                                    \
+    int NAME(const T *w, const T *x, long fs, long rs, T *xp, T *out, long os, int n, int k, int rows, int threads) {   \
+        if ((REFUSE) || k <= 0 || n <= 0 || rows <= 0) return -1;                                                        \
+        void (*const tiles_v[5])(const T *, long, const T *, int, int, T *, long, int, int, int, const char *, long) = {  \
+            0, NAME##_1, NAME##_2, NAME##_3, NAME##_4};                                                                  \
+        int padded = (rows + LANES_ - 1) / LANES_ * LANES_, tiles = (n + TILE_N_ - 1) / TILE_N_;                         \
+        _Pragma("omp parallel num_threads(threads)") {                                                                   \
+            PACK(x, fs, rs, xp, k, rows, padded); /* ends in its omp for's barrier */                                    \
+            _Pragma("omp for schedule(static)") for (int t = 0; t < tiles; t++) {                                        \
+                int n0 = t * TILE_N_, tile_n = n - n0 < TILE_N_ ? n - n0 : TILE_N_, left = n - n0 - TILE_N_;             \
+                const char *next = (const char *)(w + (long)(n0 + TILE_N_) * k);                                         \
+                long next_bytes = t + 1 < tiles ? (long)sizeof(T) * k * (left < TILE_N_ ? left : TILE_N_) : 0;           \
+                for (int r0 = 0; r0 < padded; r0 += 4 * LANES_) {                                                        \
+                    int vectors = (padded - r0) / LANES_;                                                                \
+                    tiles_v[vectors > 4 ? 4 : vectors](w, k, xp, padded, r0, out, os, rows, n0, tile_n, next,           \
+                                                       r0 ? 0 : next_bytes);                                              \
+                }                                                                                                        \
+            }                                                                                                            \
+        }                                                                                                                \
+        return 0;                                                                                                        \
+    }
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
 #define TILE_N 6   /* outputs a tile: 6 x 4 vectors of sums, 4 of x and one broadcast fit in 32 registers */
 #define LANES 16   /* rows a vector */
-#define GROUP 64   /* rows a tile: 4 vectors */
 
 /* Rows [0, rows) of x, feature f at x[f * fs + r * rs], into xp (k / 2, padded, 2), rows past `rows` zero. */
 static void pack(const uint16_t *x, long fs, long rs, uint16_t *xp, int k, int rows, int padded) {
@@ -98,41 +138,9 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, long k
         }
 }
 
-#define TILE_V(V)                                                                                                          \
-    static void tile##V(const uint16_t *w, long k, const uint16_t *xp, int padded, int r0, uint16_t *out, long os,        \
-                        int rows, int n0, int tile_n, const char *next, long next_bytes) {                                 \
-        tile(w, k, xp, padded, r0, V, out, os, rows, n0, tile_n, next, next_bytes);                                       \
-    }
-TILE_V(1)
-TILE_V(2)
-TILE_V(3)
-TILE_V(4)
-
-typedef void (*tile_fn)(const uint16_t *, long, const uint16_t *, int, int, uint16_t *, long, int, int, int, const char *, long);
-static const tile_fn TILES[5] = {0, tile1, tile2, tile3, tile4};
-
 /* out (n, rows) with row stride os = w (n, k) @ x (k, rows), x's feature f of row r at x[f * fs + r * rs]; k even;
    xp: scratch of k * (rows rounded up to 16) bf16. Returns 0, or -1 where it does not take the shapes. */
-int posttrain_matmul(const uint16_t *w, const uint16_t *x, long fs, long rs, uint16_t *xp, uint16_t *out, long os, int n,
-                     int k, int rows, int threads) {
-    if (k % 2 || k <= 0 || n <= 0 || rows <= 0) return -1;
-    int padded = (rows + LANES - 1) / LANES * LANES, tiles = (n + TILE_N - 1) / TILE_N;
-#pragma omp parallel num_threads(threads)
-    {
-        pack(x, fs, rs, xp, k, rows, padded);  /* ends in the omp for's barrier */
-#pragma omp for schedule(static)
-        for (int t = 0; t < tiles; t++) {
-            int n0 = t * TILE_N, tile_n = n - n0 < TILE_N ? n - n0 : TILE_N;
-            const char *next = (const char *)(w + (long)(n0 + TILE_N) * k);
-            long next_bytes = t + 1 < tiles ? 2L * k * (n - n0 - TILE_N < TILE_N ? n - n0 - TILE_N : TILE_N) : 0;
-            for (int r0 = 0; r0 < padded; r0 += GROUP) {
-                int vectors = (padded - r0) / LANES;
-                TILES[vectors > 4 ? 4 : vectors](w, k, xp, padded, r0, out, os, rows, n0, tile_n, next, r0 ? 0 : next_bytes);
-            }
-        }
-    }
-    return 0;
-}
+MATMUL(posttrain_matmul, uint16_t, tile, pack, LANES, TILE_N, k % 2)
 
 #else
 
@@ -205,37 +213,5 @@ static inline __attribute__((always_inline)) void tile_f32(const float *w, long 
         }
 }
 
-#define TILE_F32(V)                                                                                                        \
-    static void tile##V##_f32(const float *w, long k, const float *xp, int padded, int r0, float *out, long os, int rows,  \
-                              int n0, int tile_n, const char *next, long next_bytes) {                                     \
-        tile_f32(w, k, xp, padded, r0, V, out, os, rows, n0, tile_n, next, next_bytes);                                   \
-    }
-TILE_F32(1)
-TILE_F32(2)
-TILE_F32(3)
-TILE_F32(4)
-
-typedef void (*tile_f32_fn)(const float *, long, const float *, int, int, float *, long, int, int, int, const char *, long);
-static const tile_f32_fn TILES_F32[5] = {0, tile1_f32, tile2_f32, tile3_f32, tile4_f32};
-
 /* posttrain_matmul in float32; xp: scratch of k * (rows rounded up to F_LANES) floats. */
-int posttrain_matmul_f32(const float *w, const float *x, long fs, long rs, float *xp, float *out, long os, int n, int k,
-                         int rows, int threads) {
-    if (k <= 0 || n <= 0 || rows <= 0) return -1;
-    int padded = (rows + F_LANES - 1) / F_LANES * F_LANES, tiles = (n + F_TILE_N - 1) / F_TILE_N;
-#pragma omp parallel num_threads(threads)
-    {
-        pack_f32(x, fs, rs, xp, k, rows, padded);
-#pragma omp for schedule(static)
-        for (int t = 0; t < tiles; t++) {
-            int n0 = t * F_TILE_N, tile_n = n - n0 < F_TILE_N ? n - n0 : F_TILE_N;
-            const char *next = (const char *)(w + (long)(n0 + F_TILE_N) * k);
-            long next_bytes = t + 1 < tiles ? 4L * k * (n - n0 - F_TILE_N < F_TILE_N ? n - n0 - F_TILE_N : F_TILE_N) : 0;
-            for (int r0 = 0; r0 < padded; r0 += 4 * F_LANES) {
-                int vectors = (padded - r0) / F_LANES;
-                TILES_F32[vectors > 4 ? 4 : vectors](w, k, xp, padded, r0, out, os, rows, n0, tile_n, next, r0 ? 0 : next_bytes);
-            }
-        }
-    }
-    return 0;
-}
+MATMUL(posttrain_matmul_f32, float, tile_f32, pack_f32, F_LANES, F_TILE_N, 0)
