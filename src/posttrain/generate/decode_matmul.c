@@ -38,23 +38,16 @@
 /* The entry point NAME over element type T: tile kernels of 1 to 4 vectors of rows made from TILE (an always-inline
    function taking V), and one parallel region that packs x with PACK, then runs the tiles of TILE_N outputs, each
    over groups of 4 vectors of LANES rows, prefetching the next tile's weights during its first group. */
+#define TILE_OF(NAME, T, TILE, V)                                                                                          \
+    static void NAME##_##V(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,        \
+                           int tile_n, const char *next, long next_bytes) {                                               \
+        TILE(w, k, xp, padded, r0, V, out, os, rows, n0, tile_n, next, next_bytes);                                     \
+    }
 #define MATMUL(NAME, T, TILE, PACK, LANES_, TILE_N_, REFUSE)                                                               \
-    static void NAME##_1(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
-                         int tile_n, const char *next, long next_bytes) {                                                 \
-        TILE(w, k, xp, padded, r0, 1, out, os, rows, n0, tile_n, next, next_bytes);                                     \
-    }                                                                                                                    \
-    static void NAME##_2(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
-                         int tile_n, const char *next, long next_bytes) {                                                 \
-        TILE(w, k, xp, padded, r0, 2, out, os, rows, n0, tile_n, next, next_bytes);                                     \
-    }                                                                                                                    \
-    static void NAME##_3(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
-                         int tile_n, const char *next, long next_bytes) {                                                 \
-        TILE(w, k, xp, padded, r0, 3, out, os, rows, n0, tile_n, next, next_bytes);                                     \
-    }                                                                                                                    \
-    static void NAME##_4(const T *w, long k, const T *xp, int padded, int r0, T *out, long os, int rows, int n0,          \
-                         int tile_n, const char *next, long next_bytes) {                                                 \
-        TILE(w, k, xp, padded, r0, 4, out, os, rows, n0, tile_n, next, next_bytes);                                     \
-    }                                                                                                                    \
+    TILE_OF(NAME, T, TILE, 1)                                                                                            \
+    TILE_OF(NAME, T, TILE, 2)                                                                                            \
+    TILE_OF(NAME, T, TILE, 3)                                                                                            \
+    TILE_OF(NAME, T, TILE, 4)                                                                                            \
     int NAME(const T *w, const T *x, long fs, long rs, T *xp, T *out, long os, int n, int k, int rows, int threads) {   \
         if ((REFUSE) || k <= 0 || n <= 0 || rows <= 0) return -1;                                                        \
         void (*const tiles_v[5])(const T *, long, const T *, int, int, T *, long, int, int, int, const char *, long) = {  \
