@@ -14,7 +14,7 @@ from sft_fixtures import COLORS, torch_threads
 
 from posttrain.config import load_config
 from posttrain.train import dpo, loop
-from posttrain.train.forward import SHAPE_QUANTUM, Forward, run
+from posttrain.train.forward import SHAPE_QUANTUM, Forward, pack, run
 from posttrain.train.runtime import Runtime
 
 WRONG = {obj: sorted(set(COLORS.values()) - {color})[i % 3] for i, (obj, color) in enumerate(sorted(COLORS.items()))}
@@ -206,6 +206,69 @@ def test_precomputed_table_holds_each_pairs_own_log_probs(tmp_path):
             for i in range(n):
                 sums = run(module, dpo.pair_batch(data, [i], pad, loss_type == "kto"), "sums")
                 assert abs(table[i] - sums.double().numpy()).max() <= 1e-4 * max(1.0, abs(table[i]).max()), (loss_type, i)
+
+
+def test_reference_forwards_hold_whole_pairs_and_share_their_prompts(tmp_path, monkeypatch):
+    # On CPU a pair's chosen and rejected sequences run their prompt once only when they are in the same
+    # forward: the reference pass gives every forward whole pairs (micro_batch_size of them).
+    from posttrain.train import reference
+
+    data, rows, pad = packing_setup(tmp_path)
+    n = len(data) // 2
+    module = Forward(rows.model, one_row=True)
+    for loss_type, columns in (("sigmoid", 2), ("kto", 3)):
+        examples = dpo.pair_examples(data, list(range(n)), loss_type == "kto")
+        where = {tuple(np.asarray(ex["input_ids"]).tolist()): j for j, ex in enumerate(examples)}
+        forwards: list[list[int]] = []
+
+        def recording_pack(group, pad_id, width=None, forwards=forwards, where=where):
+            forwards.append([where[tuple(np.asarray(ex["input_ids"]).tolist())] for ex in group])
+            return pack(group, pad_id, width)
+
+        monkeypatch.setattr(reference, "pack", recording_pack)
+        cfg = load_config(dpo_config(tmp_path, dpo={"loss_type": loss_type}, train={"micro_batch_size": 4, "bf16": False}), cls=dpo.DPOConfig)
+        table, _, _, _ = dpo.reference_logps(module, data, pad, cfg, Runtime(), cache_root=tmp_path / f"whole-{loss_type}")
+        assert sorted(j for f in forwards for j in f) == list(range(columns * n)), loss_type
+        for members in forwards:
+            pairs = {j % n for j in members}
+            assert len(pairs) <= 4 and sorted(members) == sorted(c * n + i for i in pairs for c in range(columns)), (loss_type, members)
+        with torch.no_grad():
+            for i in (0, 5, 11):
+                alone = run(rows, dpo.pair_batch(data, [i], pad, loss_type == "kto"), "sums").double().numpy()
+                assert abs(table[i] - alone).max() <= 1e-4 * max(1.0, abs(alone).max()), (loss_type, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fresh_lora_adapter_is_switched_off_where_it_adds_exactly_nothing(tmp_path, dtype):
+    from posttrain.config import AdapterConfig
+    from posttrain.models.adapters import adds_nothing, apply_adapter, base_when_exact
+
+    data, rows, pad = packing_setup(tmp_path)
+    batch = dpo.pair_batch(data, [0, 3, 5, 7], pad)
+    assert not adds_nothing(rows.model)  # no adapter at all
+    lora = apply_adapter(rows.model, AdapterConfig(kind="lora", r=4, alpha=8))
+    module = Forward(lora, one_row=True)
+    called: list[bool] = []
+    for m in lora.modules():
+        if m.__class__.__name__ == "Linear" and hasattr(m, "lora_A"):
+            m.register_forward_pre_hook(lambda mod, args: called.append(bool(mod.disable_adapters)))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), autocast:
+        on = run(module, batch, "sums")
+        with base_when_exact(lora) as off:
+            without = run(module, batch, "sums")
+    assert off and called and all(called[len(called) // 2 :]) and not any(called[: len(called) // 2])
+    assert torch.equal(on, without)  # bit for bit: B = 0 adds exact zeros
+    # Once the adapter adds something, or with a DoRA magnitude, it stays on.
+    next(p for name, p in lora.named_parameters() if "lora_B" in name).data[0, 0] = 1e-3
+    with base_when_exact(lora) as off:
+        assert not off and not adds_nothing(lora)
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models.load import resolve
+
+    fresh = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"), dtype=torch.float32)
+    assert not adds_nothing(apply_adapter(fresh, AdapterConfig(kind="dora", r=4, alpha=8)))
 
 
 def test_reference_free_variants_compute_no_reference(tmp_path, monkeypatch):

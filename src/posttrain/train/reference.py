@@ -20,15 +20,15 @@ import torch
 from posttrain.config import DPOConfig
 from posttrain.data.cache import TokenizedData
 from posttrain.data.chat import IGNORE
-from posttrain.data.packing import best_fit_decreasing, collate_packed
 from posttrain.data.prompts import reference_key
 from posttrain.models import zoo
+from posttrain.models.adapters import base_when_exact
 from posttrain.models.load import weights_fingerprint
-from posttrain.train.forward import run
+from posttrain.train.forward import pack, run
 from posttrain.train.runtime import Runtime
 from posttrain.train.sequences import pair_examples
 
-REFERENCE_VERSION = 2  # 2: packed rows (1: one padded row per sequence)
+REFERENCE_VERSION = 3  # 3: whole pairs a forward, the adapter off where it adds nothing; 2: packed rows; 1: one padded row per sequence
 
 
 def sampler_reference(cfg: DPOConfig, model: torch.nn.Module) -> dict[str, float]:
@@ -96,7 +96,9 @@ def reference_logps(
     (:func:`sampler_reference`): log-probs already measured, by sequence; only the other sequences run.
     ``fingerprint``: :func:`weights_fingerprint` of ``module``, taken before it was sharded (FSDP).
 
-    Several processes split the work: the sequences still to score are packed once (the same rows on
+    The forwards run with a LoRA adapter switched off while it still adds exactly nothing
+    (:func:`~posttrain.models.adapters.base_when_exact`): the same sums, without the adapter's work.
+    Several processes split the work: the sequences still to score are grouped once (the same forwards on
     every process), each process runs a contiguous share of the forward passes, and one sum over the
     processes gives everyone the whole table (no process waits idle while another scores everything).
     """
@@ -122,21 +124,22 @@ def reference_logps(
     todo = np.flatnonzero(np.isnan(flat)).tolist()
     taken = len(flat) - len(todo)
     shares = [0] * rt.world
-    # The sequences still to score packed at once (best fit, longest first), then a training forward's
-    # worth of rows (2 or 3 × micro_batch_size) at a time: almost no padding anywhere.
-    lengths = [len(examples[i]["input_ids"]) for i in todo]
-    rows = [[todo[i] for i in row] for row in best_fit_decreasing(lengths, max(lengths))] if todo else []
-    per_forward = columns * cfg.train.micro_batch_size
-    groups = [rows[k : k + per_forward] for k in range(0, len(rows), per_forward)]
+    # A training forward's worth of whole pairs at a time (micro_batch_size), longest first, each packed as the
+    # training step packs its pairs: a pair's sequences in one forward run their shared prompt once on CPU
+    # (Forward's one row), and like lengths go together, so rows carry little padding anywhere.
+    by_pair: dict[int, list[int]] = {}
+    for i in todo:
+        by_pair.setdefault(i % n, []).append(i)
+    units = sorted(by_pair.values(), key=lambda unit: -sum(len(examples[i]["input_ids"]) for i in unit))
+    per_forward = cfg.train.micro_batch_size
+    groups = [[i for unit in units[k : k + per_forward] for i in unit] for k in range(0, len(units), per_forward)]
     mine = list(rt.share(groups))
     # Sharded weights: every process runs as many forwards as the busiest (a repeat's result is unused).
     work = rt.forwards(mine, filler=groups[0] if groups else None)
     scored = np.zeros(len(flat) + rt.world, dtype=np.float64)  # the log-probs, then how many each process scored
-    with torch.no_grad():
-        for group, weight in work:
-            members = [i for row in group for i in row]
-            local = {i: place for place, i in enumerate(members)}
-            batch = collate_packed([examples[i] for i in members], [[local[i] for i in row] for row in group], pad_id)
+    with torch.no_grad(), base_when_exact(getattr(module, "model", module)):
+        for members, weight in work:
+            batch = pack([examples[i] for i in members], pad_id)
             with rt.autocast():
                 sums = run(module, batch, "sums", device=rt.device)
             if weight:
