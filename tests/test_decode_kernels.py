@@ -292,6 +292,44 @@ def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path,
     assert not decode_kernels.usable(torch.float32, torch.device("cpu"), 3, 64)
 
 
+def test_a_build_started_early_is_the_one_the_decoder_loads(monkeypatch, tmp_path, caplog):
+    """build_soon() compiles into the cache in a thread of its own while the caller goes on; library() waits for that
+    build and loads its file rather than compiling again. A failed build is reported once, however often it is asked for."""
+    if decode_kernels._target() is None:
+        pytest.skip("the kernels build only on x86-64 Linux with a C compiler")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setattr(decode_kernels, "_loaded", False)
+    monkeypatch.setattr(decode_kernels, "_library", None)
+    monkeypatch.setattr(decode_kernels, "_building", None)
+    compiles = []
+    real = decode_kernels._compile
+    monkeypatch.setattr(decode_kernels, "_compile", lambda *a: compiles.append(a) or real(*a))
+    with caplog.at_level(logging.INFO, logger=decode_kernels.__name__):
+        decode_kernels.build_soon()
+        thread = decode_kernels._building
+        assert thread is not None and thread.name == "posttrain-decode-kernels"
+        decode_kernels.build_soon()  # already started: no second thread
+        assert decode_kernels._building is thread
+        assert decode_kernels.library() is not None
+    assert not thread.is_alive() and len(compiles) == 1 and caplog.text.count("built the decode kernels") == 1
+    assert len(list((tmp_path / "fresh" / "kernels").glob("*.so"))) == 1
+    assert not list((tmp_path / "fresh" / "kernels").glob("*/*.o"))  # the objects went with the build's directory
+
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    monkeypatch.setattr(decode_kernels, "_loaded", False)
+    monkeypatch.setattr(decode_kernels, "_building", None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
+        decode_kernels.build_soon()
+        assert decode_kernels.library() is None
+        assert not decode_kernels.usable(FP32, torch.device("cpu"), 3, 64)
+    assert caplog.text.count("no such compiler here") == 3  # the three sources' complaints, in one warning
+    assert caplog.text.count("building the decode kernels failed") == 1
+
+
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", ["plain", "keys", "values"])
 def test_every_layout_holds_the_columns_written_to_it(layout, dtype):

@@ -321,6 +321,8 @@ class FastDecoder:
         self.adapter_of: list[int] = []  # each row's adapter index (0: the base model)
         self.intervention_of: list[Intervention | None] = []  # each row's steering (its boost is in ``bias``)
         self._steer: list[tuple[Intervention, torch.Tensor | None]] | None = None  # _steering_rows(), until rows change
+        if self.lm_head.device.type == "cpu":
+            decode_kernels.build_soon()  # made before the prompts prefill: the compiler runs while they do
 
     def start(
         self,
