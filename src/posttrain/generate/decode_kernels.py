@@ -135,7 +135,9 @@ def _compile(compiler: str, built: Path) -> str | None:
     compile_flags = [f for f in FLAGS if f != "-shared"]
     try:
         running = [
-            subprocess.Popen([compiler, *compile_flags, "-c", str(source), "-o", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [compiler, *compile_flags, "-c", str(source), "-o", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             for source, obj in zip(SOURCES, objects)
         ]
         failed = [err for proc in running if (err := proc.communicate()[1]) is not None and proc.returncode != 0]
