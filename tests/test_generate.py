@@ -19,7 +19,7 @@ from chat_fixtures import family_tokenizer
 
 from posttrain.data.chat import ChatRenderer
 from posttrain.generate import Engine, SamplingParams, VLLMEngine, fast, vllm_available
-from posttrain.generate.prefill import prefill_groups
+from posttrain.generate.prefill import PREFILL_PADDING, prefill_groups
 from posttrain.generate.prompts import PromptEncoder
 from posttrain.generate.sampling import choose
 from posttrain.models.zoo import build_tiny
@@ -110,7 +110,7 @@ def test_prefill_groups_bound_padding():
     assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))  # contiguous, nothing lost
     assert 1 < len(groups) < len(lengths)
     for lo, hi in groups:
-        assert lengths[lo] * (hi - lo) <= 1.25 * sum(lengths[lo:hi])
+        assert lengths[lo] * (hi - lo) <= PREFILL_PADDING * sum(lengths[lo:hi])
     assert prefill_groups([500] * 20) == [(0, 8), (8, 16), (16, 20)]  # at most 4,096 tokens a forward pass
 
 

@@ -26,7 +26,7 @@ Where the difference comes from, each measured on the way:
   copies of the 49k x 576 embedding matrix (1.5 s of a 3 s prefill; ``generate`` pays it too);
 * the tokens every prompt starts with (the chat template's system prompt: 24 of SmolLM2's 47-119
   prompt tokens) are prefilled once per call and their cache copied to every row, as vLLM's prefix
-  caching does; the rest is prefilled in groups of similar length (padding at most 25%) whose caches
+  caching does; the rest is prefilled in groups of similar length (padding at most 10%) whose caches
   are joined, not as one block padded to the longest prompt. For the first 32 prompts (2,306 real
   tokens) that is 1,912 tokens of prefill instead of 3,808;
 * bf16 casts the weights once per call instead of at every forward, which is what autocast does

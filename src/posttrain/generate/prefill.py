@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a separate forward pass
 PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill forward, to bound activation memory
-PREFILL_PADDING = 1.25  # a prefill group grows while its padded size stays within this factor of its real tokens
+PREFILL_PADDING = 1.1  # a prefill group grows while its padded size stays within this factor of its real tokens (see prefill_groups)
 
 
 @dataclass
@@ -33,7 +33,10 @@ def prefill_groups(lengths: list[int]) -> list[tuple[int, int]]:
     """Split lengths sorted longest first into runs ``[lo, hi)`` worth prefilling together.
 
     A run grows while padding every row to its first (longest) row costs at most ``PREFILL_PADDING`` times
-    its real tokens and stays within ``PREFILL_TOKENS``: little compute on padding, few forward passes.
+    its real tokens and stays within ``PREFILL_TOKENS``: little compute on padding, few forward passes. The demo's 136
+    evaluation prompts (6,485 tokens after the shared system prompt) pad to 8,067 tokens in 4 forwards at 1.25 and to
+    7,108 in 7 at 1.1, which prefilled them in 0.88 of the time (medians) (machine G, bf16, four alternating runs, ad-hoc); at
+    1.05, 6,787 tokens in 14 forwards, no faster than 1.1.
     """
     groups, lo, real = [], 0, 0
     for i, n in enumerate(lengths):
