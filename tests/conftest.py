@@ -25,6 +25,7 @@ def avx2_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(decode_kernels, "_loaded", False)
     monkeypatch.setattr(decode_kernels, "_library", None)
+    monkeypatch.setattr(decode_kernels, "_building", None)  # a build started earlier, for this machine's flags
     monkeypatch.setattr(decode_kernels, "_scratch", type(decode_kernels._scratch)())
     monkeypatch.setattr(decode_kernels, "FLAGS", ["-march=haswell" if f == "-march=native" else f for f in decode_kernels.FLAGS])
     return decode_kernels

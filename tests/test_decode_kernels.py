@@ -271,6 +271,14 @@ def tiny_llama(dtype: torch.dtype):
     return model, ids, mask, positions
 
 
+def _failing_compiler(monkeypatch, tmp_path) -> None:
+    """``$CC`` set to a compiler that fails every command, saying so on stderr."""
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+
+
 def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path, caplog):
     """A compiler that fails is reported (its output in the log) and the decoder keeps torch's attention; so does
     POSTTRAIN_CPU_KERNELS=0, without building anything."""
@@ -280,10 +288,7 @@ def test_no_compiler_or_a_failed_build_leaves_torchs_path(monkeypatch, tmp_path,
     monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "0")
     assert decode_kernels.library() is None and not decode_kernels._loaded
     monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "1")
-    failing = tmp_path / "cc"
-    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
-    failing.chmod(0o755)
-    monkeypatch.setenv("CC", str(failing))
+    _failing_compiler(monkeypatch, tmp_path)
     with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
         assert not decode_kernels.usable(torch.bfloat16, torch.device("cpu"), 3, 64)
     if decode_kernels._target() is not None:  # elsewhere (not x86-64 Linux) the platform check refuses before any build
@@ -315,10 +320,7 @@ def test_a_build_started_early_is_the_one_the_decoder_loads(monkeypatch, tmp_pat
     assert len(list((tmp_path / "fresh" / "kernels").glob("*.so"))) == 1
     assert not list((tmp_path / "fresh" / "kernels").glob("*/*.o"))  # the objects went with the build's directory
 
-    failing = tmp_path / "cc"
-    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
-    failing.chmod(0o755)
-    monkeypatch.setenv("CC", str(failing))
+    _failing_compiler(monkeypatch, tmp_path)
     monkeypatch.setattr(decode_kernels, "_loaded", False)
     monkeypatch.setattr(decode_kernels, "_building", None)
     caplog.clear()
