@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from sft_fixtures import COLORS, torch_threads
 
 from posttrain.config import load_config
 from posttrain.train import dpo, loop
-from posttrain.train.forward import SHAPE_QUANTUM, Forward, pack, run
+from posttrain.train.forward import SHAPE_QUANTUM, SHARE_MIN, Forward, pack, run
 from posttrain.train.runtime import Runtime
 
 WRONG = {obj: sorted(set(COLORS.values()) - {color})[i % 3] for i, (obj, color) in enumerate(sorted(COLORS.items()))}
@@ -134,9 +135,14 @@ def test_packed_sequences_score_as_if_each_ran_alone(tmp_path):
                 assert counts[j].item() == count.item() == sum(label != -100 for label in example["labels"])
         if module is one_row:
             # One call over one row: every sequence's tokens once, except that each pair's prompt (its tokens
-            # before the first scored one) runs once for its 2 (or, with KTO's mismatched one, 3) sequences.
-            prompt = [int(np.flatnonzero(np.asarray(data[2 * i]["labels"]) != -100)[0]) for i in pairs]
-            tokens = sum(len(ex["input_ids"]) for ex in examples) - (2 if mismatched else 1) * sum(prompt)
+            # before the first scored one) runs once for its 2 (or, with KTO's mismatched one, 3) sequences, and
+            # the prompts' common beginnings (a question asked again, the chat template's) once, where at least
+            # SHARE_MIN tokens: the prompts sorted, each shares what it has in common with the one before.
+            prompts = sorted(data[2 * i]["input_ids"][: np.flatnonzero(np.asarray(data[2 * i]["labels"]) != -100)[0]].tolist() for i in pairs)
+            common = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in pairwise(prompts)]
+            tokens = sum(len(ex["input_ids"]) for ex in examples) - (2 if mismatched else 1) * sum(map(len, prompts))
+            tokens -= sum(n for n in common if n >= SHARE_MIN)
+            assert sum(n >= SHARE_MIN for n in common) >= 2  # prompts share beginnings here (the same question, asked again)
             assert called == [torch.Size([1, -(-tokens // SHAPE_QUANTUM) * SHAPE_QUANTUM])], (mismatched, called, tokens)
 
 

@@ -10,7 +10,18 @@ from posttrain.data.chat import IGNORE
 from posttrain.data.packing import collate_padded
 from posttrain.models.load import load_model
 from posttrain.train import ppo
-from posttrain.train.forward import SHAPE_QUANTUM, Forward, pack, per_sequence, run, scored_examples, scored_mask, shared_row, spans_of
+from posttrain.train.forward import (
+    SHAPE_QUANTUM,
+    SHARE_MIN,
+    Forward,
+    pack,
+    per_sequence,
+    run,
+    scored_examples,
+    scored_mask,
+    shared_row,
+    spans_of,
+)
 from posttrain.train.losses import token_entropy
 
 # Three prompts; the first has three completions (a GRPO group), the others one each; 6 to 15 tokens.
@@ -98,6 +109,42 @@ def test_one_row_runs_a_shared_prompt_once_and_pads_only_its_end(model):
     finally:
         hook.remove()
     assert widths == [torch.Size([1, ids.shape[0]])]
+
+
+# A system prompt every sequence starts with (SHARE_MIN tokens), two user turns after it, and samples of them
+# (two of the first, three of the second) given out of order; the last sequence shares only 3 tokens with any.
+SYSTEM = [3, 1, 4, 1, 5, 9, 2, 6][:SHARE_MIN]
+TURNS = [SYSTEM + [70, 71, 72], SYSTEM + [80, 81, 82, 83]]
+NESTED = [TURNS[1] + [7, 3], TURNS[0] + [11, 12, 13], TURNS[1] + [5, 9, 9], TURNS[0] + [7, 21], TURNS[1] + [40], SYSTEM[:3] + [90, 91, 92]]
+NESTED_PROMPTS = [len(TURNS[1]), len(TURNS[0]), len(TURNS[1]), len(TURNS[0]), len(TURNS[1]), 5]
+
+
+def test_nested_prefixes_run_once_and_every_sequence_gets_what_it_gets_alone(model):
+    """One row runs the system prompt once for all but the last sequence, and each user turn once for its samples;
+    the log-probs and their gradients equal those of each sequence run alone."""
+    lm, _ = model
+    batch = pack(scored_examples(NESTED, NESTED_PROMPTS), pad_id=0)
+    ids, positions, index = shared_row(batch.input_ids, batch.target_ids, spans_of(batch))
+    tokens = sum(map(len, NESTED)) - 4 * len(SYSTEM) - 1 * 3 - 2 * 4  # the system prompt 5 more times; turn 0 once, turn 1 twice
+    assert int((ids != 0).sum()) == tokens and len(index) == sum(map(len, NESTED))
+    assert torch.equal(ids[index], torch.cat([torch.tensor(s) for s in NESTED]))  # every sequence's tokens, end to end
+    assert torch.equal(positions[index], torch.cat([torch.arange(len(s)) for s in NESTED]))
+
+    lm.zero_grad()
+    logps = run(Forward(lm, one_row=True), batch, "logps")
+    logps.sum().backward()
+    packed = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    at, wanted = 0, []
+    for seq, p in zip(NESTED, NESTED_PROMPTS):
+        one = alone(Forward(lm), seq, p, "logps")
+        wanted.append(one.detach())
+        one.sum().backward()
+        torch.testing.assert_close(logps[at : at + len(seq)].detach(), wanted[-1], atol=1e-5, rtol=1e-5)
+        at += len(seq)
+    for ours, want in zip(packed, (p.grad for p in lm.parameters())):
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    lm.zero_grad()
 
 
 def test_per_sequence_layout_and_scored_mask():

@@ -51,18 +51,38 @@ def test_equals_sdpa_with_block_mask_forward_and_backward_fp32(monkeypatch, bloc
 # Row 0: a 12-token sequence whose first 7 tokens are a prompt, then two continuations of that prompt
 # (positions 7.., 8 and 5 tokens), then a plain 8-token sequence; row 1: a plain 40-token sequence.
 SHARED = torch.stack([torch.cat([torch.arange(12), torch.arange(7, 15), torch.arange(7, 12), torch.arange(8)]), torch.arange(33)])
+# Prefixes that nest (a system prompt, a user turn, its responses), row 0 only: a 14-token sequence; one that shares
+# its first 4 tokens (positions 4.., 9 tokens); one that shares 10 tokens with that one, so the first 4 of the first
+# run and 6 of the second (positions 10.., 6 tokens); one that shares the first 4 again (positions 4.., 4 tokens).
+NESTED = torch.stack([torch.cat([torch.arange(14), torch.arange(4, 13), torch.arange(10, 16), torch.arange(4, 8)]), torch.arange(33)])
 
 
-def test_continuation_runs_attend_to_their_prompt_as_if_the_sequence_ran_whole(monkeypatch):
-    """A run starting at position q > 0 sees the first q tokens of its row's previous run from 0: each
-    continuation's output equals causal attention over prompt + continuation alone, and the prompt's key and
-    value gradients are the sums over every sequence that reads it."""
+@pytest.mark.parametrize(
+    ("positions", "runs", "sequences"),
+    [
+        (
+            SHARED,
+            [(0, 0, 12, ()), (0, 12, 20, ((0, 7),)), (0, 20, 25, ((0, 7),)), (0, 25, 33, ()), (1, 0, 33, ())],
+            ([slice(0, 12)], [slice(0, 7), slice(12, 20)], [slice(0, 7), slice(20, 25)]),
+        ),
+        (
+            NESTED,
+            [(0, 0, 14, ()), (0, 14, 23, ((0, 4),)), (0, 23, 29, ((0, 4), (14, 6))), (0, 29, 33, ((0, 4),)), (1, 0, 33, ())],
+            ([slice(0, 14)], [slice(0, 4), slice(14, 23)], [slice(0, 4), slice(14, 20), slice(23, 29)], [slice(0, 4), slice(29, 33)]),
+        ),
+    ],
+    ids=["one prompt", "nested prefixes"],
+)
+def test_continuation_runs_attend_to_their_prefix_as_if_the_sequence_ran_whole(monkeypatch, positions, runs, sequences):
+    """A run starting at position q > 0 sees the first q tokens of the run before it, that run's own prefix
+    included: each continuation's output equals causal attention over its prefix + itself alone, and a shared
+    token's key and value gradients are the sums over every sequence that reads it."""
     monkeypatch.setattr(pa, "BLOCK", 3)  # several query blocks per run
-    assert pa.runs(SHARED) == [(0, 0, 12, 0, 0), (0, 12, 20, 0, 7), (0, 20, 25, 0, 7), (0, 25, 33, 25, 0), (1, 0, 33, 0, 0)]
+    assert pa.runs(positions) == runs
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 33, 16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     grad = torch.randn(2, 4, 33, 16, generator=g, dtype=torch.float64)
-    ours = pa.packed_causal_attention(q, k, v, SHARED, 0.25)
+    ours = pa.packed_causal_attention(q, k, v, positions, 0.25)
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
 
     def alone(rows: list[slice]):
@@ -71,27 +91,27 @@ def test_continuation_runs_attend_to_their_prompt_as_if_the_sequence_ran_whole(m
         idx = torch.cat([torch.arange(33)[r] for r in rows])
         qs, ks, vs = (t[0:1, :, idx] for t in (q, k, v))
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.25)
+        own = rows[-1].stop - rows[-1].start
         upstream = grad[0:1, :, idx].clone()
-        if len(rows) > 1:
-            upstream[:, :, : rows[0].stop] = 0
-        return idx, out, torch.autograd.grad(out, (q, k, v), upstream)
+        upstream[:, :, : len(idx) - own] = 0
+        return idx[len(idx) - own :], out[0, :, len(idx) - own :], torch.autograd.grad(out, (q, k, v), upstream)
 
-    expected = torch.zeros(1, 4, 25, 16, dtype=torch.float64)  # row 0's three sequences
+    covered = max(r[-1].stop for r in sequences)
+    expected = torch.zeros(1, 4, covered, 16, dtype=torch.float64)  # row 0's sequences
     summed = [torch.zeros_like(t) for t in (q, k, v)]
-    for rows in ([slice(0, 12)], [slice(0, 7), slice(12, 20)], [slice(0, 7), slice(20, 25)]):
-        idx, out, grads = alone(rows)
-        own = idx[-(rows[-1].stop - rows[-1].start) :] if len(rows) > 1 else idx
-        expected[0, :, own] = out[0, :, -len(own) :]
+    for rows in sequences:
+        own, out, grads = alone(rows)
+        expected[0, :, own] = out
         summed = [a + b for a, b in zip(summed, grads)]
-    assert (ours[0:1, :, :25] - expected).abs().max().item() <= 1e-10
-    for ours_g, want in zip(ours_grads, summed):  # row 0's three sequences (the plain run and row 1 are checked elsewhere)
-        assert (ours_g[0, :, :25] - want[0, :, :25]).abs().max().item() <= 1e-10
+    assert (ours[0:1, :, :covered] - expected).abs().max().item() <= 1e-10
+    for ours_g, want in zip(ours_grads, summed):  # row 0's sequences (plain runs and row 1 are checked elsewhere)
+        assert (ours_g[0, :, :covered] - want[0, :, :covered]).abs().max().item() <= 1e-10
 
 
 def test_a_continuation_without_its_prompt_is_refused():
     with pytest.raises(ValueError, match="row 0, tokens 0-5: positions start at 3"):
         pa.runs(torch.arange(3, 8)[None])
-    with pytest.raises(ValueError, match="holds 4 prompt tokens"):
+    with pytest.raises(ValueError, match="does not hold 4 tokens"):
         pa.runs(torch.cat([torch.arange(3), torch.arange(4, 6)])[None])
 
 

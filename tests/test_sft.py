@@ -216,6 +216,35 @@ def test_an_epoch_trains_on_every_row_once_short_last_step_included(units, per_s
 
 
 
+def test_samples_of_one_prompt_are_packed_into_one_row(tmp_path):
+    """make_rows keeps the examples of one prompt (their tokens before the first trained one) in one row, as many as
+    fit, so the CPU's one-row forward runs that prompt once; every example packed once, no row over the width."""
+    import numpy as np
+
+    from posttrain.data.cache import prepare
+    from posttrain.data.chat import IGNORE, RenderOptions
+    from posttrain.models.load import load_tokenizer
+
+    path = write_color_data(tmp_path / "colors.jsonl", n=64)  # questions asked again: several examples a prompt
+    data = prepare(path, load_tokenizer("tiny-llama"), RenderOptions(max_length=128), cache=tmp_path / "tok")
+    every, width, lengths = list(range(len(data))), 128, data.lengths()
+    groups = sft.same_prompt(data, every)
+    assert len(groups) < len(data) and sorted(i for g in groups for i in g) == every
+    for group in groups:  # one prompt a group
+        prompts = {tuple(data[i]["input_ids"][: np.flatnonzero(data[i]["labels"] != IGNORE)[0]].tolist()) for i in group}
+        assert len(prompts) == 1
+    rows = sft.make_rows(data, every, True, width)
+    assert sorted(i for row in rows for i in row) == every
+    assert all(sum(int(lengths[i]) for i in row) <= width for row in rows)
+    row_of = {i: k for k, row in enumerate(rows) for i in row}
+    split = 0
+    for group in groups:
+        fits = sum(int(lengths[i]) for i in group) <= width
+        split += not fits
+        assert len({row_of[i] for i in group}) == 1 if fits else len({row_of[i] for i in group}) <= len(sft._fitting(group, lengths, width))
+    assert split, "some group must be too long for one row, or the split is not tested"
+
+
 def test_short_last_step_is_trained_on(tmp_path):
     """6 examples at 4 a step: two steps an epoch, the second on the 2 examples left (not one step and 2 dropped)."""
     data = write_color_data(tmp_path / "six.jsonl", n=6)

@@ -21,13 +21,13 @@ sequences were given, whatever rows they were packed into; :func:`per_sequence` 
 
 On CPU a loop may ask for ``one_row``: the sequences are laid out again as one row and the decoder runs
 once over it with :mod:`posttrain.train.packed_attention`'s attention. Each sequence attends only to
-itself (the work is Σ nᵢ², not rows × width²), and sequences that share a prompt (a pair's chosen and
-rejected responses, a GRPO group's completions) run that prompt once (:func:`shared_row`). Under
-gradient checkpointing the caller must hold that attention through the backward as well, which
-recomputes the layers (the DPO, GRPO and PPO loops do); models whose attention is not plain causal
-self-attention in every layer (sliding windows, softcapping), and checkpointed training whose caller does
-not hold it, run the rows as given, as on GPUs, where transformers' own attention reads the packed
-positions (sdpa with a block-diagonal mask, or flash-attention-2's varlen kernel with
+itself (the work is Σ nᵢ², not rows × width²), and sequences that share a prefix (a pair's chosen and
+rejected responses after their prompt, a GRPO group's completions, every sequence after a common system
+prompt) run it once (:func:`shared_row`). Under gradient checkpointing the caller must hold that attention
+through the backward as well, which recomputes the layers (the DPO, GRPO and PPO loops do); models whose
+attention is not plain causal self-attention in every layer (sliding windows, softcapping), and checkpointed
+training whose caller does not hold it, run the rows as given, as on GPUs, where transformers' own attention
+reads the packed positions (sdpa with a block-diagonal mask, or flash-attention-2's varlen kernel with
 ``model.attn_implementation: flash_attention_2``). Measured: docs/PERFORMANCE.md (``benchmarks/dpo_rows.py``,
 ``benchmarks/grpo_rows.py``).
 
@@ -46,6 +46,7 @@ from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.train.losses import token_entropy, token_logps, token_nll_sum
 
 SHAPE_QUANTUM = 32  # the one row is padded to a multiple of this many tokens
+SHARE_MIN = 8  # fewer shared tokens than this run again: a continuation costs a few copies in every layer
 WANTS = ("nll", "logps", "values", "entropy", "sums", "counts", "scores")
 
 Span = tuple[int, int, int]  # (row, start, end) of one sequence in a batch
@@ -204,38 +205,42 @@ class Forward(torch.nn.Module):
 
 
 def shared_row(input_ids: torch.Tensor, target_ids: torch.Tensor, spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, positions, index): the spans' sequences in one row, a prompt they share once; ``row[index]`` is every span end to end.
+    """(ids, positions, index): the spans' sequences in one row, every prefix they share once; ``row[index]`` is every span end to end.
 
-    Sequences whose tokens agree up to their first scored position (a pair's chosen and rejected
-    responses after their prompt; KTO's mismatched sequence; a GRPO group's completions) form a group:
-    the first member is placed whole, each other member only from there on, with positions continuing
-    the prompt (what :func:`posttrain.train.packed_attention.runs` reads as a continuation of the group's
-    prompt). The row is right-padded to a multiple of ``SHAPE_QUANTUM`` with a run of its own (bf16
-    matmuls on CPU go through oneDNN, which keeps compiled kernels for every shape it meets). ``index``
-    maps each span's positions to the row: a continuing member's prompt positions are its group's first's.
+    The sequences are placed in the order of their tokens before their first scored position (their prompt),
+    so sequences sharing a prefix lie side by side. Each sequence that shares at least :data:`SHARE_MIN` tokens
+    with the one placed before it (before its own first scored position: a pair's chosen and rejected responses
+    after their prompt, KTO's mismatched sequence, a GRPO group's completions, every sequence after a common
+    system prompt) is placed only from there on, with positions continuing that prefix: what
+    :func:`posttrain.train.packed_attention.runs` reads as a continuation of the run before it, whose own prefix
+    it includes. The row is right-padded to a multiple of ``SHAPE_QUANTUM`` with a run of its own (bf16
+    matmuls on CPU go through oneDNN, which keeps compiled kernels for every shape it meets). ``index`` maps
+    each span's positions to the row: a continuing sequence's shared positions are those of the sequence
+    before it.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    shared: list[int] = []
-    for j, (row, start, end) in enumerate(spans):
+    tokens, shared = [], []
+    for row, start, end in spans:
+        tokens.append(input_ids[row, start:end].tolist())
         scored = (target_ids[row, start:end] != IGNORE).nonzero()
-        p = int(scored[0]) + 1 if len(scored) else end - start  # the hidden state at p - 1 predicts the first scored token
-        shared.append(p)
-        key = (p, *input_ids[row, start : start + p].tolist()) if p < end - start else (-1 - j,)
-        groups.setdefault(key, []).append(j)
-    pieces, placed, at = [], {}, 0
-    for members in groups.values():
-        for k, j in enumerate(members):
-            row, start, end = spans[j]
-            lo = shared[j] if k else 0
-            pieces.append((input_ids[row, start + lo : end], torch.arange(lo, end - start)))
-            placed[j] = (at, members[0], lo)
-            at += end - start - lo
+        shared.append(int(scored[0]) + 1 if len(scored) else end - start)  # the hidden state at p - 1 predicts the first scored token
+    order = sorted(range(len(spans)), key=lambda j: tokens[j][: shared[j]])
+    pieces, where, at, previous = [], {}, 0, None
+    for j in order:
+        # Shared with the previous sequence: its tokens, up to this one's first scored position, never all of
+        # either (a continuation's positions would run on from the one before as one run, or be no run at all).
+        q = 0
+        if previous is not None:
+            limit = min(shared[j], len(tokens[previous]) - 1, len(tokens[j]) - 1)
+            while q < limit and tokens[previous][q] == tokens[j][q]:
+                q += 1
+        q = q if q >= SHARE_MIN else 0
+        n = len(tokens[j])
+        pieces.append((input_ids[spans[j][0], spans[j][1] + q : spans[j][2]], torch.arange(q, n)))
+        own = torch.arange(at, at + n - q)
+        where[j] = torch.cat([where[previous][:q], own]) if q else own
+        at += n - q
+        previous = j
     width = -(-at // SHAPE_QUANTUM) * SHAPE_QUANTUM
     ids = torch.cat([t for t, _ in pieces] + [input_ids.new_zeros(width - at)])
     positions = torch.cat([q for _, q in pieces] + [torch.arange(width - at)]).to(ids.device)
-    index = []
-    for j, (_, start, end) in enumerate(spans):
-        offset, first, lo = placed[j]
-        own = torch.arange(offset, offset + end - start - lo)
-        index.append(torch.cat([torch.arange(placed[first][0], placed[first][0] + lo), own]) if lo else own)
-    return ids, positions, torch.cat(index).to(ids.device)
+    return ids, positions, torch.cat([where[j] for j in range(len(spans))]).to(ids.device)

@@ -16,25 +16,56 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from posttrain.config import SFTConfig
 from posttrain.data.cache import TokenizedData, prepare
-from posttrain.data.chat import RenderOptions
+from posttrain.data.chat import IGNORE, RenderOptions
 from posttrain.data.packing import Batch, best_fit_decreasing, collate_packed
 from posttrain.models.adapters import apply_adapter, enable_gradient_checkpointing, save_final
 from posttrain.models.load import load_model, load_tokenizer
 from posttrain.train import loop
-from posttrain.train.forward import Forward, run
+from posttrain.train.forward import Forward, one_row_here, run
 from posttrain.train.runtime import Runtime
 
 
 def make_rows(data: TokenizedData, indices: list[int], packing: bool, max_tokens: int) -> list[list[int]]:
+    """Rows of example indices: one example a row, or packed best fit longest first with the samples of one
+    prompt in one row (as many as fit), so a one-row forward runs their prompt once (:func:`same_prompt`)."""
     if not packing:
         return [[i] for i in indices]
     lengths = data.lengths()
-    bins = best_fit_decreasing([int(lengths[i]) for i in indices], max_tokens)
-    return [[indices[k] for k in b] for b in bins]
+    units = [unit for group in same_prompt(data, indices) for unit in _fitting(group, lengths, max_tokens)]
+    bins = best_fit_decreasing([sum(int(lengths[i]) for i in unit) for unit in units], max_tokens)
+    return [[i for k in b for i in units[k]] for b in bins]
+
+
+def same_prompt(data: TokenizedData, indices: list[int]) -> list[list[int]]:
+    """``indices`` grouped by their tokens before the first trained one, in first-seen order: several samples
+    of one prompt (rejection sampling keeps up to ``keep_per_prompt``) form one group."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        example = data[i]
+        trained = np.flatnonzero(example["labels"] != IGNORE)
+        key = tuple(example["input_ids"][: trained[0]].tolist()) if len(trained) else (-1 - i,)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _fitting(group: list[int], lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """A group in consecutive pieces of at most ``max_tokens`` tokens (an example longer than that alone in its
+    piece, for :func:`best_fit_decreasing` to report)."""
+    pieces: list[list[int]] = []
+    used = max_tokens
+    for i in group:
+        n = int(lengths[i])
+        if used + n > max_tokens:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(i)
+        used += n
+    return pieces
 
 
 def collate(data: TokenizedData, rows: list[list[int]], packing: bool, pad_id: int, width: int | None = None) -> Batch:
@@ -97,7 +128,10 @@ def train(config: SFTConfig) -> RunResult:
     if cfg.train.compile:
         loop.compile_layers(model)
         width = cfg.data.row_width
-    step_module = rt.wrap(Forward(model), model)
+    # On CPU a micro-batch runs as one row, the samples of one prompt (one row of make_rows) sharing it; not
+    # under compile (one shape a step) nor NEFTune (its noise scales with the row's length).
+    one_row = cfg.data.packing and not cfg.train.compile and not cfg.train.neftune_alpha and one_row_here(rt.device, cfg.model.attn_implementation)
+    step_module = rt.wrap(Forward(model, one_row=one_row), model)
     optimizer = loop.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = loop.make_scheduler(optimizer, cfg.train, total)
     identity = loop.run_identity(cfg, data=data.key, batch=rows_per_step)
