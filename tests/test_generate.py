@@ -103,6 +103,29 @@ def test_results_come_back_in_input_order(llama):
     assert [c[0].token_ids for c in reverse[::-1]] == [c[0].token_ids for c in out]
 
 
+def test_prompts_of_one_length_prefill_in_the_order_given(llama, monkeypatch):
+    """Longest first, then first seen: the groups a prompt prefills in (and so its rounding) must not depend on the
+    process. A set of (tokens, None) did: Python 3.11 hashes None by its address, so every process ordered prompts
+    of one length its own way, and the demo's greedy answers differed from run to run."""
+    from posttrain.generate import engine as engine_module
+
+    model, tokenizer = llama
+    engine = Engine(model, tokenizer, batch_size=64)
+    short = [[5 + i, 6, 7, 8, 9, 10] for i in range(12)]  # 12 prompts of 6 tokens, 4 of 9, interleaved
+    long = [[40 + i, 6, 7, 8, 9, 10, 11, 12, 13] for i in range(4)]
+    given = [p for i in range(4) for p in (short[3 * i], long[i], short[3 * i + 1], short[3 * i + 2])]
+    seen = []
+    real = engine_module.prefill
+
+    def recorded(engine, prompts, *args, **kwargs):
+        seen.append([list(p) for p in prompts])
+        return real(engine, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prefill", recorded)
+    engine.generate_ids(given + given[:3], SamplingParams(max_new_tokens=2), progress=False)  # repeats prefill once
+    assert seen == [long + short]
+
+
 def test_prefill_groups_bound_padding():
     lengths = [40, 39, 38, 20, 19, 18, 5, 4, 1]
     groups = prefill_groups(lengths)
