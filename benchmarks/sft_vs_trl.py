@@ -10,9 +10,11 @@ text; every run loads that same directory. ``--model tiny``: hidden 256, 4 layer
 untied embeddings, 7.3M parameters. ``--model small``: hidden 512, 10 layers, 8 heads, MLP 1,376,
 untied, 39.8M parameters (31.6M without the input embedding and the LM head). The data are
 ../shared/data's 541 IFEval GPT-4 prompt/response pairs as conversational prompt/completion records
-(user turn → assistant turn), repeated to ``--examples``; both tools read the same JSONL file, truncate
-at 512 tokens and train on the completion only (the assistant turn; TRL's completion mask also covers
-the newline after ``<|im_end|>``).
+(user turn → assistant turn), repeated to ``--examples``, each copy's user turn opening with its record
+number (posttrain's CPU forward runs a prompt that examples share once: copies of one prompt would make it
+compute fewer tokens than it counts, and the MFU would say more than the hardware did); both tools read the
+same JSONL file, truncate at 512 tokens and train on the completion only (the assistant turn; TRL's
+completion mask also covers the newline after ``<|im_end|>``).
 
 Variants (each run a fresh subprocess, run in rotation A B C A B C …, ``--repeats`` times each):
 
@@ -122,13 +124,14 @@ TRAINS_ON = {
 
 
 def write_data(path: Path, n: int) -> list[str]:
-    """``n`` conversational prompt/completion records (the 541 pairs repeated); returns the texts seen."""
+    """``n`` conversational prompt/completion records (the 541 pairs repeated, each user turn opening with its record
+    number, so that no two share a prompt); returns the texts seen."""
     with DATA.open(encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
             p = pairs[i % len(pairs)]
-            record = {"prompt": [{"role": "user", "content": p["prompt"]}], "completion": [{"role": "assistant", "content": p["response"]}]}
+            record = {"prompt": [{"role": "user", "content": f"{i}. {p['prompt']}"}], "completion": [{"role": "assistant", "content": p["response"]}]}
             f.write(json.dumps(record) + "\n")
     return [t for p in pairs for t in (p["prompt"], p["response"])]
 
