@@ -389,15 +389,15 @@ class Engine:
         self, batch: list[DecodeSequence], prefix: Prefix | PrefixCache | None
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:func:`~posttrain.generate.prefill.prefill` for a batch of sequences of one group (adapter and intervention): each distinct
-        prompt once (longest first, then first seen), its rows copied for its samples and put back in the batch's order; seeds each
-        sampled sequence's generator."""
+        prompt once (longest first, then first seen: a set of (tokens, None) ordered them anew in every process, Python 3.11 hashing
+        None by its address), its rows copied for its samples and put back in the batch's order; seeds sampled sequences' generators."""
         if isinstance(prefix, PrefixCache):
             with self._prefilling():
                 prefix = prefix.get(batch)
-        # Not a set: Python 3.11 hashes None by address, so a set of (tokens, None) ordered equal lengths anew in every process.
-        distinct = sorted(dict.fromkeys((tuple(s.prompt_ids), s.instruction) for s in batch), key=lambda p: -len(p[0]))
+        keys = [(tuple(s.prompt_ids), s.instruction) for s in batch]
+        distinct = sorted(dict.fromkeys(keys), key=lambda p: -len(p[0]))
         place = {p: i for i, p in enumerate(distinct)}
-        rows = [place[(tuple(s.prompt_ids), s.instruction)] for s in batch]
+        rows = [place[k] for k in keys]
         intervention = batch[0].intervention
         log_boost = intervention.log_boost if intervention is not None else 0.0
         with self._using(batch[0].group), self._prefilling():
